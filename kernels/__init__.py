@@ -1,0 +1,1 @@
+"""sdpo.kernels"""
