@@ -152,7 +152,7 @@ def validate_inputs(
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" picks the fused Triton kernels on CUDA when they are available, else "torch"."""
+    """ "auto" picks the fused Triton kernels on CUDA when they are available, else "torch"."""
     if backend == "auto":
         from sdpo import ops
 

@@ -72,7 +72,9 @@ def safeguard_lambda_from_sums(
     return torch.where(winner_loser_dot > 0, ratio.clamp(0.0, 1.0), torch.ones_like(ratio))
 
 
-def safeguard_lambda(model_err_w: Tensor, model_err_l: Tensor, mu: float, group_size: int) -> Tensor:
+def safeguard_lambda(
+    model_err_w: Tensor, model_err_l: Tensor, mu: float, group_size: int
+) -> Tensor:
     """Per-pair lambda (B,), detached, for groups of ``group_size`` consecutive pairs.
 
     ``group_size >= B`` is the reference's one lambda per micro-batch; 1 is one lambda per pair.
@@ -180,7 +182,11 @@ def preference_loss_reference(
     ref = ref_pred.detach().to(dtype).unflatten(0, (2, batch_pairs))
     noise = target.detach().to(dtype)
     # A (B, ...) target is the noise shared by a pair: broadcast it over both halves, no copy.
-    noise = noise.unsqueeze(0) if noise.shape[0] == batch_pairs else noise.unflatten(0, (2, batch_pairs))
+    noise = (
+        noise.unsqueeze(0)
+        if noise.shape[0] == batch_pairs
+        else noise.unflatten(0, (2, batch_pairs))
+    )
 
     model_err = pred - noise
     ref_err = ref - noise
