@@ -1,10 +1,39 @@
-"""The op layer for the fused Triton kernels (backend="triton")."""
+"""The op layer for the fused Triton kernels (backend="triton").
+
+Two ``torch.library`` custom ops with fake implementations, so ``torch.compile(fullgraph=True)``
+traces the loss as two opaque nodes and a CUDA graph can capture forward and backward (no host
+sync, all buffers allocated by PyTorch):
+
+- ``sdpo::fused_preference_forward``: the pair-sums and finalize kernels; returns the loss, the
+  statistics, lambda and the per-row gradient coefficients (2, 2B).
+- ``sdpo::fused_preference_backward``: the gradient kernel; writes d loss / d model_pred into a
+  buffer it allocates, the loser half already scaled by lambda (no second autograd pass).
+
+``custom_op`` + ``register_fake`` works eagerly and under ``torch.compile`` both on CUDA and on
+the CPU under ``TRITON_INTERPRET=1`` (``triton_op`` would need extra interpreter workarounds).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
+from torch import Tensor
+
+from sdpo import reference
+
+STAT_KEYS = (
+    "implicit_acc",
+    "margin",
+    "model_mse_w",
+    "model_mse_l",
+    "ref_mse_w",
+    "ref_mse_l",
+    "win_gap",
+    "lose_gap",
+)
+GAP_METHODS = ("dspo", "dspo-sdxl")
 
 
 def interpreter_enabled() -> bool:
@@ -12,13 +41,186 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device: torch.device) -> bool:
     """Whether the fused kernels can run on ``device`` (CUDA, or CPU under the interpreter)."""
-    return False
+    if not _triton_installed():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and interpreter_enabled()
 
 
 def require_triton(device: torch.device) -> None:
     """Raises a clear error when backend="triton" cannot run on ``device``."""
-    raise RuntimeError(
-        'backend="triton": the fused kernels are not built yet; use backend="torch" or "auto"'
+    if triton_available(device):
+        return
+    if not _triton_installed():
+        reason = "the `triton` package is not installed (pip install triton)"
+    elif device.type == "cpu":
+        reason = (
+            "the inputs are on the CPU and Triton's interpreter is off: move them to a CUDA "
+            "device, or set TRITON_INTERPRET=1 before starting Python (slow, for tests)"
+        )
+    else:
+        reason = f"Triton cannot run on device {device}"
+    raise RuntimeError(f'backend="triton": {reason}; backend="torch" or "auto" always works')
+
+
+def _kernels():
+    # Imported on first use: Triton decides at decoration time whether to interpret.
+    from sdpo.kernels import preference
+
+    return preference
+
+
+@torch.library.custom_op("sdpo::fused_preference_forward", mutates_args=())
+def fused_preference_forward(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
+    kernels = _kernels()
+    log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
+    with torch.cuda.device(model_pred.device) if model_pred.is_cuda else _no_context():
+        return kernels.launch_forward(
+            model_pred,
+            ref_pred,
+            target,
+            pair_weights,
+            method_code=method_code,
+            beta=beta,
+            mu=mu,
+            safeguard=safeguard,
+            group_size=group_size,
+            log_q=log_q,
+            log_one_minus_q=log_one_minus_q,
+        )
+
+
+@fused_preference_forward.register_fake
+def _fused_preference_forward_fake(
+    model_pred,
+    ref_pred,
+    target,
+    pair_weights,
+    method_code,
+    beta,
+    mu,
+    safeguard,
+    group_size,
+    dmpo_alpha,
+):
+    rows = model_pred.shape[0]
+    new = model_pred.new_empty
+    return (
+        new((), dtype=torch.float32),
+        new((len(STAT_KEYS) + 1,), dtype=torch.float32),
+        new((rows // 2,), dtype=torch.float32),
+        new((2, rows), dtype=torch.float32),
     )
+
+
+@torch.library.custom_op("sdpo::fused_preference_backward", mutates_args=())
+def fused_preference_backward(
+    grad_loss: Tensor,
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    coefficients: Tensor,
+    with_gap: bool,
+) -> Tensor:
+    """d loss / d model_pred: winners g0 (a e_w + b (pred_w - ref_w)), losers g0 c e_l."""
+    kernels = _kernels()
+    with torch.cuda.device(model_pred.device) if model_pred.is_cuda else _no_context():
+        return kernels.launch_gradient(
+            grad_loss, model_pred, ref_pred, target, coefficients, with_gap=with_gap
+        )
+
+
+@fused_preference_backward.register_fake
+def _fused_preference_backward_fake(
+    grad_loss, model_pred, ref_pred, target, coefficients, with_gap
+):
+    return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    model_pred, ref_pred, target, _weights, method_code, *_ = inputs
+    ctx.save_for_backward(model_pred, ref_pred, target, output[3])
+    ctx.with_gap = method_code in (
+        _kernels().METHOD_CODES["dspo"],
+        _kernels().METHOD_CODES["dspo-sdxl"],
+    )
+
+
+def _backward(ctx, grad_loss, _grad_stats, _grad_lambda, _grad_coefficients):
+    model_pred, ref_pred, target, coefficients = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        grad_pred = fused_preference_backward(
+            grad_loss, model_pred, ref_pred, target, coefficients, ctx.with_gap
+        )
+    # ref_pred and target are constants of the objective (the reference has no gradient).
+    return grad_pred, None, None, None, None, None, None, None, None, None
+
+
+fused_preference_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _no_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def preference_loss_fused(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    *,
+    method: str,
+    beta: float,
+    mu: float | None,
+    group_size: int | None,
+    dmpo_alpha: float,
+    pair_weights: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The fused counterpart of :func:`sdpo.reference.preference_loss_reference`.
+
+    Non-contiguous inputs are copied explicitly (the kernels index rows as row * elements).
+    Sums accumulate in fp32 from fp32, bf16 or fp16 inputs (fp64 inputs are also read into fp32).
+    """
+    model_pred = model_pred.contiguous()
+    ref_pred = ref_pred.detach().contiguous()
+    target = target.detach().contiguous()
+    if pair_weights is not None:
+        pair_weights = pair_weights.detach().to(torch.float32).contiguous()
+    method_code = _kernels().METHOD_CODES[method]
+    loss, stats, scale, _coefficients = fused_preference_forward(
+        model_pred,
+        ref_pred,
+        target,
+        pair_weights,
+        method_code,
+        float(beta),
+        0.0 if mu is None else float(mu),
+        mu is not None,
+        0 if group_size is None else int(group_size),
+        float(dmpo_alpha),
+    )
+    named = {key: stats[index] for index, key in enumerate(STAT_KEYS)}
+    return loss, {"lambda": scale, **named}

@@ -1,0 +1,479 @@
+"""Fused Triton kernels for the preference objectives (ALGORITHMS.md, "Fused form").
+
+Every objective depends on the predictions only through seven per-pair sums:
+
+    S_ww = sum e_w^2     S_ll = sum e_l^2     S_wl = sum e_w e_l        (policy, e = pred - target)
+    S_rw = sum r_w^2     S_rl = sum r_l^2                               (reference, r = ref - target)
+    S_wg = sum e_w g     S_gg = sum g^2                                 (DSPO only, g = pred_w - ref_w)
+
+and its gradient with respect to the predictions is, per pair i,
+
+    d loss / d pred_w,i = a_i e_w,i + b_i g_i        d loss / d pred_l,i = c_i e_l,i
+
+where c_i already carries the safeguard's lambda_i (ALGORITHMS.md section 4). So:
+
+1. ``pair_sums_kernel`` reads model_pred, ref_pred and target ONCE and writes the sums of each
+   (pair, chunk) to a small partials buffer (no atomics: the result is deterministic, which
+   exact resume relies on).
+2. ``finalize_kernel`` (one program) reduces the partials, computes the MSEs, u, lambda (batch,
+   pair or group), the loss, the statistics and the coefficients a, b, c, all on the device.
+3. ``gradient_kernel`` is one elementwise pass that writes d loss / d model_pred into a buffer
+   the op owns: winners ``g0 (a_i e_w + b_i g)``, losers ``g0 c_i e_l``.
+
+Two launches forward, one backward: at the SD1.5 size (B = 8, 16384 elements per sample) the
+reference trainer's sequence launches about 40 kernels, so launch latency dominates there.
+Offsets are int64 (a Wan2.1 video latent is 2.1M elements per sample, 8.4M rows x elements).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Method codes (compile-time switches in the kernels).
+METHOD_DPO = 0
+METHOD_DSPO = 1
+METHOD_DSPO_SDXL = 2
+METHOD_DMPO = 3
+METHOD_CODES = {
+    "diffusion-dpo": METHOD_DPO,
+    "dspo": METHOD_DSPO,
+    "dspo-sdxl": METHOD_DSPO_SDXL,
+    "dmpo": METHOD_DMPO,
+}
+
+NUM_SUMS = 8  # seven sums, padded to eight so each (pair, chunk) row is 32 bytes
+NUM_STATS = 9  # loss-side statistics written by finalize_kernel, in STAT_NAMES order
+STAT_NAMES = (
+    "implicit_acc",
+    "margin",
+    "model_mse_w",
+    "model_mse_l",
+    "ref_mse_w",
+    "ref_mse_l",
+    "win_gap",
+    "lose_gap",
+    "dspo_sdxl_gap",
+)
+
+SAFEGUARD_EPSILON = 1e-9  # the reference's eps, see sdpo.reference
+DSPO_SDXL_GAP_THRESHOLD = 0.1
+
+
+@triton.jit
+def pair_sums_kernel(
+    pred_ptr,
+    ref_ptr,
+    target_ptr,
+    partials_ptr,
+    batch_pairs,
+    elements,
+    chunk_elements,
+    num_chunks,
+    TARGET_SHARED: tl.constexpr,
+    WITH_GAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (pair, chunk): the sums over elements [chunk * chunk_elements, ...) of one pair."""
+    pair = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    winner_row = pair * elements
+    loser_row = (pair + batch_pairs) * elements
+    target_loser_row = winner_row if TARGET_SHARED else loser_row
+    start = chunk * chunk_elements
+    offsets = tl.arange(0, BLOCK).to(tl.int64)
+
+    sum_ww = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_ll = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_wl = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_rw = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_rl = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_wg = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_gg = tl.zeros((BLOCK,), dtype=tl.float32)
+    for block_start in range(0, chunk_elements, BLOCK):
+        index = start + block_start + offsets
+        mask = index < elements
+        pred_w = tl.load(pred_ptr + winner_row + index, mask=mask, other=0.0).to(tl.float32)
+        pred_l = tl.load(pred_ptr + loser_row + index, mask=mask, other=0.0).to(tl.float32)
+        ref_w = tl.load(ref_ptr + winner_row + index, mask=mask, other=0.0).to(tl.float32)
+        ref_l = tl.load(ref_ptr + loser_row + index, mask=mask, other=0.0).to(tl.float32)
+        target_w = tl.load(target_ptr + winner_row + index, mask=mask, other=0.0).to(tl.float32)
+        if TARGET_SHARED:
+            target_l = target_w
+        else:
+            target_l = tl.load(target_ptr + target_loser_row + index, mask=mask, other=0.0).to(
+                tl.float32
+            )
+        error_w = pred_w - target_w
+        error_l = pred_l - target_l
+        ref_error_w = ref_w - target_w
+        ref_error_l = ref_l - target_l
+        sum_ww += error_w * error_w
+        sum_ll += error_l * error_l
+        sum_wl += error_w * error_l
+        sum_rw += ref_error_w * ref_error_w
+        sum_rl += ref_error_l * ref_error_l
+        if WITH_GAP:
+            gap = pred_w - ref_w
+            sum_wg += error_w * gap
+            sum_gg += gap * gap
+
+    out = partials_ptr + (pair * num_chunks + chunk) * 8
+    tl.store(out + 0, tl.sum(sum_ww, axis=0))
+    tl.store(out + 1, tl.sum(sum_ll, axis=0))
+    tl.store(out + 2, tl.sum(sum_wl, axis=0))
+    tl.store(out + 3, tl.sum(sum_rw, axis=0))
+    tl.store(out + 4, tl.sum(sum_rl, axis=0))
+    tl.store(out + 5, tl.sum(sum_wg, axis=0))
+    tl.store(out + 6, tl.sum(sum_gg, axis=0))
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)); log1p from its series below 1e-4, where
+    # log(1 + z) in fp32 would round 1 + z to 1 (the series is exact to ~1e-12 there).
+    z = tl.exp(-tl.abs(x))
+    log1p_z = tl.where(z < 1e-4, z * (1.0 - z * (0.5 - z / 3.0)), tl.log(1.0 + z))
+    return tl.maximum(x, 0.0) + log1p_z
+
+
+@triton.jit
+def _reduce_partial(
+    partials_ptr,
+    pairs,
+    pair_mask,
+    num_chunks,
+    INDEX: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for chunk_start in range(0, num_chunks, BLOCK_C):
+        chunks = chunk_start + tl.arange(0, BLOCK_C)
+        mask = pair_mask[:, None] & (chunks[None, :] < num_chunks)
+        offsets = (pairs[:, None].to(tl.int64) * num_chunks + chunks[None, :]) * 8 + INDEX
+        total += tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=1)
+    return total
+
+
+@triton.jit
+def finalize_kernel(
+    partials_ptr,
+    weights_ptr,
+    scratch_ptr,
+    loss_ptr,
+    stats_ptr,
+    lambda_ptr,
+    coefficients_ptr,
+    batch_pairs,
+    num_chunks,
+    group_size,
+    pairs_f,
+    elements_f,
+    beta,
+    mu,
+    log_q,
+    log_one_minus_q,
+    METHOD: tl.constexpr,
+    SAFEGUARD: tl.constexpr,
+    BATCH_LAMBDA: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program: sums -> MSEs, u, lambda, loss, statistics and gradient coefficients.
+
+    coefficients (3, 2B): row 0 holds the e-coefficient of each prediction row (a_i for
+    winners, c_i for losers), row 1 the g-coefficient (b_i for winners, 0 for losers).
+    """
+    pairs = tl.arange(0, BLOCK_B)
+    pair_mask = pairs < batch_pairs
+    sum_ww = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 0, BLOCK_B, BLOCK_C)
+    sum_ll = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 1, BLOCK_B, BLOCK_C)
+    sum_wl = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 2, BLOCK_B, BLOCK_C)
+    sum_rw = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 3, BLOCK_B, BLOCK_C)
+    sum_rl = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 4, BLOCK_B, BLOCK_C)
+    sum_wg = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 5, BLOCK_B, BLOCK_C)
+    sum_gg = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 6, BLOCK_B, BLOCK_C)
+
+    mse_w = sum_ww / elements_f
+    mse_l = sum_ll / elements_f
+    ref_mse_w = sum_rw / elements_f
+    ref_mse_l = sum_rl / elements_f
+
+    # The safeguard's lambda from the group sums (1 where S_wl <= 0, never above 1).
+    scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
+    if SAFEGUARD:
+        if BATCH_LAMBDA:
+            group_ww = tl.zeros((BLOCK_B,), dtype=tl.float32) + tl.sum(
+                tl.where(pair_mask, sum_ww, 0.0), axis=0
+            )
+            group_wl = tl.zeros((BLOCK_B,), dtype=tl.float32) + tl.sum(
+                tl.where(pair_mask, sum_wl, 0.0), axis=0
+            )
+            group_count = tl.zeros((BLOCK_B,), dtype=tl.float32) + pairs_f
+        else:
+            # Groups of `group_size` consecutive pairs (the last may be short): park the per-pair
+            # sums in scratch, then each pair adds up its group's members. O(B * G) loads.
+            tl.store(scratch_ptr + pairs, sum_ww, mask=pair_mask)
+            tl.store(scratch_ptr + BLOCK_B + pairs, sum_wl, mask=pair_mask)
+            tl.debug_barrier()
+            group_start = (pairs // group_size) * group_size
+            group_ww = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            group_wl = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            group_count = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            for member in range(0, group_size):
+                index = group_start + member
+                member_mask = pair_mask & (index < batch_pairs)
+                group_ww += tl.load(scratch_ptr + index, mask=member_mask, other=0.0)
+                group_wl += tl.load(scratch_ptr + BLOCK_B + index, mask=member_mask, other=0.0)
+                group_count += member_mask.to(tl.float32)
+        group_elements = group_count * elements_f
+        epsilon = 1e-9 * group_elements * group_elements / 4.0
+        ratio = (1.0 - mu) * group_ww / tl.maximum(group_wl + epsilon, 1e-30)
+        scale = tl.where(group_wl > 0, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 1.0)
+
+    margin = -(beta / 2.0) * ((mse_w - mse_l) - (ref_mse_w - ref_mse_l))
+    # Per pair: the term l_i, dl/du, and DSPO's direct winner terms (coefficients of e_w and g).
+    zeros = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    direct_e = zeros
+    direct_g = zeros
+    gap_mean = 0.0
+    if METHOD == 0:  # Diffusion-DPO: softplus(-u)
+        term = _softplus(-margin)
+        dterm_du = -tl.sigmoid(-margin)
+    elif METHOD == 3:  # DMPO: KL(Bernoulli(p) || Bernoulli(q)), p = sigmoid(u)
+        prob = tl.sigmoid(margin)
+        log_p = -_softplus(-margin)
+        log_one_minus_p = -_softplus(margin)
+        term = prob * (log_p - log_q) + (1.0 - prob) * (log_one_minus_p - log_one_minus_q)
+        dterm_du = prob * (1.0 - prob) * (margin - (log_q - log_one_minus_q))
+    elif METHOD == 1:  # DSPO, SD1.5: mean (e_w - beta s g)^2, s = sigmoid(-u)
+        s = tl.sigmoid(-margin)
+        bs = beta * s
+        term = (sum_ww - 2.0 * bs * sum_wg + bs * bs * sum_gg) / elements_f
+        dterm_ds = (-2.0 * beta * sum_wg + 2.0 * beta * bs * sum_gg) / elements_f
+        dterm_du = dterm_ds * (-s * (1.0 - s))
+        direct_e = 2.0 * (1.0 - bs) / elements_f
+        direct_g = -2.0 * (1.0 - bs) * bs / elements_f
+    else:  # DSPO, SDXL: mean (s g)^2 if the winners' mean g^2 >= 0.1, else mean s^2
+        s = tl.sigmoid(-margin)
+        gap_sq = sum_gg / elements_f
+        gap_mean = tl.sum(tl.where(pair_mask, gap_sq, 0.0), axis=0) / pairs_f
+        use_gap = gap_mean >= 0.1
+        factor = tl.where(use_gap, gap_sq, 1.0)
+        term = s * s * factor
+        dterm_du = 2.0 * s * factor * (-s * (1.0 - s))
+        direct_g = tl.where(use_gap, 2.0 * s * s / elements_f, 0.0)
+
+    weight = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
+    if HAS_WEIGHTS:
+        weight = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    weight = tl.where(pair_mask, weight / pairs_f, 0.0)
+    # dl/dL_w = dl/du * (-beta/2); dl/dL_l = dl/du * (beta/2), times lambda for the gradient;
+    # dL/dpred = 2 e / D.
+    coefficient_w = weight * (dterm_du * (-beta / elements_f) + direct_e)
+    coefficient_g = weight * direct_g
+    coefficient_l = weight * dterm_du * (beta / elements_f) * scale
+
+    tl.store(loss_ptr, tl.sum(tl.where(pair_mask, weight * term, 0.0), axis=0))
+    tl.store(lambda_ptr + pairs, scale, mask=pair_mask)
+    rows = 2 * batch_pairs
+    tl.store(coefficients_ptr + pairs, coefficient_w, mask=pair_mask)
+    tl.store(coefficients_ptr + batch_pairs + pairs, coefficient_l, mask=pair_mask)
+    tl.store(coefficients_ptr + rows + pairs, coefficient_g, mask=pair_mask)
+    tl.store(coefficients_ptr + rows + batch_pairs + pairs, zeros, mask=pair_mask)
+
+    valid = pair_mask.to(tl.float32)
+    tl.store(stats_ptr + 0, tl.sum(tl.where(margin > 0, valid, 0.0), axis=0) / pairs_f)
+    tl.store(stats_ptr + 1, tl.sum(margin * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 2, tl.sum(mse_w * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 3, tl.sum(mse_l * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 4, tl.sum(ref_mse_w * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 5, tl.sum(ref_mse_l * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 6, tl.sum((mse_w - ref_mse_w) * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 7, tl.sum((mse_l - ref_mse_l) * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 8, gap_mean)
+
+
+@triton.jit
+def gradient_kernel(
+    grad_output_ptr,
+    pred_ptr,
+    ref_ptr,
+    target_ptr,
+    coefficients_ptr,
+    grad_ptr,
+    batch_pairs,
+    elements,
+    TARGET_SHARED: tl.constexpr,
+    WITH_GAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (row, block): grad = g0 (coef_e[row] (pred - target) + coef_g[row] (pred - ref))."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    index = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = index < elements
+    rows = 2 * batch_pairs
+    grad_output = tl.load(grad_output_ptr).to(tl.float32)
+    coefficient_e = tl.load(coefficients_ptr + row) * grad_output
+    row_offset = row * elements
+    if TARGET_SHARED:
+        target_offset = (row % batch_pairs) * elements
+    else:
+        target_offset = row_offset
+    pred = tl.load(pred_ptr + row_offset + index, mask=mask, other=0.0).to(tl.float32)
+    target = tl.load(target_ptr + target_offset + index, mask=mask, other=0.0).to(tl.float32)
+    grad = coefficient_e * (pred - target)
+    if WITH_GAP:
+        # Only winners carry a g-term; losers skip the read of ref (its mask is all false).
+        coefficient_g = tl.load(coefficients_ptr + rows + row) * grad_output
+        is_winner = row < batch_pairs
+        ref = tl.load(ref_ptr + row_offset + index, mask=mask & is_winner, other=0.0).to(tl.float32)
+        grad += tl.where(is_winner, coefficient_g * (pred - ref), 0.0)
+    tl.store(grad_ptr + row_offset + index, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# Launchers -----------------------------------------------------------------------------------
+
+SUMS_BLOCK = 1024  # elements per loop step of pair_sums_kernel: 7 fp32 accumulators x 8 per thread
+GRADIENT_BLOCK = 2048  # elements per program of gradient_kernel
+MAX_CHUNK_BLOCK = 64
+
+
+def next_power_of_2(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+def plan_chunks(device: torch.device, batch_pairs: int, elements: int) -> tuple[int, int]:
+    """(chunk_elements, num_chunks) so that pair_sums_kernel has enough programs to fill the GPU.
+
+    Aim for ~4 programs per SM (528 on an H100's 132 SMs): the video size (B = 2, 2.1M elements
+    per sample) becomes 2 x 264 programs of ~8K elements; SD1.5 (B = 8, 16384) 8 x 16 of 1024.
+    Under the CPU interpreter every program is a Python loop, so one chunk per pair.
+    """
+    blocks = triton.cdiv(elements, SUMS_BLOCK)
+    if device.type == "cuda":
+        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        num_chunks = max(1, min(blocks, triton.cdiv(target_programs, batch_pairs)))
+    else:
+        num_chunks = 1
+    chunk_blocks = triton.cdiv(blocks, num_chunks)
+    chunk_elements = chunk_blocks * SUMS_BLOCK
+    return chunk_elements, triton.cdiv(elements, chunk_elements)
+
+
+def launch_forward(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    pair_weights: torch.Tensor | None,
+    *,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    log_q: float,
+    log_one_minus_q: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the two forward kernels. Returns (loss (), stats (9,), lambda (B,), coefficients (2, 2B)).
+
+    ``group_size`` 0 means one lambda for the whole call. Inputs must be contiguous.
+    """
+    assert model_pred.is_contiguous() and ref_pred.is_contiguous() and target.is_contiguous(), (
+        "launch_forward needs contiguous inputs; the op layer copies non-contiguous ones"
+    )
+    rows = model_pred.shape[0]
+    batch_pairs = rows // 2
+    elements = model_pred[0].numel()
+    target_shared = target.shape[0] == batch_pairs
+    with_gap = method_code in (METHOD_DSPO, METHOD_DSPO_SDXL)
+    device = model_pred.device
+    chunk_elements, num_chunks = plan_chunks(device, batch_pairs, elements)
+    block_pairs = max(16, next_power_of_2(batch_pairs))
+    block_chunks = min(MAX_CHUNK_BLOCK, next_power_of_2(num_chunks))
+
+    partials = torch.empty((batch_pairs, num_chunks, NUM_SUMS), dtype=torch.float32, device=device)
+    scratch = torch.empty((2 * block_pairs,), dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
+    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
+    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
+    weights = pair_weights if pair_weights is not None else scale  # unread when HAS_WEIGHTS=False
+
+    pair_sums_kernel[(batch_pairs, num_chunks)](
+        model_pred,
+        ref_pred,
+        target,
+        partials,
+        batch_pairs,
+        elements,
+        chunk_elements,
+        num_chunks,
+        TARGET_SHARED=target_shared,
+        WITH_GAP=with_gap,
+        BLOCK=SUMS_BLOCK,
+        num_warps=4,
+    )
+    finalize_kernel[(1,)](
+        partials,
+        weights,
+        scratch,
+        loss,
+        stats,
+        scale,
+        coefficients,
+        batch_pairs,
+        num_chunks,
+        max(group_size, 1),
+        float(batch_pairs),
+        float(elements),
+        float(beta),
+        float(mu),
+        float(log_q),
+        float(log_one_minus_q),
+        METHOD=method_code,
+        SAFEGUARD=safeguard,
+        BATCH_LAMBDA=group_size == 0,
+        HAS_WEIGHTS=pair_weights is not None,
+        BLOCK_B=block_pairs,
+        BLOCK_C=block_chunks,
+        num_warps=4,
+    )
+    return loss, stats, scale, coefficients
+
+
+def launch_gradient(
+    grad_output: torch.Tensor,
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    with_gap: bool,
+) -> torch.Tensor:
+    """d loss / d model_pred into a new buffer of model_pred's dtype (one elementwise pass)."""
+    rows = model_pred.shape[0]
+    batch_pairs = rows // 2
+    elements = model_pred[0].numel()
+    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
+    grad_output = grad_output.reshape(1).to(torch.float32).contiguous()
+    gradient_kernel[(rows, triton.cdiv(elements, GRADIENT_BLOCK))](
+        grad_output,
+        model_pred,
+        ref_pred,
+        target,
+        coefficients,
+        grad,
+        batch_pairs,
+        elements,
+        TARGET_SHARED=target.shape[0] == batch_pairs,
+        WITH_GAP=with_gap,
+        BLOCK=GRADIENT_BLOCK,
+        num_warps=4,
+    )
+    return grad
