@@ -1,0 +1,76 @@
+"""Kernel benchmarks (pytest-benchmark). GPU: ``pytest profiling/benchmarks --benchmark-only``.
+
+On the CPU (no timings claimed) ``TRITON_INTERPRET=1 pytest profiling/benchmarks
+--benchmark-disable`` runs every implementation once at a tiny size and checks it against the
+torch backend: a smoke test of the benchmark code itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdpo import ops
+from sdpo.profiling import kernel_bench
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+SIZES = kernel_bench.SIZES if ON_GPU else kernel_bench.SMOKE_SIZES
+CASES = [
+    (size, dtype, name)
+    for size in SIZES
+    for dtype in kernel_bench.DTYPES
+    for name in kernel_bench.IMPLEMENTATIONS
+]
+
+
+@pytest.mark.parametrize(("size", "dtype_name", "name"), CASES)
+def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_name, name):
+    if name == "fused" and not ops.triton_available(DEVICE):
+        pytest.skip("fused kernels need CUDA or TRITON_INTERPRET=1")
+    if name == "torch-compile" and not ON_GPU:
+        pytest.skip("inductor compile of the loss is covered by tests/test_compile.py on the CPU")
+    batch_pairs, sample_shape = SIZES[size]
+    dtype = kernel_bench.DTYPES[dtype_name]
+    bytes_moved = kernel_bench.counted_bytes(batch_pairs, sample_shape, dtype)
+    copies = kernel_bench.rotation_copies(bytes_moved, DEVICE)
+    sets = kernel_bench.make_input_sets(batch_pairs, sample_shape, dtype, DEVICE, copies)
+    run = kernel_bench.implementation(name)
+    error = kernel_bench.check_against_torch(run, sets[0])
+
+    rotator = kernel_bench.Rotator(sets)
+
+    def step():
+        return run(*rotator.next())
+
+    if not ON_GPU:
+        benchmark.pedantic(step, rounds=1, iterations=1)
+        return
+    # Each pytest-benchmark round is `inner` back-to-back iterations and one sync, so the sync
+    # does not dominate the 30-100 us iterations at the SD1.5 size.
+    inner = max(1, min(50, math.ceil(2e9 / bytes_moved)))
+
+    def round_of_iterations():
+        for _ in range(inner):
+            step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(round_of_iterations, rounds=20, warmup_rounds=2, iterations=1)
+    ms = kernel_bench.time_cuda(step, inner=inner, rounds=20)
+    gbps = bytes_moved / (ms * 1e-3) / 1e9
+    shape = [2 * batch_pairs, *sample_shape]
+    row = kernel_bench.KernelResult(
+        name=name,
+        shape=shape,
+        dtype=dtype_name,
+        ms=ms,
+        gbps=gbps,
+        pct_of_copy_bandwidth=100.0 * gbps / copy_gbps,
+        extra={"max_grad_error_vs_torch": error, "counted_bytes": bytes_moved, "inner": inner},
+    )
+    benchmark.extra_info.update(
+        {"ms_cuda_events": ms, "gbps": gbps, "pct_copy": row.pct_of_copy_bandwidth}
+    )
+    kernel_rows.append(row)
