@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sdpo import reference
+
 # Method codes (compile-time switches in the kernels).
 METHOD_DPO = 0
 METHOD_DSPO = 1
@@ -44,7 +46,7 @@ METHOD_CODES = {
 }
 
 NUM_SUMS = 8  # seven sums, padded to eight so each (pair, chunk) row is 32 bytes
-NUM_STATS = 9  # loss-side statistics written by finalize_kernel, in STAT_NAMES order
+# finalize_kernel writes these statistics, in this order, then the DSPO-SDXL gap mean.
 STAT_NAMES = (
     "implicit_acc",
     "margin",
@@ -54,11 +56,12 @@ STAT_NAMES = (
     "ref_mse_l",
     "win_gap",
     "lose_gap",
-    "dspo_sdxl_gap",
 )
+NUM_STATS = len(STAT_NAMES) + 1
 
-SAFEGUARD_EPSILON = 1e-9  # the reference's eps, see sdpo.reference
-DSPO_SDXL_GAP_THRESHOLD = 0.1
+# The same constants as the plain-PyTorch reference, as compile-time values for the kernels.
+SAFEGUARD_EPSILON = tl.constexpr(reference.SAFEGUARD_EPSILON)
+DSPO_SDXL_GAP_THRESHOLD = tl.constexpr(reference.DSPO_SDXL_GAP_THRESHOLD)
 
 
 @triton.jit
@@ -230,7 +233,7 @@ def finalize_kernel(
                 group_wl += tl.load(scratch_ptr + BLOCK_B + index, mask=member_mask, other=0.0)
                 group_count += member_mask.to(tl.float32)
         group_elements = group_count * elements_f
-        epsilon = 1e-9 * group_elements * group_elements / 4.0
+        epsilon = SAFEGUARD_EPSILON * group_elements * group_elements / 4.0
         ratio = (1.0 - mu) * group_ww / tl.maximum(group_wl + epsilon, 1e-30)
         scale = tl.where(group_wl > 0, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 1.0)
 
@@ -261,7 +264,7 @@ def finalize_kernel(
         s = tl.sigmoid(-margin)
         gap_sq = sum_gg / elements_f
         gap_mean = tl.sum(tl.where(pair_mask, gap_sq, 0.0), axis=0) / pairs_f
-        use_gap = gap_mean >= 0.1
+        use_gap = gap_mean >= DSPO_SDXL_GAP_THRESHOLD
         factor = tl.where(use_gap, gap_sq, 1.0)
         term = s * s * factor
         dterm_du = 2.0 * s * factor * (-s * (1.0 - s))

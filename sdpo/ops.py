@@ -23,18 +23,6 @@ from torch import Tensor
 
 from sdpo import reference
 
-STAT_KEYS = (
-    "implicit_acc",
-    "margin",
-    "model_mse_w",
-    "model_mse_l",
-    "ref_mse_w",
-    "ref_mse_l",
-    "win_gap",
-    "lose_gap",
-)
-GAP_METHODS = ("dspo", "dspo-sdxl")
-
 
 def interpreter_enabled() -> bool:
     """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
@@ -126,7 +114,7 @@ def _fused_preference_forward_fake(
     new = model_pred.new_empty
     return (
         new((), dtype=torch.float32),
-        new((len(STAT_KEYS) + 1,), dtype=torch.float32),
+        new((_kernels().NUM_STATS,), dtype=torch.float32),
         new((rows // 2,), dtype=torch.float32),
         new((2, rows), dtype=torch.float32),
     )
@@ -222,5 +210,5 @@ def preference_loss_fused(
         0 if group_size is None else int(group_size),
         float(dmpo_alpha),
     )
-    named = {key: stats[index] for index, key in enumerate(STAT_KEYS)}
+    named = {key: stats[index] for index, key in enumerate(_kernels().STAT_NAMES)}
     return loss, {"lambda": scale, **named}

@@ -268,3 +268,38 @@ def test_safeguarded_gradient_matches_finite_differences_of_the_surrogate():
         numeric.view(-1)[index] = (plus - minus) / (2 * step)
     torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(result.loss, surrogate(model_pred.detach()), rtol=1e-12, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sdpo.METHODS)
+def test_torch_backend_is_sync_free_under_cuda_graph_capture(method):
+    # Capture fails on any host sync (.item(), a Python `if` on a device value): the torch
+    # backend, validation included, must capture forward and backward whole.
+    model_pred, ref_pred, target = (t.cuda().float() for t in make_inputs(4, (4, 16, 16)))
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0], device="cuda")
+    static_pred = model_pred.clone().requires_grad_(True)
+    kwargs = dict(
+        method=method,
+        beta=beta_for(method),
+        mu=0.6,
+        granularity="group:2",
+        dmpo_alpha=0.01,
+        pair_weights=weights,
+        backend="torch",
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sdpo.preference_loss(static_pred, ref_pred, target, **kwargs).loss.backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    static_pred.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = sdpo.preference_loss(static_pred, ref_pred, target, **kwargs)
+        result.loss.backward()
+    graph.replay()
+    eager_pred = model_pred.clone().requires_grad_(True)
+    eager = sdpo.preference_loss(eager_pred, ref_pred, target, **kwargs)
+    eager.loss.backward()
+    torch.testing.assert_close(result.loss, eager.loss)
+    torch.testing.assert_close(static_pred.grad, eager_pred.grad)
