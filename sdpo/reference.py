@@ -55,7 +55,7 @@ def group_sizes(batch_pairs: int, group_size: int) -> list[int]:
 def safeguard_lambda_from_sums(
     winner_sq_sum: Tensor,
     winner_loser_dot: Tensor,
-    elements_per_group: Tensor,
+    elements_per_group: Tensor | float,
     mu: float,
 ) -> Tensor:
     """The SDPO scale for the loser's gradient from raw sums over one group.
@@ -66,7 +66,7 @@ def safeguard_lambda_from_sums(
     lambda = 1 where S_wl <= 0 (any lambda >= 0 keeps the winner's loss from rising there);
     otherwise it is clipped into [0, 1] so it never amplifies the loser.
     """
-    epsilon_in_sums = SAFEGUARD_EPSILON * elements_per_group.square() / 4.0
+    epsilon_in_sums = SAFEGUARD_EPSILON * elements_per_group * elements_per_group / 4.0
     # The denominator is only used where S_wl > 0; clamping keeps the unused branch finite.
     ratio = (1.0 - mu) * winner_sq_sum / (winner_loser_dot + epsilon_in_sums).clamp_min(1e-30)
     return torch.where(winner_loser_dot > 0, ratio.clamp(0.0, 1.0), torch.ones_like(ratio))
@@ -78,6 +78,7 @@ def safeguard_lambda(
     """Per-pair lambda (B,), detached, for groups of ``group_size`` consecutive pairs.
 
     ``group_size >= B`` is the reference's one lambda per micro-batch; 1 is one lambda per pair.
+    No tensor is built from host data here (a host-to-device copy would break CUDA-graph capture).
     """
     batch_pairs = model_err_w.shape[0]
     err_w = model_err_w.detach().flatten(1)
@@ -86,20 +87,18 @@ def safeguard_lambda(
     winner_sq = err_w.square().sum(1)
     winner_loser = (err_w * err_l).sum(1)
     if group_size >= batch_pairs:
-        elements = torch.tensor(
-            float(batch_pairs * elements_per_sample), dtype=winner_sq.dtype, device=winner_sq.device
-        )
+        elements = float(batch_pairs * elements_per_sample)
         scale = safeguard_lambda_from_sums(winner_sq.sum(), winner_loser.sum(), elements, mu)
         return scale.expand(batch_pairs)
     index = group_index(batch_pairs, group_size, winner_sq.device)
     num_groups = len(group_sizes(batch_pairs, group_size))
     grouped_sq = winner_sq.new_zeros(num_groups).index_add_(0, index, winner_sq)
     grouped_dot = winner_loser.new_zeros(num_groups).index_add_(0, index, winner_loser)
-    elements = torch.tensor(
-        [n * elements_per_sample for n in group_sizes(batch_pairs, group_size)],
-        dtype=winner_sq.dtype,
-        device=winner_sq.device,
+    # Pairs per group (the last may be short), counted on the device.
+    pairs_per_group = winner_sq.new_zeros(num_groups).index_add_(
+        0, index, torch.ones_like(winner_sq)
     )
+    elements = pairs_per_group * elements_per_sample
     return safeguard_lambda_from_sums(grouped_sq, grouped_dot, elements, mu)[index]
 
 
