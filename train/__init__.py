@@ -1,1 +1,1 @@
-"""sdpo.train"""
+"""sdpo.train: the trainer (`sdpo-train`, `python -m sdpo.train`)."""

@@ -1,0 +1,330 @@
+"""The trainer on the tiny preset (CPU): the step, counting, resume, data, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdpo
+from sdpo.train import checkpoint as checkpoints
+from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.data import PairBatches, generator_for, load_records
+from sdpo.train.trainer import NonFiniteLoss, build_models, encode_images, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    config = config_from_args(
+        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def read_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_step_loss_equals_preference_loss_by_hand(tmp_path):
+    config = tiny(tmp_path, gradient_accumulation=1, max_steps=1, warmup_steps=0)
+    summary = train(config)
+    logged = summary["rows"][0]
+
+    # The same inputs by hand: the initial models, batch (epoch 0, batch 0), the step's generator.
+    device = torch.device("cpu")
+    models = build_models(config, device)
+    records = load_records(
+        None, resolution=config.resolution, synthetic_pairs=config.synthetic_pairs, seed=config.seed
+    )
+    batches = PairBatches(
+        records,
+        batch_pairs=config.train_batch_pairs,
+        resolution=config.resolution,
+        caption_dropout=config.caption_dropout,
+        seed=config.seed,
+    )
+    batch = batches.batch(0, 0)
+    generator = generator_for(config.seed, 3, 0, 0)
+    latents = encode_images(models, torch.cat([batch.winners, batch.losers]), generator)
+    hidden, _ = models.text(batch.captions, device)
+    pairs = config.train_batch_pairs
+    noise = torch.randn((pairs, *latents.shape[1:]), generator=generator)
+    timesteps = torch.randint(0, 1000, (pairs,), generator=generator)
+    noisy = models.scheduler.add_noise(
+        latents, torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+    )
+    with torch.no_grad():
+        model_pred = models.unet(
+            noisy, torch.cat([timesteps, timesteps]), torch.cat([hidden, hidden])
+        ).sample
+        ref_pred = models.reference_unet(
+            noisy, torch.cat([timesteps, timesteps]), torch.cat([hidden, hidden])
+        ).sample
+    expected = sdpo.preference_loss(
+        model_pred, ref_pred, noise, beta=config.beta, mu=config.mu, granularity=config.granularity
+    )
+    assert logged["loss"] == pytest.approx(float(expected.loss), rel=1e-5, abs=1e-7)
+    assert logged["lambda"] == pytest.approx(float(expected.stats["lambda"]), rel=1e-5)
+    assert logged["implicit_acc"] == pytest.approx(float(expected.stats["implicit_acc"]))
+
+
+def test_optimizer_steps_count_across_epoch_boundaries(tmp_path):
+    # 6 pairs, 2 per batch: 3 micro-batches an epoch. 4 steps x 2 accumulation = 8 micro-batches,
+    # so steps 2 and 3 straddle epoch boundaries; the optimizer must step exactly 4 times.
+    config = tiny(
+        tmp_path, synthetic_pairs=6, train_batch_pairs=2, gradient_accumulation=2, max_steps=4
+    )
+    summary = train(config)
+    rows = read_rows(Path(config.output_dir))
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # Micro-batches 0..7 fall in epochs 0,0,0,1,1,1,2,2: each step logs its last one's epoch.
+    assert [row["epoch"] for row in rows] == [0, 1, 1, 2]
+    _, state = checkpoints.load_checkpoint(Path(config.output_dir) / "checkpoint-4")
+    adam_steps = {int(value["step"]) for value in state["optimizer"]["state"].values()}
+    assert adam_steps == {4}
+    assert state["position"] == [2, 2]  # 8 micro-batches read: epoch 2, batch 2 is next
+    assert summary["steps"] == 4
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = tiny(tmp_path, "full", max_steps=4, checkpoint_every=2, synthetic_pairs=6)
+    train(full)
+    first_half = tiny(tmp_path, "resumed", max_steps=2, synthetic_pairs=6)
+    train(first_half)
+    # A kill during a later save leaves a temporary folder that --resume must ignore.
+    (Path(first_half.output_dir) / "checkpoint-3.tmp-999").mkdir()
+    assert checkpoints.latest_checkpoint(first_half.output_dir).name == "checkpoint-2"
+    resumed = tiny(tmp_path, "resumed", max_steps=4, synthetic_pairs=6, resume=True)
+    train(resumed)
+    full_rows, resumed_rows = read_rows(Path(full.output_dir)), read_rows(Path(resumed.output_dir))
+    assert [row["step"] for row in resumed_rows] == [1, 2, 3, 4]
+    for key in ("loss", "lambda", "margin", "model_mse_w", "lr"):
+        assert [row[key] for row in resumed_rows] == [row[key] for row in full_rows], key
+    full_weights = torch.load(Path(full.output_dir) / "unet.pth")
+    resumed_weights = torch.load(Path(resumed.output_dir) / "unet.pth")
+    assert all(torch.equal(full_weights[name], resumed_weights[name]) for name in full_weights)
+
+
+def test_outputs(tmp_path):
+    config = tiny(tmp_path, max_steps=2)
+    train(config)
+    output = Path(config.output_dir)
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    state = torch.load(output / "unet.pth")
+    exported = load_file(str(output / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(state) == set(exported) and len(state) > 10
+    assert all(torch.equal(state[name], exported[name]) for name in state)
+    rows = read_rows(output)
+    required = {
+        "step",
+        "loss",
+        "implicit_acc",
+        "lambda",
+        "margin",
+        "model_mse_w",
+        "model_mse_l",
+        "win_gap",
+        "lose_gap",
+        "lr",
+        "pairs_per_s",
+    }
+    assert required <= set(rows[0])
+    assert all(0 < row["lambda"] <= 1 for row in rows)
+    assert list((output / "tensorboard").iterdir())
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from sdpo.train import trainer
+
+    config = tiny(tmp_path, max_steps=4, checkpoint_every=1, gradient_accumulation=1)
+    calls = {"count": 0}
+    real_loss = sdpo.preference_loss
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        result = real_loss(*args, **kwargs)
+        if calls["count"] == 3:
+            return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
+        return result
+
+    monkeypatch.setattr(trainer.sdpo, "preference_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"step 3:.*checkpoint-2"):
+        train(config)
+    latest = checkpoints.latest_checkpoint(config.output_dir)
+    assert latest.name == "checkpoint-2"
+    model_state, _ = checkpoints.load_checkpoint(latest)
+    assert all(torch.isfinite(tensor).all() for tensor in model_state.values())
+
+
+def write_png(path: Path, color: tuple[int, int, int]) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (20, 24), color).save(path)
+
+
+def test_jsonl_data_with_a_corrupt_image_is_skipped_and_counted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for index in range(4):
+        write_png(images / f"w{index}.png", (200, 30, 30))
+        write_png(images / f"l{index}.png", (30, 30, 200))
+        lines.append(
+            json.dumps(
+                {
+                    "caption": "a red square on a white background",
+                    "winner": f"images/w{index}.png",
+                    "loser": f"images/l{index}.png",
+                }
+            )
+        )
+    (images / "l1.png").write_bytes(b"not a png")
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    config = tiny(
+        tmp_path, data=str(manifest), train_batch_pairs=4, gradient_accumulation=1, max_steps=2
+    )
+    summary = train(config)
+    assert summary["skipped_images"] == 2  # the corrupt pair is read once per step, each replaced
+    assert read_rows(Path(config.output_dir))[-1]["skipped_images"] == 2
+
+
+def test_parquet_pick_a_pic_format(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    table = pa.table(
+        {
+            "jpg_0": [red, red, blue],
+            "jpg_1": [blue, blue, red],
+            "label_0": [1.0, 0.5, 0.0],
+            "caption": ["first", "tie", "third"],
+        }
+    )
+    pq.write_table(table, tmp_path / "shard-0.parquet", row_group_size=2)
+    records = load_records(str(tmp_path), resolution=16, synthetic_pairs=0, seed=0)
+    assert [record.caption for record in records] == ["first", "third"]  # the tie is dropped
+    batches = PairBatches(records, batch_pairs=2, resolution=16, caption_dropout=0.0, seed=0)
+    for index in range(2):
+        winner, loser, _, _ = batches.load_pair(index, False, False)
+        assert winner[0].mean() > 0.9 and loser[2].mean() > 0.9  # red preferred in both pairs
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--preset", "sd99"], "preset: unknown 'sd99'"),
+        (["--preset", "tiny", "--mu", "1.5"], r"mu: expected a number in \[0, 1\]"),
+        (["--preset", "tiny", "--method", "ipo"], "method: unknown 'ipo'"),
+        (["--preset", "tiny", "--granularity", "groups"], "granularity: unknown"),
+        (["--preset", "sd15-dpo"], "pretrained: model 'sd15' needs --pretrained"),
+    ],
+)
+def test_bad_settings_fail_before_any_model_loads(argv, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        config_from_args(argv)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("preset: tiny\nlearning_rate: 1e-5\nlearning_rat: 3\n")
+    with pytest.raises(ValueError, match="unknown key\\(s\\) learning_rat"):
+        config_from_args(["--config", str(file)])
+    file.write_text("preset: tiny\nlearning_rate: 1e-5\nmu: null\n")
+    config = config_from_args(["--config", str(file), "--beta", "2500"])
+    assert config.learning_rate == 1e-5 and config.mu is None and config.beta == 2500.0
+
+
+def test_command_line_overrides_and_safeguard_off():
+    config = config_from_args(
+        ["--preset", "sd15-dmpo", "--pretrained", "x", "--data", "y", "--mu", "off"]
+    )
+    assert config.mu is None and config.beta == 2000.0 and config.dmpo_alpha == 0.01
+    assert config.granularity == "group:8" and config.gradient_accumulation == 32
+
+
+def test_empty_data_and_missing_weights_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="has no usable pairs"):
+        train(tiny(tmp_path, data=str(empty)))
+    with pytest.raises(
+        FileNotFoundError, match=r"pretrained: cannot load '/nonexistent/sd15'.*--allow-download"
+    ):
+        train(tiny(tmp_path, pretrained="/nonexistent/sd15"))
+
+
+def test_cli_exit_codes(tmp_path):
+    from sdpo.train.cli import main
+
+    assert main(["--preset", "nope"]) == 2
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--output-dir",
+                str(tmp_path / "cli"),
+                "--max-steps",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+
+
+def test_two_process_torchrun(tmp_path):
+    output = tmp_path / "ddp"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TRITON")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "sdpo.train",
+            "--preset",
+            "tiny",
+            "--output-dir",
+            str(output),
+            "--max-steps",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(output)
+    assert [row["step"] for row in rows] == [1, 2]
+    # Each step averages 2 processes x 2 accumulation micro-batches of 2 pairs.
+    assert (output / "checkpoint-1" / checkpoints.COMPLETE_MARKER).is_file()
+    assert (output / "unet.pth").is_file()

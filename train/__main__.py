@@ -1,0 +1,5 @@
+import sys
+
+from sdpo.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,306 @@
+"""Preference pairs from local files, the reference preprocessing, deterministic batches.
+
+Sources (``--data PATH``):
+- Pick-a-Pic-format parquet: a ``.parquet`` file or a folder of shards with columns ``jpg_0``,
+  ``jpg_1`` (encoded image bytes), ``label_0`` and ``caption``. Ties (``label_0 == 0.5``) are
+  dropped; the preferred image goes first.
+- A ``datasets.save_to_disk`` folder with the same columns (needs the ``datasets`` package).
+- A JSONL manifest: one ``{"caption", "winner", "loser"}`` object per line, image paths
+  relative to the manifest's folder.
+- None with the tiny model: synthetic pairs from the demo's toy world, built in code.
+
+Every random choice (epoch order, flips, caption dropout) is a function of (seed, epoch,
+batch index), so a resumed run sees exactly the batches an uninterrupted one would.
+A corrupt or unreadable image is skipped: its pair is replaced by the next readable one and
+counted, never a crash mid-run.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdpo.demo import toy
+
+
+class UnreadableImage(Exception):
+    """An image that cannot be decoded (corrupt bytes, missing file)."""
+
+
+@dataclass
+class PairRecord:
+    caption: str
+    winner: object  # bytes, a path, or a (3, H, W) tensor in [-1, 1]
+    loser: object
+
+
+def _open_image(source: object):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(source, ParquetCell):
+            source = source.read()
+        if isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        else:
+            image = Image.open(source)
+        image.load()
+        return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UnreadableImage(str(error)) from error
+
+
+def preprocess(source: object, resolution: int, flip: bool) -> Tensor:
+    """The reference preprocessing: resize the shorter side, centre crop, optional horizontal
+    flip, to a (3, resolution, resolution) tensor in [-1, 1]."""
+    if isinstance(source, Tensor):
+        image = source.float()
+        if image.shape[-1] != resolution or image.shape[-2] != resolution:
+            image = F.interpolate(
+                image[None], size=(resolution, resolution), mode="bilinear", antialias=True
+            )[0]
+    else:
+        from PIL import Image
+
+        picture = _open_image(source)
+        width, height = picture.size
+        scale = resolution / min(width, height)
+        resized = picture.resize(
+            (max(resolution, round(width * scale)), max(resolution, round(height * scale))),
+            Image.BILINEAR,
+        )
+        left = (resized.width - resolution) // 2
+        top = (resized.height - resolution) // 2
+        cropped = resized.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
+        image = pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+    return image.flip(-1) if flip else image
+
+
+def _records_from_jsonl(path: Path) -> list[PairRecord]:
+    records = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            records.append(
+                PairRecord(row["caption"], path.parent / row["winner"], path.parent / row["loser"])
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"data: {path} line {line_number}: expected a JSON object with caption, winner, loser ({error})"
+            ) from error
+    return records
+
+
+def _ordered_pair(row: dict) -> PairRecord | None:
+    label = float(row["label_0"])
+    if label == 0.5:
+        return None  # a tie carries no preference
+    first, second = row["jpg_0"], row["jpg_1"]
+    winner, loser = (first, second) if label > 0.5 else (second, first)
+    return PairRecord(str(row["caption"]), winner, loser)
+
+
+@functools.lru_cache(maxsize=2)
+def _parquet_row_group(path: str, row_group: int):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(row_group, columns=["jpg_0", "jpg_1"])
+
+
+@dataclass(frozen=True)
+class ParquetCell:
+    """An image in a parquet shard, read on demand (a Pick-a-Pic copy is ~335 GB: never all in memory)."""
+
+    path: str
+    row_group: int
+    row: int
+    column: str
+
+    def read(self) -> bytes:
+        value = _parquet_row_group(self.path, self.row_group).column(self.column)[self.row].as_py()
+        return value.get("bytes", value) if isinstance(value, dict) else value
+
+
+def _records_from_parquet(paths: list[Path]) -> list[PairRecord]:
+    import pyarrow.parquet as pq
+
+    records = []
+    for path in paths:
+        shard = pq.ParquetFile(path)
+        missing = {"jpg_0", "jpg_1", "label_0", "caption"} - set(shard.schema_arrow.names)
+        if missing:
+            raise ValueError(f"data: {path} lacks the column(s) {', '.join(sorted(missing))}")
+        for row_group in range(shard.num_row_groups):
+            labels = shard.read_row_group(row_group, columns=["label_0", "caption"]).to_pylist()
+            for row, values in enumerate(labels):
+                cells = {
+                    column: ParquetCell(str(path), row_group, row, column)
+                    for column in ("jpg_0", "jpg_1")
+                }
+                record = _ordered_pair({**values, **cells})
+                if record is not None:
+                    records.append(record)
+    return records
+
+
+def _records_from_saved_dataset(path: Path) -> list[PairRecord]:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(
+            f"data: {path} is a datasets.save_to_disk folder; `pip install datasets` to read it"
+        ) from error
+    dataset = datasets.load_from_disk(str(path))
+    records = []
+    for row in dataset:
+        winner = row["jpg_0"]
+        row = {**row, "jpg_0": winner.get("bytes", winner) if isinstance(winner, dict) else winner}
+        loser = row["jpg_1"]
+        row["jpg_1"] = loser.get("bytes", loser) if isinstance(loser, dict) else loser
+        record = _ordered_pair(row)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def synthetic_records(count: int, resolution: int, seed: int) -> list[PairRecord]:
+    """The tiny preset's pairs: toy images whose attributes are corrupted at rate 0.3, the one
+    with the higher pixel reward first."""
+    pairs = toy.preference_pairs(count, resolution, corruption=0.3, seed=seed)
+    return [
+        PairRecord(caption, winner, loser)
+        for caption, winner, loser in zip(pairs.captions, pairs.winners, pairs.losers, strict=True)
+    ]
+
+
+def load_records(
+    data: str | None, *, resolution: int, synthetic_pairs: int, seed: int
+) -> list[PairRecord]:
+    """All usable pairs of a source; raises ValueError if there are none (before models load)."""
+    if data is None:
+        records = synthetic_records(synthetic_pairs, resolution, seed)
+        source = "synthetic pairs"
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise ValueError(f"data: no such file or folder {data}")
+        if path.is_file() and path.suffix == ".jsonl":
+            records = _records_from_jsonl(path)
+        elif path.is_file() and path.suffix == ".parquet":
+            records = _records_from_parquet([path])
+        elif path.is_dir() and sorted(path.glob("*.parquet")):
+            records = _records_from_parquet(sorted(path.glob("*.parquet")))
+        elif path.is_dir() and (path / "dataset_info.json").exists():
+            records = _records_from_saved_dataset(path)
+        else:
+            raise ValueError(
+                f"data: {data} is not a .jsonl manifest, a .parquet file, a folder of .parquet shards "
+                "or a datasets.save_to_disk folder"
+            )
+        source = str(data)
+    if not records:
+        raise ValueError(f"data: {source} has no usable pairs (ties are dropped)")
+    return records
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 steps), so nearby inputs give unrelated streams."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return state >> 1
+
+
+def generator_for(*values: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_mix(*values))
+
+
+@dataclass
+class Batch:
+    winners: Tensor  # (B, 3, H, W) in [-1, 1]
+    losers: Tensor
+    captions: list[str]
+    skipped: int  # pairs replaced because an image could not be read
+
+
+class PairBatches:
+    """Deterministic batches of one process: epoch order from (seed, epoch), this rank's share,
+    and flips and caption dropout from (seed, epoch, batch index)."""
+
+    def __init__(
+        self,
+        records: list[PairRecord],
+        *,
+        batch_pairs: int,
+        resolution: int,
+        caption_dropout: float,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.records = records
+        self.batch_pairs = batch_pairs
+        self.resolution = resolution
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        # Every rank gets the same number of batches (drop the remainder), so every rank reaches
+        # every collective.
+        self.batches_per_epoch = len(records) // (world_size * batch_pairs)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"data: {len(records)} usable pairs is fewer than one batch of {batch_pairs} pairs "
+                f"on each of {world_size} processes; lower --train-batch-pairs or add data"
+            )
+
+    def indices(self, epoch: int, batch_index: int) -> list[int]:
+        order = torch.randperm(len(self.records), generator=generator_for(self.seed, 1, epoch))
+        share = order[self.rank :: self.world_size]
+        start = batch_index * self.batch_pairs
+        return share[start : start + self.batch_pairs].tolist()
+
+    def load_pair(
+        self, index: int, flip_winner: bool, flip_loser: bool
+    ) -> tuple[Tensor, Tensor, str, int]:
+        """The pair at ``index`` or, if one of its images is unreadable, the next readable pair."""
+        for offset in range(len(self.records)):
+            record = self.records[(index + offset) % len(self.records)]
+            try:
+                winner = preprocess(record.winner, self.resolution, flip_winner)
+                loser = preprocess(record.loser, self.resolution, flip_loser)
+            except UnreadableImage:
+                continue
+            return winner, loser, record.caption, offset
+        raise ValueError("data: no pair has two readable images")
+
+    def batch(self, epoch: int, batch_index: int) -> Batch:
+        generator = generator_for(self.seed, 2, epoch, self.rank, batch_index)
+        draws = torch.rand((self.batch_pairs, 3), generator=generator)
+        winners, losers, captions, skipped = [], [], [], 0
+        for row, index in enumerate(self.indices(epoch, batch_index)):
+            # Independent flips for winner and loser; one caption (and its dropout) per pair.
+            winner, loser, caption, offset = self.load_pair(
+                index, bool(draws[row, 0] < 0.5), bool(draws[row, 1] < 0.5)
+            )
+            skipped += offset
+            winners.append(winner)
+            losers.append(loser)
+            captions.append("" if draws[row, 2] < self.caption_dropout else caption)
+        return Batch(torch.stack(winners), torch.stack(losers), captions, skipped)
+
+    def next_position(self, epoch: int, batch_index: int) -> tuple[int, int]:
+        """The (epoch, batch index) after this one: epochs roll over, accumulation does not care."""
+        batch_index += 1
+        return (epoch + 1, 0) if batch_index == self.batches_per_epoch else (epoch, batch_index)

@@ -1,0 +1,289 @@
+"""Models: the tiny preset's random-initialised models, and diffusers folders from local disk.
+
+Weights are only read from local paths or the local Hugging Face cache; nothing is downloaded
+unless ``allow_download`` is set.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sdpo.demo import toy
+
+# The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
+TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+TINY_MAX_LENGTH = 12
+TINY_HIDDEN = 32
+
+
+def tiny_vocabulary() -> list[str]:
+    words = {word for spec in toy.all_specs() for word in spec.caption.split()}
+    return TINY_SPECIAL_TOKENS + sorted(words)
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer built in code (no download), usable as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {word: index for index, word in enumerate(tiny_vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=TINY_MAX_LENGTH,
+    )
+
+
+def build_tiny_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        projection_dim=TINY_HIDDEN,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_unet(sample_size: int, in_channels: int):
+    from diffusers import UNet2DConditionModel
+
+    # 0.25M parameters: attention only at the lower resolution, like SD's deeper blocks.
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TINY_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # Downsamples by 2 (16 px images -> 8 x 8 x 4 latents), the SD1.5 path in miniature.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    # SD1.5's training schedule.
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+
+
+class TextConditioner(nn.Module):
+    """Captions -> (encoder_hidden_states, added_cond_kwargs) for the UNet, frozen.
+
+    SD1.5 (and tiny): the CLIP text encoder's last hidden state. SDXL: the penultimate hidden
+    states of both encoders concatenated on the feature axis, the second encoder's pooled output
+    as ``text_embeds``, and ``time_ids = [res, res, 0, 0, res, res]``.
+    """
+
+    def __init__(
+        self, tokenizers: list, encoders: list[nn.Module], sdxl: bool, resolution: int
+    ) -> None:
+        super().__init__()
+        self.tokenizers = tokenizers
+        self.encoders = nn.ModuleList(encoders)
+        self.sdxl = sdxl
+        self.resolution = resolution
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
+            tokens = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            output = encoder(tokens, output_hidden_states=self.sdxl)
+            if self.sdxl:
+                hidden_states.append(output.hidden_states[-2])
+                if getattr(output, "text_embeds", None) is not None:  # the projection encoder
+                    pooled = output.text_embeds
+            else:
+                hidden_states.append(output.last_hidden_state)
+        encoder_hidden_states = torch.cat(hidden_states, dim=-1)
+        if not self.sdxl:
+            return encoder_hidden_states, None
+        size = self.resolution
+        time_ids = torch.tensor(
+            [size, size, 0, 0, size, size], device=device, dtype=encoder_hidden_states.dtype
+        )
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), 6)}
+        return encoder_hidden_states, added
+
+
+@dataclass
+class Models:
+    unet: nn.Module
+    reference_unet: nn.Module | None  # None with LoRA: the policy with its adapters disabled
+    vae: nn.Module | None  # None: pixel-space model (latents are the images)
+    text: TextConditioner
+    scheduler: object
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+
+def _looks_like_local_path(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
+
+
+def missing_weights_error(path: str, detail: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"pretrained: cannot load {path!r} ({detail}). Weights are read from local disk only: "
+        "pass --pretrained with a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/), or a model id already in the local Hugging Face cache "
+        "(e.g. put there by `huggingface-cli download` on a machine with network), or add "
+        "--allow-download to let the trainer download it."
+    )
+
+
+def load_pretrained(path: str, model: str, resolution: int, allow_download: bool) -> Models:
+    """Loads a diffusers SD1.5- or SDXL-style folder (or a cached model id) without downloading."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    if _looks_like_local_path(path) and not Path(path).expanduser().is_dir():
+        raise missing_weights_error(path, "no such folder")
+    root = str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path
+    local_only = not allow_download
+    subfolders = Path(root)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            root, subfolder="unet", local_files_only=local_only
+        )
+        scheduler = DDPMScheduler.from_pretrained(
+            root, subfolder="scheduler", local_files_only=local_only
+        )
+        has_vae = not subfolders.is_dir() or (subfolders / "vae").is_dir()
+        vae = (
+            AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=local_only)
+            if has_vae
+            else None
+        )
+        tokenizers = [
+            AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=local_only)
+        ]
+        encoders = [
+            CLIPTextModel.from_pretrained(
+                root, subfolder="text_encoder", local_files_only=local_only
+            )
+        ]
+        if model == "sdxl":
+            tokenizers.append(
+                AutoTokenizer.from_pretrained(
+                    root, subfolder="tokenizer_2", local_files_only=local_only
+                )
+            )
+            encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(
+                    root, subfolder="text_encoder_2", local_files_only=local_only
+                )
+            )
+    except (OSError, ValueError) as error:
+        raise missing_weights_error(path, str(error).splitlines()[0]) from error
+    text = TextConditioner(tokenizers, encoders, sdxl=model == "sdxl", resolution=resolution)
+    return Models(unet=unet, reference_unet=None, vae=vae, text=text, scheduler=scheduler)
+
+
+def build_tiny(resolution: int, seed: int, pixel_space: bool = False) -> Models:
+    """The tiny preset: every model random-initialised from ``seed``, built in code."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        tokenizer = build_tiny_tokenizer()
+        encoder = build_tiny_text_encoder(len(tiny_vocabulary()))
+        vae = None if pixel_space else build_tiny_vae()
+        channels = 3 if pixel_space else 4
+        sample_size = resolution if pixel_space else resolution // 2
+        unet = build_tiny_unet(sample_size, channels)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    text = TextConditioner([tokenizer], [encoder], sdxl=False, resolution=resolution)
+    return Models(unet=unet, reference_unet=None, vae=vae, text=text, scheduler=build_scheduler())
+
+
+def save_tiny_pretrained(models: Models, folder: str) -> None:
+    """Writes a tiny model as a diffusers-style folder that ``load_pretrained`` reads back."""
+    root = Path(folder)
+    models.unet.save_pretrained(root / "unet")
+    models.scheduler.save_pretrained(root / "scheduler")
+    if models.vae is not None:
+        models.vae.save_pretrained(root / "vae")
+    models.text.tokenizers[0].save_pretrained(root / "tokenizer")
+    models.text.encoders[0].save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+
+def make_reference(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of the policy for the reference forward (no grad, eval mode)."""
+    reference = copy.deepcopy(unet)
+    if next(reference.parameters()).dtype != dtype:
+        reference = reference.to(dtype)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def add_lora(unet: nn.Module, rank: int) -> None:
+    """LoRA adapters on the attention projections (peft); the base weights are frozen."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
