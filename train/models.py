@@ -287,3 +287,22 @@ def add_lora(unet: nn.Module, rank: int) -> None:
             target_modules=["to_k", "to_q", "to_v", "to_out.0"],
         )
     )
+
+
+def merged_state_dict(unet: nn.Module) -> dict[str, Tensor]:
+    """The UNet's weights as a plain state dict on the CPU, LoRA adapters merged in."""
+    state = {name: tensor.detach().cpu().clone() for name, tensor in unet.state_dict().items()}
+    if not any(".lora_" in name for name in state):
+        return state
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(unet).cpu()
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    plain = {}
+    for name, tensor in merged.state_dict().items():
+        if ".lora_" in name:
+            continue
+        plain[name.replace(".base_layer.", ".")] = tensor.detach().clone()
+    return plain

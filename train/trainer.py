@@ -25,7 +25,14 @@ from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.config import TrainConfig, config_to_json
 from sdpo.train.data import Batch, PairBatches, generator_for, load_records
-from sdpo.train.models import Models, build_tiny, load_pretrained, make_reference
+from sdpo.train.models import (
+    Models,
+    add_lora,
+    build_tiny,
+    load_pretrained,
+    make_reference,
+    merged_state_dict,
+)
 
 METRIC_KEYS = (
     "loss",
@@ -91,19 +98,26 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
         if device.type == "cuda" and config.mixed_precision == "bf16"
         else torch.float32
     )
-    models.reference_unet = make_reference(models.unet, reference_dtype)
+    if config.lora_rank > 0:
+        # The reference is the same UNet with its adapters disabled: no second copy in memory.
+        add_lora(models.unet, config.lora_rank)
+        models.reference_unet = None
+    else:
+        models.reference_unet = make_reference(models.unet, reference_dtype)
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     if config.attention == "xformers":
         try:
             models.unet.enable_xformers_memory_efficient_attention()
-            models.reference_unet.enable_xformers_memory_efficient_attention()
+            if models.reference_unet is not None:
+                models.reference_unet.enable_xformers_memory_efficient_attention()
         except (ImportError, ModuleNotFoundError, ValueError) as error:
             raise RuntimeError(
                 f"attention: xformers is not usable here ({error}); use --attention sdpa"
             ) from error
     models.unet.to(device).train()
-    models.reference_unet.to(device)
+    if models.reference_unet is not None:
+        models.reference_unet.to(device)
     if models.vae is not None:
         models.vae.to(device).requires_grad_(False).eval()
     models.text.to(device).eval()
@@ -160,6 +174,19 @@ def _repeat_pairs(tensor: Tensor) -> Tensor:
     return tensor.repeat(2, *([1] * (tensor.dim() - 1)))
 
 
+@contextlib.contextmanager
+def reference_model(models: Models):
+    """The frozen copy, or (LoRA) the policy UNet with its adapters switched off meanwhile."""
+    if models.reference_unet is not None:
+        yield models.reference_unet
+        return
+    models.unet.disable_adapters()
+    try:
+        yield models.unet
+    finally:
+        models.unet.enable_adapters()
+
+
 def preference_step(
     models: Models,
     policy: nn.Module,
@@ -200,8 +227,12 @@ def preference_step(
     )
     with ranges("policy forward"), autocast:
         model_pred = policy(noisy, timestep_rows, hidden_rows, added_cond_kwargs=added_rows).sample
-    with ranges("reference forward"), torch.no_grad(), autocast:
-        reference = models.reference_unet
+    with (
+        ranges("reference forward"),
+        torch.no_grad(),
+        autocast,
+        reference_model(models) as reference,
+    ):
         ref_pred = reference(
             noisy.to(reference.dtype),
             timestep_rows,
@@ -531,12 +562,13 @@ def _save(
 
 
 def _export(unet: nn.Module, output_dir: Path) -> None:
-    """DIR/unet/ (diffusers, safetensors) and DIR/unet.pth (a plain state dict)."""
-    unet.save_pretrained(output_dir / "unet", safe_serialization=True)
-    torch.save(
-        {name: tensor.detach().cpu() for name, tensor in unet.state_dict().items()},
-        output_dir / "unet.pth",
-    )
+    """DIR/unet/ (diffusers, safetensors) and DIR/unet.pth (a plain state dict); LoRA adapters
+    are merged into the weights first, so both load into a plain UNet."""
+    state = merged_state_dict(unet)
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state)
+    plain.save_pretrained(output_dir / "unet", safe_serialization=True)
+    torch.save(state, output_dir / "unet.pth")
 
 
 def summary_json(summary: dict) -> str:

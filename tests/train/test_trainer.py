@@ -328,3 +328,25 @@ def test_two_process_torchrun(tmp_path):
     # Each step averages 2 processes x 2 accumulation micro-batches of 2 pairs.
     assert (output / "checkpoint-1" / checkpoints.COMPLETE_MARKER).is_file()
     assert (output / "unet.pth").is_file()
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
+    config = tiny(
+        tmp_path,
+        lora_rank=4,
+        max_steps=2,
+        gradient_accumulation=1,
+        learning_rate=1e-2,
+        warmup_steps=0,
+    )
+    summary = train(config)
+    rows = summary["rows"]
+    # At step 1 the adapters are ~0 (gaussian init with B = 0), so policy = reference and u = 0.
+    assert rows[0]["margin"] == pytest.approx(0.0, abs=1e-3)  # fp32 rounding at beta = 5000
+    assert abs(rows[1]["margin"]) > 1e-2  # the adapters moved the policy
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(Path(config.output_dir) / "unet")
+    state = torch.load(Path(config.output_dir) / "unet.pth")
+    assert not any("lora" in name for name in state)
+    assert all(torch.equal(exported.state_dict()[name], state[name]) for name in state)
