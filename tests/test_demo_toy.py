@@ -24,7 +24,8 @@ def test_reward_is_high_for_matching_images_and_low_for_wrong_attributes():
                 spec.color, spec.shape, next(b for b in toy.BACKGROUNDS if b != spec.background)
             ),
         ):
-            assert toy.reward(image[None], [wrong.caption]).item() < 0.2, (spec, wrong)
+            # One attribute wrong costs about a third of the reward.
+            assert 0.55 < toy.reward(image[None], [wrong.caption]).item() < 0.75, (spec, wrong)
 
 
 def test_empty_or_noise_images_score_zero():
@@ -39,8 +40,8 @@ def test_label_noise_lowers_the_data_reward_as_expected():
     clean = toy.captioned_images(96, 16, 0.0, seed=0)
     noisy = toy.captioned_images(96, 16, 0.3, seed=0)
     assert toy.reward(clean.images, clean.captions).mean() > 0.95
-    # Each of three attributes survives with probability 0.7: ~0.34 of images match.
-    assert 0.2 < toy.reward(noisy.images, noisy.captions).mean() < 0.5
+    # Each attribute is right with probability 0.7: the mean reward is about 0.7.
+    assert 0.6 < toy.reward(noisy.images, noisy.captions).mean() < 0.8
 
 
 def test_pairs_put_the_preferred_image_first_and_are_deterministic():

@@ -367,10 +367,12 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
         (output_dir / "config.json").write_text(config_to_json(config))
 
     policy: nn.Module = models.unet
+    ddp: nn.parallel.DistributedDataParallel | None = None
     if environment.enabled:
-        policy = nn.parallel.DistributedDataParallel(
+        ddp = nn.parallel.DistributedDataParallel(
             models.unet, device_ids=[device.index] if device.type == "cuda" else None
         )
+        policy = ddp
     if config.compile or config.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (static shapes per run).
         policy = torch.compile(policy, mode="reduce-overhead" if config.cuda_graphs else None)
@@ -408,9 +410,10 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                     latents = encode_images(models, pixels, generator)
                     hidden, added = models.text(batch.captions, device)
                 last_micro = micro == config.gradient_accumulation - 1
+                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
                 sync_context = (
-                    policy.no_sync()
-                    if environment.enabled and not last_micro and hasattr(policy, "no_sync")
+                    ddp.no_sync()
+                    if ddp is not None and not last_micro
                     else contextlib.nullcontext()
                 )
                 with sync_context:
@@ -445,7 +448,8 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                     if environment.is_main:
                         progress.write(message + " (skipped)")
                     interval_stats.zero_()
-                    interval_micro_batches = 0
+                    interval_micro_batches, interval_skipped = 0, 0
+                    interval_start = time.perf_counter()
                     step += 1
                     progress.update(1)
                     continue

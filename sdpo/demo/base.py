@@ -25,7 +25,7 @@ PACKAGED_BASE = Path(__file__).resolve().parent / "base_model"
 def pretrain_base(
     output: str | Path,
     *,
-    steps: int = 1500,
+    steps: int = 2500,
     batch_size: int = 32,
     learning_rate: float = 2e-3,
     images: int = 4096,

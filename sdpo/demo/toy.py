@@ -9,8 +9,9 @@ attributes: "a red circle on a white background". The reward reads the pixels ba
 - the foreground's mean colour, the background colour and the fill ratio of the foreground's
   bounding box (1.0 for a square, ~0.8 for a disc) are each turned into the probability of the
   caption's value among the alternatives (a softmax over negative squared distances);
-- reward = P(colour) * P(shape) * P(background), times 0 when the foreground is empty or fills
-  the frame. So 1 is an image that matches its caption, ~0 one that gets an attribute wrong.
+- reward = (P(colour) + P(shape) + P(background)) / 3, times 0 when the foreground is empty or
+  fills most of the frame. So 1 is an image that matches its caption, ~2/3 one that gets one
+  attribute wrong, ~0 noise: a graded score, so partial improvements show.
 
 Everything is generated from a seed; nothing is downloaded.
 """
@@ -41,7 +42,7 @@ FOREGROUND_DISTANCE = (
 COLOR_TEMPERATURE = 0.02  # squared RGB distance scale of the colour softmax
 FILL_TEMPERATURE = 0.004  # squared fill-ratio scale of the shape softmax
 MIN_FOREGROUND_FRACTION = 0.02
-MAX_FOREGROUND_FRACTION = 0.6
+MAX_FOREGROUND_FRACTION = 0.75
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def reward(images: Tensor, captions: list[str]) -> Tensor:
     present = (
         (fraction >= MIN_FOREGROUND_FRACTION) & (fraction <= MAX_FOREGROUND_FRACTION)
     ).float()
-    return color_probability * shape_probability * background_probability * present
+    return (color_probability + shape_probability + background_probability) / 3 * present
 
 
 @dataclass
@@ -212,24 +213,35 @@ def captioned_images(count: int, image_size: int, label_noise: float, seed: int)
 
 def preference_pairs(count: int, image_size: int, corruption: float, seed: int) -> PreferencePairs:
     """Two images per caption, each with attributes corrupted at ``corruption``; the one with
-    the higher reward wins. Pairs whose rewards differ by less than 0.05 are redrawn (ties)."""
+    the higher reward wins. Pairs whose rewards differ by less than 0.05 are dropped (ties).
+
+    Candidates are rendered and scored in chunks of 256 pairs: one reward call per chunk, not
+    per pair (512 pairs: 17 s -> under 1 s on 2 cores).
+    """
     generator = torch.Generator().manual_seed(seed)
     specs = all_specs()
     winners, losers, captions, winner_rewards, loser_rewards = [], [], [], [], []
     while len(captions) < count:
-        spec = specs[int(torch.randint(len(specs), (), generator=generator))]
-        first = render(corrupt(spec, corruption, generator), image_size, generator)
-        second = render(corrupt(spec, corruption, generator), image_size, generator)
-        scores = reward(torch.stack([first, second]), [spec.caption] * 2)
-        if (scores[0] - scores[1]).abs() < 0.05:
-            continue
-        if scores[1] > scores[0]:
-            first, second, scores = second, first, scores.flip(0)
-        winners.append(first)
-        losers.append(second)
-        captions.append(spec.caption)
-        winner_rewards.append(scores[0])
-        loser_rewards.append(scores[1])
+        chunk = [specs[int(torch.randint(len(specs), (), generator=generator))] for _ in range(256)]
+        firsts = torch.stack(
+            [render(corrupt(spec, corruption, generator), image_size, generator) for spec in chunk]
+        )
+        seconds = torch.stack(
+            [render(corrupt(spec, corruption, generator), image_size, generator) for spec in chunk]
+        )
+        chunk_captions = [spec.caption for spec in chunk]
+        first_scores = reward(firsts, chunk_captions)
+        second_scores = reward(seconds, chunk_captions)
+        for index, caption in enumerate(chunk_captions):
+            first, second = first_scores[index], second_scores[index]
+            if (first - second).abs() < 0.05 or len(captions) == count:
+                continue
+            swap = bool(second > first)
+            winners.append(seconds[index] if swap else firsts[index])
+            losers.append(firsts[index] if swap else seconds[index])
+            winner_rewards.append(second if swap else first)
+            loser_rewards.append(first if swap else second)
+            captions.append(caption)
     return PreferencePairs(
         torch.stack(winners),
         torch.stack(losers),
