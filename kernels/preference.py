@@ -46,17 +46,8 @@ METHOD_CODES = {
 }
 
 NUM_SUMS = 8  # seven sums, padded to eight so each (pair, chunk) row is 32 bytes
-# finalize_kernel writes these statistics, in this order, then the DSPO-SDXL gap mean.
-STAT_NAMES = (
-    "implicit_acc",
-    "margin",
-    "model_mse_w",
-    "model_mse_l",
-    "ref_mse_w",
-    "ref_mse_l",
-    "win_gap",
-    "lose_gap",
-)
+# finalize_kernel writes the reference's statistics, in its order, then the DSPO-SDXL gap mean.
+STAT_NAMES = reference.STAT_NAMES
 NUM_STATS = len(STAT_NAMES) + 1
 
 # The same constants as the plain-PyTorch reference, as compile-time values for the kernels.

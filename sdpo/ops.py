@@ -15,6 +15,7 @@ the CPU under ``TRITON_INTERPRET=1`` (``triton_op`` would need extra interpreter
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -81,7 +82,7 @@ def fused_preference_forward(
     """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
     kernels = _kernels()
     log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
-    with torch.cuda.device(model_pred.device) if model_pred.is_cuda else _no_context():
+    with torch.cuda.device(model_pred.device) if model_pred.is_cuda else contextlib.nullcontext():
         return kernels.launch_forward(
             model_pred,
             ref_pred,
@@ -131,7 +132,7 @@ def fused_preference_backward(
 ) -> Tensor:
     """d loss / d model_pred: winners g0 (a e_w + b (pred_w - ref_w)), losers g0 c e_l."""
     kernels = _kernels()
-    with torch.cuda.device(model_pred.device) if model_pred.is_cuda else _no_context():
+    with torch.cuda.device(model_pred.device) if model_pred.is_cuda else contextlib.nullcontext():
         return kernels.launch_gradient(
             grad_loss, model_pred, ref_pred, target, coefficients, with_gap=with_gap
         )
@@ -165,14 +166,6 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_lambda, _grad_coefficients):
 
 
 fused_preference_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _no_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def preference_loss_fused(
@@ -210,5 +203,5 @@ def preference_loss_fused(
         0 if group_size is None else int(group_size),
         float(dmpo_alpha),
     )
-    named = {key: stats[index] for index, key in enumerate(_kernels().STAT_NAMES)}
+    named = {key: stats[index] for index, key in enumerate(reference.STAT_NAMES)}
     return loss, {"lambda": scale, **named}

@@ -24,6 +24,18 @@ from torch import Tensor
 
 METHODS = ("diffusion-dpo", "dspo", "dspo-sdxl", "dmpo")
 
+# The loss-side statistics every backend returns (besides "lambda"), in this order.
+STAT_NAMES = (
+    "implicit_acc",
+    "margin",
+    "model_mse_w",
+    "model_mse_l",
+    "ref_mse_w",
+    "ref_mse_l",
+    "win_gap",
+    "lose_gap",
+)
+
 # The reference trainer's epsilon in lambda = (1 - mu) |gA|^2 / (<gA, gB> + eps), with gA, gB
 # the output-space gradients of the micro-batch's mean winner and loser errors.
 SAFEGUARD_EPSILON = 1e-9

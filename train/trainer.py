@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import sdpo
+from sdpo import reference
 from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.config import TrainConfig, config_to_json
@@ -34,18 +35,8 @@ from sdpo.train.models import (
     merged_state_dict,
 )
 
-METRIC_KEYS = (
-    "loss",
-    "implicit_acc",
-    "lambda",
-    "margin",
-    "model_mse_w",
-    "model_mse_l",
-    "ref_mse_w",
-    "ref_mse_l",
-    "win_gap",
-    "lose_gap",
-)
+# One row of metrics.jsonl per optimizer step: the loss, the mean lambda and the loss statistics.
+METRIC_KEYS = ("loss", "lambda", *reference.STAT_NAMES)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -394,6 +385,20 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
     interval_micro_batches, interval_skipped, interval_start = 0, 0, time.perf_counter()
     step = start_step
     rows: list[dict] = []
+
+    def save_now() -> Path:
+        return _save(
+            config,
+            environment,
+            models,
+            optimizer,
+            lr_schedule,
+            step,
+            (epoch, batch_index),
+            skipped_total,
+            ranges,
+        )
+
     try:
         while step < config.max_steps:
             for micro in range(config.gradient_accumulation):
@@ -503,28 +508,8 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                 and step % config.checkpoint_every == 0
                 and step < config.max_steps
             ):
-                last_checkpoint = _save(
-                    config,
-                    environment,
-                    models,
-                    optimizer,
-                    lr_schedule,
-                    step,
-                    (epoch, batch_index),
-                    skipped_total,
-                    ranges,
-                )
-        _save(
-            config,
-            environment,
-            models,
-            optimizer,
-            lr_schedule,
-            step,
-            (epoch, batch_index),
-            skipped_total,
-            ranges,
-        )
+                last_checkpoint = save_now()
+        save_now()
         if environment.is_main:
             _export(models.unet, output_dir)
         environment.barrier()
