@@ -278,7 +278,7 @@ def write_plots(output: Path, curves: dict, images_before: Tensor, captions: lis
     panels = [("base model", images_before)] + [
         (name, curve["images"]) for name, curve in curves.items()
     ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 2.4))
     for axis, (title, images) in zip(axes, panels, strict=True):
         axis.imshow(_grid(images[:16]).numpy(), interpolation="nearest")
         axis.set_title(title)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -350,3 +351,111 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
     state = torch.load(Path(config.output_dir) / "unet.pth")
     assert not any("lora" in name for name in state)
     assert all(torch.equal(exported.state_dict()[name], state[name]) for name in state)
+
+
+def save_tiny_sdxl(folder: Path) -> None:
+    """An SDXL-shaped model in miniature: two text encoders, text_time added conditioning."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sdpo.train import models as tiny_models
+
+    torch.manual_seed(0)
+    vocabulary = len(tiny_models.tiny_vocabulary())
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    )
+    second = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=vocabulary,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tiny_models.TINY_MAX_LENGTH,
+            projection_dim=32,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
+    unet.save_pretrained(folder / "unet")
+    tiny_models.build_tiny_vae().save_pretrained(folder / "vae")
+    tiny_models.build_scheduler().save_pretrained(folder / "scheduler")
+    tiny_models.build_tiny_text_encoder(vocabulary).save_pretrained(folder / "text_encoder")
+    second.save_pretrained(folder / "text_encoder_2")
+    for name in ("tokenizer", "tokenizer_2"):
+        tiny_models.build_tiny_tokenizer().save_pretrained(folder / name)
+
+
+def test_sdxl_conditioning_path_trains(tmp_path):
+    # The sdxl-dspo preset's settings on an SDXL-shaped miniature: both encoders' penultimate
+    # states concatenated (64 features), the pooled projection and time_ids as added conditioning.
+    save_tiny_sdxl(tmp_path / "sdxl")
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for index in range(4):
+        write_png(images / f"w{index}.png", (200, 30, 30))
+        write_png(images / f"l{index}.png", (30, 30, 200))
+        lines.append(
+            json.dumps(
+                {
+                    "caption": "a red square on a white background",
+                    "winner": f"images/w{index}.png",
+                    "loser": f"images/l{index}.png",
+                }
+            )
+        )
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    config = config_from_args(
+        [
+            "--preset",
+            "sdxl-dspo",
+            "--pretrained",
+            str(tmp_path / "sdxl"),
+            "--data",
+            str(tmp_path / "pairs.jsonl"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--resolution",
+            "16",
+            "--train-batch-pairs",
+            "2",
+            "--gradient-accumulation",
+            "1",
+            "--max-steps",
+            "2",
+            "--checkpoint-every",
+            "0",
+            "--no-progress",
+            "--mixed-precision",
+            "no",
+        ]
+    )
+    assert (
+        config.method == "dspo-sdxl"
+        and config.optimizer == "adafactor"
+        and config.gradient_checkpointing
+    )
+    summary = train(config)
+    rows = summary["rows"]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    hidden, added = build_models(config, torch.device("cpu")).text(
+        ["a red square"], torch.device("cpu")
+    )
+    assert hidden.shape[-1] == 64 and added["text_embeds"].shape == (1, 32)
+    assert added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]]
