@@ -149,14 +149,21 @@ class TextConditioner(nn.Module):
                     pooled = output.text_embeds
             else:
                 hidden_states.append(output.last_hidden_state)
-        encoder_hidden_states = torch.cat(hidden_states, dim=-1)
+        return self.conditioning(torch.cat(hidden_states, dim=-1), pooled)
+
+    def conditioning(
+        self, encoder_hidden_states: Tensor, pooled: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """(hidden states, added_cond_kwargs): SDXL adds the pooled embedding and time_ids."""
         if not self.sdxl:
             return encoder_hidden_states, None
+        device = encoder_hidden_states.device
+        captions = encoder_hidden_states.shape[0]
         size = self.resolution
         time_ids = torch.tensor(
             [size, size, 0, 0, size, size], device=device, dtype=encoder_hidden_states.dtype
         )
-        added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), 6)}
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(captions, 6)}
         return encoder_hidden_states, added
 
 

@@ -24,6 +24,7 @@ import sdpo
 from sdpo import reference
 from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.train import checkpoint as checkpoints
+from sdpo.train.cache import CachedBatch, CachedPairBatches, is_cache
 from sdpo.train.config import TrainConfig, config_to_json
 from sdpo.train.data import Batch, PairBatches, generator_for, load_records
 from sdpo.train.models import (
@@ -159,6 +160,27 @@ def encode_images(models: Models, pixels: Tensor, generator: torch.Generator) ->
         dtype=distribution.mean.dtype,
     )
     return latents * models.vae.config.scaling_factor
+
+
+def condition_batch(
+    models: Models, batch: Batch | CachedBatch, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
+    """(2B latents, B hidden states, added conditioning) from pixels or from the cache.
+
+    Both paths draw the same noise for the latent sample (mean + std * noise, in the same
+    order), so a cached run reproduces an uncached one."""
+    if isinstance(batch, CachedBatch):
+        mean = batch.latent_mean.to(device, non_blocking=True)
+        std = batch.latent_std.to(device, non_blocking=True)
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        latents = (mean + std * noise) * models.vae.config.scaling_factor
+        pooled = batch.pooled.to(device) if batch.pooled is not None else None
+        hidden, added = models.text.conditioning(batch.hidden.to(device), pooled)
+        return latents, hidden, added
+    pixels = torch.cat([batch.winners, batch.losers]).to(device, non_blocking=True)
+    latents = encode_images(models, pixels, generator)
+    hidden, added = models.text(batch.captions, device)
+    return latents, hidden, added
 
 
 def _repeat_pairs(tensor: Tensor) -> Tensor:
@@ -307,19 +329,14 @@ def train(config: TrainConfig) -> dict:
         environment.close()
 
 
-def _train(config: TrainConfig, environment: Distributed) -> dict:
-    device = environment.device
-    output_dir = Path(config.output_dir)
-    if config.cuda_graphs and device.type != "cuda":
-        raise ValueError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
-    # Data first: a source with no usable pairs fails before any model loads.
+def _pair_batches(config: TrainConfig, environment: Distributed) -> PairBatches:
     records = load_records(
         config.data,
         resolution=config.resolution,
         synthetic_pairs=config.synthetic_pairs,
         seed=config.seed,
     )
-    batches = PairBatches(
+    return PairBatches(
         records,
         batch_pairs=config.train_batch_pairs,
         resolution=config.resolution,
@@ -328,6 +345,26 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
         rank=environment.rank,
         world_size=environment.world_size,
     )
+
+
+def _train(config: TrainConfig, environment: Distributed) -> dict:
+    device = environment.device
+    output_dir = Path(config.output_dir)
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
+    # Data first: a source with no usable pairs fails before any model loads.
+    if is_cache(config.data):
+        batches = CachedPairBatches(
+            config.data,
+            batch_pairs=config.train_batch_pairs,
+            caption_dropout=config.caption_dropout,
+            seed=config.seed,
+            rank=environment.rank,
+            world_size=environment.world_size,
+            resolution=config.resolution,
+        )
+    else:
+        batches = _pair_batches(config, environment)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -403,17 +440,15 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
         while step < config.max_steps:
             for micro in range(config.gradient_accumulation):
                 with ranges("data to device"):
-                    batch: Batch = batches.batch(epoch, batch_index)
+                    batch = batches.batch(epoch, batch_index)
                     batch_epoch = epoch
                     epoch, batch_index = batches.next_position(epoch, batch_index)
-                    pixels = torch.cat([batch.winners, batch.losers]).to(device, non_blocking=True)
                 micro_index = step * config.gradient_accumulation + micro
                 generator = generator_for(
                     config.seed, 3, environment.rank, micro_index, device=device
                 )
                 with ranges("encode"):
-                    latents = encode_images(models, pixels, generator)
-                    hidden, added = models.text(batch.captions, device)
+                    latents, hidden, added = condition_batch(models, batch, generator, device)
                 last_micro = micro == config.gradient_accumulation - 1
                 # Gradients are all-reduced once per optimizer step, on its last micro-batch.
                 sync_context = (

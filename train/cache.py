@@ -1,0 +1,260 @@
+"""`sdpo-cache`: precompute VAE latent distributions and text embeddings for training.
+
+The reference trainers run the VAE and the text encoders on every step (ALGORITHMS.md, pitfall
+4). The cache stores, per pair, the latent distribution's mean and std of the winner and the
+loser, each both as is and horizontally flipped (the trainer's independent flips stay exact),
+and the caption's text embedding, plus the empty caption's (caption dropout). Training still
+SAMPLES latents (mean + std * noise) from the cached distribution, with the same random draws an
+uncached run makes, so a cached run logs the same losses as an uncached one (fp32 storage).
+
+Layout: ``cache_index.json`` and ``shard-NNNNN.safetensors`` files of ``--shard-pairs`` pairs with
+``winner_mean``, ``winner_std``, ``loser_mean``, ``loser_std`` (n, 2, C, h, w; index 1 = flipped),
+``hidden`` (n, L, D) and, for SDXL, ``pooled`` (n, P); ``empty.safetensors`` for "".
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sdpo.train.data import UnreadableImage, generator_for, load_records, preprocess
+from sdpo.train.models import Models, build_tiny, load_pretrained
+
+INDEX_FILE = "cache_index.json"
+EMPTY_FILE = "empty.safetensors"
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def is_cache(path: str | None) -> bool:
+    return path is not None and (Path(path).expanduser() / INDEX_FILE).is_file()
+
+
+@torch.no_grad()
+def _encode(models: Models, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    distribution = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
+    return distribution.mean, distribution.std
+
+
+def build_cache(
+    *,
+    data: str | None,
+    output_dir: str,
+    model: str,
+    pretrained: str | None,
+    resolution: int,
+    seed: int = 0,
+    synthetic_pairs: int = 64,
+    shard_pairs: int = 256,
+    storage_dtype: str = "float16",
+    allow_download: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Writes the cache; returns its index. Unreadable pairs are skipped and counted."""
+    records = load_records(data, resolution=resolution, synthetic_pairs=synthetic_pairs, seed=seed)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = (
+        load_pretrained(pretrained, model, resolution, allow_download)
+        if pretrained is not None
+        else build_tiny(resolution, seed)
+    )
+    if models.vae is None:
+        raise ValueError(
+            "sdpo-cache: this model has no VAE (a pixel-space model needs no latent cache)"
+        )
+    models.vae.to(target).eval()
+    models.text.to(target).eval()
+    dtype = STORAGE_DTYPES[storage_dtype]
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    hidden, added = models.text([""], target)
+    empty = {"hidden": hidden.cpu().to(dtype)}
+    if added is not None:
+        empty["pooled"] = added["text_embeds"].cpu().to(dtype)
+    save_file(empty, str(output / EMPTY_FILE))
+
+    shards, captions, skipped, buffer = [], [], 0, []
+
+    def flush() -> None:
+        if not buffer:
+            return
+        # Per pair: winner, flipped winner, loser, flipped loser (the trainer flips each at random).
+        views = [torch.stack([win, win.flip(-1), lose, lose.flip(-1)]) for win, lose, _ in buffer]
+        pixels = torch.cat(views).to(target)
+        mean, std = _encode(models, pixels)
+        mean = mean.view(len(buffer), 2, 2, *mean.shape[1:]).cpu().to(dtype)
+        std = std.view(len(buffer), 2, 2, *std.shape[1:]).cpu().to(dtype)
+        hidden, added = models.text([caption for _, _, caption in buffer], target)
+        tensors = {
+            "winner_mean": mean[:, 0].contiguous(),
+            "winner_std": std[:, 0].contiguous(),
+            "loser_mean": mean[:, 1].contiguous(),
+            "loser_std": std[:, 1].contiguous(),
+            "hidden": hidden.cpu().to(dtype).contiguous(),
+        }
+        if added is not None:
+            tensors["pooled"] = added["text_embeds"].cpu().to(dtype).contiguous()
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(tensors, str(output / name))
+        shards.append({"file": name, "pairs": len(buffer)})
+        buffer.clear()
+
+    for record in records:
+        try:
+            winner = preprocess(record.winner, resolution, flip=False)
+            loser = preprocess(record.loser, resolution, flip=False)
+        except UnreadableImage:
+            skipped += 1
+            continue
+        buffer.append((winner, loser, record.caption))
+        captions.append(record.caption)
+        if len(buffer) == shard_pairs:
+            flush()
+    flush()
+    if not captions:
+        raise ValueError(f"data: {data} has no pair with two readable images")
+    index = {
+        "version": 1,
+        "model": model,
+        "pretrained": pretrained,
+        "resolution": resolution,
+        "storage_dtype": storage_dtype,
+        "scaling_factor": models.vae.config.scaling_factor,
+        "pairs": len(captions),
+        "skipped_pairs": skipped,
+        "shards": shards,
+        "captions": captions,
+    }
+    (output / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    return index
+
+
+@dataclass
+class CachedBatch:
+    latent_mean: Tensor  # (2B, C, h, w): winners then losers
+    latent_std: Tensor
+    hidden: Tensor  # (B, L, D), the empty caption's where dropped
+    pooled: Tensor | None  # (B, P) for SDXL
+    captions: list[str]
+    skipped: int = 0
+
+
+class CachedPairBatches:
+    """The same batches as PairBatches (order, flips, dropout draws), read from a cache."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        batch_pairs: int,
+        caption_dropout: float,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        resolution: int,
+    ) -> None:
+        from sdpo.train.data import PairBatches, PairRecord
+
+        self.root = Path(path).expanduser()
+        self.index = json.loads((self.root / INDEX_FILE).read_text())
+        if self.index["resolution"] != resolution:
+            raise ValueError(
+                f"data: the cache at {path} was built at resolution {self.index['resolution']}, "
+                f"the run asks for {resolution}; rebuild it with sdpo-cache --resolution {resolution}"
+            )
+        self.locations = [
+            (shard["file"], row) for shard in self.index["shards"] for row in range(shard["pairs"])
+        ]
+        records = [PairRecord(caption, None, None) for caption in self.index["captions"]]
+        # Reuse the uncached sampler's arithmetic (order, drop-last, positions).
+        self.plan = PairBatches(
+            records,
+            batch_pairs=batch_pairs,
+            resolution=resolution,
+            caption_dropout=caption_dropout,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.batch_pairs = batch_pairs
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.rank = rank
+        self.batches_per_epoch = self.plan.batches_per_epoch
+        self.empty = load_file(str(self.root / EMPTY_FILE))
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a few shards of one cache per process
+    def _shard(self, name: str) -> dict[str, Tensor]:
+        return load_file(str(self.root / name))
+
+    def next_position(self, epoch: int, batch_index: int) -> tuple[int, int]:
+        return self.plan.next_position(epoch, batch_index)
+
+    def batch(self, epoch: int, batch_index: int) -> CachedBatch:
+        generator = generator_for(self.seed, 2, epoch, self.rank, batch_index)
+        draws = torch.rand((self.batch_pairs, 3), generator=generator)
+        parts: dict[str, list[Tensor]] = {
+            key: [] for key in ("wm", "ws", "lm", "ls", "hidden", "pooled")
+        }
+        captions = []
+        for row, index in enumerate(self.plan.indices(epoch, batch_index)):
+            shard_name, shard_row = self.locations[index]
+            shard = self._shard(shard_name)
+            flip_winner, flip_loser = int(draws[row, 0] < 0.5), int(draws[row, 1] < 0.5)
+            parts["wm"].append(shard["winner_mean"][shard_row, flip_winner])
+            parts["ws"].append(shard["winner_std"][shard_row, flip_winner])
+            parts["lm"].append(shard["loser_mean"][shard_row, flip_loser])
+            parts["ls"].append(shard["loser_std"][shard_row, flip_loser])
+            dropped = bool(draws[row, 2] < self.caption_dropout)
+            source = (
+                self.empty
+                if dropped
+                else {key: value[shard_row : shard_row + 1] for key, value in shard.items()}
+            )
+            parts["hidden"].append(source["hidden"][0])
+            if "pooled" in shard:
+                parts["pooled"].append(source["pooled"][0])
+            captions.append("" if dropped else self.index["captions"][index])
+        mean = torch.cat([torch.stack(parts["wm"]), torch.stack(parts["lm"])]).float()
+        std = torch.cat([torch.stack(parts["ws"]), torch.stack(parts["ls"])]).float()
+        pooled = torch.stack(parts["pooled"]).float() if parts["pooled"] else None
+        return CachedBatch(mean, std, torch.stack(parts["hidden"]).float(), pooled, captions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdpo-cache", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", default=None, help="pairs as for sdpo-train --data (none: synthetic tiny pairs)"
+    )
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl"))
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-pairs", type=int, default=64)
+    parser.add_argument("--shard-pairs", type=int, default=256)
+    parser.add_argument("--storage-dtype", default="float16", choices=tuple(STORAGE_DTYPES))
+    parser.add_argument("--allow-download", action="store_true")
+    arguments = parser.parse_args(argv)
+    try:
+        index = build_cache(**vars(arguments))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sdpo-cache: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {key: index[key] for key in ("pairs", "skipped_pairs", "resolution", "storage_dtype")}
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
