@@ -304,3 +304,39 @@ class PairBatches:
         """The (epoch, batch index) after this one: epochs roll over, accumulation does not care."""
         batch_index += 1
         return (epoch + 1, 0) if batch_index == self.batches_per_epoch else (epoch, batch_index)
+
+
+class _BatchPositions(torch.utils.data.IterableDataset):
+    """Batches from a position on; worker k of n builds positions k, k + n, ... so that the
+    DataLoader's round-robin over workers returns them in order."""
+
+    def __init__(self, batches, start: tuple[int, int]) -> None:
+        self.batches = batches
+        self.start = start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, batch_index = self.start
+        position = 0
+        while True:
+            if position % workers == worker:
+                yield epoch, batch_index, self.batches.batch(epoch, batch_index)
+            epoch, batch_index = self.batches.next_position(epoch, batch_index)
+            position += 1
+
+
+def batch_stream(batches, start: tuple[int, int], num_workers: int, pin_memory: bool = False):
+    """(epoch, batch index, batch) from ``start`` on, forever. With ``num_workers`` > 0 the images
+    are decoded in worker processes, ahead of the step; the order and content do not change."""
+    positions = _BatchPositions(batches, start)
+    if num_workers == 0:
+        return iter(positions)
+    loader = torch.utils.data.DataLoader(
+        positions,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2,
+    )
+    return iter(loader)

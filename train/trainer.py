@@ -26,7 +26,7 @@ from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.cache import CachedBatch, CachedPairBatches, is_cache
 from sdpo.train.config import TrainConfig, config_to_json
-from sdpo.train.data import Batch, PairBatches, generator_for, load_records
+from sdpo.train.data import Batch, PairBatches, batch_stream, generator_for, load_records
 from sdpo.train.models import (
     Models,
     add_lora,
@@ -417,6 +417,7 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
     writer = MetricsWriter(output_dir, start_step) if environment.is_main else None
     progress = _progress(config.max_steps, start_step, config.progress and environment.is_main)
     epoch, batch_index = position  # the next micro-batch to read
+    stream = batch_stream(batches, position, config.num_workers, pin_memory=device.type == "cuda")
     last_checkpoint = resume_from
     interval_stats = torch.zeros(len(METRIC_KEYS), device=device)
     interval_micro_batches, interval_skipped, interval_start = 0, 0, time.perf_counter()
@@ -440,9 +441,8 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
         while step < config.max_steps:
             for micro in range(config.gradient_accumulation):
                 with ranges("data to device"):
-                    batch = batches.batch(epoch, batch_index)
-                    batch_epoch = epoch
-                    epoch, batch_index = batches.next_position(epoch, batch_index)
+                    batch_epoch, batch_number, batch = next(stream)
+                    epoch, batch_index = batches.next_position(batch_epoch, batch_number)
                 micro_index = step * config.gradient_accumulation + micro
                 generator = generator_for(
                     config.seed, 3, environment.rank, micro_index, device=device

@@ -499,3 +499,13 @@ def test_cache_round_trip_reproduces_the_uncached_run(tmp_path):
         json.loads((tmp_path / "cli-cache" / "cache_index.json").read_text())["storage_dtype"]
         == "float16"
     )
+
+
+def test_data_workers_change_nothing_but_speed(tmp_path):
+    # Worker processes decode ahead of the step; the batches, so the losses, must not change.
+    in_process = train(tiny(tmp_path, "workers0", max_steps=3, synthetic_pairs=8))["rows"]
+    with_workers = train(tiny(tmp_path, "workers2", max_steps=3, synthetic_pairs=8, num_workers=2))[
+        "rows"
+    ]
+    assert [row["loss"] for row in with_workers] == [row["loss"] for row in in_process]
+    assert [row["epoch"] for row in with_workers] == [row["epoch"] for row in in_process]
