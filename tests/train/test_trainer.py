@@ -174,25 +174,28 @@ def write_png(path: Path, color: tuple[int, int, int]) -> None:
     Image.new("RGB", (20, 24), color).save(path)
 
 
-def test_jsonl_data_with_a_corrupt_image_is_skipped_and_counted(tmp_path):
-    images = tmp_path / "images"
+def write_manifest(folder: Path, pairs: int = 4) -> Path:
+    """A JSONL manifest of red-winner / blue-loser PNG pairs under folder/images."""
+    images = folder / "images"
     images.mkdir()
     lines = []
-    for index in range(4):
+    for index in range(pairs):
         write_png(images / f"w{index}.png", (200, 30, 30))
         write_png(images / f"l{index}.png", (30, 30, 200))
-        lines.append(
-            json.dumps(
-                {
-                    "caption": "a red square on a white background",
-                    "winner": f"images/w{index}.png",
-                    "loser": f"images/l{index}.png",
-                }
-            )
-        )
-    (images / "l1.png").write_bytes(b"not a png")
-    manifest = tmp_path / "pairs.jsonl"
+        row = {
+            "caption": "a red square on a white background",
+            "winner": f"images/w{index}.png",
+            "loser": f"images/l{index}.png",
+        }
+        lines.append(json.dumps(row))
+    manifest = folder / "pairs.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_jsonl_data_with_a_corrupt_image_is_skipped_and_counted(tmp_path):
+    manifest = write_manifest(tmp_path)
+    (tmp_path / "images" / "l1.png").write_bytes(b"not a png")
     config = tiny(
         tmp_path, data=str(manifest), train_batch_pairs=4, gradient_accumulation=1, max_steps=2
     )
@@ -404,22 +407,7 @@ def test_sdxl_conditioning_path_trains(tmp_path):
     # The sdxl-dspo preset's settings on an SDXL-shaped miniature: both encoders' penultimate
     # states concatenated (64 features), the pooled projection and time_ids as added conditioning.
     save_tiny_sdxl(tmp_path / "sdxl")
-    images = tmp_path / "images"
-    images.mkdir()
-    lines = []
-    for index in range(4):
-        write_png(images / f"w{index}.png", (200, 30, 30))
-        write_png(images / f"l{index}.png", (30, 30, 200))
-        lines.append(
-            json.dumps(
-                {
-                    "caption": "a red square on a white background",
-                    "winner": f"images/w{index}.png",
-                    "loser": f"images/l{index}.png",
-                }
-            )
-        )
-    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    write_manifest(tmp_path)
     config = config_from_args(
         [
             "--preset",
