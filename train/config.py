@@ -37,7 +37,7 @@ class TrainConfig:
     loss_backend: str = "auto"
     # Model and data.
     model: str = "tiny"  # "tiny" (built in code), "sd15" or "sdxl" (diffusers folders)
-    pretrained: str | None = None
+    pretrained: str | None = None  # a local folder, a cached model id, or "random" (timing)
     allow_download: bool = False
     data: str | None = None  # None with model "tiny": synthetic pairs built in code
     resolution: int = 16
@@ -63,6 +63,9 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = False
     nvtx: bool = False
+    # "START:STOP": cudaProfilerStart before optimizer step START+1, cudaProfilerStop after step
+    # STOP, so `nsys --capture-range=cudaProfilerApi` records only that window (CUDA only).
+    profile_steps: str | None = None
     log_every: int = 1
     on_nonfinite: str = "stop"  # "stop" or "skip"
     num_workers: int = 0
@@ -117,15 +120,32 @@ class TrainConfig:
             raise ValueError(
                 f"caption_dropout: expected a number in [0, 1], got {self.caption_dropout}"
             )
+        if self.profile_steps is not None:
+            parse_profile_steps(self.profile_steps)
         if self.model != "tiny" and self.pretrained is None:
             raise ValueError(
                 f"pretrained: model {self.model!r} needs --pretrained PATH (a local diffusers folder "
                 "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
-        if self.data is None and self.model != "tiny":
+        if self.data is None and self.model != "tiny" and self.pretrained != "random":
             raise ValueError(
-                "data: expected --data PATH (parquet shards, a save_to_disk folder or a JSONL manifest)"
+                "data: expected --data PATH (parquet shards, a save_to_disk folder or a JSONL "
+                "manifest); synthetic pairs are only for the tiny model and --pretrained random"
             )
+
+
+def parse_profile_steps(text: str) -> tuple[int, int]:
+    """ "START:STOP" -> (START, STOP) with 0 <= START < STOP; ValueError otherwise."""
+    parts = text.split(":")
+    try:
+        start, stop = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(
+            f"profile_steps: expected START:STOP optimizer steps (e.g. 5:8), got {text!r}"
+        ) from None
+    if not 0 <= start < stop:
+        raise ValueError(f"profile_steps: expected 0 <= START < STOP, got {text!r}")
+    return start, stop
 
 
 # The reference scripts (AIDC-AI/Diffusion-SDPO scripts/train/*.sh, ALGORITHMS.md section 4):

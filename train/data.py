@@ -45,7 +45,7 @@ def _open_image(source: object):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if isinstance(source, ParquetCell):
+        if isinstance(source, (ParquetCell, ArrowCell)):
             source = source.read()
         if isinstance(source, (bytes, bytearray)):
             image = Image.open(io.BytesIO(source))
@@ -153,33 +153,89 @@ def _records_from_parquet(paths: list[Path]) -> list[PairRecord]:
     return records
 
 
+@functools.lru_cache(maxsize=4)
+def _arrow_shard(path: str):
+    """A save_to_disk shard (Arrow IPC stream), memory-mapped: reading a cell copies only it."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(path)).read_all()
+
+
+@dataclass(frozen=True)
+class ArrowCell:
+    """An image in a ``datasets.save_to_disk`` shard, read on demand."""
+
+    path: str
+    row: int
+    column: str
+
+    def read(self) -> bytes:
+        value = _arrow_shard(self.path).column(self.column)[self.row].as_py()
+        if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+            if value.get("bytes") is not None:
+                return value["bytes"]
+            return Path(value["path"]).read_bytes()
+        return value
+
+
+def _saved_dataset_folder(path: Path) -> Path:
+    """The folder holding state.json: the dataset itself, or the train split of a DatasetDict."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise ValueError(
+                f"data: {path} is a DatasetDict with splits {splits}; point --data at one split's "
+                "folder"
+            )
+        return path / "train"
+    return path
+
+
 def _records_from_saved_dataset(path: Path) -> list[PairRecord]:
+    """A ``datasets.save_to_disk`` folder, read with pyarrow (no ``datasets`` needed): state.json
+    lists the shards; captions and labels are read up front, images when a batch needs them."""
+    import pyarrow as pa
+
+    folder = _saved_dataset_folder(path)
     try:
-        import datasets
-    except ImportError as error:
+        state = json.loads((folder / "state.json").read_text())
+        shards = [folder / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(
-            f"data: {path} is a datasets.save_to_disk folder; `pip install datasets` to read it"
+            f"data: {folder} is not a readable datasets.save_to_disk folder (state.json: {error})"
         ) from error
-    dataset = datasets.load_from_disk(str(path))
     records = []
-    for row in dataset:
-        winner = row["jpg_0"]
-        row = {**row, "jpg_0": winner.get("bytes", winner) if isinstance(winner, dict) else winner}
-        loser = row["jpg_1"]
-        row["jpg_1"] = loser.get("bytes", loser) if isinstance(loser, dict) else loser
-        record = _ordered_pair(row)
-        if record is not None:
-            records.append(record)
+    for shard in shards:
+        try:
+            table = _arrow_shard(str(shard))
+        except (OSError, pa.ArrowInvalid) as error:
+            raise ValueError(f"data: cannot read the shard {shard} ({error})") from error
+        missing = {"jpg_0", "jpg_1", "label_0", "caption"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"data: {shard} lacks the column(s) {', '.join(sorted(missing))}")
+        labels = table.select(["label_0", "caption"]).to_pylist()
+        for row, values in enumerate(labels):
+            cells = {column: ArrowCell(str(shard), row, column) for column in ("jpg_0", "jpg_1")}
+            record = _ordered_pair({**values, **cells})
+            if record is not None:
+                records.append(record)
     return records
 
 
 def synthetic_records(count: int, resolution: int, seed: int) -> list[PairRecord]:
     """The tiny preset's pairs: toy images whose attributes are corrupted at rate 0.3, the one
     with the higher pixel reward first."""
-    pairs = toy.preference_pairs(count, resolution, corruption=0.3, seed=seed)
+    # Rendered and scored at <= 32 px, then upsampled: the toy reward at 512 px costs ~2 s a
+    # pair on a CPU, and larger synthetic images only serve timing runs (--pretrained random).
+    native = min(resolution, 32)
+    pairs = toy.preference_pairs(count, native, corruption=0.3, seed=seed)
+    winners, losers = pairs.winners, pairs.losers
+    if native != resolution:
+        winners = F.interpolate(winners, size=resolution, mode="nearest")
+        losers = F.interpolate(losers, size=resolution, mode="nearest")
     return [
         PairRecord(caption, winner, loser)
-        for caption, winner, loser in zip(pairs.captions, pairs.winners, pairs.losers, strict=True)
+        for caption, winner, loser in zip(pairs.captions, winners, losers, strict=True)
     ]
 
 
@@ -200,7 +256,9 @@ def load_records(
             records = _records_from_parquet([path])
         elif path.is_dir() and sorted(path.glob("*.parquet")):
             records = _records_from_parquet(sorted(path.glob("*.parquet")))
-        elif path.is_dir() and (path / "dataset_info.json").exists():
+        elif path.is_dir() and (
+            (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+        ):
             records = _records_from_saved_dataset(path)
         else:
             raise ValueError(

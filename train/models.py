@@ -313,3 +313,116 @@ def merged_state_dict(unet: nn.Module) -> dict[str, Tensor]:
             continue
         plain[name.replace(".base_layer.", ".")] = tensor.detach().clone()
     return plain
+
+
+# The real architectures with random weights, for timing and profiling without any download
+# (``--pretrained random``). The configurations are those of the public SD1.5 and SDXL
+# checkpoints' config.json files; the weights are noise, so the model draws nothing.
+RANDOM_TEXT_LENGTH = 77
+
+
+def _random_word_tokenizer(max_length: int):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def _clip_text_config(hidden: int, layers: int, heads: int, intermediate: int, act: str):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=RANDOM_TEXT_LENGTH,
+        hidden_act=act,
+        projection_dim=hidden,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+
+
+def _sd_vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_random(model: str, resolution: int, seed: int) -> Models:
+    """SD1.5 (860M-parameter UNet) or SDXL (2.6B) architectures, random-initialised from
+    ``seed`` on the current default device (``with torch.device("cuda"):`` builds on the GPU)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if model not in ("sd15", "sdxl"):
+        raise ValueError(f"pretrained: random weights exist for sd15 and sdxl, not {model!r}")
+    if resolution % 8:
+        raise ValueError(
+            f"resolution: expected a multiple of 8 (the VAE's factor), got {resolution}"
+        )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if model == "sd15":
+            unet = UNet2DConditionModel(
+                sample_size=resolution // 8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=(
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "DownBlock2D",
+                ),
+                up_block_types=(
+                    "UpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D",
+                ),
+                cross_attention_dim=768,
+                attention_head_dim=8,
+            )
+            vae = _sd_vae(0.18215)
+            encoders = [CLIPTextModel(_clip_text_config(768, 12, 12, 3072, "quick_gelu"))]
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=resolution // 8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=2,
+                block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10),
+                attention_head_dim=(5, 10, 20),
+                cross_attention_dim=2048,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            )
+            vae = _sd_vae(0.13025)
+            encoders = [
+                CLIPTextModel(_clip_text_config(768, 12, 12, 3072, "quick_gelu")),
+                CLIPTextModelWithProjection(_clip_text_config(1280, 32, 20, 5120, "gelu")),
+            ]
+    finally:
+        torch.random.set_rng_state(generator_state)
+    tokenizers = [_random_word_tokenizer(RANDOM_TEXT_LENGTH) for _ in encoders]
+    text = TextConditioner(tokenizers, encoders, sdxl=model == "sdxl", resolution=resolution)
+    return Models(unet=unet, reference_unet=None, vae=vae, text=text, scheduler=build_scheduler())

@@ -25,11 +25,12 @@ from sdpo import reference
 from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.cache import CachedBatch, CachedPairBatches, is_cache
-from sdpo.train.config import TrainConfig, config_to_json
+from sdpo.train.config import TrainConfig, config_to_json, parse_profile_steps
 from sdpo.train.data import Batch, PairBatches, batch_stream, generator_for, load_records
 from sdpo.train.models import (
     Models,
     add_lora,
+    build_random,
     build_tiny,
     load_pretrained,
     make_reference,
@@ -79,7 +80,9 @@ class Distributed:
 
 
 def build_models(config: TrainConfig, device: torch.device) -> Models:
-    if config.pretrained is not None:
+    if config.pretrained == "random":
+        models = build_random(config.model, config.resolution, config.seed)
+    elif config.pretrained is not None:
         models = load_pretrained(
             config.pretrained, config.model, config.resolution, config.allow_download
         )
@@ -403,7 +406,14 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
         policy = ddp
     if config.compile or config.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (static shapes per run).
-        policy = torch.compile(policy, mode="reduce-overhead" if config.cuda_graphs else None)
+        compile_mode = "reduce-overhead" if config.cuda_graphs else None
+        policy = torch.compile(policy, mode=compile_mode)
+        if models.reference_unet is not None:
+            # With LoRA the reference is the policy with adapters off: compiling it too would
+            # retrace on every switch, so only a separate frozen copy is compiled.
+            models.reference_unet = torch.compile(models.reference_unet, mode=compile_mode)
+    profile_window = parse_profile_steps(config.profile_steps) if config.profile_steps else None
+    profiling_cuda = profile_window is not None and device.type == "cuda"
     ranges = PhaseRanges(config.nvtx)
     use_autocast = device.type == "cuda" and config.mixed_precision == "bf16"
 
@@ -439,6 +449,9 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
 
     try:
         while step < config.max_steps:
+            if profiling_cuda and step == profile_window[0]:
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStart()
             for micro in range(config.gradient_accumulation):
                 with ranges("data to device"):
                     batch_epoch, batch_number, batch = next(stream)
@@ -450,6 +463,9 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                 with ranges("encode"):
                     latents, hidden, added = condition_batch(models, batch, generator, device)
                 last_micro = micro == config.gradient_accumulation - 1
+                if config.cuda_graphs:
+                    # A new step: earlier graph outputs may be overwritten from here on.
+                    torch.compiler.cudagraph_mark_step_begin()
                 # Gradients are all-reduced once per optimizer step, on its last micro-batch.
                 sync_context = (
                     ddp.no_sync()
@@ -498,6 +514,9 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update(1)
+            if profiling_cuda and step == profile_window[1]:
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
             if step % config.log_every == 0 or step == config.max_steps:
                 with ranges("all-reduce"):
                     reduced = torch.cat(

@@ -234,6 +234,57 @@ def test_parquet_pick_a_pic_format(tmp_path):
         assert winner[0].mean() > 0.9 and loser[2].mean() > 0.9  # red preferred in both pairs
 
 
+def test_save_to_disk_folder_read_lazily_without_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import io
+
+    from PIL import Image
+
+    from sdpo.train.data import ArrowCell
+
+    def png(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    dataset = datasets.Dataset.from_dict(
+        {
+            "jpg_0": [red, red, blue, blue],
+            "jpg_1": [blue, blue, red, red],
+            "label_0": [1.0, 0.5, 0.0, 1.0],
+            "caption": ["first", "tie", "third", "fourth"],
+        }
+    )
+    dataset = dataset.cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    dataset.save_to_disk(str(tmp_path / "single"), num_shards=2)
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    # The reader must not need the datasets package at run time.
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    for folder in ("single", "dict"):
+        records = load_records(str(tmp_path / folder), resolution=16, synthetic_pairs=0, seed=0)
+        assert [record.caption for record in records] == ["first", "third", "fourth"]
+        assert all(isinstance(record.winner, ArrowCell) for record in records)
+        batches = PairBatches(records, batch_pairs=3, resolution=16, caption_dropout=0.0, seed=0)
+        for index, winner_is_red in enumerate([True, True, False]):
+            winner, loser, _, _ = batches.load_pair(index, False, False)
+            red_channel = 0 if winner_is_red else 2
+            assert winner[red_channel].mean() > 0.9 and loser[2 - red_channel].mean() > 0.9
+    (tmp_path / "dict" / "dataset_dict.json").write_text('{"splits": ["test"]}')
+    with pytest.raises(ValueError, match="DatasetDict with splits"):
+        load_records(str(tmp_path / "dict"), resolution=16, synthetic_pairs=0, seed=0)
+
+
+def test_random_architecture_needs_no_data_and_synthetic_pairs_upsample():
+    config = config_from_args(["--preset", "sd15-dpo", "--pretrained", "random"])
+    assert config.data is None and config.resolution == 512
+    small = load_records(None, resolution=32, synthetic_pairs=2, seed=0)
+    large = load_records(None, resolution=64, synthetic_pairs=2, seed=0)
+    assert large[0].winner.shape == (3, 64, 64)
+    torch.testing.assert_close(large[0].winner[:, ::2, ::2], small[0].winner)
+    assert [record.caption for record in large] == [record.caption for record in small]
+
+
 @pytest.mark.parametrize(
     ("argv", "pattern"),
     [
@@ -242,6 +293,9 @@ def test_parquet_pick_a_pic_format(tmp_path):
         (["--preset", "tiny", "--method", "ipo"], "method: unknown 'ipo'"),
         (["--preset", "tiny", "--granularity", "groups"], "granularity: unknown"),
         (["--preset", "sd15-dpo"], "pretrained: model 'sd15' needs --pretrained"),
+        (["--preset", "sd15-dpo", "--pretrained", "x"], "data: expected --data PATH"),
+        (["--preset", "tiny", "--profile-steps", "5"], "profile_steps: expected START:STOP"),
+        (["--preset", "tiny", "--profile-steps", "8:5"], "profile_steps: expected 0 <= START"),
     ],
 )
 def test_bad_settings_fail_before_any_model_loads(argv, pattern):

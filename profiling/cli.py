@@ -1,0 +1,124 @@
+"""``sdpo-profile``: the overhead suite and the Nsight summarisers.
+
+sdpo-profile overhead --preset sd15 [--variants eager,compile,cuda-graphs] [--kernels]
+sdpo-profile nsys-summary REPORT.sqlite
+sdpo-profile ncu-summary REPORT.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdpo-profile", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    overhead = commands.add_parser(
+        "overhead",
+        help="step time, peak memory and MFU of plain DPO, DPO + SDPO and the reference's work",
+    )
+    overhead.add_argument("--preset", default="tiny", help="tiny, sd15 or sdxl (random weights)")
+    overhead.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of eager, compile, cuda-graphs (default: all three on a GPU, eager on a CPU)",
+    )
+    overhead.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    overhead.add_argument("--steps", type=int, default=10, help="timed steps per mode per round")
+    overhead.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    overhead.add_argument("--batch-pairs", type=int, default=None, help="pairs per step")
+    overhead.add_argument(
+        "--kernels", action="store_true", help="also time the fused loss at the benchmark sizes"
+    )
+    overhead.add_argument(
+        "--output",
+        default=None,
+        help="results JSON (a .md table is written beside it); default "
+        "profiling/results/<device>-<date>.json on a GPU, required on a CPU",
+    )
+    overhead.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    nsys = commands.add_parser("nsys-summary", help="time per NVTX range and per kernel")
+    nsys.add_argument("report", help="the SQLite export of an Nsight Systems report")
+    nsys.add_argument("--json", default=None, help="also write the summary here")
+    nsys.add_argument("--top", type=int, default=15, help="kernels to list")
+    ncu = commands.add_parser("ncu-summary", help="duration and DRAM throughput per kernel")
+    ncu.add_argument("csv", help="`ncu --import R --csv --page raw --metrics ...` output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    try:
+        return _run(arguments)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sdpo-profile: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    if arguments.command == "nsys-summary":
+        from sdpo.profiling import nsight
+
+        summary = nsight.summarize_nsys(arguments.report)
+        print(nsight.format_nsys_summary(summary, top=arguments.top))
+        if arguments.json:
+            Path(arguments.json).write_text(json.dumps(summary, indent=2) + "\n")
+        return 0
+    if arguments.command == "ncu-summary":
+        from sdpo.profiling import nsight
+
+        path = Path(arguments.csv)
+        if not path.is_file():
+            raise FileNotFoundError(f"ncu summary: no such file {path}")
+        print(nsight.format_ncu_summary(nsight.summarize_ncu_csv(path.read_text())))
+        return 0
+
+    import datetime
+
+    import torch
+
+    from sdpo.profiling import overhead
+
+    device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no CUDA device is visible")
+    if arguments.variants is None:
+        variants = list(overhead.VARIANTS) if device.type == "cuda" else ["eager"]
+    else:
+        variants = [variant.strip() for variant in arguments.variants.split(",") if variant.strip()]
+    if arguments.output is None and device.type != "cuda":
+        raise ValueError(
+            "output: a CPU run is a smoke test and is not filed under profiling/results/; "
+            "pass --output PATH"
+        )
+    result = overhead.run_overhead(
+        arguments.preset,
+        device=device,
+        variants=variants,
+        rounds=arguments.rounds,
+        steps_per_round=arguments.steps,
+        warmup_steps=arguments.warmup,
+        batch_pairs=arguments.batch_pairs,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    kernels = overhead.measure_kernels(device) if arguments.kernels else []
+    document = overhead.results_document(result, kernels, device)
+    output = (
+        Path(arguments.output)
+        if arguments.output
+        else RESULTS_DIR
+        / f"{overhead.device_slug(device)}-{arguments.preset}-{datetime.date.today().isoformat()}.json"
+    )
+    json_path, markdown_path = overhead.write_results(document, output)
+    print(overhead.markdown_report(document))
+    print(f"results: {json_path} and {markdown_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

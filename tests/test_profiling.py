@@ -1,0 +1,232 @@
+"""The profiling suite on a CPU: the overhead run's JSON, its steps' arithmetic, the Nsight
+summarisers on hand-made reports, and the errors. No timing is asserted (CPU smoke run)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sdpo.profiling import nsight, overhead
+from sdpo.profiling.cli import main as profile_main
+from sdpo.train.models import build_random
+
+REQUIRED_OVERHEAD_KEYS = {
+    "preset",
+    "dpo_step_ms",
+    "sdpo_step_ms",
+    "sdpo_over_dpo_step_ratio",
+    "reference_step_ms",
+    "speedup_vs_reference",
+    "peak_mem_gb",
+    "mfu",
+}
+
+
+def test_overhead_cli_writes_well_formed_results(tmp_path):
+    output = tmp_path / "results" / "cpu.json"
+    command = [
+        sys.executable,
+        "-m",
+        "sdpo.profiling.cli",
+        "overhead",
+        "--preset",
+        "tiny",
+        "--rounds",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--output",
+        str(output),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(output.read_text())
+    assert {"device", "date", "torch", "triton", "overhead", "kernels"} <= set(document)
+    assert document["timings_meaningful"] is False and document["kernels"] == []
+    result = document["overhead"]
+    assert REQUIRED_OVERHEAD_KEYS <= set(result)
+    expected_modes = {"dpo/eager", "sdpo-fused/eager", "sdpo-torch/eager", "reference/eager"}
+    assert set(result["modes"]) == expected_modes
+    for mode in result["modes"].values():
+        assert mode["steps_timed"] == 4  # 2 rounds x 2 steps
+        assert mode["step_ms"] > 0
+        assert mode["pairs_per_s"] == pytest.approx(2 / (mode["step_ms"] * 1e-3))
+        assert 0 < mode["mfu"] < 1
+    assert result["sdpo_over_dpo_step_ratio"] == pytest.approx(
+        result["sdpo_step_ms"] / result["dpo_step_ms"]
+    )
+    assert result["speedup_vs_reference"] == pytest.approx(
+        result["reference_step_ms"] / result["sdpo_step_ms"]
+    )
+    assert result["modes"]["sdpo-torch/eager"]["backend"] == "torch"
+    assert result["flops_per_step"] > 0
+    markdown = output.with_suffix(".md").read_text()
+    assert "| reference/eager |" in markdown and "claim nothing" in markdown
+
+
+def test_reference_work_step_computes_our_loss():
+    """The reference-work step and ours do the same maths on the same draws (fp32, CPU), so the
+    overhead suite compares equal work, done two ways."""
+    workload = overhead.Workload(
+        overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu")
+    )
+    for group in workload.optimizer.param_groups:
+        group["lr"] = 0.0  # keep the weights fixed between the two steps
+    policies = overhead._Policies(workload.models)
+    backend, ours = overhead.our_step(workload, policies, "sdpo-torch", "eager", step=7)
+    workload.place_encoders(True)
+    _, theirs = overhead.reference_step(workload, step=7)
+    assert backend == "torch"
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    _, other_draw = overhead.reference_step(workload, step=8)
+    assert not torch.allclose(ours, other_draw)
+
+
+def test_random_architectures_match_the_public_checkpoints():
+    with torch.device("meta"):
+        sd15 = build_random("sd15", 512, seed=0)
+        sdxl = build_random("sdxl", 1024, seed=0)
+
+    def count(module):
+        return sum(parameter.numel() for parameter in module.parameters())
+
+    # Parameter counts of the released SD1.5 and SDXL-base UNets, text encoders and VAE.
+    assert count(sd15.unet) == 859_520_964
+    assert count(sdxl.unet) == 2_567_463_684
+    assert count(sd15.vae) == 83_653_863
+    assert count(sd15.text.encoders[0]) == 123_060_480
+    assert count(sdxl.text.encoders[1]) == 694_659_840
+    assert sdxl.unet.config.addition_embed_type == "text_time"
+    with pytest.raises(ValueError, match="resolution"):
+        build_random("sd15", 500, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["overhead", "--preset", "sd14", "--output", "x.json"], "preset: unknown 'sd14'"),
+        (["overhead", "--variants", "cuda-graphs", "--output", "x.json"], "needs a CUDA device"),
+        (["overhead", "--variants", "fast", "--output", "x.json"], "variants: unknown fast"),
+        (["overhead", "--rounds", "0", "--output", "x.json"], "rounds: expected >= 1"),
+        (["overhead"], "pass --output PATH"),
+        (["nsys-summary", "missing.sqlite"], "nsys export --type sqlite"),
+        (["ncu-summary", "missing.csv"], "no such file"),
+    ],
+)
+def test_profile_cli_errors(arguments, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if torch.cuda.is_available() and "--output" not in arguments:
+        pytest.skip("on a GPU, overhead without --output is valid")
+    assert profile_main(arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+def _nsys_database(path):
+    """A report in the Nsight Systems SQLite schema: two threads, nested ranges, kernels."""
+    connection = sqlite3.connect(path)
+    connection.executescript(
+        """
+        CREATE TABLE StringIds (id INTEGER PRIMARY KEY, value TEXT);
+        CREATE TABLE NVTX_EVENTS (start INTEGER, end INTEGER, eventType INTEGER, text TEXT,
+                                  textId INTEGER, globalTid INTEGER, domainId INTEGER);
+        CREATE TABLE CUPTI_ACTIVITY_KIND_KERNEL (start INTEGER, end INTEGER, shortName INTEGER,
+                                  demangledName INTEGER, correlationId INTEGER);
+        CREATE TABLE CUPTI_ACTIVITY_KIND_RUNTIME (start INTEGER, end INTEGER,
+                                  globalTid INTEGER, correlationId INTEGER);
+        """
+    )
+    connection.executemany(
+        "INSERT INTO StringIds VALUES (?, ?)",
+        [(1, "gemm"), (2, "pair_sums_kernel"), (3, "backward"), (4, "elementwise")],
+    )
+    ms = 1_000_000
+    connection.executemany(
+        "INSERT INTO NVTX_EVENTS VALUES (?, ?, ?, ?, ?, ?, 0)",
+        [
+            (0, 10 * ms, 59, "policy forward", None, 1),
+            (10 * ms, 12 * ms, 59, "loss and safeguard", None, 1),
+            (12 * ms, 30 * ms, 59, None, 3, 1),  # a registered string: "backward"
+            (0, 5 * ms, 59, "policy forward", None, 2),  # another thread
+            (3 * ms, 4 * ms, 34, "a marker, not a range", None, 1),
+        ],
+    )
+    # (launch thread, launch time, kernel start, kernel end, name id, correlation)
+    kernels = [
+        (1, 1 * ms, 1 * ms, 4 * ms, 1, 100),  # policy forward: gemm 3 ms
+        (1, 11 * ms, 12 * ms, 13 * ms, 2, 101),  # loss: pair sums 1 ms
+        (1, 13 * ms, 14 * ms, 20 * ms, 1, 102),  # backward: gemm 6 ms
+        (1, 40 * ms, 40 * ms, 42 * ms, 4, 103),  # outside any range: 2 ms
+        (2, 1 * ms, 5 * ms, 7 * ms, 4, 104),  # thread 2's policy forward: 2 ms
+    ]
+    for thread, launch, start, end, name, correlation in kernels:
+        connection.execute(
+            "INSERT INTO CUPTI_ACTIVITY_KIND_RUNTIME VALUES (?, ?, ?, ?)",
+            (launch, launch + 1000, thread, correlation),
+        )
+        connection.execute(
+            "INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL VALUES (?, ?, ?, ?, ?)",
+            (start, end, name, name, correlation),
+        )
+    connection.commit()
+    connection.close()
+
+
+def test_nsys_summary_attributes_kernels_to_ranges(tmp_path):
+    path = tmp_path / "report.sqlite"
+    _nsys_database(path)
+    summary = nsight.summarize_nsys(path)
+    ranges = {row["name"]: row for row in summary["ranges"]}
+    assert set(ranges) == {"policy forward", "loss and safeguard", "backward"}
+    assert ranges["policy forward"]["count"] == 2
+    assert ranges["policy forward"]["total_ms"] == pytest.approx(15.0)
+    assert ranges["backward"]["mean_ms"] == pytest.approx(18.0)
+    kernels = {row["name"]: row for row in summary["kernels"]}
+    assert kernels["gemm"]["count"] == 2 and kernels["gemm"]["total_ms"] == pytest.approx(9.0)
+    assert kernels["gemm"]["share"] == pytest.approx(9.0 / 14.0)
+    assert summary["kernel_ms_total"] == pytest.approx(14.0)
+    assert summary["gpu_ms_by_range"] == pytest.approx(
+        {
+            "policy forward": 5.0,
+            "backward": 6.0,
+            "loss and safeguard": 1.0,
+            nsight.OUTSIDE_RANGES: 2.0,
+        }
+    )
+    text = nsight.format_nsys_summary(summary)
+    assert "pair_sums_kernel" in text and "policy forward" in text
+    assert profile_main(["nsys-summary", str(path), "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["kernel_ms_total"] == pytest.approx(14.0)
+
+
+def test_nsys_summary_needs_kernels(tmp_path):
+    path = tmp_path / "empty.sqlite"
+    sqlite3.connect(path).execute(
+        "CREATE TABLE StringIds (id INTEGER, value TEXT)"
+    ).connection.close()
+    with pytest.raises(ValueError, match="no kernel table"):
+        nsight.summarize_nsys(path)
+
+
+def test_ncu_summary_reads_units_and_averages(tmp_path):
+    text = (
+        '"ID","Kernel Name","gpu__time_duration.sum",'
+        '"dram__throughput.avg.pct_of_peak_sustained_elapsed"\n'
+        '"","","usecond","%"\n'
+        '"0","pair_sums_kernel","12.5","80.0"\n'
+        '"1","gradient_kernel","20","90.0"\n'
+        '"2","pair_sums_kernel","13.5","84.0"\n'
+    )
+    rows = nsight.summarize_ncu_csv(text)
+    assert [row["name"] for row in rows] == ["pair_sums_kernel", "gradient_kernel"]
+    assert rows[0]["count"] == 2
+    assert rows[0]["total_ms"] == pytest.approx(0.026)
+    assert rows[0]["dram_pct_of_peak"] == pytest.approx(82.0)
+    with pytest.raises(ValueError, match=r"gpu__time_duration\.sum"):
+        nsight.summarize_ncu_csv('"ID","Kernel Name"\n"0","k"\n')
