@@ -58,6 +58,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"  # "bf16" autocast on CUDA, or "no"; CPU runs in fp32
     gradient_checkpointing: bool = False
+    # FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun: the policy UNet's
+    # weights, gradients and optimizer state are sharded over the ranks (SDXL-sized models).
+    fsdp: bool = False
     attention: str = "sdpa"  # "sdpa" (PyTorch) or "xformers"
     # Speed and measurement.
     compile: bool = False
@@ -119,6 +122,10 @@ class TrainConfig:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(
                 f"caption_dropout: expected a number in [0, 1], got {self.caption_dropout}"
+            )
+        if self.fsdp and self.lora_rank > 0:
+            raise ValueError(
+                "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
             )
         if self.profile_steps is not None:
             parse_profile_steps(self.profile_steps)

@@ -372,6 +372,17 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     models = build_models(config, device)
+    start_step, position, skipped_total = 0, (0, 0), 0
+    resume_from = checkpoints.latest_checkpoint(output_dir) if config.resume else None
+    state = None
+    if resume_from is not None:
+        # The full weights go in before any sharding; every rank reads the checkpoint itself.
+        model_state, state = checkpoints.load_checkpoint(resume_from)
+        models.unet.load_state_dict(model_state)
+    sharded = config.fsdp and environment.enabled
+    if sharded:
+        shard_unet(models.unet, device)
+    # After sharding: FSDP2 swaps the parameters for sharded ones the optimizer must hold.
     parameters = [parameter for parameter in models.unet.parameters() if parameter.requires_grad]
     pairs_per_step = (
         config.train_batch_pairs * config.gradient_accumulation * environment.world_size
@@ -380,12 +391,11 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
     optimizer = make_optimizer(config, parameters, learning_rate, device)
     lr_schedule = constant_with_warmup(optimizer, config.warmup_steps)
 
-    start_step, position, skipped_total = 0, (0, 0), 0
-    resume_from = checkpoints.latest_checkpoint(output_dir) if config.resume else None
-    if resume_from is not None:
-        model_state, state = checkpoints.load_checkpoint(resume_from)
-        models.unet.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if sharded:
+            load_full_optimizer_state(models.unet, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         start_step, position, skipped_total = (
             state["step"],
@@ -399,7 +409,7 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
 
     policy: nn.Module = models.unet
     ddp: nn.parallel.DistributedDataParallel | None = None
-    if environment.enabled:
+    if environment.enabled and not sharded:
         ddp = nn.parallel.DistributedDataParallel(
             models.unet, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -472,6 +482,8 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                     if ddp is not None and not last_micro
                     else contextlib.nullcontext()
                 )
+                if sharded:
+                    models.unet.set_requires_gradient_sync(last_micro)
                 with sync_context:
                     result = preference_step(
                         models,
@@ -491,6 +503,8 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
                 interval_skipped += batch.skipped
             with ranges("optimizer"):
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of per-rank parts
+                    grad_norm = grad_norm.full_tensor()
                 finite = torch.isfinite(grad_norm) & torch.isfinite(interval_stats[0])
                 finite = environment.all_reduce_sum((~finite).float().reshape(1)) == 0
                 if not bool(finite):  # the one host sync of an optimizer step
@@ -564,8 +578,9 @@ def _train(config: TrainConfig, environment: Distributed) -> dict:
             ):
                 last_checkpoint = save_now()
         save_now()
+        final_state = full_model_state(models.unet) if sharded else None
         if environment.is_main:
-            _export(models.unet, output_dir)
+            _export(models.unet, output_dir, final_state)
         environment.barrier()
     finally:
         progress.close()
@@ -589,29 +604,81 @@ def _save(
     checkpoint = checkpoints.checkpoint_path(config.output_dir, step)
     with ranges("checkpoint"):
         environment.barrier()
+        sharded = config.fsdp and environment.enabled
+        # With FSDP2 every rank takes part in gathering the full states (collectives); rank 0
+        # receives them on the CPU and writes.
+        model_state = full_model_state(models.unet) if sharded else None
+        optimizer_state = full_optimizer_state(models.unet, optimizer) if sharded else None
         if environment.is_main:
             state = {
                 "step": step,
                 "position": list(position),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state if sharded else optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(),
                 "skipped_images": skipped_total,
                 "torch_rng": torch.get_rng_state(),
                 "config": json.loads(config_to_json(config)),
             }
-            checkpoints.save_checkpoint(config.output_dir, step, models.unet.state_dict(), state)
+            checkpoints.save_checkpoint(
+                config.output_dir,
+                step,
+                model_state if sharded else models.unet.state_dict(),
+                state,
+            )
         environment.barrier()
     return checkpoint
 
 
-def _export(unet: nn.Module, output_dir: Path) -> None:
+def _export(unet: nn.Module, output_dir: Path, state: dict[str, Tensor] | None = None) -> None:
     """DIR/unet/ (diffusers, safetensors) and DIR/unet.pth (a plain state dict); LoRA adapters
-    are merged into the weights first, so both load into a plain UNet."""
-    state = merged_state_dict(unet)
+    are merged into the weights first, so both load into a plain UNet. ``state``: the full
+    weights when the UNet is sharded."""
+    if state is None:
+        state = merged_state_dict(unet)
     plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state)
     plain.save_pretrained(output_dir / "unet", safe_serialization=True)
     torch.save(state, output_dir / "unet.pth")
+
+
+def shard_unet(unet: nn.Module, device: torch.device) -> None:
+    """FSDP2: each down/mid/up block its own unit (its weights gathered just for its forward and
+    backward), then the rest (embeddings, conv_in/out) at the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for blocks in (unet.down_blocks, unet.up_blocks):
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    if unet.mid_block is not None:
+        fully_shard(unet.mid_block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(unet: nn.Module) -> dict[str, Tensor]:
+    """The sharded UNet's full weights on rank 0's CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(unet, options=_full_options())
+
+
+def full_optimizer_state(unet: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unet, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(unet: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unet, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def summary_json(summary: dict) -> str:

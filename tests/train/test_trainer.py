@@ -296,6 +296,7 @@ def test_random_architecture_needs_no_data_and_synthetic_pairs_upsample():
         (["--preset", "sd15-dpo", "--pretrained", "x"], "data: expected --data PATH"),
         (["--preset", "tiny", "--profile-steps", "5"], "profile_steps: expected START:STOP"),
         (["--preset", "tiny", "--profile-steps", "8:5"], "profile_steps: expected 0 <= START"),
+        (["--preset", "tiny", "--fsdp", "--lora-rank", "4"], "fsdp: LoRA adapters"),
     ],
 )
 def test_bad_settings_fail_before_any_model_loads(argv, pattern):
@@ -352,40 +353,48 @@ def test_cli_exit_codes(tmp_path):
     )
 
 
-def test_two_process_torchrun(tmp_path):
-    output = tmp_path / "ddp"
+def torchrun(tmp_path: Path, output: Path, *flags: str) -> None:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("TRITON")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "sdpo.train", "--preset", "tiny", "--output-dir", str(output)]
+    command += ["--no-progress", *flags]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "sdpo.train",
-            "--preset",
-            "tiny",
-            "--output-dir",
-            str(output),
-            "--max-steps",
-            "2",
-            "--checkpoint-every",
-            "1",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=environment,
-        cwd=tmp_path,
+        command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_torchrun(tmp_path):
+    output = tmp_path / "ddp"
+    torchrun(tmp_path, output, "--max-steps", "2", "--checkpoint-every", "1")
     rows = read_rows(output)
     assert [row["step"] for row in rows] == [1, 2]
     # Each step averages 2 processes x 2 accumulation micro-batches of 2 pairs.
     assert (output / "checkpoint-1" / checkpoints.COMPLETE_MARKER).is_file()
     assert (output / "unet.pth").is_file()
+
+    # FSDP2: the same run with the UNet sharded over the 2 processes; gradients are
+    # reduce-scattered instead of all-reduced, so the sums differ by rounding only.
+    sharded = tmp_path / "fsdp"
+    torchrun(tmp_path, sharded, "--max-steps", "2", "--checkpoint-every", "1", "--fsdp")
+    sharded_rows = read_rows(sharded)
+    for key in ("loss", "grad_norm", "model_mse_w"):
+        assert [row[key] for row in sharded_rows] == pytest.approx(
+            [row[key] for row in rows], rel=1e-4
+        ), key
+    ddp_weights = torch.load(output / "unet.pth")
+    sharded_weights = torch.load(sharded / "unet.pth")
+    assert set(sharded_weights) == set(ddp_weights)
+    for name, tensor in ddp_weights.items():
+        torch.testing.assert_close(sharded_weights[name], tensor, rtol=1e-4, atol=1e-6)
+
+    # FSDP2 resume from the full-state checkpoint (weights and optimizer) is exact.
+    resumed = tmp_path / "fsdp-resumed"
+    torchrun(tmp_path, resumed, "--max-steps", "1", "--fsdp")
+    torchrun(tmp_path, resumed, "--max-steps", "2", "--fsdp", "--resume")
+    assert [row["loss"] for row in read_rows(resumed)] == [row["loss"] for row in sharded_rows]
+    resumed_weights = torch.load(resumed / "unet.pth")
+    assert all(torch.equal(resumed_weights[name], sharded_weights[name]) for name in ddp_weights)
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
@@ -551,3 +560,28 @@ def test_data_workers_change_nothing_but_speed(tmp_path):
     ]
     assert [row["loss"] for row in with_workers] == [row["loss"] for row in in_process]
     assert [row["epoch"] for row in with_workers] == [row["epoch"] for row in in_process]
+
+
+def test_compile_traces_both_unets_and_changes_no_loss(tmp_path, monkeypatch):
+    """--compile wraps the policy and the frozen reference in torch.compile; the losses equal
+    the eager run's. (aot_eager: the same graphs as inductor, without its CPU code generation,
+    which takes minutes on a 2-core machine.)"""
+    compiled = []
+    original = torch.compile
+
+    def compile_with_aot_eager(module, **options):
+        compiled.append((type(module).__name__, options.get("mode")))
+        return original(module, backend="aot_eager")
+
+    eager = train(tiny(tmp_path, "eager", max_steps=2, gradient_accumulation=1))
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    torch._dynamo.reset()
+    try:
+        fast = train(tiny(tmp_path, "compiled", max_steps=2, gradient_accumulation=1, compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert compiled == [("UNet2DConditionModel", None), ("UNet2DConditionModel", None)]
+    for key in ("loss", "lambda", "model_mse_w", "grad_norm"):
+        assert [row[key] for row in fast["rows"]] == pytest.approx(
+            [row[key] for row in eager["rows"]], rel=1e-5
+        ), key
