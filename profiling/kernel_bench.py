@@ -3,6 +3,8 @@
 Four implementations of the same Diffusion-DPO + SDPO loss (mu = 0.9, batch lambda) are timed:
 
 - ``fused``: ``sdpo.preference_loss(backend="triton")`` (3 kernel launches);
+- ``cuda``: the same three passes hand-written in CUDA C++ (kernels/cuda/, ``backend="cuda"``),
+  when the CMake build exists: how close Triton gets to hand-tuned CUDA;
 - ``torch-eager``: ``sdpo.preference_loss(backend="torch")``;
 - ``torch-compile``: the same under ``torch.compile(fullgraph=True)`` (inductor);
 - ``reference``: the reference trainer's sequence (:mod:`sdpo.profiling.reference_sequence`).
@@ -38,7 +40,7 @@ SIZES = {
     "video": (2, (16, 21, 60, 104)),
 }
 SMOKE_SIZES = {"smoke": (2, (4, 8, 8))}
-IMPLEMENTATIONS = ("fused", "torch-eager", "torch-compile", "reference")
+IMPLEMENTATIONS = ("fused", "cuda", "torch-eager", "torch-compile", "reference")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BETA = 5000.0
 MU = 0.9
@@ -99,7 +101,7 @@ def implementation(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
             return pred.grad
 
         return run
-    backend = "triton" if name == "fused" else "torch"
+    backend = {"fused": "triton", "cuda": "cuda"}.get(name, "torch")
     loss_fn = sdpo.preference_loss
     if name == "torch-compile":
         loss_fn = torch.compile(sdpo.preference_loss, fullgraph=True)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import sdpo
+from sdpo import cuda_backend
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models, build_random, build_tiny, make_reference
@@ -484,7 +485,10 @@ def measure_kernels(device: torch.device, log: Callable[[str], None] = print) ->
     copy_gbps = kernel_bench.copy_bandwidth_gbps(device)
     rows = []
     for size, (batch_pairs, sample_shape) in kernel_bench.SIZES.items():
-        for name in ("fused", "torch-eager", "reference"):
+        names = ["fused", "torch-eager", "reference"]
+        if cuda_backend.cuda_available(device):
+            names.insert(1, "cuda")
+        for name in names:
             nbytes = kernel_bench.counted_bytes(batch_pairs, sample_shape, torch.bfloat16)
             copies = kernel_bench.rotation_copies(nbytes, device)
             sets = kernel_bench.make_input_sets(

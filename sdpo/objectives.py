@@ -12,7 +12,7 @@ from torch import Tensor
 from sdpo import reference
 
 METHODS = reference.METHODS
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -161,6 +161,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         from sdpo import ops
 
         ops.require_triton(device)
+    if backend == "cuda":
+        from sdpo import cuda_backend
+
+        cuda_backend.require_cuda(device)
     return backend
 
 
@@ -207,7 +211,8 @@ def preference_loss(
         dmpo_alpha: DMPO's alpha; u is pulled toward logit(1 - alpha).
         pair_weights: optional (B,) non-negative weights on each pair's term (timestep masks,
             importance weights); they do not enter lambda.
-        backend: "torch" (this reference), "triton" (fused kernels) or "auto".
+        backend: "torch" (this reference), "triton" (fused kernels), "cuda" (their CUDA C++
+            twin, built with CMake) or "auto" (Triton on CUDA when available, else torch).
 
     All loss math runs in fp32 (fp64 for fp64 inputs) whatever the input dtype.
     """
@@ -228,6 +233,20 @@ def preference_loss(
         from sdpo import ops
 
         loss, stats = ops.preference_loss_fused(
+            model_pred,
+            ref_pred,
+            target,
+            method=method,
+            beta=beta,
+            mu=mu,
+            group_size=group_size,
+            dmpo_alpha=dmpo_alpha,
+            pair_weights=pair_weights,
+        )
+    elif chosen == "cuda":
+        from sdpo import cuda_backend
+
+        loss, stats = cuda_backend.preference_loss_cuda(
             model_pred,
             ref_pred,
             target,

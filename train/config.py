@@ -94,7 +94,7 @@ class TrainConfig:
             "mixed_precision": ("bf16", "no"),
             "attention": ("sdpa", "xformers"),
             "on_nonfinite": ("stop", "skip"),
-            "loss_backend": ("auto", "torch", "triton"),
+            "loss_backend": ("auto", "torch", "triton", "cuda"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

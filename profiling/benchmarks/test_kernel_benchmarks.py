@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from sdpo import ops
+from sdpo import cuda_backend, ops
 from sdpo.profiling import kernel_bench
 
 ON_GPU = torch.cuda.is_available()
@@ -30,6 +30,8 @@ CASES = [
 def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_name, name):
     if name == "fused" and not ops.triton_available(DEVICE):
         pytest.skip("fused kernels need CUDA or TRITON_INTERPRET=1")
+    if name == "cuda" and not cuda_backend.cuda_available(DEVICE):
+        pytest.skip(f"the CUDA C++ kernels need a GPU and `{cuda_backend.BUILD_COMMAND}`")
     if name == "torch-compile" and not ON_GPU:
         pytest.skip("inductor compile of the loss is covered by tests/test_compile.py on the CPU")
     batch_pairs, sample_shape = SIZES[size]

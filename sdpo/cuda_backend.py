@@ -1,0 +1,318 @@
+"""backend="cuda": the CUDA C++ twin of the fused kernels (kernels/cuda/, built with CMake).
+
+The shared library ``libsdpo_cuda.so`` exports a small C ABI (kernels/cuda/sdpo_preference.h):
+raw device pointers, sizes and the current CUDA stream. It is loaded with ctypes from
+``$SDPO_CUDA_LIBRARY`` or ``<repository>/build/``; build it with
+``cmake -S . -B build && cmake --build build``. Two ``torch.library`` custom ops wrap it the way
+sdpo/ops.py wraps the Triton kernels (fake implementations, so torch.compile traces them; every
+buffer, the workspace included, is allocated by PyTorch, so CUDA graphs can capture them).
+
+``libsdpo_cuda_host.so`` (same build, no CUDA needed) runs the kernels' math on host fp32
+arrays; the CPU tests use it through :func:`host_library`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdpo import reference
+
+LIBRARY_NAME = "libsdpo_cuda.so"
+HOST_LIBRARY_NAME = "libsdpo_cuda_host.so"
+ABI_VERSION = 1
+BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+METHOD_CODES = {"diffusion-dpo": 0, "dspo": 1, "dspo-sdxl": 2, "dmpo": 3}
+NUM_STATS = len(reference.STAT_NAMES) + 1
+SUMS_THREADS = 256
+
+_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_LIBRARIES: dict[str, ctypes.CDLL] = {}
+
+
+def repository_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def library_path(name: str = LIBRARY_NAME) -> Path:
+    override = os.environ.get("SDPO_CUDA_LIBRARY") if name == LIBRARY_NAME else None
+    return Path(override) if override else repository_root() / "build" / name
+
+
+def _load(name: str) -> ctypes.CDLL:
+    if name in _LIBRARIES:
+        return _LIBRARIES[name]
+    path = library_path(name)
+    if not path.is_file():
+        raise RuntimeError(
+            f'backend="cuda": {path} is not built; run `{BUILD_COMMAND}` in the repository root '
+            "(needs nvcc), or set SDPO_CUDA_LIBRARY to the built library; "
+            'backend="triton" or "torch" need no build'
+        )
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise RuntimeError(f'backend="cuda": cannot load {path} ({error})') from error
+    _declare(library, name)
+    _LIBRARIES[name] = library
+    return library
+
+
+def _declare(library: ctypes.CDLL, name: str) -> None:
+    if name == LIBRARY_NAME:
+        library.sdpo_cuda_abi_version.restype = _int
+        library.sdpo_cuda_last_error.restype = ctypes.c_char_p
+        library.sdpo_cuda_workspace_floats.restype = _i64
+        library.sdpo_cuda_workspace_floats.argtypes = [_i64, _i64]
+        library.sdpo_cuda_forward.restype = _int
+        library.sdpo_cuda_forward.argtypes = [
+            _int, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64, _int,
+            _f32, _f32, _int, _i64, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+        ]  # fmt: skip
+        library.sdpo_cuda_gradient.restype = _int
+        library.sdpo_cuda_gradient.argtypes = [
+            _int, _ptr, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr, _ptr,
+        ]  # fmt: skip
+        version = library.sdpo_cuda_abi_version()
+        if version != ABI_VERSION:
+            raise RuntimeError(
+                f'backend="cuda": the library speaks ABI {version}, this package {ABI_VERSION}; '
+                f"rebuild it (`{BUILD_COMMAND}`)"
+            )
+    else:
+        library.sdpo_host_forward.restype = _int
+        library.sdpo_host_forward.argtypes = [
+            _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _int, _f32, _f32, _int, _i64,
+            _f32, _f32, _ptr, _ptr, _ptr, _ptr,
+        ]  # fmt: skip
+        library.sdpo_host_gradient.restype = _int
+        library.sdpo_host_gradient.argtypes = [
+            _f32, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr,
+        ]  # fmt: skip
+
+
+def cuda_library() -> ctypes.CDLL:
+    return _load(LIBRARY_NAME)
+
+
+def host_library(path: Path | None = None) -> ctypes.CDLL:
+    """The host build (CPU tests). ``path``: a library built elsewhere (e.g. by a test)."""
+    if path is not None:
+        library = ctypes.CDLL(str(path))
+        _declare(library, HOST_LIBRARY_NAME)
+        return library
+    return _load(HOST_LIBRARY_NAME)
+
+
+def cuda_available(device: torch.device) -> bool:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        cuda_library()
+    except RuntimeError:
+        return False
+    return True
+
+
+def require_cuda(device: torch.device) -> None:
+    """Raises a clear error when backend="cuda" cannot run on ``device``."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            f'backend="cuda": the inputs are on {device}, not a CUDA device (no GPU visible: '
+            f'{not torch.cuda.is_available()}); use backend="torch" or "auto" there'
+        )
+    cuda_library()
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        message = cuda_library().sdpo_cuda_last_error().decode(errors="replace")
+        raise RuntimeError(f'backend="cuda": {what} failed ({message})')
+
+
+def plan_chunks(device: torch.device, batch_pairs: int, elements: int) -> tuple[int, int]:
+    """(chunk_elements, num_chunks): ~4 blocks per SM, as the Triton launcher plans."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = -(-elements // SUMS_THREADS)
+    num_chunks = max(1, min(blocks, -(-4 * sms // batch_pairs), 65535))
+    chunk_elements = -(-elements // num_chunks)
+    return chunk_elements, -(-elements // chunk_elements)
+
+
+@torch.library.custom_op("sdpo::cuda_preference_forward", mutates_args=())
+def cuda_preference_forward(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
+    library = cuda_library()
+    device = model_pred.device
+    rows = model_pred.shape[0]
+    batch_pairs, elements = rows // 2, model_pred[0].numel()
+    chunk_elements, num_chunks = plan_chunks(device, batch_pairs, elements)
+    workspace = torch.empty(
+        library.sdpo_cuda_workspace_floats(batch_pairs, num_chunks),
+        dtype=torch.float32,
+        device=device,
+    )
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
+    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
+    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
+    log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        status = library.sdpo_cuda_forward(
+            DTYPE_CODES[model_pred.dtype],
+            model_pred.data_ptr(),
+            ref_pred.data_ptr(),
+            target.data_ptr(),
+            int(target.shape[0] == batch_pairs),
+            pair_weights.data_ptr() if pair_weights is not None else None,
+            batch_pairs,
+            elements,
+            chunk_elements,
+            num_chunks,
+            method_code,
+            beta,
+            mu,
+            int(safeguard),
+            group_size,
+            log_q,
+            log_one_minus_q,
+            workspace.data_ptr(),
+            loss.data_ptr(),
+            stats.data_ptr(),
+            scale.data_ptr(),
+            coefficients.data_ptr(),
+            stream,
+        )
+    _check(status, "the forward kernels")
+    return loss, stats, scale, coefficients
+
+
+@cuda_preference_forward.register_fake
+def _forward_fake(
+    model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard, group_size,
+    dmpo_alpha,
+):  # fmt: skip
+    rows = model_pred.shape[0]
+    new = model_pred.new_empty
+    return (
+        new((), dtype=torch.float32),
+        new((NUM_STATS,), dtype=torch.float32),
+        new((rows // 2,), dtype=torch.float32),
+        new((2, rows), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("sdpo::cuda_preference_backward", mutates_args=())
+def cuda_preference_backward(
+    grad_loss: Tensor,
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    coefficients: Tensor,
+    with_gap: bool,
+) -> Tensor:
+    """d loss / d model_pred: winners g0 (a e_w + b (pred_w - ref_w)), losers g0 c e_l."""
+    library = cuda_library()
+    rows = model_pred.shape[0]
+    batch_pairs, elements = rows // 2, model_pred[0].numel()
+    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
+    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
+    with torch.cuda.device(model_pred.device):
+        status = library.sdpo_cuda_gradient(
+            DTYPE_CODES[model_pred.dtype],
+            grad_output.data_ptr(),
+            model_pred.data_ptr(),
+            ref_pred.data_ptr(),
+            target.data_ptr(),
+            int(target.shape[0] == batch_pairs),
+            int(with_gap),
+            batch_pairs,
+            elements,
+            coefficients.data_ptr(),
+            grad.data_ptr(),
+            torch.cuda.current_stream(model_pred.device).cuda_stream,
+        )
+    _check(status, "the gradient kernel")
+    return grad
+
+
+@cuda_preference_backward.register_fake
+def _backward_fake(grad_loss, model_pred, ref_pred, target, coefficients, with_gap):
+    return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    model_pred, ref_pred, target, _weights, method_code, *_ = inputs
+    ctx.save_for_backward(model_pred, ref_pred, target, output[3])
+    ctx.with_gap = method_code in (METHOD_CODES["dspo"], METHOD_CODES["dspo-sdxl"])
+
+
+def _backward(ctx, grad_loss, _grad_stats, _grad_lambda, _grad_coefficients):
+    model_pred, ref_pred, target, coefficients = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        grad_pred = cuda_preference_backward(
+            grad_loss, model_pred, ref_pred, target, coefficients, ctx.with_gap
+        )
+    return grad_pred, None, None, None, None, None, None, None, None, None
+
+
+cuda_preference_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def preference_loss_cuda(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    *,
+    method: str,
+    beta: float,
+    mu: float | None,
+    group_size: int | None,
+    dmpo_alpha: float,
+    pair_weights: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """backend="cuda": fp32, bf16 and fp16. The kernels read one dtype for all three inputs, so
+    mixed inputs are promoted to the widest of them (a bf16 prediction against an fp32 target is
+    read as fp32: never rounding the target down); fp64 is read as fp32, as the Triton backend
+    does. Non-contiguous inputs are copied explicitly."""
+    dtype = torch.promote_types(torch.promote_types(model_pred.dtype, ref_pred.dtype), target.dtype)
+    if dtype not in DTYPE_CODES:
+        dtype = torch.float32
+    model_pred = model_pred.to(dtype).contiguous()
+    ref_pred = ref_pred.detach().to(dtype).contiguous()
+    target = target.detach().to(dtype).contiguous()
+    if pair_weights is not None:
+        pair_weights = pair_weights.detach().to(torch.float32).contiguous()
+    loss, stats, scale, _coefficients = cuda_preference_forward(
+        model_pred,
+        ref_pred,
+        target,
+        pair_weights,
+        METHOD_CODES[method],
+        float(beta),
+        0.0 if mu is None else float(mu),
+        mu is not None,
+        0 if group_size is None else int(group_size),
+        float(dmpo_alpha),
+    )
+    named = {key: stats[index] for index, key in enumerate(reference.STAT_NAMES)}
+    return loss, {"lambda": scale, **named}

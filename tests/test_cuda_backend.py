@@ -1,0 +1,315 @@
+"""backend="cuda" (kernels/cuda/, the CUDA C++ twin of the fused kernels).
+
+On the CPU: the kernels' math (kernels/cuda/sdpo_preference_math.h) runs in the host build
+libsdpo_cuda_host.so and is checked against backend="torch" for every method, mu, granularity,
+target layout and pair weights; the CUDA library builds with CMake and exports its C ABI; the
+errors. On a GPU (marked ``gpu``): values and gradients of backend="cuda" itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from formulas import beta_for, make_inputs
+
+import sdpo
+from sdpo import cuda_backend, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ROOT / "kernels" / "cuda" / "sdpo_preference_math.h"
+ABI_SYMBOLS = {
+    "sdpo_cuda_abi_version",
+    "sdpo_cuda_last_error",
+    "sdpo_cuda_workspace_floats",
+    "sdpo_cuda_forward",
+    "sdpo_cuda_gradient",
+}
+GRANULARITIES = ("batch", "pair", "group:2", "group:3")
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> Path:
+    """The repository's build/ when CMake has run there (CI does), else a fresh CMake build."""
+    if (ROOT / "build" / cuda_backend.HOST_LIBRARY_NAME).is_file():
+        return ROOT / "build"
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    build = tmp_path_factory.mktemp("cmake-build")
+    for command in (
+        ["cmake", "-S", str(ROOT), "-B", str(build)],
+        ["cmake", "--build", str(build), "-j", "2"],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return build
+
+
+@pytest.fixture(scope="module")
+def host(build_dir) -> ctypes.CDLL:
+    return cuda_backend.host_library(build_dir / cuda_backend.HOST_LIBRARY_NAME)
+
+
+def _pointer(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+def host_loss(host, model_pred, ref_pred, target, *, method, beta, mu, granularity, weights=None):
+    """Loss, stats, lambda and d loss / d model_pred from the host build of the kernels' math."""
+    group_size = sdpo.parse_granularity(granularity)
+    batch_pairs = model_pred.shape[0] // 2
+    arrays = [np.ascontiguousarray(t.detach().float().numpy()) for t in (model_pred, ref_pred)]
+    target_array = np.ascontiguousarray(target.float().numpy())
+    weight_array = None if weights is None else np.ascontiguousarray(weights.float().numpy())
+    elements = model_pred[0].numel()
+    loss = np.zeros(1, np.float32)
+    stats = np.zeros(cuda_backend.NUM_STATS, np.float32)
+    scale = np.zeros(batch_pairs, np.float32)
+    coefficients = np.zeros((2, 2 * batch_pairs), np.float32)
+    log_q, log_one_minus_q = reference.dmpo_log_q(0.01)
+    status = host.sdpo_host_forward(
+        _pointer(arrays[0]),
+        _pointer(arrays[1]),
+        _pointer(target_array),
+        int(target.shape[0] == batch_pairs),
+        None if weight_array is None else _pointer(weight_array),
+        batch_pairs,
+        elements,
+        cuda_backend.METHOD_CODES[method],
+        beta,
+        0.0 if mu is None else mu,
+        int(mu is not None),
+        0 if group_size is None else group_size,
+        log_q,
+        log_one_minus_q,
+        _pointer(loss),
+        _pointer(stats),
+        _pointer(scale),
+        _pointer(coefficients),
+    )
+    assert status == 0
+    grad = np.zeros_like(arrays[0])
+    with_gap = method in ("dspo", "dspo-sdxl")
+    status = host.sdpo_host_gradient(
+        1.0,
+        _pointer(arrays[0]),
+        _pointer(arrays[1]),
+        _pointer(target_array),
+        int(target.shape[0] == batch_pairs),
+        int(with_gap),
+        batch_pairs,
+        elements,
+        _pointer(coefficients),
+        _pointer(grad),
+    )
+    assert status == 0
+    return float(loss[0]), stats, scale, torch.from_numpy(grad)
+
+
+def torch_loss(model_pred, ref_pred, target, **kwargs):
+    pred = model_pred.detach().clone().requires_grad_(True)
+    result = sdpo.preference_loss(
+        pred, ref_pred, target, backend="torch", dmpo_alpha=0.01, **kwargs
+    )
+    result.loss.backward()
+    return result._replace(loss=result.loss.detach()), pred.grad
+
+
+@pytest.mark.parametrize("method", sdpo.METHODS)
+@pytest.mark.parametrize("mu", [None, 0.0, 0.6])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("shared_target", [True, False])
+def test_kernel_math_matches_torch(host, method, mu, granularity, shared_target):
+    # B = 5: group:2 and group:3 leave a short last group.
+    model_pred, ref_pred, target = make_inputs(
+        5, (3, 4, 5), shared_target=shared_target, ref_offset=0.5
+    )
+    beta = beta_for(method)
+    expected, expected_grad = torch_loss(
+        model_pred, ref_pred, target, method=method, beta=beta, mu=mu, granularity=granularity
+    )
+    loss, stats, scale, grad = host_loss(
+        host, model_pred, ref_pred, target, method=method, beta=beta, mu=mu, granularity=granularity
+    )
+    assert loss == pytest.approx(float(expected.loss), rel=2e-5, abs=1e-6)
+    for index, name in enumerate(reference.STAT_NAMES):
+        assert stats[index] == pytest.approx(float(expected.stats[name]), rel=2e-5, abs=1e-6), name
+    lambdas = expected.stats["lambda"].reshape(-1).expand(5)
+    np.testing.assert_allclose(scale, lambdas.numpy(), rtol=2e-5, atol=1e-6)
+    if mu == 0.6:
+        assert (scale < 1).any(), "the inputs must exercise the safeguard"
+    error = (grad.double() - expected_grad).abs().max() / expected_grad.abs().max()
+    assert error < 2e-5
+
+
+def test_kernel_math_with_pair_weights_and_dspo_sdxl_switch(host):
+    model_pred, ref_pred, target = make_inputs(4, (2, 8, 8), ref_offset=0.2)
+    weights = torch.tensor([0.0, 0.5, 1.0, 2.5], dtype=torch.float64)
+    expected, expected_grad = torch_loss(
+        model_pred, ref_pred, target, method="diffusion-dpo", beta=50.0, mu=0.3,
+        granularity="pair", pair_weights=weights,
+    )  # fmt: skip
+    loss, _, _, grad = host_loss(
+        host, model_pred, ref_pred, target, method="diffusion-dpo", beta=50.0, mu=0.3,
+        granularity="pair", weights=weights,
+    )  # fmt: skip
+    assert loss == pytest.approx(float(expected.loss), rel=2e-5)
+    assert grad[[0, 4]].abs().max() == 0  # a zero-weight pair gets no gradient
+    assert (grad.double() - expected_grad).abs().max() / expected_grad.abs().max() < 2e-5
+    # DSPO-SDXL: below the gap threshold the winners' direct term switches off.
+    for ref_offset in (0.05, 1.0):
+        model_pred, ref_pred, target = make_inputs(3, (2, 4, 4), ref_offset=ref_offset)
+        expected, expected_grad = torch_loss(
+            model_pred, ref_pred, target, method="dspo-sdxl", beta=20.0, mu=0.5, granularity="batch"
+        )
+        loss, stats, _, grad = host_loss(
+            host, model_pred, ref_pred, target, method="dspo-sdxl", beta=20.0, mu=0.5,
+            granularity="batch",
+        )  # fmt: skip
+        gap_mean = ((model_pred[:3] - ref_pred[:3]) ** 2).mean()
+        assert stats[8] == pytest.approx(float(gap_mean), rel=1e-5)
+        assert loss == pytest.approx(float(expected.loss), rel=2e-5)
+        assert (grad.double() - expected_grad).abs().max() / expected_grad.abs().max() < 2e-5
+
+
+def test_header_constants_match_the_reference():
+    text = HEADER.read_text()
+
+    def constant(name: str) -> float:
+        match = re.search(rf"constexpr \w+ {name} = ([0-9.e+-]+)f?;", text)
+        assert match, name
+        return float(match.group(1))
+
+    assert constant("kSafeguardEpsilon") == reference.SAFEGUARD_EPSILON
+    assert constant("kDspoSdxlGapThreshold") == reference.DSPO_SDXL_GAP_THRESHOLD
+    assert constant("kNumStats") == len(reference.STAT_NAMES) + 1 == cuda_backend.NUM_STATS
+    methods = dict(re.findall(r"k(\w+) = (\d)", text.split("enum Method")[1].split("};")[0]))
+    assert {name.lower(): int(code) for name, code in methods.items()} == {
+        "diffusiondpo": 0,
+        "dspo": 1,
+        "dspo" + "sdxl": 2,
+        "dmpo": 3,
+    }
+    assert cuda_backend.METHOD_CODES == {"diffusion-dpo": 0, "dspo": 1, "dspo-sdxl": 2, "dmpo": 3}
+
+
+def test_cuda_library_builds_and_exports_its_abi(build_dir):
+    library = build_dir / cuda_backend.LIBRARY_NAME
+    if not library.is_file():
+        if shutil.which("nvcc") is None:
+            pytest.skip("nvcc is not installed: only the host library was built")
+        pytest.fail(f"nvcc is installed but CMake did not build {library}")
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    exported = {line.split()[-1] for line in symbols.splitlines() if " T " in line}
+    assert ABI_SYMBOLS <= exported
+    assert not any("pair_sums_kernel" in name for name in exported)  # hidden visibility
+    elf = subprocess.run(
+        ["strings", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "sm_80" in elf and "sm_90" in elf
+
+
+def test_clear_errors(monkeypatch, tmp_path):
+    model_pred, ref_pred, target = make_inputs(2, (4,), dtype=torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match='backend="cuda": the inputs are on cpu'):
+            sdpo.preference_loss(model_pred, ref_pred, target, backend="cuda")
+    monkeypatch.setenv("SDPO_CUDA_LIBRARY", str(tmp_path / "missing.so"))
+    monkeypatch.setattr(cuda_backend, "_LIBRARIES", {})
+    with pytest.raises(RuntimeError, match=r"missing\.so is not built; run `cmake -S \. -B build"):
+        cuda_backend.cuda_library()
+    assert not cuda_backend.cuda_available(torch.device("cpu"))
+
+
+# GPU ---------------------------------------------------------------------------------------
+
+
+def _gpu_pair(method, mu, granularity, dtype, shared_target=True, weights=None, seed=0):
+    model_pred, ref_pred, target = make_inputs(
+        5, (4, 16, 16), dtype=torch.float32, shared_target=shared_target, ref_offset=0.5,
+        seed=seed,
+    )  # fmt: skip
+    device = torch.device("cuda")
+    inputs = [tensor.to(device, dtype) for tensor in (model_pred, ref_pred, target)]
+    results = {}
+    for backend in ("torch", "cuda"):
+        pred = inputs[0].clone().requires_grad_(True)
+        result = sdpo.preference_loss(
+            pred, inputs[1], inputs[2], method=method, beta=beta_for(method), mu=mu,
+            granularity=granularity, pair_weights=weights, backend=backend,
+        )  # fmt: skip
+        result.loss.backward()
+        results[backend] = (result, pred.grad)
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sdpo.METHODS)
+@pytest.mark.parametrize("mu", [None, 0.6])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_matches_torch(method, mu, granularity, dtype):
+    if not cuda_backend.cuda_available(torch.device("cuda")):
+        pytest.fail(f"build the library first: {cuda_backend.BUILD_COMMAND}")
+    results = _gpu_pair(method, mu, granularity, dtype)
+    (expected, expected_grad), (actual, grad) = results["torch"], results["cuda"]
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=2e-5, atol=1e-6)
+    for name in expected.stats:
+        torch.testing.assert_close(actual.stats[name], expected.stats[name], rtol=2e-5, atol=1e-6)
+    assert grad.dtype == dtype
+    error = (grad.float() - expected_grad.float()).abs().max() / expected_grad.float().abs().max()
+    # Both backends compute in fp32 from the same inputs; the gradient is rounded to `dtype`.
+    assert error < {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_layouts_weights_compile_and_graph_capture():
+    if not cuda_backend.cuda_available(torch.device("cuda")):
+        pytest.fail(f"build the library first: {cuda_backend.BUILD_COMMAND}")
+    weights = torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5], device="cuda")
+    results = _gpu_pair("dmpo", 0.9, "group:2", torch.float32, shared_target=False, weights=weights)
+    (expected, expected_grad), (actual, grad) = results["torch"], results["cuda"]
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=2e-4, atol=1e-7)
+
+    model_pred, ref_pred, target = (
+        tensor.cuda() for tensor in make_inputs(4, (4, 8, 8), dtype=torch.float32)
+    )
+
+    def loss_and_grad(pred):
+        pred = pred.detach().requires_grad_(True)
+        loss = sdpo.preference_loss(pred, ref_pred, target, mu=0.9, backend="cuda").loss
+        loss.backward()
+        return loss.detach(), pred.grad
+
+    _, eager_grad = loss_and_grad(model_pred)
+    compiled = torch.compile(
+        lambda pred, ref, tgt: sdpo.preference_loss(pred, ref, tgt, mu=0.9, backend="cuda").loss,
+        fullgraph=True,
+    )
+    pred = model_pred.detach().requires_grad_(True)
+    compiled(pred, ref_pred, target).backward()
+    torch.testing.assert_close(pred.grad, eager_grad)
+
+    static_pred = model_pred.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loss_and_grad(static_pred)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_loss, graph_grad = loss_and_grad(static_pred)
+    static_pred.copy_(model_pred * 1.01)
+    graph.replay()
+    replay_loss, replay_grad = loss_and_grad(model_pred * 1.01)
+    torch.testing.assert_close(graph_loss, replay_loss)
+    torch.testing.assert_close(graph_grad, replay_grad)
