@@ -1,0 +1,1 @@
+"""Evaluation: ``sdpo-eval generate``, ``score`` and ``compare`` (see sdpo/eval/cli.py)."""

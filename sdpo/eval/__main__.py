@@ -1,0 +1,3 @@
+from sdpo.eval.cli import main
+
+raise SystemExit(main())

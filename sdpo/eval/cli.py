@@ -1,0 +1,130 @@
+"""``sdpo-eval``: generate images for a prompt suite, score them, compare two checkpoints.
+
+    sdpo-eval generate --pretrained SD15_FOLDER --unet runs/x/unet.pth \
+        --suite ../shared/data/prompts/papv2.json --output-dir eval/x
+    sdpo-eval score eval/x/manifest.json --metrics pickscore,hpsv2,aesthetics,clip \
+        --weights-root /models/rewards
+    sdpo-eval compare eval/x/manifest.json eval/base/manifest.json --output x_vs_base.json \
+        --markdown x_vs_base.md --plot x_vs_base.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdpo.eval.generate import SCHEDULERS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdpo-eval", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="images + manifest for a prompt suite")
+    generate.add_argument("--pretrained", required=True, help="local diffusers pipeline folder")
+    generate.add_argument("--unet", default=None, help="trained UNet: diffusers folder or .pth")
+    generate.add_argument("--suite", required=True, help="prompt-suite JSON")
+    generate.add_argument("--output-dir", required=True)
+    generate.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
+    generate.add_argument("--steps", type=int, default=50)
+    generate.add_argument("--resolution", type=int, default=None)
+    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument(
+        "--cfg-formula",
+        choices=("reference", "diffusers"),
+        default="diffusers",
+        help="reference: eps_c + g (eps_c - eps_u), i.e. diffusers' g + 1",
+    )
+    generate.add_argument("--scheduler", choices=SCHEDULERS, default="default")
+    generate.add_argument("--batch-size", type=int, default=4)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    generate.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+
+    score = commands.add_parser("score", help="reward-model scores into the manifest")
+    score.add_argument("manifest")
+    score.add_argument("--metrics", default="pickscore,hpsv2,aesthetics,clip")
+    score.add_argument("--weights-root", default=None, help="folder holding the weights by name")
+    for flag, meaning in (
+        ("--pickscore", "PickScore_v1 model folder"),
+        ("--pickscore-processor", "CLIP-ViT-H-14 tokenizer folder (PickScore, HPSv2)"),
+        ("--hpsv2", "HPS_v2(.1)_compressed.pt"),
+        ("--clip", "clip-vit-large-patch14 folder (CLIP score, aesthetics)"),
+        ("--aesthetics-head", "sac+logos+ava1-l14-linearMSE.pth"),
+        ("--imagereward", "ImageReward.pt"),
+    ):
+        score.add_argument(flag, default=None, help=meaning)
+    score.add_argument("--on-missing", choices=("error", "skip"), default="error")
+    score.add_argument("--batch-size", type=int, default=16)
+
+    compare = commands.add_parser("compare", help="A/B win rates paired by prompt")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--output", required=True)
+    compare.add_argument("--markdown", default=None)
+    compare.add_argument("--plot", default=None)
+    compare.add_argument("--resamples", type=int, default=10000)
+    compare.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    try:
+        return _run(arguments)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"sdpo-eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    if arguments.command == "generate":
+        from sdpo.eval.generate import GenerateSettings, generate
+
+        settings = GenerateSettings(
+            **{
+                key: value
+                for key, value in vars(arguments).items()
+                if key in GenerateSettings.__dataclass_fields__
+            }
+        )
+        print(f"manifest: {generate(settings)}")
+        return 0
+    if arguments.command == "score":
+        from sdpo.eval.score import score_manifest, summary_table
+        from sdpo.eval.scorers import WeightSources
+
+        paths = {
+            "pickscore": arguments.pickscore,
+            "pickscore_processor": arguments.pickscore_processor,
+            "hpsv2": arguments.hpsv2,
+            "clip": arguments.clip,
+            "aesthetics_head": arguments.aesthetics_head,
+            "imagereward": arguments.imagereward,
+        }
+        summary = score_manifest(
+            arguments.manifest,
+            [metric.strip() for metric in arguments.metrics.split(",") if metric.strip()],
+            WeightSources(paths, arguments.weights_root),
+            on_missing=arguments.on_missing,
+            batch_size=arguments.batch_size,
+            log=lambda message: print(message, file=sys.stderr),
+        )
+        print(summary_table(summary))
+        return 0
+    from sdpo.eval import compare as comparison
+
+    result = comparison.compare(arguments.a, arguments.b, arguments.resamples, arguments.seed)
+    comparison.write(result, arguments.output)
+    text = comparison.markdown(result)
+    if arguments.markdown:
+        with open(arguments.markdown, "w") as handle:
+            handle.write(text)
+    if arguments.plot:
+        comparison.plot(result, arguments.plot)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""A/B comparison of two scored manifests: per-metric win rates with bootstrap intervals.
+
+Entries are paired by prompt (and occurrence), never by position. For each metric and each
+paired prompt, A wins if its score is higher, loses if lower, and a tie counts 1/2. The win
+rate is (wins + ties / 2) / n; its 95% interval is the 2.5th and 97.5th percentiles of the win
+rate over ``resamples`` bootstrap resamples of the prompts (fixed seed: reproducible).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdpo.eval.manifest import keyed_by_prompt, load_entries
+
+
+def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict]:
+    keyed_a, keyed_b = keyed_by_prompt(a), keyed_by_prompt(b)
+    common = [key for key in keyed_a if key in keyed_b]
+    mismatch = {
+        "only_in_a": [
+            prompt for prompt, occurrence in keyed_a if (prompt, occurrence) not in keyed_b
+        ],
+        "only_in_b": [
+            prompt for prompt, occurrence in keyed_b if (prompt, occurrence) not in keyed_a
+        ],
+    }
+    metrics: dict[str, list[tuple[float, float]]] = {}
+    for key in common:
+        scores_a = keyed_a[key].get("scores", {})
+        scores_b = keyed_b[key].get("scores", {})
+        for metric in scores_a.keys() & scores_b.keys():
+            if scores_a[metric] is None or scores_b[metric] is None:
+                continue
+            metrics.setdefault(metric, []).append(
+                (float(scores_a[metric]), float(scores_b[metric]))
+            )
+    return metrics, mismatch
+
+
+def win_rate(pairs: list[tuple[float, float]], resamples: int = 10000, seed: int = 0) -> dict:
+    """{"win_rate_a", "wins", "losses", "ties", "n", "ci95": [lo, hi], "mean_a", "mean_b"}."""
+    scores = torch.tensor(pairs, dtype=torch.float64)
+    outcome = (scores[:, 0] > scores[:, 1]).double() + 0.5 * (scores[:, 0] == scores[:, 1]).double()
+    n = len(pairs)
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, n, (resamples, n), generator=generator)
+    rates = outcome[indices].mean(dim=1)
+    low, high = torch.quantile(rates, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {
+        "win_rate_a": float(outcome.mean()),
+        "wins": int((scores[:, 0] > scores[:, 1]).sum()),
+        "losses": int((scores[:, 0] < scores[:, 1]).sum()),
+        "ties": int((scores[:, 0] == scores[:, 1]).sum()),
+        "n": n,
+        "ci95": [low, high],
+        "mean_a": float(scores[:, 0].mean()),
+        "mean_b": float(scores[:, 1].mean()),
+    }
+
+
+def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed: int = 0) -> dict:
+    metrics, mismatch = _paired_scores(load_entries(path_a), load_entries(path_b))
+    if not metrics:
+        raise ValueError(
+            f"compare: {path_a} and {path_b} share no scored prompt; run `sdpo-eval score` on "
+            "both with the same --metrics"
+        )
+    return {
+        "a": str(path_a),
+        "b": str(path_b),
+        "metrics": {
+            metric: win_rate(pairs, resamples, seed) for metric, pairs in sorted(metrics.items())
+        },
+        "unpaired": {key: len(value) for key, value in mismatch.items()},
+        "unpaired_prompts": mismatch,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"A = {result['a']}, B = {result['b']}",
+        "",
+        "| metric | win rate A | 95% CI | wins | losses | ties | n | mean A | mean B |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for metric, row in result["metrics"].items():
+        lines.append(
+            f"| {metric} | {row['win_rate_a']:.3f} | [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] "
+            f"| {row['wins']} | {row['losses']} | {row['ties']} | {row['n']} | "
+            f"{row['mean_a']:.4f} | {row['mean_b']:.4f} |"
+        )
+    unpaired = result["unpaired"]
+    if unpaired["only_in_a"] or unpaired["only_in_b"]:
+        lines += [
+            "",
+            f"Not compared: {unpaired['only_in_a']} prompt(s) only in A, "
+            f"{unpaired['only_in_b']} only in B (listed in the JSON).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["metrics"])
+    rates = [result["metrics"][name]["win_rate_a"] for name in names]
+    errors = [
+        [
+            rate - result["metrics"][name]["ci95"][0]
+            for name, rate in zip(names, rates, strict=True)
+        ],
+        [
+            result["metrics"][name]["ci95"][1] - rate
+            for name, rate in zip(names, rates, strict=True)
+        ],
+    ]
+    figure, axis = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    axis.bar(names, rates, yerr=errors, capsize=4, color="#4C72B0")
+    axis.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    axis.set(ylim=(0, 1), ylabel="win rate of A (95% CI)", title="A vs B, paired by prompt")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write(result: dict, output: str | Path) -> None:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result, indent=2) + "\n")
