@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="reward-model scores into the manifest")
     score.add_argument("manifest")
-    score.add_argument("--metrics", default="pickscore,hpsv2,aesthetics,clip")
+    score.add_argument("--metrics", default="pickscore,hpsv2,aesthetics,clip,imagereward")
     score.add_argument("--weights-root", default=None, help="folder holding the weights by name")
     for flag, meaning in (
         ("--pickscore", "PickScore_v1 model folder"),
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         ("--clip", "clip-vit-large-patch14 folder (CLIP score, aesthetics)"),
         ("--aesthetics-head", "sac+logos+ava1-l14-linearMSE.pth"),
         ("--imagereward", "ImageReward.pt"),
+        ("--imagereward-tokenizer", "bert-base-uncased tokenizer folder (ImageReward)"),
     ):
         score.add_argument(flag, default=None, help=meaning)
     score.add_argument("--on-missing", choices=("error", "skip"), default="error")
@@ -101,6 +102,7 @@ def _run(arguments: argparse.Namespace) -> int:
             "clip": arguments.clip,
             "aesthetics_head": arguments.aesthetics_head,
             "imagereward": arguments.imagereward,
+            "imagereward_tokenizer": arguments.imagereward_tokenizer,
         }
         summary = score_manifest(
             arguments.manifest,

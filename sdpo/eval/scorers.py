@@ -6,6 +6,7 @@
 | hpsv2 | open_clip ViT-H-14, loaded into a CLIPModel by key mapping | --hpsv2 (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt), weights-root HPS_v2.1_compressed.pt; tokenizer as pickscore | cos(image, text) |
 | clip | CLIPModel (ViT-L/14) | --clip, clip-vit-large-patch14, openai/clip-vit-large-patch14 | 100 * max(cos, 0) (torchmetrics' CLIPScore) |
 | aesthetics | LAION MLP head on L2-normalised CLIP ViT-L/14 image features | --aesthetics-head (sac+logos+ava1-l14-linearMSE.pth), CLIP as clip | the head's output |
+| imagereward | BLIP ViT-L + BERT cross-attention encoder + MLP (sdpo/eval/imagereward.py) | --imagereward (ImageReward.pt); tokenizer --imagereward-tokenizer, bert-base-uncased, google-bert/bert-base-uncased | (r - mean) / std, as ImageReward.score |
 
 Nothing is downloaded: HF ids resolve only from the local cache (``local_files_only=True``). A
 missing weight raises :class:`MissingWeights` naming the file and the flag.
@@ -34,6 +35,7 @@ DEFAULT_SOURCES = {
     "hpsv2": ("HPS_v2.1_compressed.pt", None),
     "aesthetics_head": ("sac+logos+ava1-l14-linearMSE.pth", None),
     "imagereward": ("ImageReward.pt", None),
+    "imagereward_tokenizer": ("bert-base-uncased", "google-bert/bert-base-uncased"),
 }
 
 
@@ -336,9 +338,17 @@ def build_scorer(metric: str, sources: WeightSources, device: torch.device):
         scorer.sources = {"head": head_path, "clip": source}
         return scorer
     if metric == "imagereward":
-        sources.resolve("imagereward", "--imagereward")
-        raise NotImplementedError(
-            "imagereward: the BLIP-based ImageReward architecture is not implemented yet; "
-            "drop it from --metrics (or use --on-missing skip)"
+        from sdpo.eval import imagereward
+
+        path = sources.resolve("imagereward", "--imagereward")
+        tokenizer = _load_tokenizer(
+            sources.resolve("imagereward_tokenizer", "--imagereward-tokenizer")
         )
+        model = imagereward.ImageRewardModel()
+        load_strictly(
+            model, imagereward.convert_checkpoint(imagereward.load_checkpoint(path)), path
+        )
+        scorer = imagereward.ImageRewardScorer(model, tokenizer, device)
+        scorer.sources = {"checkpoint": path}
+        return scorer
     raise ValueError(f"metrics: unknown {metric!r}; expected some of {', '.join(METRICS)}")

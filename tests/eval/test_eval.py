@@ -307,3 +307,131 @@ def test_generate_errors(tmp_path):
     suite.write_text(json.dumps({"prompt": "x"}))
     assert eval_main(["generate", "--pretrained", str(tmp_path), "--suite", str(suite),
                       "--output-dir", str(tmp_path / "o")]) == 2  # fmt: skip
+
+
+def _bert_tokenizer(folder):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "the", "on"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))  # positional: see tiny_models.py
+    assert tokenizer("a red cat").input_ids == [2, 5, 6, 7, 3]
+    return tokenizer, len(words)
+
+
+def _tiny_imagereward(vocab_size, seed):
+    from sdpo.eval import imagereward
+
+    torch.manual_seed(seed)
+    vision = imagereward.vision_config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32,
+    )  # fmt: skip
+    text = imagereward.text_config(
+        vocab_size=vocab_size, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=2, sep_token_id=3,
+    )  # fmt: skip
+    model = imagereward.ImageRewardModel(vision, text)
+    model.head = scorers.AestheticsScorer.build_head(32)
+    return model.eval()
+
+
+def _original_names(model) -> dict:
+    """The tiny model's weights under ImageReward.pt's names (BLIP's ViT and med BERT)."""
+    vision_names = {
+        "layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
+        "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    }  # fmt: skip
+    simple = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+        "post_layernorm.weight": "norm.weight",
+        "post_layernorm.bias": "norm.bias",
+    }
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("text."):
+            state["blip.text_encoder." + key.removeprefix("text.")] = value
+        elif key.startswith("head."):
+            state["mlp." + key.removeprefix("head.")] = value
+        else:
+            name = key.removeprefix("vision.")
+            if name in simple:
+                state["blip.visual_encoder." + simple[name]] = value
+            else:
+                _, _, index, rest = name.split(".", 3)
+                module, _, kind = rest.rpartition(".")
+                state[f"blip.visual_encoder.blocks.{index}.{vision_names[module]}.{kind}"] = value
+    state["blip.vision_proj.weight"] = torch.zeros(4, 32)  # retrieval heads: unused
+    state["blip.text_proj.weight"] = torch.zeros(4, 32)
+    return state
+
+
+def test_imagereward_checkpoint_layout_and_score(tmp_path):
+    from sdpo.eval import imagereward
+
+    tokenizer, vocab_size = _bert_tokenizer(tmp_path / "bert")
+    original = _tiny_imagereward(vocab_size, seed=1)
+    torch.save(_original_names(original), tmp_path / "ImageReward.pt")
+    loaded = _tiny_imagereward(vocab_size, seed=2)
+    state = imagereward.convert_checkpoint(
+        imagereward.load_checkpoint(str(tmp_path / "ImageReward.pt"))
+    )
+    scorers.load_strictly(loaded, state, "ImageReward.pt")
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+    scorer = imagereward.ImageRewardScorer(loaded, tokenizer, torch.device("cpu"))
+    images = [Image.open(path) for path in _images(tmp_path)]
+    values = scorer.score(images, ["a red cat", "the dog", "a cat on the dog"])
+    assert len(values) == 3 and len(set(values)) == 3
+    # The normalisation of ImageReward.score, by hand from the head's raw output.
+    tokens = tokenizer(["a red cat"], padding="max_length", max_length=35, return_tensors="pt")
+    pixels = scorers.preprocess(images[:1], 32)
+    with torch.no_grad():
+        image = loaded.vision(pixel_values=pixels).last_hidden_state
+        text = loaded.text(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+            encoder_hidden_states=image,
+        ).last_hidden_state  # fmt: skip
+        raw = loaded.head(text[:, 0]).item()
+    assert values[0] == pytest.approx((raw - 0.16717362830052426) / 1.0333394966054072, rel=1e-5)
+
+    # The first token's feature (what the head reads) sees later tokens (bidirectional, not
+    # causal) and the image (cross-attention).
+    def first_token(image_index, prompt):
+        tokens = tokenizer([prompt], padding="max_length", max_length=35, return_tensors="pt")
+        with torch.no_grad():
+            image = loaded.vision(
+                pixel_values=scorers.preprocess(images[image_index : image_index + 1], 32)
+            ).last_hidden_state
+            return loaded.text(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                encoder_hidden_states=image,
+            ).last_hidden_state[0, 0]  # fmt: skip
+
+    reference_feature = first_token(0, "a red cat")
+    assert (first_token(0, "a red dog") - reference_feature).abs().max() > 1e-3
+    # BERT's 0.02-std initialisation makes the tiny model's cross-attention output ~1e-7 of the
+    # residual: scale it up so the image's influence is measurable, and use noise images.
+    with torch.no_grad():
+        for layer in loaded.text.encoder.layer:
+            layer.crossattention.output.dense.weight.mul_(1000.0)
+    generator = torch.Generator().manual_seed(0)
+    images[:2] = [
+        Image.fromarray(
+            torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8).numpy()
+        )
+        for _ in range(2)
+    ]
+    same = (first_token(0, "a red cat") - first_token(0, "a red cat")).abs().max()
+    other = (first_token(1, "a red cat") - first_token(0, "a red cat")).abs().max()
+    assert same == 0 and other > 1e-6
+    with pytest.raises(ValueError, match="unexpected checkpoint entries"):
+        imagereward.convert_checkpoint({"blip.text_decoder.x": torch.zeros(1)})
+    with pytest.raises(scorers.MissingWeights, match=r"ImageReward\.pt.*--imagereward"):
+        scorers.build_scorer("imagereward", scorers.WeightSources({}), torch.device("cpu"))
