@@ -118,7 +118,8 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     pipeline.set_progress_bar_config(disable=True)
     resolution = settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 
-    output = Path(settings.output_dir)
+    # Absolute image paths: `score` may run from another directory.
+    output = Path(settings.output_dir).expanduser().resolve()
     images_dir = output / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(entries)) if index % world_size == rank]

@@ -39,6 +39,11 @@ DEFAULT_SOURCES = {
 }
 
 
+# HPSv2.0, which the reference evaluation scores with, when v2.1 is absent (they differ: name the
+# file with --hpsv2 to pick one explicitly; the file used is recorded with the scores).
+ALTERNATIVE_NAMES = {"hpsv2": ("HPS_v2_compressed.pt",)}
+
+
 class MissingWeights(FileNotFoundError):
     """A reward model's weights are not on local disk."""
 
@@ -59,9 +64,10 @@ class WeightSources:
             return str(Path(explicit).expanduser())
         name, hub_id = DEFAULT_SOURCES[key]
         if self.weights_root:
-            candidate = Path(self.weights_root).expanduser() / name
-            if candidate.exists():
-                return str(candidate)
+            for candidate_name in (name, *ALTERNATIVE_NAMES.get(key, ())):
+                candidate = Path(self.weights_root).expanduser() / candidate_name
+                if candidate.exists():
+                    return str(candidate)
         if hub_id is not None and _in_hf_cache(hub_id):
             return hub_id
         places = [f"{flag} PATH"]

@@ -4,6 +4,7 @@ tiny random models, score_manifest, a tiny-pipeline generate, and the errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,8 @@ def test_missing_weights_name_the_file_and_flag(tmp_path):
         scorers.build_scorer("hpsv2", sources, torch.device("cpu"))
     with pytest.raises(scorers.MissingWeights, match=r"--aesthetics-head"):
         scorers.build_scorer("aesthetics", sources, torch.device("cpu"))
+    (tmp_path / "HPS_v2_compressed.pt").write_bytes(b"")  # v2.0 is found when v2.1 is absent
+    assert sources.resolve("hpsv2", "--hpsv2") == str(tmp_path / "HPS_v2_compressed.pt")
     explicit = scorers.WeightSources({"clip": str(tmp_path / "nope")})
     with pytest.raises(scorers.MissingWeights, match=r"nope does not exist \(flag --clip\)"):
         scorers.build_scorer("clip", explicit, torch.device("cpu"))
@@ -255,6 +258,7 @@ def test_generate_with_a_tiny_pipeline(tmp_path):
         )
     )
     entries = json.loads(batched.read_text())
+    assert all(Path(entry["gen_image_path"]).is_absolute() for entry in entries)
     assert [entry["prompt"] for entry in entries] == prompts[:3]
     meta = json.loads((tmp_path / "b2" / "manifest.json.meta.json").read_text())
     assert meta["diffusers_guidance_scale"] == 8.5 and meta["cfg_formula"] == "reference"
