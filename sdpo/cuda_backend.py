@@ -126,7 +126,20 @@ def require_cuda(device: torch.device) -> None:
             f'backend="cuda": the inputs are on {device}, not a CUDA device (no GPU visible: '
             f'{not torch.cuda.is_available()}); use backend="torch" or "auto" there'
         )
+    require_library()
+
+
+@torch.compiler.assume_constant_result
+def require_library() -> bool:
+    """Loads libsdpo_cuda.so (no GPU needed) or raises the error saying how to build it.
+
+    Loading is ctypes and file-system calls, which dynamo cannot trace: when the first call of a
+    process was a torch.compile(fullgraph=True) one, tracing them failed ("Attempted to call
+    function marked as skipped"). Marked constant, it runs once at trace time (a missing library
+    raises the same error there) and the graph sees True.
+    """
     cuda_library()
+    return True
 
 
 def _check(status: int, what: str) -> None:

@@ -229,6 +229,33 @@ def test_clear_errors(monkeypatch, tmp_path):
     assert not cuda_backend.cuda_available(torch.device("cpu"))
 
 
+def test_fullgraph_compile_traces_the_library_check(build_dir, monkeypatch):
+    # The first call of a process may be a compiled one, before anything loaded the library:
+    # require_cuda's library check must still trace without a graph break, and a missing library
+    # must still raise the build hint. (The GPU test compiles after eager calls, when it is
+    # loaded; require_cuda's device check cannot pass on this machine, hence require_library.)
+    path = build_dir / cuda_backend.LIBRARY_NAME
+    if not path.is_file():
+        pytest.skip("nvcc is not installed: only the host library was built")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        assert cuda_backend.require_library()
+        return x + 1
+
+    for library, loads in ((path, True), (path.parent / "missing.so", False)):
+        monkeypatch.setenv("SDPO_CUDA_LIBRARY", str(library))
+        monkeypatch.setattr(cuda_backend, "_LIBRARIES", {})
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, backend="eager")
+        if loads:
+            assert compiled(torch.ones(2)).tolist() == [2.0, 2.0]
+            assert cuda_backend.LIBRARY_NAME in cuda_backend._LIBRARIES
+        else:
+            with pytest.raises(RuntimeError, match=r"missing\.so is not built; run `cmake -S \."):
+                compiled(torch.ones(2))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -325,7 +352,7 @@ def test_gpu_matches_torch(method, mu, granularity, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_layouts_weights_compile_and_graph_capture():
+def test_gpu_layouts_weights_compile_and_graph_capture(monkeypatch):
     if not cuda_backend.cuda_available(torch.device("cuda")):
         pytest.fail(f"build the library first: {cuda_backend.BUILD_COMMAND}")
     weights = torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5], device="cuda")
@@ -345,6 +372,9 @@ def test_gpu_layouts_weights_compile_and_graph_capture():
         return loss.detach(), pred.grad
 
     _, eager_grad = loss_and_grad(model_pred)
+    # Compile as a process whose first call is compiled would: the library not loaded yet.
+    monkeypatch.setattr(cuda_backend, "_LIBRARIES", {})
+    torch._dynamo.reset()
     compiled = torch.compile(
         lambda pred, ref, tgt: sdpo.preference_loss(pred, ref, tgt, mu=0.9, backend="cuda").loss,
         fullgraph=True,
