@@ -33,17 +33,12 @@ import triton.language as tl
 
 from sdpo import reference
 
-# Method codes (compile-time switches in the kernels).
-METHOD_DPO = 0
-METHOD_DSPO = 1
-METHOD_DSPO_SDXL = 2
-METHOD_DMPO = 3
-METHOD_CODES = {
-    "diffusion-dpo": METHOD_DPO,
-    "dspo": METHOD_DSPO,
-    "dspo-sdxl": METHOD_DSPO_SDXL,
-    "dmpo": METHOD_DMPO,
-}
+# Method codes (compile-time switches in the kernels), shared with the CUDA twin.
+METHOD_CODES = reference.METHOD_CODES
+METHOD_DPO = METHOD_CODES["diffusion-dpo"]
+METHOD_DSPO = METHOD_CODES["dspo"]
+METHOD_DSPO_SDXL = METHOD_CODES["dspo-sdxl"]
+METHOD_DMPO = METHOD_CODES["dmpo"]
 
 NUM_SUMS = 8  # seven sums, padded to eight so each (pair, chunk) row is 32 bytes
 # finalize_kernel writes the reference's statistics, in its order, then the DSPO-SDXL gap mean.

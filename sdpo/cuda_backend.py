@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdpo import reference
+from sdpo import ops, reference
 
 LIBRARY_NAME = "libsdpo_cuda.so"
 HOST_LIBRARY_NAME = "libsdpo_cuda_host.so"
 ABI_VERSION = 1
 BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-METHOD_CODES = {"diffusion-dpo": 0, "dspo": 1, "dspo-sdxl": 2, "dmpo": 3}
-NUM_STATS = len(reference.STAT_NAMES) + 1
+METHOD_CODES = reference.METHOD_CODES
+NUM_STATS = ops.NUM_FUSED_STATS
 SUMS_THREADS = 256
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
@@ -222,14 +222,7 @@ def _forward_fake(
     model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard, group_size,
     dmpo_alpha,
 ):  # fmt: skip
-    rows = model_pred.shape[0]
-    new = model_pred.new_empty
-    return (
-        new((), dtype=torch.float32),
-        new((NUM_STATS,), dtype=torch.float32),
-        new((rows // 2,), dtype=torch.float32),
-        new((2, rows), dtype=torch.float32),
-    )
+    return ops.fused_forward_fake_outputs(model_pred)
 
 
 @torch.library.custom_op("sdpo::cuda_preference_backward", mutates_args=())
@@ -272,23 +265,7 @@ def _backward_fake(grad_loss, model_pred, ref_pred, target, coefficients, with_g
     return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    model_pred, ref_pred, target, _weights, method_code, *_ = inputs
-    ctx.save_for_backward(model_pred, ref_pred, target, output[3])
-    ctx.with_gap = method_code in (METHOD_CODES["dspo"], METHOD_CODES["dspo-sdxl"])
-
-
-def _backward(ctx, grad_loss, _grad_stats, _grad_lambda, _grad_coefficients):
-    model_pred, ref_pred, target, coefficients = ctx.saved_tensors
-    grad_pred = None
-    if ctx.needs_input_grad[0]:
-        grad_pred = cuda_preference_backward(
-            grad_loss, model_pred, ref_pred, target, coefficients, ctx.with_gap
-        )
-    return grad_pred, None, None, None, None, None, None, None, None, None
-
-
-cuda_preference_forward.register_autograd(_backward, setup_context=_setup_context)
+ops.register_fused_autograd(cuda_preference_forward, cuda_preference_backward)
 
 
 def preference_loss_cuda(
@@ -320,12 +297,6 @@ def preference_loss_cuda(
         ref_pred,
         target,
         pair_weights,
-        METHOD_CODES[method],
-        float(beta),
-        0.0 if mu is None else float(mu),
-        mu is not None,
-        0 if group_size is None else int(group_size),
-        float(dmpo_alpha),
+        *ops.fused_op_arguments(method, beta, mu, group_size, dmpo_alpha),
     )
-    named = {key: stats[index] for index, key in enumerate(reference.STAT_NAMES)}
-    return loss, {"lambda": scale, **named}
+    return loss, ops.named_stats(stats, scale)

@@ -230,45 +230,22 @@ def preference_loss(
     )
     chosen = resolve_backend(backend, model_pred.device)
     if chosen == "triton":
-        from sdpo import ops
-
-        loss, stats = ops.preference_loss_fused(
-            model_pred,
-            ref_pred,
-            target,
-            method=method,
-            beta=beta,
-            mu=mu,
-            group_size=group_size,
-            dmpo_alpha=dmpo_alpha,
-            pair_weights=pair_weights,
-        )
+        from sdpo.ops import preference_loss_fused as implementation
     elif chosen == "cuda":
-        from sdpo import cuda_backend
-
-        loss, stats = cuda_backend.preference_loss_cuda(
-            model_pred,
-            ref_pred,
-            target,
-            method=method,
-            beta=beta,
-            mu=mu,
-            group_size=group_size,
-            dmpo_alpha=dmpo_alpha,
-            pair_weights=pair_weights,
-        )
+        from sdpo.cuda_backend import preference_loss_cuda as implementation
     else:
-        loss, stats = reference.preference_loss_reference(
-            model_pred,
-            ref_pred,
-            target,
-            method=method,
-            beta=beta,
-            mu=mu,
-            group_size=group_size,
-            dmpo_alpha=dmpo_alpha,
-            pair_weights=pair_weights,
-        )
+        implementation = reference.preference_loss_reference
+    loss, stats = implementation(
+        model_pred,
+        ref_pred,
+        target,
+        method=method,
+        beta=beta,
+        mu=mu,
+        group_size=group_size,
+        dmpo_alpha=dmpo_alpha,
+        pair_weights=pair_weights,
+    )
     if group_size is None:
         # One lambda for the whole call: report it as a 0-dim tensor.
         stats["lambda"] = stats["lambda"][0]

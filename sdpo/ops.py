@@ -59,6 +59,71 @@ def require_triton(device: torch.device) -> None:
     raise RuntimeError(f'backend="triton": {reason}; backend="torch" or "auto" always works')
 
 
+# The fused forward's statistics: reference.STAT_NAMES in order, then the DSPO-SDXL gap mean.
+NUM_FUSED_STATS = len(reference.STAT_NAMES) + 1
+# Methods whose winners' gradient has a (pred - ref) term, so the backward reads ref_pred.
+GAP_METHOD_CODES = (reference.METHOD_CODES["dspo"], reference.METHOD_CODES["dspo-sdxl"])
+
+
+def fused_forward_fake_outputs(model_pred: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Shapes of a fused forward op's outputs: loss (), stats, lambda (B,), coefficients (2, 2B).
+    The fake implementation of both fused forward ops (Triton here, CUDA in cuda_backend)."""
+    rows = model_pred.shape[0]
+    new = model_pred.new_empty
+    return (
+        new((), dtype=torch.float32),
+        new((NUM_FUSED_STATS,), dtype=torch.float32),
+        new((rows // 2,), dtype=torch.float32),
+        new((2, rows), dtype=torch.float32),
+    )
+
+
+def register_fused_autograd(forward_op, backward_op) -> None:
+    """The autograd of a fused forward op (inputs: model_pred, ref_pred, target, pair_weights,
+    method_code, ...; outputs: loss, stats, lambda, coefficients) whose backward op maps
+    (grad_loss, model_pred, ref_pred, target, coefficients, with_gap) to d loss / d model_pred.
+    ref_pred and target are constants of the objective (the reference has no gradient)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        model_pred, ref_pred, target, _weights, method_code, *_ = inputs
+        ctx.save_for_backward(model_pred, ref_pred, target, output[3])
+        ctx.with_gap = method_code in GAP_METHOD_CODES
+
+    def backward(ctx, grad_loss, _grad_stats, _grad_lambda, _grad_coefficients):
+        model_pred, ref_pred, target, coefficients = ctx.saved_tensors
+        grad_pred = None
+        if ctx.needs_input_grad[0]:
+            grad_pred = backward_op(
+                grad_loss, model_pred, ref_pred, target, coefficients, ctx.with_gap
+            )
+        return (grad_pred,) + (None,) * 9
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def fused_op_arguments(
+    method: str, beta: float, mu: float | None, group_size: int | None, dmpo_alpha: float
+) -> tuple[int, float, float, bool, int, float]:
+    """(method_code, beta, mu, safeguard, group_size, dmpo_alpha) as the fused ops take them:
+    mu None -> safeguard off, group_size None -> 0 (one lambda for the whole call)."""
+    return (
+        reference.METHOD_CODES[method],
+        float(beta),
+        0.0 if mu is None else float(mu),
+        mu is not None,
+        0 if group_size is None else int(group_size),
+        float(dmpo_alpha),
+    )
+
+
+def named_stats(stats: Tensor, scale: Tensor) -> dict[str, Tensor]:
+    """A fused forward's stats vector as preference_loss's dict (lambda first)."""
+    return {
+        "lambda": scale,
+        **{key: stats[index] for index, key in enumerate(reference.STAT_NAMES)},
+    }
+
+
 def _kernels():
     # Imported on first use: Triton decides at decoration time whether to interpret.
     from sdpo.kernels import preference
@@ -111,14 +176,7 @@ def _fused_preference_forward_fake(
     group_size,
     dmpo_alpha,
 ):
-    rows = model_pred.shape[0]
-    new = model_pred.new_empty
-    return (
-        new((), dtype=torch.float32),
-        new((_kernels().NUM_STATS,), dtype=torch.float32),
-        new((rows // 2,), dtype=torch.float32),
-        new((2, rows), dtype=torch.float32),
-    )
+    return fused_forward_fake_outputs(model_pred)
 
 
 @torch.library.custom_op("sdpo::fused_preference_backward", mutates_args=())
@@ -145,27 +203,7 @@ def _fused_preference_backward_fake(
     return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    model_pred, ref_pred, target, _weights, method_code, *_ = inputs
-    ctx.save_for_backward(model_pred, ref_pred, target, output[3])
-    ctx.with_gap = method_code in (
-        _kernels().METHOD_CODES["dspo"],
-        _kernels().METHOD_CODES["dspo-sdxl"],
-    )
-
-
-def _backward(ctx, grad_loss, _grad_stats, _grad_lambda, _grad_coefficients):
-    model_pred, ref_pred, target, coefficients = ctx.saved_tensors
-    grad_pred = None
-    if ctx.needs_input_grad[0]:
-        grad_pred = fused_preference_backward(
-            grad_loss, model_pred, ref_pred, target, coefficients, ctx.with_gap
-        )
-    # ref_pred and target are constants of the objective (the reference has no gradient).
-    return grad_pred, None, None, None, None, None, None, None, None, None
-
-
-fused_preference_forward.register_autograd(_backward, setup_context=_setup_context)
+register_fused_autograd(fused_preference_forward, fused_preference_backward)
 
 
 def preference_loss_fused(
@@ -190,18 +228,11 @@ def preference_loss_fused(
     target = target.detach().contiguous()
     if pair_weights is not None:
         pair_weights = pair_weights.detach().to(torch.float32).contiguous()
-    method_code = _kernels().METHOD_CODES[method]
     loss, stats, scale, _coefficients = fused_preference_forward(
         model_pred,
         ref_pred,
         target,
         pair_weights,
-        method_code,
-        float(beta),
-        0.0 if mu is None else float(mu),
-        mu is not None,
-        0 if group_size is None else int(group_size),
-        float(dmpo_alpha),
+        *fused_op_arguments(method, beta, mu, group_size, dmpo_alpha),
     )
-    named = {key: stats[index] for index, key in enumerate(reference.STAT_NAMES)}
-    return loss, {"lambda": scale, **named}
+    return loss, named_stats(stats, scale)

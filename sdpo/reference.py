@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 METHODS = ("diffusion-dpo", "dspo", "dspo-sdxl", "dmpo")
+# The integer codes the fused kernels (Triton and CUDA) take for each method.
+METHOD_CODES = {method: code for code, method in enumerate(METHODS)}
 
 # The loss-side statistics every backend returns (besides "lambda"), in this order.
 STAT_NAMES = (
