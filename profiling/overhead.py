@@ -42,10 +42,18 @@ from torch import Tensor, nn
 
 import sdpo
 from sdpo import cuda_backend
+from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
+from sdpo.train.cache import CachedBatch
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models, build_random, build_tiny, make_reference
-from sdpo.train.trainer import encode_images, make_optimizer, preference_step
+from sdpo.train.trainer import (
+    condition_batch,
+    encode_images,
+    make_optimizer,
+    preference_step,
+    reference_prediction,
+)
 
 MODES = ("dpo", "sdpo-fused", "sdpo-torch")
 VARIANTS = ("eager", "compile", "cuda-graphs")
@@ -130,10 +138,13 @@ class Workload:
         with torch.no_grad():
             distribution = models.vae.encode(self.pixels.to(device, self.encoder_dtype)).latent_dist
             hidden, added = models.text(self.captions, device)
-        self.latent_mean = _host(distribution.mean.float(), cuda)
-        self.latent_std = _host(distribution.std.float(), cuda)
-        self.hidden = _host(hidden.float(), cuda)
-        self.pooled = _host(added["text_embeds"].float(), cuda) if added else None
+        self.cached = CachedBatch(
+            latent_mean=_host(distribution.mean.float(), cuda),
+            latent_std=_host(distribution.std.float(), cuda),
+            hidden=_host(hidden.float(), cuda),
+            pooled=_host(added["text_embeds"].float(), cuda) if added else None,
+            captions=self.captions,
+        )
         self.parameters = [p for p in models.unet.parameters() if p.requires_grad]
         config = TrainConfig(optimizer=preset.optimizer, learning_rate=1e-7)
         self.optimizer = make_optimizer(config, self.parameters, 1e-7, device)
@@ -210,12 +221,7 @@ def our_step(
     if variant == "cuda-graphs":
         torch.compiler.cudagraph_mark_step_begin()
     generator = torch.Generator(device=device).manual_seed(step)
-    mean = workload.latent_mean.to(device, non_blocking=True)
-    std = workload.latent_std.to(device, non_blocking=True)
-    noise = torch.randn(mean.shape, generator=generator, device=device)
-    latents = (mean + std * noise) * models.vae.config.scaling_factor
-    pooled = workload.pooled.to(device, non_blocking=True) if workload.pooled is not None else None
-    hidden, added = models.text.conditioning(workload.hidden.to(device, non_blocking=True), pooled)
+    latents, hidden, added = condition_batch(models, workload.cached, generator, device)
     saved_reference = models.reference_unet
     models.reference_unet = reference_unet
     try:
@@ -239,12 +245,7 @@ def our_step(
     return sdpo.objectives.resolve_backend(requested, device), result.loss.detach()
 
 
-class _NoRanges:
-    def __call__(self, name: str):
-        return contextlib.nullcontext()
-
-
-_NO_RANGES = _NoRanges()
+_NO_RANGES = PhaseRanges(enabled=False)  # free no-op ranges: timing runs without NVTX
 
 
 def reference_step(workload: Workload, step: int) -> tuple[str, Tensor]:
@@ -271,17 +272,9 @@ def reference_step(workload: Workload, step: int) -> tuple[str, Tensor]:
         model_pred = models.unet(noisy, timesteps, hidden_rows, added_cond_kwargs=added_rows).sample
     with torch.no_grad():
         # The reference runs its bf16 copy without autocast.
-        reference = models.reference_unet
-        ref_pred = reference(
-            noisy.to(reference.dtype),
-            timesteps,
-            hidden_rows.to(reference.dtype),
-            added_cond_kwargs=(
-                {key: value.to(reference.dtype) for key, value in added_rows.items()}
-                if added_rows
-                else None
-            ),
-        ).sample
+        ref_pred = reference_prediction(
+            models.reference_unet, noisy, timesteps, hidden_rows, added_rows
+        )
     loss, _ = reference_trainer_dpo_loss(
         model_pred, ref_pred, noise, beta=preset.beta, mu=preset.mu
     )

@@ -203,6 +203,26 @@ def reference_model(models: Models):
         models.unet.enable_adapters()
 
 
+def reference_prediction(
+    reference: nn.Module,
+    noisy: Tensor,
+    timestep_rows: Tensor,
+    hidden_rows: Tensor,
+    added_rows: dict[str, Tensor] | None,
+) -> Tensor:
+    """The frozen reference's prediction (call under no_grad): inputs cast to its dtype."""
+    return reference(
+        noisy.to(reference.dtype),
+        timestep_rows,
+        hidden_rows.to(reference.dtype),
+        added_cond_kwargs=(
+            {key: value.to(reference.dtype) for key, value in added_rows.items()}
+            if added_rows
+            else None
+        ),
+    ).sample
+
+
 def preference_step(
     models: Models,
     policy: nn.Module,
@@ -249,16 +269,7 @@ def preference_step(
         autocast,
         reference_model(models) as reference,
     ):
-        ref_pred = reference(
-            noisy.to(reference.dtype),
-            timestep_rows,
-            hidden_rows.to(reference.dtype),
-            added_cond_kwargs=(
-                {key: value.to(reference.dtype) for key, value in added_rows.items()}
-                if added_rows
-                else None
-            ),
-        ).sample
+        ref_pred = reference_prediction(reference, noisy, timestep_rows, hidden_rows, added_rows)
     with ranges("loss and safeguard"):
         return sdpo.preference_loss(
             model_pred,
