@@ -72,43 +72,20 @@ def save_clip_folder(folder: Path, projection_dim: int = 16, seed: int = 0):
 
 def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     """A StableDiffusionPipeline folder: tiny UNet (8x8 latents), VAE, CLIP text encoder."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdpo.train.models import TINY_HIDDEN, build_tiny_unet, build_tiny_vae
 
     torch.manual_seed(seed)
     tokenizer, vocab_size = write_clip_tokenizer(folder / "tokenizer_source")
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    # The trainer's tiny UNet (8 x 8 latents, cross-attention width TINY_HIDDEN) and VAE.
+    unet = build_tiny_unet(sample_size=8, in_channels=4)
+    vae = build_tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=32,
+            hidden_size=TINY_HIDDEN,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
