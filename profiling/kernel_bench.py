@@ -114,6 +114,34 @@ def implementation(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
     return run
 
 
+@dataclass
+class Case:
+    """One benchmark case, ready to time: ``step()`` runs forward + backward on the next input
+    copy; ``error`` is its checked gradient difference from the torch backend."""
+
+    step: Callable[[], torch.Tensor]
+    bytes_moved: int
+    error: float
+
+
+def prepare_case(
+    name: str,
+    batch_pairs: int,
+    sample_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Case:
+    """Inputs rotated past L2, the implementation, and its check against the torch backend."""
+    bytes_moved = counted_bytes(batch_pairs, sample_shape, dtype)
+    sets = make_input_sets(
+        batch_pairs, sample_shape, dtype, device, rotation_copies(bytes_moved, device)
+    )
+    run = implementation(name)
+    error = check_against_torch(run, sets[0])
+    rotator = Rotator(sets)
+    return Case(lambda: run(*rotator.next()), bytes_moved, error)
+
+
 def check_against_torch(run, inputs) -> float:
     """Max |grad - grad_torch| / max |grad_torch|; raises if above the dtype's tolerance."""
     model_pred, ref_pred, target = inputs

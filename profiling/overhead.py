@@ -482,18 +482,11 @@ def measure_kernels(device: torch.device, log: Callable[[str], None] = print) ->
         if cuda_backend.cuda_available(device):
             names.insert(1, "cuda")
         for name in names:
-            nbytes = kernel_bench.counted_bytes(batch_pairs, sample_shape, torch.bfloat16)
-            copies = kernel_bench.rotation_copies(nbytes, device)
-            sets = kernel_bench.make_input_sets(
-                batch_pairs, sample_shape, torch.bfloat16, device, copies
+            case = kernel_bench.prepare_case(
+                name, batch_pairs, sample_shape, torch.bfloat16, device
             )
-            run = kernel_bench.implementation(name)
-            kernel_bench.check_against_torch(run, sets[0])
-            rotator = kernel_bench.Rotator(sets)
-            ms = kernel_bench.time_cuda(
-                lambda run=run, rotator=rotator: run(*rotator.next()), 10, 20
-            )
-            gbps = nbytes / (ms * 1e-3) / 1e9
+            ms = kernel_bench.time_cuda(case.step, 10, 20)
+            gbps = case.bytes_moved / (ms * 1e-3) / 1e9
             rows.append(
                 {
                     "name": f"{name}-{size}",

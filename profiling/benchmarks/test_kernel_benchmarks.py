@@ -36,16 +36,8 @@ def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_na
         pytest.skip("inductor compile of the loss is covered by tests/test_compile.py on the CPU")
     batch_pairs, sample_shape = SIZES[size]
     dtype = kernel_bench.DTYPES[dtype_name]
-    bytes_moved = kernel_bench.counted_bytes(batch_pairs, sample_shape, dtype)
-    copies = kernel_bench.rotation_copies(bytes_moved, DEVICE)
-    sets = kernel_bench.make_input_sets(batch_pairs, sample_shape, dtype, DEVICE, copies)
-    run = kernel_bench.implementation(name)
-    error = kernel_bench.check_against_torch(run, sets[0])
-
-    rotator = kernel_bench.Rotator(sets)
-
-    def step():
-        return run(*rotator.next())
+    case = kernel_bench.prepare_case(name, batch_pairs, sample_shape, dtype, DEVICE)
+    step, bytes_moved, error = case.step, case.bytes_moved, case.error
 
     if not ON_GPU:
         benchmark.pedantic(step, rounds=1, iterations=1)
