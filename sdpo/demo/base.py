@@ -1,6 +1,13 @@
 """The demo's base model: the trainer's tiny text-conditional UNet, in pixel space, pre-trained
-with the plain denoising loss on toy images whose captions are wrong 30% of the time per
-attribute, so that it can draw but is not aligned (it often gets an attribute wrong).
+with the plain denoising loss on correctly captioned toy images for a short schedule (3000
+steps of 32), so that it draws and mostly follows its captions but still gets an attribute
+wrong in some samples (reward of its samples 0.85 of 1, measured with seed 0).
+
+Why clean captions: with 30% of captions wrong per attribute the same schedule gave a base
+that ignores its captions (reward 0.46, the level of a caption-blind model, and a wrong colour
+word changed its denoising error by under 4%), so a preference for images that match their
+caption had nothing to sharpen: neither run learned a held-out margin. With clean captions a
+wrong colour word raises the error by 40-70% and the preference is learned (the demo's report).
 
 Also the sampler (DDIM with classifier-free guidance) used to measure the reward of what a
 model draws before and after preference training.
@@ -18,14 +25,14 @@ from sdpo.demo import toy
 from sdpo.train.models import Models, build_tiny, load_pretrained, save_tiny_pretrained
 
 IMAGE_SIZE = 16
-BASE_LABEL_NOISE = 0.3
+BASE_LABEL_NOISE = 0.0
 PACKAGED_BASE = Path(__file__).resolve().parent / "base_model"
 
 
 def pretrain_base(
     output: str | Path,
     *,
-    steps: int = 2500,
+    steps: int = 3000,
     batch_size: int = 32,
     learning_rate: float = 2e-3,
     images: int = 4096,
@@ -36,10 +43,11 @@ def pretrain_base(
     torch.manual_seed(seed)
     models = build_tiny(IMAGE_SIZE, seed, pixel_space=True)
     data = toy.captioned_images(images, IMAGE_SIZE, BASE_LABEL_NOISE, seed=seed + 1)
+    # The text encoder stays as built, random and frozen (the trainer's TextConditioner freezes
+    # it): 16 captions of 7 words only need distinct embeddings, which a random encoder gives.
     unet, encoder = models.unet, models.text.encoders[0]
     unet.train()
-    encoder.train()
-    parameters = list(unet.parameters()) + list(encoder.parameters())
+    parameters = list(unet.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05
@@ -84,7 +92,6 @@ def pretrain_base(
             )
             running = 0.0
     unet.eval()
-    encoder.eval()
     save_tiny_pretrained(models, str(output))
     return models
 
