@@ -101,3 +101,27 @@ def test_packaged_base_uses_its_captions():
     right = error([spec.caption for spec in specs])
     wrong = error([spec.caption for spec in recoloured])
     assert wrong > 1.25 * right, (right, wrong)
+
+
+def test_demo_is_deterministic_for_a_seed(tmp_path, throwaway_base):
+    def summary(folder: str, seed: int) -> dict:
+        settings = DemoSettings(
+            output_dir=str(tmp_path / folder),
+            seed=seed,
+            steps=2,
+            eval_every=1,
+            batch_pairs=2,
+            train_pairs=4,
+            eval_pairs=4,
+            sample_captions=1,
+            base_dir=str(throwaway_base),
+            progress=False,
+        )
+        runs = run_demo(settings)["runs"]
+        for run in runs.values():
+            run.pop("seconds")
+        return runs
+
+    first, again, other = summary("a", 3), summary("b", 3), summary("c", 4)
+    assert first == again
+    assert first != other
