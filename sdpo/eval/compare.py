@@ -16,7 +16,10 @@ import torch
 from sdpo.eval.manifest import keyed_by_prompt, load_entries
 
 
-def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict]:
+def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict, dict]:
+    """Score pairs per metric, the prompts in only one manifest, and per metric how many paired
+    prompts were left out because A or B has no score for it (absent or null): a metric scored
+    in only one manifest is reported, never silently dropped."""
     keyed_a, keyed_b = keyed_by_prompt(a), keyed_by_prompt(b)
     common = [key for key in keyed_a if key in keyed_b]
     mismatch = {
@@ -28,16 +31,19 @@ def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict]:
         ],
     }
     metrics: dict[str, list[tuple[float, float]]] = {}
+    unscored: dict[str, dict[str, int]] = {}
     for key in common:
-        scores_a = keyed_a[key].get("scores", {})
-        scores_b = keyed_b[key].get("scores", {})
-        for metric in scores_a.keys() & scores_b.keys():
-            if scores_a[metric] is None or scores_b[metric] is None:
+        scores_a = keyed_a[key].get("scores") or {}
+        scores_b = keyed_b[key].get("scores") or {}
+        for metric in sorted(scores_a.keys() | scores_b.keys()):
+            value_a, value_b = scores_a.get(metric), scores_b.get(metric)
+            if value_a is None or value_b is None:
+                missing = unscored.setdefault(metric, {"missing_in_a": 0, "missing_in_b": 0})
+                missing["missing_in_a"] += value_a is None
+                missing["missing_in_b"] += value_b is None
                 continue
-            metrics.setdefault(metric, []).append(
-                (float(scores_a[metric]), float(scores_b[metric]))
-            )
-    return metrics, mismatch
+            metrics.setdefault(metric, []).append((float(value_a), float(value_b)))
+    return metrics, mismatch, dict(sorted(unscored.items()))
 
 
 def win_rate(pairs: list[tuple[float, float]], resamples: int = 10000, seed: int = 0) -> dict:
@@ -62,7 +68,7 @@ def win_rate(pairs: list[tuple[float, float]], resamples: int = 10000, seed: int
 
 
 def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed: int = 0) -> dict:
-    metrics, mismatch = _paired_scores(load_entries(path_a), load_entries(path_b))
+    metrics, mismatch, unscored = _paired_scores(load_entries(path_a), load_entries(path_b))
     if not metrics:
         raise ValueError(
             f"compare: {path_a} and {path_b} share no scored prompt; run `sdpo-eval score` on "
@@ -76,6 +82,8 @@ def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed
         },
         "unpaired": {key: len(value) for key, value in mismatch.items()},
         "unpaired_prompts": mismatch,
+        # metric -> paired prompts left out of it because A or B has no score for it.
+        "unscored": unscored,
     }
 
 
@@ -92,13 +100,22 @@ def markdown(result: dict) -> str:
             f"| {row['wins']} | {row['losses']} | {row['ties']} | {row['n']} | "
             f"{row['mean_a']:.4f} | {row['mean_b']:.4f} |"
         )
+    notes = []
     unpaired = result["unpaired"]
     if unpaired["only_in_a"] or unpaired["only_in_b"]:
-        lines += [
-            "",
+        notes.append(
             f"Not compared: {unpaired['only_in_a']} prompt(s) only in A, "
-            f"{unpaired['only_in_b']} only in B (listed in the JSON).",
-        ]
+            f"{unpaired['only_in_b']} only in B (listed in the JSON)."
+        )
+    for metric, missing in result.get("unscored", {}).items():
+        compared = result["metrics"].get(metric, {}).get("n", 0)
+        notes.append(
+            f"Metric {metric}: {missing['missing_in_a']} paired prompt(s) without a score in A, "
+            f"{missing['missing_in_b']} in B, left out ({compared} compared); score both "
+            "manifests with the same --metrics."
+        )
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 

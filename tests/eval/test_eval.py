@@ -439,3 +439,21 @@ def test_imagereward_checkpoint_layout_and_score(tmp_path):
         imagereward.convert_checkpoint({"blip.text_decoder.x": torch.zeros(1)})
     with pytest.raises(scorers.MissingWeights, match=r"ImageReward\.pt.*--imagereward"):
         scorers.build_scorer("imagereward", scorers.WeightSources({}), torch.device("cpu"))
+
+
+def test_compare_reports_metrics_scored_on_one_side_only(tmp_path):
+    a = manifest(
+        tmp_path / "a.json",
+        [("x", {"clip": 0.3, "aesthetics": 5.0}), ("y", {"clip": 0.2, "aesthetics": None}),
+         ("z", {"clip": 0.4})],
+    )  # fmt: skip
+    b = manifest(
+        tmp_path / "b.json", [("x", {"clip": 0.1}), ("y", {"clip": 0.25}), ("z", {"clip": 0.5})]
+    )
+    result = compare.compare(a, b, resamples=500)
+    assert set(result["metrics"]) == {"clip"} and result["metrics"]["clip"]["n"] == 3
+    # aesthetics: x scored only in A, y null in A and absent in B, z absent on both sides.
+    assert result["unscored"] == {"aesthetics": {"missing_in_a": 1, "missing_in_b": 2}}
+    text = compare.markdown(result)
+    assert "Metric aesthetics: 1 paired prompt(s) without a score in A, 2 in B" in text
+    assert "\n\nMetric aesthetics" in text  # a paragraph after the table, not a table row
