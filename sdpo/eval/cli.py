@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         score.add_argument(flag, default=None, help=meaning)
     score.add_argument("--on-missing", choices=("error", "skip"), default="error")
     score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument(
+        "--device", default=None, help="torch device for the scorers (default: cuda if available)"
+    )
 
     compare = commands.add_parser("compare", help="A/B win rates paired by prompt")
     compare.add_argument("a")
@@ -110,6 +113,7 @@ def _run(arguments: argparse.Namespace) -> int:
             WeightSources(paths, arguments.weights_root),
             on_missing=arguments.on_missing,
             batch_size=arguments.batch_size,
+            device=_device(arguments.device),
             log=lambda message: print(message, file=sys.stderr),
         )
         print(summary_table(summary))
@@ -126,6 +130,23 @@ def _run(arguments: argparse.Namespace) -> int:
         comparison.plot(result, arguments.plot)
     print(text)
     return 0
+
+
+def _device(name: str | None):
+    """``--device``: None (auto) or a torch device string, rejected early if unusable here."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"sdpo-eval score: error: --device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"sdpo-eval score: error: --device {name!r} but CUDA is not available; use --device cpu"
+        )
+    return device
 
 
 if __name__ == "__main__":

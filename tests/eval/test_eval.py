@@ -457,3 +457,21 @@ def test_compare_reports_metrics_scored_on_one_side_only(tmp_path):
     text = compare.markdown(result)
     assert "Metric aesthetics: 1 paired prompt(s) without a score in A, 2 in B" in text
     assert "\n\nMetric aesthetics" in text  # a paragraph after the table, not a table row
+
+
+def test_score_cli_device_flag(tmp_path, capsys):
+    save_clip_folder(tmp_path / "clip")
+    entries = [
+        {"prompt": prompt, "gen_image_path": str(path), "raw_image_path": "", "metadata": {}}
+        for prompt, path in zip(["a", "b"], _images(tmp_path, count=2), strict=True)
+    ]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(entries))
+    command = ["score", str(path), "--metrics", "clip", "--clip", str(tmp_path / "clip")]
+    assert eval_main([*command, "--device", "cpu"]) == 0
+    assert [set(entry["scores"]) for entry in json.loads(path.read_text())] == [{"clip"}] * 2
+    with pytest.raises(SystemExit, match="--device 'banana'"):
+        eval_main([*command, "--device", "banana"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available; use --device cpu"):
+            eval_main([*command, "--device", "cuda"])
