@@ -3,12 +3,13 @@
 | metric | architecture | weights (flag / --weights-root NAME / HF cache id) | score |
 |---|---|---|---|
 | pickscore | transformers CLIPModel (ViT-H-14) | --pickscore, PickScore_v1, yuvalkirstain/PickScore_v1; tokenizer --pickscore-processor, CLIP-ViT-H-14-laion2B-s32B-b79K, laion/CLIP-ViT-H-14-laion2B-s32B-b79K | logit_scale.exp() * cos(image, text) |
-| hpsv2 | open_clip ViT-H-14, loaded into a CLIPModel by key mapping | --hpsv2 (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt), weights-root HPS_v2.1_compressed.pt; tokenizer as pickscore | cos(image, text) |
+| hpsv2 | open_clip ViT-H-14, loaded into a CLIPModel by key mapping | --hpsv2 (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt), weights-root HPS_v2.1_compressed.pt, xswu/HPSv2 (either file); tokenizer as pickscore | cos(image, text) |
 | clip | CLIPModel (ViT-L/14) | --clip, clip-vit-large-patch14, openai/clip-vit-large-patch14 | 100 * max(cos, 0) (torchmetrics' CLIPScore) |
 | aesthetics | LAION MLP head on L2-normalised CLIP ViT-L/14 image features | --aesthetics-head (sac+logos+ava1-l14-linearMSE.pth), CLIP as clip | the head's output |
-| imagereward | BLIP ViT-L + BERT cross-attention encoder + MLP (sdpo/eval/imagereward.py) | --imagereward (ImageReward.pt); tokenizer --imagereward-tokenizer, bert-base-uncased, google-bert/bert-base-uncased | (r - mean) / std, as ImageReward.score |
+| imagereward | BLIP ViT-L + BERT cross-attention encoder + MLP (sdpo/eval/imagereward.py) | --imagereward (ImageReward.pt), THUDM/ImageReward; tokenizer --imagereward-tokenizer, bert-base-uncased, google-bert/bert-base-uncased | (r - mean) / std, as ImageReward.score |
 
-Nothing is downloaded: HF ids resolve only from the local cache (``local_files_only=True``). A
+Nothing is downloaded: HF ids resolve only from the local cache, to the cached snapshot folder or
+file. A
 missing weight raises :class:`MissingWeights` naming the file and the flag.
 """
 
@@ -42,6 +43,12 @@ DEFAULT_SOURCES = {
 # HPSv2.0, which the reference evaluation scores with, when v2.1 is absent (they differ: name the
 # file with --hpsv2 to pick one explicitly; the file used is recorded with the scores).
 ALTERNATIVE_NAMES = {"hpsv2": ("HPS_v2_compressed.pt",)}
+# Single weight files that their own packages fetch with hf_hub_download: found in the local HF
+# cache when they were fetched that way (v2.1 before v2.0, as above).
+HUB_FILES = {
+    "hpsv2": (("xswu/HPSv2", "HPS_v2.1_compressed.pt"), ("xswu/HPSv2", "HPS_v2_compressed.pt")),
+    "imagereward": (("THUDM/ImageReward", "ImageReward.pt"),),
+}
 
 
 class MissingWeights(FileNotFoundError):
@@ -51,10 +58,12 @@ class MissingWeights(FileNotFoundError):
 @dataclass
 class WeightSources:
     """Where weights come from: explicit paths (flags) first, then --weights-root, then the
-    local HF cache (for hub ids only)."""
+    local HF cache (hub model folders, and the single files in HUB_FILES). ``hf_cache_dir``:
+    None for huggingface_hub's default (HF_HUB_CACHE / HF_HOME), or a cache folder."""
 
     paths: dict[str, str | None]
     weights_root: str | None = None
+    hf_cache_dir: str | None = None
 
     def resolve(self, key: str, flag: str) -> str:
         explicit = self.paths.get(key)
@@ -68,8 +77,15 @@ class WeightSources:
                 candidate = Path(self.weights_root).expanduser() / candidate_name
                 if candidate.exists():
                     return str(candidate)
-        if hub_id is not None and _in_hf_cache(hub_id):
-            return hub_id
+        if hub_id is not None:
+            # The cached snapshot folder (its path names the commit, recorded with the scores).
+            config = _cached_hub_file(hub_id, "config.json", self.hf_cache_dir)
+            if config is not None:
+                return str(Path(config).parent)
+        for repository, filename in HUB_FILES.get(key, ()):
+            cached = _cached_hub_file(repository, filename, self.hf_cache_dir)
+            if cached is not None:
+                return cached
         places = [f"{flag} PATH"]
         if self.weights_root:
             places.append(f"{Path(self.weights_root) / name}")
@@ -77,19 +93,22 @@ class WeightSources:
             places.append(f"--weights-root DIR containing {name}")
         if hub_id is not None:
             places.append(f"the local Hugging Face cache ({hub_id})")
+        for repository, filename in HUB_FILES.get(key, ()):
+            places.append(f"the local Hugging Face cache ({repository} {filename})")
         raise MissingWeights(
             f"{key}: weights not found; looked for {', '.join(places)}. Nothing is downloaded: "
             f"fetch them on a machine with network and pass {flag}, or use --on-missing skip"
         )
 
 
-def _in_hf_cache(hub_id: str) -> bool:
+def _cached_hub_file(repository: str, filename: str, cache_dir: str | None) -> str | None:
+    """The path of ``filename`` of ``repository`` in the local HF cache, or None (no network)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return False
-    found = try_to_load_from_cache(hub_id, "config.json")
-    return isinstance(found, str)
+        return None
+    found = try_to_load_from_cache(repository, filename, cache_dir=cache_dir)
+    return found if isinstance(found, str) else None
 
 
 def file_hash(path: str) -> str | None:

@@ -475,3 +475,38 @@ def test_score_cli_device_flag(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available; use --device cpu"):
             eval_main([*command, "--device", "cuda"])
+
+
+def _hf_cache_file(cache, repository, filename, commit="0123abcd"):
+    """A file laid out as huggingface_hub caches it: refs/main names the snapshot."""
+    folder = cache / f"models--{repository.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    path = folder / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    return path
+
+
+def test_weights_found_in_the_local_hf_cache(tmp_path):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    sources = scorers.WeightSources({}, hf_cache_dir=str(cache))
+    with pytest.raises(scorers.MissingWeights, match=r"xswu/HPSv2 HPS_v2\.1_compressed\.pt"):
+        sources.resolve("hpsv2", "--hpsv2")
+    # Only v2.0 fetched: it is found; once v2.1 is there it wins, as with --weights-root.
+    v20 = _hf_cache_file(cache, "xswu/HPSv2", "HPS_v2_compressed.pt")
+    assert sources.resolve("hpsv2", "--hpsv2") == str(v20)
+    v21 = _hf_cache_file(cache, "xswu/HPSv2", "HPS_v2.1_compressed.pt")
+    assert sources.resolve("hpsv2", "--hpsv2") == str(v21)
+    reward = _hf_cache_file(cache, "THUDM/ImageReward", "ImageReward.pt")
+    assert sources.resolve("imagereward", "--imagereward") == str(reward)
+    config = _hf_cache_file(cache, "openai/clip-vit-large-patch14", "config.json")
+    assert sources.resolve("clip", "--clip") == str(config.parent)
+    # --weights-root still comes before the cache.
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "ImageReward.pt").write_bytes(b"")
+    rooted = scorers.WeightSources({}, str(tmp_path / "root"), hf_cache_dir=str(cache))
+    assert rooted.resolve("imagereward", "--imagereward") == str(
+        tmp_path / "root" / "ImageReward.pt"
+    )
