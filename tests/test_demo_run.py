@@ -19,18 +19,20 @@ def throwaway_base(tmp_path_factory):
     return folder
 
 
-def test_demo_writes_every_output(tmp_path, throwaway_base):
-    settings = DemoSettings(
-        output_dir=str(tmp_path / "demo"),
-        steps=4,
-        eval_every=2,
-        batch_pairs=2,
-        train_pairs=8,
-        eval_pairs=4,
+def tiny_settings(output_dir, base_dir, **overrides) -> DemoSettings:
+    """Demo settings at a size that runs in seconds: the plumbing is under test, not the effect."""
+    sizes = dict(steps=4, eval_every=2, batch_pairs=2, train_pairs=8, eval_pairs=4)
+    return DemoSettings(
+        output_dir=str(output_dir),
+        base_dir=str(base_dir),
         sample_captions=1,
-        base_dir=str(throwaway_base),
         progress=False,
+        **(sizes | overrides),
     )
+
+
+def test_demo_writes_every_output(tmp_path, throwaway_base):
+    settings = tiny_settings(tmp_path / "demo", throwaway_base)
     summary = run_demo(settings)
     output = tmp_path / "demo"
     written = json.loads((output / "summary.json").read_text())
@@ -105,17 +107,8 @@ def test_packaged_base_uses_its_captions():
 
 def test_demo_is_deterministic_for_a_seed(tmp_path, throwaway_base):
     def summary(folder: str, seed: int) -> dict:
-        settings = DemoSettings(
-            output_dir=str(tmp_path / folder),
-            seed=seed,
-            steps=2,
-            eval_every=1,
-            batch_pairs=2,
-            train_pairs=4,
-            eval_pairs=4,
-            sample_captions=1,
-            base_dir=str(throwaway_base),
-            progress=False,
+        settings = tiny_settings(
+            tmp_path / folder, throwaway_base, seed=seed, steps=2, eval_every=1, train_pairs=4
         )
         runs = run_demo(settings)["runs"]
         for run in runs.values():

@@ -9,8 +9,7 @@
 | imagereward | BLIP ViT-L + BERT cross-attention encoder + MLP (sdpo/eval/imagereward.py) | --imagereward (ImageReward.pt), THUDM/ImageReward; tokenizer --imagereward-tokenizer, bert-base-uncased, google-bert/bert-base-uncased | (r - mean) / std, as ImageReward.score |
 
 Nothing is downloaded: HF ids resolve only from the local cache, to the cached snapshot folder or
-file. A
-missing weight raises :class:`MissingWeights` naming the file and the flag.
+file. A missing weight raises :class:`MissingWeights` naming the file and the flag.
 """
 
 from __future__ import annotations
