@@ -1,15 +1,35 @@
 """Training configuration: one dataclass, presets, YAML files and command-line flags.
 
-Precedence: preset < YAML file < command-line flags. Every field is a flag (``--field-name``) and
-a YAML key (``field_name``); an unknown YAML key or preset is an error before any model loads.
+Precedence: preset < YAML file < command-line flags. Every field is a flag (``--field-name``, or
+``--field_name``) and a YAML key (``field_name``). ``FIELDS`` below is the one table of every
+field's type, range and help: each value is checked against it where it enters (flag, YAML key,
+preset, or ``TrainConfig.validate`` for configs built in code), before any model or data loads,
+and a bad one is a one-line ``UsageError`` naming the flag or key.
+
+Why argparse and PyYAML, not a dataclass-to-CLI library (issue 13): tyro, simple_parsing and
+jsonargparse were weighed against what this layer must do, from their documentation (none is
+installed here). tyro builds flags from the dataclass and suggests close matches, but reads no
+YAML itself and prints multi-line boxed errors; simple_parsing is argparse underneath and converts
+config-file values with the field's type constructor (``int(2.7)`` passes, ``float(True)`` is 1.0);
+jsonargparse validates types and reads YAML, but with YAML 1.1 rules (``mu: off`` is false) and
+argparse's multi-line usage errors. None knows that ``--mu off`` means None, that ``--beta_dpo``
+is half our beta, or that a value must be finite and in range, so each would still need the table,
+the alias rewrite, the YAML loader and the error wrapper written here, plus a dependency. The layer
+below is those four pieces on the standard library and PyYAML (already a dependency).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.util
 import json
-import typing
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +37,7 @@ from typing import Any
 import yaml
 
 from sdpo.objectives import METHODS, parse_granularity
+from sdpo.train.errors import UsageError
 
 
 @dataclass
@@ -76,83 +97,26 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
-        """Raises ValueError naming the bad field; runs before any model or data loads."""
-        if self.method not in METHODS:
-            raise ValueError(
-                f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}"
-            )
-        parse_granularity(self.granularity)
-        if self.mu is not None and not 0.0 <= self.mu <= 1.0:
-            raise ValueError(
-                f"mu: expected a number in [0, 1] (or absent: safeguard off), got {self.mu}"
-            )
-        if self.beta <= 0:
-            raise ValueError(f"beta: expected > 0, got {self.beta}")
-        choices = {
-            "model": ("tiny", "sd15", "sdxl"),
-            "optimizer": ("adamw", "adafactor"),
-            "mixed_precision": ("bf16", "no"),
-            "attention": ("sdpa", "xformers"),
-            "on_nonfinite": ("stop", "skip"),
-            "loss_backend": ("auto", "torch", "triton", "cuda"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}: unknown {getattr(self, name)!r}; expected one of {', '.join(allowed)}"
-                )
-        for name in (
-            "max_steps",
-            "train_batch_pairs",
-            "gradient_accumulation",
-            "log_every",
-            "resolution",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in (
-            "checkpoint_every",
-            "warmup_steps",
-            "lora_rank",
-            "num_workers",
-            "synthetic_pairs",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(
-                f"caption_dropout: expected a number in [0, 1], got {self.caption_dropout}"
-            )
+        """Checks every field against ``FIELDS`` and the settings against each other and this
+        machine; raises UsageError naming the field. Runs before any model or data loads."""
+        for name in FIELDS:
+            setattr(self, name, check_value(name, getattr(self, name), name))
         if self.fsdp and self.lora_rank > 0:
-            raise ValueError(
+            raise UsageError(
                 "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
             )
-        if self.profile_steps is not None:
-            parse_profile_steps(self.profile_steps)
         if self.model != "tiny" and self.pretrained is None:
-            raise ValueError(
+            raise UsageError(
                 f"pretrained: model {self.model!r} needs --pretrained PATH (a local diffusers folder "
                 "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
         if self.data is None and self.model != "tiny" and self.pretrained != "random":
-            raise ValueError(
+            raise UsageError(
                 "data: expected --data PATH (parquet shards, a save_to_disk folder or a JSONL "
                 "manifest); synthetic pairs are only for the tiny model and --pretrained random"
             )
-
-
-def parse_profile_steps(text: str) -> tuple[int, int]:
-    """ "START:STOP" -> (START, STOP) with 0 <= START < STOP; ValueError otherwise."""
-    parts = text.split(":")
-    try:
-        start, stop = (int(part) for part in parts)
-    except ValueError:
-        raise ValueError(
-            f"profile_steps: expected START:STOP optimizer steps (e.g. 5:8), got {text!r}"
-        ) from None
-    if not 0 <= start < stop:
-        raise ValueError(f"profile_steps: expected 0 <= START < STOP, got {text!r}")
-    return start, stop
+        check_output_dir(self.output_dir)
+        check_machine(self)
 
 
 # The reference scripts (AIDC-AI/Diffusion-SDPO scripts/train/*.sh, ALGORITHMS.md section 4):
@@ -214,109 +178,578 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sdxl-dmpo": {**_SDXL, "method": "dmpo", "beta": 6000.0, "dmpo_alpha": 0.01, "mu": 0.6},
 }
 
-FIELD_NAMES = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra"]
+PRESET_HELP: dict[str, str] = {
+    "tiny": "random-initialised tiny models and synthetic pairs on the CPU; no download (tests, CI)",
+    "sd15-dpo": "Diffusion-DPO on SD1.5 as the reference script: beta 5000, mu 0.9, AdamW",
+    "sd15-dspo": "DSPO on SD1.5: beta 0.001, mu 0.2, AdamW",
+    "sd15-dmpo": "DMPO on SD1.5: beta 2000, alpha 0.01, mu 0.9, AdamW",
+    "sdxl-dpo": "Diffusion-DPO on SDXL: beta 5000, mu 0.6, Adafactor, gradient checkpointing",
+    "sdxl-dspo": "DSPO's SDXL form (method dspo-sdxl): beta 5000, mu 0.6, Adafactor",
+    "sdxl-dmpo": "DMPO on SDXL: beta 6000, alpha 0.01, mu 0.6, Adafactor",
+}
 
 
-def _field_type(name: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[name]
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """YAML values into the field's type (YAML reads 1e-8 as a string)."""
-    kind = _field_type(name)
-    if value is None:
-        return None
-    base = [arg for arg in typing.get_args(kind) if arg is not type(None)] or [kind]
-    target = base[0]
+def parse_profile_steps(text: str) -> tuple[int, int]:
+    """ "START:STOP" -> (START, STOP) with 0 <= START < STOP; UsageError otherwise."""
+    parts = text.split(":")
     try:
-        if target is bool:
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if target in (int, float, str):
-            return target(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name}: expected {getattr(target, '__name__', target)}, got {value!r}"
+        start, stop = (int(part) for part in parts)
+    except ValueError:
+        raise UsageError(
+            f"profile_steps: expected START:STOP optimizer steps (e.g. 5:8), got {text!r}"
         ) from None
+    if not 0 <= start < stop:
+        raise UsageError(f"profile_steps: expected 0 <= START < STOP, got {text!r}")
+    return start, stop
+
+
+def _granularity(text: str) -> None:
+    try:
+        parse_granularity(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field's type, allowed values and help. ``low``/``high`` bound numbers (inclusive
+    unless ``*_open``); ``optional`` fields also take None; ``check`` parses a string's format."""
+
+    kind: type
+    help: str
+    section: str
+    optional: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    check: Callable[[str], object] | None = None
+
+
+_RUN, _OBJECTIVE, _DATA, _OPTIM, _SPEED = (
+    "what to run",
+    "objective",
+    "model and data",
+    "optimisation",
+    "speed and measurement",
+)
+# Every TrainConfig field (a test checks the table covers them all). Ranges: counts of steps,
+# pairs and workers are >= 0 or >= 1; rates in [0, 1]; Adam's betas in [0, 1) (1 would freeze the
+# moment estimate); beta, the learning rate, epsilon and the clip norm > 0 (a clip norm of 0 zeroes
+# every update, a negative one reverses it); resolution a multiple of 8 (the VAE's downsampling).
+FIELDS: dict[str, FieldSpec] = {
+    "preset": FieldSpec(str, "named settings to start from (--list-presets)", _RUN, True,
+                        choices=tuple(PRESETS)),
+    "output_dir": FieldSpec(str, "folder for metrics, checkpoints and the trained UNet", _RUN),
+    "max_steps": FieldSpec(int, "optimizer steps to train", _RUN, low=1),
+    "checkpoint_every": FieldSpec(int, "optimizer steps between checkpoints; 0: only at the end",
+                                  _RUN, low=0),
+    "resume": FieldSpec(bool, "continue from the newest complete checkpoint in --output-dir", _RUN),
+    "seed": FieldSpec(int, "seed of data order, flips, caption dropout, noise and timesteps", _RUN,
+                      low=0, high=2**63 - 1),
+    "method": FieldSpec(str, "preference objective", _OBJECTIVE, choices=tuple(METHODS)),
+    "beta": FieldSpec(float, "preference strength (the diffusers DPO example's beta_dpo x 2)",
+                      _OBJECTIVE, low=0, low_open=True),
+    "mu": FieldSpec(float, "SDPO safeguard strength in [0, 1]; off/none/false/null: no safeguard",
+                    _OBJECTIVE, True, low=0, high=1),
+    "granularity": FieldSpec(str, "one safeguard lambda per: batch, pair, or group:N pairs",
+                             _OBJECTIVE, check=_granularity),
+    "dmpo_alpha": FieldSpec(float, "DMPO's alpha in [0, 1] (method dmpo only)", _OBJECTIVE,
+                            low=0, high=1),
+    "loss_backend": FieldSpec(str, "loss implementation; triton and cuda need a GPU", _OBJECTIVE,
+                              choices=("auto", "torch", "triton", "cuda")),
+    "model": FieldSpec(str, "architecture: tiny (built in code), sd15 or sdxl", _DATA,
+                       choices=("tiny", "sd15", "sdxl")),
+    "pretrained": FieldSpec(str, "local diffusers folder, cached model id, or random (timing)",
+                            _DATA, True),
+    "allow_download": FieldSpec(bool, "let --pretrained download from the Hugging Face hub", _DATA),
+    "data": FieldSpec(str, "parquet shards, a save_to_disk folder, a JSONL manifest or a cache",
+                      _DATA, True),
+    "resolution": FieldSpec(int, "image side in pixels, a multiple of 8", _DATA, low=8),
+    "caption_dropout": FieldSpec(float, "fraction of captions replaced by the empty one", _DATA,
+                                 low=0, high=1),
+    "synthetic_pairs": FieldSpec(int, "synthetic pairs when there is no --data", _DATA, low=1),
+    "lora_rank": FieldSpec(int, "LoRA rank; 0 trains the full UNet", _DATA, low=0),
+    "train_batch_pairs": FieldSpec(int, "pairs per micro-batch per process", _OPTIM, low=1),
+    "gradient_accumulation": FieldSpec(int, "micro-batches per optimizer step", _OPTIM, low=1),
+    "learning_rate": FieldSpec(float, "learning rate (per pair if --scale-lr)", _OPTIM,
+                               low=0, low_open=True),
+    "scale_lr": FieldSpec(bool, "multiply the learning rate by the pairs per optimizer step",
+                          _OPTIM),
+    "warmup_steps": FieldSpec(int, "linear warmup steps, then a constant learning rate", _OPTIM,
+                              low=0),
+    "optimizer": FieldSpec(str, "optimizer", _OPTIM, choices=("adamw", "adafactor")),
+    "adam_beta1": FieldSpec(float, "AdamW beta1 in [0, 1)", _OPTIM, low=0, high=1,
+                            high_open=True),
+    "adam_beta2": FieldSpec(float, "AdamW beta2 in [0, 1)", _OPTIM, low=0, high=1,
+                            high_open=True),
+    "adam_epsilon": FieldSpec(float, "AdamW epsilon, > 0", _OPTIM, low=0, low_open=True),
+    "weight_decay": FieldSpec(float, "decoupled weight decay, >= 0", _OPTIM, low=0),
+    "max_grad_norm": FieldSpec(float, "gradient-norm clip, > 0", _OPTIM, low=0, low_open=True),
+    "mixed_precision": FieldSpec(str, "bf16 autocast on CUDA, or no (the CPU runs fp32)", _OPTIM,
+                                 choices=("bf16", "no")),
+    "gradient_checkpointing": FieldSpec(bool, "recompute activations (less memory)", _OPTIM),
+    "fsdp": FieldSpec(bool, "shard the policy UNet with FSDP2 under torchrun (SDXL-sized)", _OPTIM),
+    "attention": FieldSpec(str, "attention kernels; xformers needs the xformers package", _SPEED,
+                           choices=("sdpa", "xformers")),
+    "compile": FieldSpec(bool, "torch.compile both UNets", _SPEED),
+    "cuda_graphs": FieldSpec(bool, "torch.compile with CUDA graphs (needs a GPU)", _SPEED),
+    "nvtx": FieldSpec(bool, "NVTX ranges around each phase, for Nsight", _SPEED),
+    "profile_steps": FieldSpec(str, "START:STOP: cudaProfilerStart/Stop around those steps",
+                               _SPEED, True, check=parse_profile_steps),
+    "log_every": FieldSpec(int, "optimizer steps between metric reads", _SPEED, low=1),
+    "on_nonfinite": FieldSpec(str, "on a non-finite loss or gradient: stop, or skip the step",
+                              _SPEED, choices=("stop", "skip")),
+    "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one",
+                             _SPEED, low=0),
+    "progress": FieldSpec(bool, "show a progress bar", _SPEED),
+}  # fmt: skip
+FIELD_NAMES = list(FIELDS)
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(spec: FieldSpec) -> str:
+    """What a field accepts, in words: 'an integer >= 1', 'a number in [0, 1)', ..."""
+    if spec.choices:
+        return "one of " + ", ".join(spec.choices)
+    words = _KIND_WORDS[spec.kind]
+    if spec.kind is float:
+        words = "a finite number"
+    if spec.low is not None and spec.high is not None:
+        low = int(spec.low) if float(spec.low).is_integer() else spec.low
+        high = int(spec.high) if float(spec.high).is_integer() else spec.high
+        if spec.high > 2**62:
+            words += f" >= {low}"
+        else:
+            words += (
+                f" in {'(' if spec.low_open else '['}{low}, {high}{')' if spec.high_open else ']'}"
+            )
+    elif spec.low is not None:
+        low = int(spec.low) if float(spec.low).is_integer() else spec.low
+        words += f" {'>' if spec.low_open else '>='} {low}"
+    if spec.optional:
+        words += " (or none)"
+    return words
+
+
+def check_value(name: str, value: Any, label: str) -> Any:
+    """``value`` if it has ``name``'s type and range (an int becomes a float for a float field);
+    otherwise UsageError('LABEL: expected ..., got ...'). A bool is never a number and a float
+    never an integer, so ``max_steps: 2.7`` or ``beta: true`` are refused, not coerced."""
+    spec = FIELDS[name]
+    expected = _describe(spec)
+
+    def refuse(got: str) -> UsageError:
+        return UsageError(f"{label}: expected {expected}, got {got}")
+
+    if value is None:
+        if spec.optional:
+            return None
+        raise refuse("nothing (null)")
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise refuse(repr(value))
+        return value
+    if spec.kind in (int, float):
+        allowed = (int,) if spec.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise refuse(f"{value!r} ({type(value).__name__})")
+        if spec.kind is float:
+            value = float(value)
+            if not math.isfinite(value):
+                raise refuse(repr(value))
+        too_low = spec.low is not None and (
+            value <= spec.low if spec.low_open else value < spec.low
+        )
+        too_high = spec.high is not None and (
+            value >= spec.high if spec.high_open else value > spec.high
+        )
+        if too_low or too_high:
+            raise refuse(repr(value))
+        if name == "resolution" and value % 8:
+            raise UsageError(
+                f"{label}: expected a multiple of 8 (the VAE's downsampling), got {value}"
+            )
+        return value
+    if not isinstance(value, str):
+        raise refuse(f"{value!r} ({type(value).__name__})")
+    if not value.strip():
+        raise refuse("an empty string")
+    if spec.choices and value not in spec.choices:
+        raise UsageError(f"{label}: unknown {value!r}; expected one of {', '.join(spec.choices)}")
+    if spec.check is not None:
+        try:
+            spec.check(value)
+        except UsageError as error:
+            message = str(error).removeprefix(f"{name}: ")
+            raise UsageError(f"{label}: {message}") from None
     return value
 
 
-def apply_mapping(config: TrainConfig, mapping: dict[str, Any], source: str) -> None:
-    unknown = sorted(set(mapping) - set(FIELD_NAMES))
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELD_NAMES)}"
+def check_output_dir(text: str) -> None:
+    """The output folder exists and is writable, or can be created (before any model loads)."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"output_dir: {path} is a file, not a folder; choose another")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"output_dir: cannot write into {path} (permission denied)")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"output_dir: cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"output_dir: cannot create {path}: {ancestor} is not writable")
+
+
+def check_machine(config: TrainConfig) -> None:
+    """Settings this machine cannot run: a GPU-only loss backend or CUDA graphs without a GPU,
+    xformers attention without the package."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.loss_backend in ("triton", "cuda"):
+        from sdpo.objectives import resolve_backend
+
+        try:
+            resolve_backend(config.loss_backend, device)
+        except RuntimeError as error:
+            reason = re.split(r"; (?:use )?backend=", str(error))[0]
+            raise UsageError(
+                f"loss_backend: {config.loss_backend} cannot run here ({reason}); "
+                "use --loss-backend auto or torch"
+            ) from None
+    if config.cuda_graphs and device.type != "cuda":
+        raise UsageError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
+    if config.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise UsageError(
+            "attention: xformers is not installed (pip install xformers); use --attention sdpa"
         )
-    for name, value in mapping.items():
-        setattr(config, name, _coerce(name, value))
+
+
+# --- YAML -----------------------------------------------------------------------------------
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """YAML 1.2 core-schema scalars: only true/false are booleans (YAML 1.1's off/no/yes are
+    strings, so ``mu: off`` is not False), ``1e-8`` is a float (1.1 reads it as a string), ``5:8``
+    is a string (1.1 reads it as the base-60 integer 308), and a key given twice is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise UsageError(f"{self.name}: line {line}: the key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYamlLoader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    ("int", r"^[-+]?[0-9]+$", list("-+0123456789")),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        list("-+0123456789."),
+    ),
+):
+    _StrictYamlLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), _first
+    )
+
+
+def _yaml_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    return int(loader.construct_scalar(node))
+
+
+def _yaml_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = str(loader.construct_scalar(node)).lower()
+    if text.endswith(".inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    return math.nan if text == ".nan" else float(text)
+
+
+_StrictYamlLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
+_StrictYamlLoader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """The file's keys (dashes read as underscores) and values, typed by YAML 1.2's core schema."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"config: no such file {path}")
-    loaded = yaml.safe_load(file.read_text()) or {}
+        raise UsageError(f"config: no such file {path}")
+    try:
+        loaded = yaml.load(file.read_text(), Loader=_StrictYamlLoader) or {}
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = error.problem or error.context or "not valid YAML"
+        raise UsageError(f"config: {path}{line}: {problem}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"config: {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"config: {path} must hold a mapping of keys to values")
+        raise UsageError(f"config: {path} must hold a mapping of keys to values")
     return {str(key).replace("-", "_"): value for key, value in loaded.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdpo-train",
-        description="Preference alignment of diffusion models: Diffusion-DPO, DSPO, DMPO, with the SDPO safeguard.",
-    )
-    parser.add_argument(
-        "--config", help="YAML file of settings (keys as the flags, with underscores)"
-    )
-    for name in FIELD_NAMES:
-        kind = _field_type(name)
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None
-            )
-        else:
-            base = [arg for arg in typing.get_args(kind) if arg is not type(None)] or [kind]
-            optional = type(None) in typing.get_args(kind)
-            parse = _optional(base[0]) if optional else base[0]
-            parser.add_argument(flag, dest=name, type=parse, default=None)
-    return parser
+# --- Aliases --------------------------------------------------------------------------------
+
+# The diffusers Diffusion-DPO example's flag names (what its users type), as our flags. Its loss is
+# -logsigmoid(-beta_dpo * (model_diff - ref_diff)); ours halves that margin, so beta = 2 beta_dpo.
+ALIASES: dict[str, list[str]] = {
+    "learning-rate": ["--learning-rate"],
+    "train-batch-size": ["--train-batch-pairs"],
+    "gradient-accumulation-steps": ["--gradient-accumulation"],
+    "max-train-steps": ["--max-steps"],
+    "checkpointing-steps": ["--checkpoint-every"],
+    "lr-warmup-steps": ["--warmup-steps"],
+    "adam-weight-decay": ["--weight-decay"],
+    "dataloader-num-workers": ["--num-workers"],
+    "pretrained-model-name-or-path": ["--pretrained"],
+    "use-adafactor": ["--optimizer", "adafactor"],
+    "enable-xformers-memory-efficient-attention": ["--attention", "xformers"],
+}
+# Handled after parsing: --beta_dpo X sets beta 2X; --resume_from_checkpoint latest is --resume.
+_SPECIAL_ALIASES = ("beta-dpo", "resume-from-checkpoint")
+_YAML_ALIASES = {
+    "train_batch_size": "train_batch_pairs",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "max_train_steps": "max_steps",
+    "checkpointing_steps": "checkpoint_every",
+    "lr_warmup_steps": "warmup_steps",
+    "adam_weight_decay": "weight_decay",
+    "dataloader_num_workers": "num_workers",
+    "pretrained_model_name_or_path": "pretrained",
+}
+_ALIAS_HELP = (
+    "diffusers-style spellings are accepted: every --foo-bar also as --foo_bar, and "
+    "--train_batch_size (--train-batch-pairs), --gradient_accumulation_steps "
+    "(--gradient-accumulation), --max_train_steps (--max-steps), --checkpointing_steps "
+    "(--checkpoint-every), --lr_warmup_steps (--warmup-steps), --adam_weight_decay "
+    "(--weight-decay), --dataloader_num_workers (--num-workers), --pretrained_model_name_or_path "
+    "(--pretrained), --use_adafactor, --enable_xformers_memory_efficient_attention, "
+    "--resume_from_checkpoint latest (--resume), and --beta_dpo X, which sets --beta 2X (the "
+    "diffusers example's loss has no 1/2 on the margin; ours has, so its beta_dpo 2500 is our 5000)"
+)
 
 
+def _rewrite_aliases(argv: list[str]) -> list[str]:
+    """Underscore spellings to dashes, diffusers names to ours; values are left alone."""
+    rewritten: list[str] = []
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            rewritten.append(token)
+            continue
+        name, equals, value = token[2:].partition("=")
+        name = name.replace("_", "-")
+        replacement = ALIASES.get(name, [f"--{name}"])
+        if equals:
+            replacement = [*replacement[:-1], f"{replacement[-1]}={value}"]
+        rewritten.extend(replacement)
+    return rewritten
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+_NONE_WORDS = ("none", "off")
+_MU_OFF_WORDS = ("none", "off", "null", "false", "no")
 _EXPLICIT_NONE = "__none__"
 
 
-def _optional(parse):
-    """For optional fields: "none"/"off" on the command line sets None (e.g. --mu off)."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through UsageError, not usage + exit
+        raise UsageError(message)
 
-    def parse_optional(text: str):
-        return _EXPLICIT_NONE if text.lower() in ("none", "off") else parse(text)
 
-    parse_optional.__name__ = getattr(parse, "__name__", "value")
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _command_line_type(name: str, spec: FieldSpec) -> Callable[[str], Any]:
+    parse = {int: _parse_int, float: _parse_float, str: str}[spec.kind]
+    if not spec.optional:
+        return parse
+    none_words = _MU_OFF_WORDS if name == "mu" else _NONE_WORDS
+
+    def parse_optional(text: str) -> Any:
+        return _EXPLICIT_NONE if text.lower() in none_words else parse(text)
+
     return parse_optional
 
 
+def _default_text(name: str) -> str:
+    default = TrainConfig.__dataclass_fields__[name].default
+    if default is None:
+        return "none"
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+class _ListPresets(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(presets_text())
+        parser.exit()
+
+
+def presets_text() -> str:
+    width = max(len(name) for name in PRESETS)
+    return "\n".join(f"{name:<{width}}  {PRESET_HELP[name]}" for name in PRESETS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sdpo-train",
+        description="Preference alignment of diffusion models: Diffusion-DPO, DSPO, DMPO, with "
+        "the SDPO safeguard. Settings come from a --preset, then a --config YAML file (keys as "
+        "the flags, with underscores), then these flags.",
+        epilog="presets:\n"
+        + "\n".join(f"  {line}" for line in presets_text().splitlines())
+        + "\n\n"
+        + _ALIAS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --learn is not silently --learning-rate: it gets a did-you-mean
+    )
+    parser.add_argument("--config", help="YAML file of settings (keys as the flags)")
+    parser.add_argument("--list-presets", action=_ListPresets, help="list the presets and exit")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, spec in FIELDS.items():
+        group = groups.get(spec.section) or parser.add_argument_group(spec.section)
+        groups[spec.section] = group
+        flag = "--" + name.replace("_", "-")
+        choices = f"; one of {', '.join(spec.choices)}" if spec.choices else ""
+        help_text = f"{spec.help} (default: {_default_text(name)}{choices})"
+        if spec.kind is bool:
+            group.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text.replace("%", "%%"),
+            )
+        else:
+            metavar = {int: "N", float: "X", str: "TEXT"}[spec.kind]
+            if spec.choices:
+                metavar = "{" + ",".join(spec.choices) + "}"
+            group.add_argument(
+                flag,
+                dest=name,
+                type=_command_line_type(name, spec),
+                default=None,
+                metavar=metavar,
+                help=help_text.replace("%", "%%"),
+            )
+    parser.add_argument("--beta-dpo", type=_parse_float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resume-from-checkpoint", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> list[str]:
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    return flags + [f"--{name}" for name in (*ALIASES, *_SPECIAL_ALIASES)]
+
+
+def _unknown_flag_error(parser: argparse.ArgumentParser, extras: list[str]) -> UsageError:
+    token = extras[0]
+    if not token.startswith("-"):
+        return UsageError(f"unexpected argument {token!r} (every setting is a --flag VALUE)")
+    flag = token.partition("=")[0]
+    close = difflib.get_close_matches(flag, _known_flags(parser), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; sdpo-train --help lists the flags"
+    return UsageError(f"unknown flag {flag}{hint}")
+
+
+def _unknown_key_error(source: str, key: str) -> UsageError:
+    close = difflib.get_close_matches(key, [*FIELD_NAMES, *_YAML_ALIASES, "beta_dpo"], n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(FIELD_NAMES)}"
+    return UsageError(f"{source}: unknown key {key}{hint}")
+
+
+def apply_mapping(config: TrainConfig, mapping: dict[str, Any], source: str) -> None:
+    """Checks each value (see ``check_value``) and sets it; ``source`` prefixes any error."""
+    for key in mapping:
+        if key not in FIELDS:
+            raise _unknown_key_error(source, key)
+    for key, value in mapping.items():
+        setattr(config, key, check_value(key, value, f"{source}: {key}"))
+
+
+def _from_yaml(path: str) -> dict[str, Any]:
+    """The YAML file's settings with its aliases resolved and ``mu: off/false`` read as None."""
+    values: dict[str, Any] = {}
+    for key, value in load_yaml(path).items():
+        if key == "beta_dpo":
+            value = check_value("beta", value, f"{path}: beta_dpo") * 2.0
+            key = "beta"
+        key = _YAML_ALIASES.get(key, key)
+        if key not in FIELDS:
+            raise _unknown_key_error(path, key)
+        if key == "mu" and (
+            value is False or (isinstance(value, str) and value.lower() in _MU_OFF_WORDS)
+        ):
+            value = None
+        values[key] = value
+    return values
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Preset, then YAML, then flags; validated. Raises ValueError on any unknown name."""
-    arguments = build_parser().parse_args(argv)
-    config = TrainConfig()
+    """Preset, then YAML, then flags; validated. Raises UsageError on any bad name or value."""
+    parser = build_parser()
+    arguments, extras = parser.parse_known_args(
+        _rewrite_aliases(list(sys.argv[1:] if argv is None else argv))
+    )
+    if extras:
+        raise _unknown_flag_error(parser, extras)
     given = {
-        name: value
+        name: None if value == _EXPLICIT_NONE else value
         for name, value in vars(arguments).items()
-        if name != "config" and value is not None
+        if name in FIELDS and value is not None
     }
-    given = {name: None if value == _EXPLICIT_NONE else value for name, value in given.items()}
-    yaml_values = load_yaml(arguments.config) if arguments.config else {}
+    if arguments.beta_dpo is not None:
+        if "beta" in given:
+            raise UsageError("give --beta or --beta_dpo (= beta / 2), not both")
+        check_value("beta", arguments.beta_dpo, "--beta_dpo")
+        given["beta"] = 2.0 * arguments.beta_dpo
+    if arguments.resume_from_checkpoint is not None:
+        if arguments.resume_from_checkpoint != "latest":
+            raise UsageError(
+                "--resume_from_checkpoint: only 'latest' is understood (our --resume continues "
+                f"from the newest checkpoint in --output-dir), got {arguments.resume_from_checkpoint!r}"
+            )
+        given["resume"] = True
+    yaml_values = _from_yaml(arguments.config) if arguments.config else {}
+    config = TrainConfig()
     preset = given.get("preset", yaml_values.get("preset"))
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"preset: unknown {preset!r}; expected one of {', '.join(PRESETS)}")
+            raise UsageError(
+                f"preset: unknown {preset!r}; expected one of {', '.join(PRESETS)} "
+                "(sdpo-train --list-presets)"
+            )
         apply_mapping(config, PRESETS[preset], f"preset {preset}")
-    apply_mapping(config, yaml_values, f"config {arguments.config}")
-    apply_mapping(config, given, "command line")
+    apply_mapping(config, yaml_values, arguments.config or "config")
+    for name, value in given.items():
+        setattr(config, name, check_value(name, value, "--" + name.replace("_", "-")))
     config.validate()
     return config
 

@@ -11,8 +11,12 @@ Sources (``--data PATH``):
 
 Every random choice (epoch order, flips, caption dropout) is a function of (seed, epoch,
 batch index), so a resumed run sees exactly the batches an uninterrupted one would.
-A corrupt or unreadable image is skipped: its pair is replaced by the next readable one and
-counted, never a crash mid-run.
+Bad rows never crash a run mid-way. An image that cannot be decoded, for any reason (missing
+file, empty cell, corrupt bytes, a decompression bomb) is skipped: its pair is replaced by the next
+readable one and counted in ``skipped_images``. A structural problem (a caption that is not a
+string, a label outside {0, 0.5, 1}, an image reference that is not a path) is a ``UsageError``
+naming the file and row, raised by ``load_records`` before any model loads; so is a source in
+which no pair has two readable images.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdpo.demo import toy
+from sdpo.train.errors import UsageError
 
 
 class UnreadableImage(Exception):
@@ -39,6 +45,7 @@ class PairRecord:
     caption: str
     winner: object  # bytes, a path, or a (3, H, W) tensor in [-1, 1]
     loser: object
+    where: str = ""  # "FILE line N" / "FILE row N", for error messages
 
 
 def _open_image(source: object):
@@ -49,12 +56,24 @@ def _open_image(source: object):
             source = source.read()
         if isinstance(source, (bytes, bytearray)):
             image = Image.open(io.BytesIO(source))
-        else:
+        elif isinstance(source, (str, Path)):
             image = Image.open(source)
+        else:
+            raise UnreadableImage(f"expected image bytes or a path, got {type(source).__name__}")
         image.load()
         return image.convert("RGB")
+    except UnreadableImage:
+        raise
+    except MemoryError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UnreadableImage(str(error)) from error
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from error
+    except Exception as error:
+        # PIL raises more than OSError/ValueError for bad files: DecompressionBombError (an
+        # Exception) for > 2x MAX_IMAGE_PIXELS, SyntaxError from a corrupt PNG or GIF header,
+        # struct.error, EOFError, IndexError from truncated tables. Any of them means this one
+        # image is unusable, never that the run should stop.
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from error
 
 
 def preprocess(source: object, resolution: int, flip: bool) -> Tensor:
@@ -84,30 +103,60 @@ def preprocess(source: object, resolution: int, flip: bool) -> Tensor:
     return image.flip(-1) if flip else image
 
 
+def _check_caption(caption: object, where: str) -> str:
+    if not isinstance(caption, str):
+        raise UsageError(
+            f"data: {where}: caption: expected a string, got {caption!r} "
+            f'({type(caption).__name__}); use "" for an empty caption'
+        )
+    return caption
+
+
 def _records_from_jsonl(path: Path) -> list[PairRecord]:
     records = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path} line {line_number}"
         try:
             row = json.loads(line)
-            records.append(
-                PairRecord(row["caption"], path.parent / row["winner"], path.parent / row["loser"])
+        except json.JSONDecodeError as error:
+            raise UsageError(f"data: {where}: not valid JSON ({error})") from None
+        if not isinstance(row, dict) or not {"caption", "winner", "loser"} <= set(row):
+            raise UsageError(
+                f"data: {where}: expected a JSON object with caption, winner, loser, got "
+                f"{line.strip()[:80]}"
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"data: {path} line {line_number}: expected a JSON object with caption, winner, loser ({error})"
-            ) from error
+        caption = _check_caption(row["caption"], where)
+        images = []
+        for key in ("winner", "loser"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise UsageError(
+                    f"data: {where}: {key}: expected an image path (a non-empty string), got "
+                    f"{row[key]!r}"
+                )
+            images.append(path.parent / row[key])
+        records.append(PairRecord(caption, images[0], images[1], where))
     return records
 
 
-def _ordered_pair(row: dict) -> PairRecord | None:
-    label = float(row["label_0"])
+def _ordered_pair(row: dict, where: str) -> PairRecord | None:
+    """The pair with the preferred image first; None for a tie. Pick-a-Pic's label_0 is 1 (the
+    first image preferred), 0 (the second) or 0.5 (a tie); anything else is refused."""
+    label = row["label_0"]
+    if (
+        isinstance(label, bool)
+        or not isinstance(label, (int, float))
+        or not math.isfinite(label)
+        or label not in (0, 0.5, 1)
+    ):
+        raise UsageError(f"data: {where}: label_0: expected 0, 0.5 or 1, got {label!r}")
+    caption = _check_caption(row["caption"], where)
     if label == 0.5:
         return None  # a tie carries no preference
     first, second = row["jpg_0"], row["jpg_1"]
-    winner, loser = (first, second) if label > 0.5 else (second, first)
-    return PairRecord(str(row["caption"]), winner, loser)
+    winner, loser = (first, second) if label == 1 else (second, first)
+    return PairRecord(caption, winner, loser, where)
 
 
 @functools.lru_cache(maxsize=2)
@@ -128,7 +177,11 @@ class ParquetCell:
 
     def read(self) -> bytes:
         value = _parquet_row_group(self.path, self.row_group).column(self.column)[self.row].as_py()
-        return value.get("bytes", value) if isinstance(value, dict) else value
+        if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes")
+        if value is None:
+            raise UnreadableImage(f"{self.path} row group {self.row_group} row {self.row}: empty")
+        return value
 
 
 def _records_from_parquet(paths: list[Path]) -> list[PairRecord]:
@@ -136,10 +189,14 @@ def _records_from_parquet(paths: list[Path]) -> list[PairRecord]:
 
     records = []
     for path in paths:
-        shard = pq.ParquetFile(path)
+        try:
+            shard = pq.ParquetFile(path)
+        except Exception as error:  # pyarrow's ArrowInvalid, OSError: not a parquet file
+            raise UsageError(f"data: cannot read the parquet file {path} ({error})") from None
         missing = {"jpg_0", "jpg_1", "label_0", "caption"} - set(shard.schema_arrow.names)
         if missing:
-            raise ValueError(f"data: {path} lacks the column(s) {', '.join(sorted(missing))}")
+            raise UsageError(f"data: {path} lacks the column(s) {', '.join(sorted(missing))}")
+        first_row = 0  # the row's number in the file (from 0, as pandas and pyarrow count)
         for row_group in range(shard.num_row_groups):
             labels = shard.read_row_group(row_group, columns=["label_0", "caption"]).to_pylist()
             for row, values in enumerate(labels):
@@ -147,9 +204,10 @@ def _records_from_parquet(paths: list[Path]) -> list[PairRecord]:
                     column: ParquetCell(str(path), row_group, row, column)
                     for column in ("jpg_0", "jpg_1")
                 }
-                record = _ordered_pair({**values, **cells})
+                record = _ordered_pair({**values, **cells}, f"{path} row {first_row + row}")
                 if record is not None:
                     records.append(record)
+            first_row += len(labels)
     return records
 
 
@@ -174,7 +232,14 @@ class ArrowCell:
         if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
             if value.get("bytes") is not None:
                 return value["bytes"]
-            return Path(value["path"]).read_bytes()
+            if value.get("path") is None:
+                raise UnreadableImage(f"{self.path} row {self.row}: empty")
+            try:
+                return Path(value["path"]).read_bytes()
+            except OSError as error:
+                raise UnreadableImage(str(error)) from error
+        if value is None:
+            raise UnreadableImage(f"{self.path} row {self.row}: empty")
         return value
 
 
@@ -183,7 +248,7 @@ def _saved_dataset_folder(path: Path) -> Path:
     if (path / "dataset_dict.json").exists():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if "train" not in splits:
-            raise ValueError(
+            raise UsageError(
                 f"data: {path} is a DatasetDict with splits {splits}; point --data at one split's "
                 "folder"
             )
@@ -201,7 +266,7 @@ def _records_from_saved_dataset(path: Path) -> list[PairRecord]:
         state = json.loads((folder / "state.json").read_text())
         shards = [folder / entry["filename"] for entry in state["_data_files"]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise UsageError(
             f"data: {folder} is not a readable datasets.save_to_disk folder (state.json: {error})"
         ) from error
     records = []
@@ -209,14 +274,14 @@ def _records_from_saved_dataset(path: Path) -> list[PairRecord]:
         try:
             table = _arrow_shard(str(shard))
         except (OSError, pa.ArrowInvalid) as error:
-            raise ValueError(f"data: cannot read the shard {shard} ({error})") from error
+            raise UsageError(f"data: cannot read the shard {shard} ({error})") from error
         missing = {"jpg_0", "jpg_1", "label_0", "caption"} - set(table.column_names)
         if missing:
-            raise ValueError(f"data: {shard} lacks the column(s) {', '.join(sorted(missing))}")
+            raise UsageError(f"data: {shard} lacks the column(s) {', '.join(sorted(missing))}")
         labels = table.select(["label_0", "caption"]).to_pylist()
         for row, values in enumerate(labels):
             cells = {column: ArrowCell(str(shard), row, column) for column in ("jpg_0", "jpg_1")}
-            record = _ordered_pair({**values, **cells})
+            record = _ordered_pair({**values, **cells}, f"{shard} row {row}")
             if record is not None:
                 records.append(record)
     return records
@@ -242,14 +307,15 @@ def synthetic_records(count: int, resolution: int, seed: int) -> list[PairRecord
 def load_records(
     data: str | None, *, resolution: int, synthetic_pairs: int, seed: int
 ) -> list[PairRecord]:
-    """All usable pairs of a source; raises ValueError if there are none (before models load)."""
+    """All usable pairs of a source; raises UsageError if there are none, if a row is malformed or
+    if no pair has two readable images (all before models load)."""
     if data is None:
         records = synthetic_records(synthetic_pairs, resolution, seed)
         source = "synthetic pairs"
     else:
         path = Path(data).expanduser()
         if not path.exists():
-            raise ValueError(f"data: no such file or folder {data}")
+            raise UsageError(f"data: no such file or folder {data}")
         if path.is_file() and path.suffix == ".jsonl":
             records = _records_from_jsonl(path)
         elif path.is_file() and path.suffix == ".parquet":
@@ -261,14 +327,44 @@ def load_records(
         ):
             records = _records_from_saved_dataset(path)
         else:
-            raise ValueError(
+            raise UsageError(
                 f"data: {data} is not a .jsonl manifest, a .parquet file, a folder of .parquet shards "
                 "or a datasets.save_to_disk folder"
             )
         source = str(data)
     if not records:
-        raise ValueError(f"data: {source} has no usable pairs (ties are dropped)")
+        raise UsageError(f"data: {source} has no usable pairs (ties are dropped)")
+    if data is not None:
+        _require_a_readable_pair(records, source)
     return records
+
+
+def _describe_unreadable(image: object, error: UnreadableImage) -> str:
+    if isinstance(image, Path) and not image.exists():
+        return f"{image.name} is missing from {image.parent}"
+    return str(error)
+
+
+def _require_a_readable_pair(records: list[PairRecord], source: str) -> None:
+    """Decodes pairs until one has two readable images (usually the first: one pair's decode);
+    otherwise a UsageError now, before the models load, naming the first failure."""
+    first_failure = None
+    for record in records:
+        try:
+            for image in (record.winner, record.loser):
+                failed_image = image
+                _open_image(image)
+        except UnreadableImage as error:
+            if first_failure is None:
+                first_failure = f"{record.where}: {_describe_unreadable(failed_image, error)}"
+            continue
+        return
+    raise UsageError(
+        f"data: no pair in {source} has two readable images (first: {first_failure}); check "
+        "the image paths, which are relative to the manifest's folder"
+        if str(source).endswith(".jsonl")
+        else f"data: no pair in {source} has two readable images (first: {first_failure})"
+    )
 
 
 def _mix(*values: int) -> int:
@@ -318,7 +414,7 @@ class PairBatches:
         # every collective.
         self.batches_per_epoch = len(records) // (world_size * batch_pairs)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UsageError(
                 f"data: {len(records)} usable pairs is fewer than one batch of {batch_pairs} pairs "
                 f"on each of {world_size} processes; lower --train-batch-pairs or add data"
             )
@@ -341,7 +437,7 @@ class PairBatches:
             except UnreadableImage:
                 continue
             return winner, loser, record.caption, offset
-        raise ValueError("data: no pair has two readable images")
+        raise UsageError("data: no pair has two readable images")
 
     def batch(self, epoch: int, batch_index: int) -> Batch:
         generator = generator_for(self.seed, 2, epoch, self.rank, batch_index)
