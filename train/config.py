@@ -620,6 +620,7 @@ def presets_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sdpo-train",
+        usage="sdpo-train [--preset NAME] [--config FILE.yaml] [--FLAG VALUE ...]",
         description="Preference alignment of diffusion models: Diffusion-DPO, DSPO, DMPO, with "
         "the SDPO safeguard. Settings come from a --preset, then a --config YAML file (keys as "
         "the flags, with underscores), then these flags.",
@@ -630,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # --learn is not silently --learning-rate: it gets a did-you-mean
     )
-    parser.add_argument("--config", help="YAML file of settings (keys as the flags)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of settings (keys as the flags)"
+    )
     parser.add_argument("--list-presets", action=_ListPresets, help="list the presets and exit")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, spec in FIELDS.items():
@@ -650,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             metavar = {int: "N", float: "X", str: "TEXT"}[spec.kind]
             if spec.choices:
-                metavar = "{" + ",".join(spec.choices) + "}"
+                metavar = name.upper()  # the choices are in the help text
             group.add_argument(
                 flag,
                 dest=name,
@@ -739,13 +742,12 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         given["resume"] = True
     yaml_values = _from_yaml(arguments.config) if arguments.config else {}
     config = TrainConfig()
-    preset = given.get("preset", yaml_values.get("preset"))
+    if "preset" in given:
+        preset = check_value("preset", given["preset"], "--preset (sdpo-train --list-presets)")
+    else:
+        label = f"{arguments.config}: preset (sdpo-train --list-presets)"
+        preset = check_value("preset", yaml_values.get("preset"), label)
     if preset is not None:
-        if preset not in PRESETS:
-            raise UsageError(
-                f"preset: unknown {preset!r}; expected one of {', '.join(PRESETS)} "
-                "(sdpo-train --list-presets)"
-            )
         apply_mapping(config, PRESETS[preset], f"preset {preset}")
     apply_mapping(config, yaml_values, arguments.config or "config")
     for name, value in given.items():
