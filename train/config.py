@@ -378,7 +378,10 @@ def check_value(name: str, value: Any, label: str) -> Any:
     if not value.strip():
         raise refuse("an empty string")
     if spec.choices and value not in spec.choices:
-        raise UsageError(f"{label}: unknown {value!r}; expected one of {', '.join(spec.choices)}")
+        listing = " (sdpo-train --list-presets)" if name == "preset" else ""
+        raise UsageError(
+            f"{label}: unknown {value!r}; expected one of {', '.join(spec.choices)}{listing}"
+        )
     if spec.check is not None:
         try:
             spec.check(value)
@@ -530,16 +533,22 @@ _YAML_ALIASES = {
     "dataloader_num_workers": "num_workers",
     "pretrained_model_name_or_path": "pretrained",
 }
-_ALIAS_HELP = (
-    "diffusers-style spellings are accepted: every --foo-bar also as --foo_bar, and "
-    "--train_batch_size (--train-batch-pairs), --gradient_accumulation_steps "
-    "(--gradient-accumulation), --max_train_steps (--max-steps), --checkpointing_steps "
-    "(--checkpoint-every), --lr_warmup_steps (--warmup-steps), --adam_weight_decay "
-    "(--weight-decay), --dataloader_num_workers (--num-workers), --pretrained_model_name_or_path "
-    "(--pretrained), --use_adafactor, --enable_xformers_memory_efficient_attention, "
-    "--resume_from_checkpoint latest (--resume), and --beta_dpo X, which sets --beta 2X (the "
-    "diffusers example's loss has no 1/2 on the margin; ours has, so its beta_dpo 2500 is our 5000)"
-)
+_ALIAS_HELP = """aliases (the diffusers DPO example's spellings):
+  every --foo-bar flag is also --foo_bar
+  --train_batch_size N                  --train-batch-pairs N
+  --gradient_accumulation_steps N       --gradient-accumulation N
+  --max_train_steps N                   --max-steps N
+  --checkpointing_steps N               --checkpoint-every N
+  --lr_warmup_steps N                   --warmup-steps N
+  --adam_weight_decay X                 --weight-decay X
+  --dataloader_num_workers N            --num-workers N
+  --pretrained_model_name_or_path P     --pretrained P
+  --use_adafactor                       --optimizer adafactor
+  --enable_xformers_memory_efficient_attention   --attention xformers
+  --resume_from_checkpoint latest       --resume
+  --beta_dpo X                          --beta 2X (their loss has no 1/2 on the margin; ours
+                                        has, so their beta_dpo 2500 is our beta 5000)
+"""
 
 
 def _rewrite_aliases(argv: list[str]) -> list[str]:
@@ -743,10 +752,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     yaml_values = _from_yaml(arguments.config) if arguments.config else {}
     config = TrainConfig()
     if "preset" in given:
-        preset = check_value("preset", given["preset"], "--preset (sdpo-train --list-presets)")
+        preset = check_value("preset", given["preset"], "--preset")
     else:
-        label = f"{arguments.config}: preset (sdpo-train --list-presets)"
-        preset = check_value("preset", yaml_values.get("preset"), label)
+        preset = check_value("preset", yaml_values.get("preset"), f"{arguments.config}: preset")
     if preset is not None:
         apply_mapping(config, PRESETS[preset], f"preset {preset}")
     apply_mapping(config, yaml_values, arguments.config or "config")
