@@ -321,7 +321,7 @@ def _describe(spec: FieldSpec) -> str:
         low = int(spec.low) if float(spec.low).is_integer() else spec.low
         high = int(spec.high) if float(spec.high).is_integer() else spec.high
         if spec.high > 2**62:
-            words += f" >= {low}"
+            words += f" in [{low}, 2**63)"
         else:
             words += (
                 f" in {'(' if spec.low_open else '['}{low}, {high}{')' if spec.high_open else ']'}"
