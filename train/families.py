@@ -52,8 +52,11 @@ class FlowFamily:
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.scheduler = self.training_scheduler(pipeline.scheduler)
         self.check_resolution(resolution)
+        # Frozen and in eval mode: T5's dropout (0.1 by default) would otherwise perturb every
+        # text embedding of a freshly built model.
         for module in (self.vae, *self.text_encoders()):
             module.requires_grad_(False)
+            module.eval()
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -494,7 +497,7 @@ def load(
     pipeline_class = getattr(diffusers, family.pipeline_class_name)
     try:
         pipeline = pipeline_class.from_pretrained(
-            str(folder), local_files_only=not allow_download, torch_dtype=dtype
+            str(folder), local_files_only=not allow_download, dtype=dtype
         )
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
