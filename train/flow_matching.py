@@ -31,9 +31,10 @@ beta_i = beta w_i) and the pair's gradient is scaled through sigmoid(-w_i u_i). 
 scaling the predictions and the target of both rows by sqrt(w_i), which leaves preference_loss
 unchanged. The safeguard: e_w and e_l of a pair are both scaled by sqrt(w_i), so with
 ``granularity="pair"`` lambda_i = (1 - mu) S_ww / S_wl is invariant; with "batch" or "group:G"
-lambda becomes (1 - mu) sum_i w_i S_ww,i / sum_i w_i S_wl,i, a w-weighted pooling (the
-first-order bound then holds for the w-weighted winner error sum_i w_i L_w,i). Weighting
-"none", the SD3 script's default, leaves everything as in the DDPM path. docs/flow_matching.md
+lambda becomes (1 - mu) sum_i w_i S_ww,i / sum_i w_i S_wl,i, while the exact first-order bound
+for the weighted winner error sum_i w_i L_w,i would pool with w_i^2: the two agree only when w
+is constant over the group, so use "pair" with a non-trivial weighting. Weighting "none", the
+SD3 script's default, leaves everything as in the DDPM path. docs/flow_matching.md
 has the derivation and the choice for presets.
 """
 
