@@ -51,6 +51,7 @@ class FlowFamily:
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.scheduler = self.training_scheduler(pipeline.scheduler)
+        self.sigma_tables: dict = {}  # the scheduler's training table per device
         self.check_resolution(resolution)
         # Frozen and in eval mode: T5's dropout (0.1 by default) would otherwise perturb every
         # text embedding of a freshly built model.
@@ -569,6 +570,7 @@ def flow_preference_inputs(
         generator,
         latents.device,
         image_seq_len=family.image_seq_len(latents),
+        table_cache=family.sigma_tables,
     )
     noisy = flow_matching.noisy_latents(latents, noise, sigmas)
     target = flow_matching.velocity_target(latents, noise)
@@ -596,6 +598,80 @@ def make_reference(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
         reference = reference.to(dtype)
     reference.requires_grad_(False)
     return reference.eval()
+
+
+# --- the published transformer architectures (random weights: profiling, memory) --------
+# SD3.5: the transformer config.json values (Medium as in hao-ai-lab/FastVideo
+# fastvideo/configs/models/dits/sd3.py; Large: 8.06B parameters, Stability's stated 8.1B).
+_SD35_COMMON = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "attention_head_dim": 64,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+    "qk_norm": "rms_norm",
+}
+PUBLISHED_TRANSFORMERS: dict[str, tuple[str, dict]] = {
+    "sd3.5-medium": (
+        "SD3Transformer2DModel",
+        {
+            **_SD35_COMMON,
+            "num_layers": 24,
+            "num_attention_heads": 24,
+            "caption_projection_dim": 1536,
+            "pos_embed_max_size": 384,
+            "dual_attention_layers": tuple(range(13)),
+        },
+    ),
+    "sd3.5-large": (
+        "SD3Transformer2DModel",
+        {
+            **_SD35_COMMON,
+            "num_layers": 38,
+            "num_attention_heads": 38,
+            "caption_projection_dim": 2432,
+            "pos_embed_max_size": 192,
+            "dual_attention_layers": (),
+        },
+    ),
+    # FLUX.1-dev: diffusers' defaults plus the guidance embedding, as
+    # scripts/convert_flux_to_diffusers.py builds it.
+    "flux.1-dev": ("FluxTransformer2DModel", {"guidance_embeds": True}),
+    # Wan 2.1 T2V 1.3B: scripts/convert_wan_to_diffusers.py, "Wan-T2V-1.3B".
+    "wan2.1-t2v-1.3b": (
+        "WanTransformer3DModel",
+        {
+            "added_kv_proj_dim": None,
+            "attention_head_dim": 128,
+            "cross_attn_norm": True,
+            "eps": 1e-06,
+            "ffn_dim": 8960,
+            "freq_dim": 256,
+            "in_channels": 16,
+            "num_attention_heads": 12,
+            "num_layers": 30,
+            "out_channels": 16,
+            "patch_size": (1, 2, 2),
+            "qk_norm": "rms_norm_across_heads",
+            "text_dim": 4096,
+        },
+    ),
+}
+
+
+def build_published_transformer(name: str) -> nn.Module:
+    """The named architecture with random weights, on the current default device
+    (``with torch.device("meta"):`` counts parameters without allocating)."""
+    import diffusers
+
+    if name not in PUBLISHED_TRANSFORMERS:
+        raise ValueError(
+            f"model: unknown {name!r}; expected one of {', '.join(PUBLISHED_TRANSFORMERS)}"
+        )
+    class_name, config = PUBLISHED_TRANSFORMERS[name]
+    return getattr(diffusers, class_name)(**config)
 
 
 # --- tiny components (built in code, nothing downloaded) ---------------------------------

@@ -151,18 +151,28 @@ def sample_pair_sigmas(
     generator: torch.Generator | None,
     device: torch.device | str,
     image_seq_len: int | None = None,
+    table_cache: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(sigmas, timesteps), each (B,) fp32 on ``device``: one draw per pair.
 
     ``timesteps`` is what SD3 and Wan transformers take (sigma * T); FLUX takes sigma itself.
     u = 1 (reachable by "mode" when torch.rand returns 0) would index past the table, where the
-    scripts would fail; it is clamped to the last entry.
+    scripts would fail; it is clamped to the last entry. The lookup runs on the generator's
+    device with no host sync; ``table_cache`` (a dict the caller keeps) holds the table there so
+    it is copied once, not every step.
     """
     sigmas_table, timesteps_table, steps = _training_table(scheduler)
     u = sample_density(density, batch_pairs, generator)
-    indices = (u * steps).long().clamp_(0, steps - 1).cpu()
-    sigmas = sigmas_table[indices].to(torch.float32)
-    timesteps = timesteps_table[indices].to(torch.float32)
+    indices = (u * steps).long().clamp_(0, steps - 1)
+    cache = table_cache if table_cache is not None else {}
+    if indices.device not in cache:
+        cache[indices.device] = (
+            sigmas_table.to(indices.device, torch.float32),
+            timesteps_table.to(indices.device, torch.float32),
+        )
+    sigmas_on_device, timesteps_on_device = cache[indices.device]
+    sigmas = sigmas_on_device[indices]
+    timesteps = timesteps_on_device[indices]
     if density.dynamic_shift:
         if not scheduler.config.get("use_dynamic_shifting", False):
             raise ValueError(
@@ -245,4 +255,15 @@ def _check_pairs(latents: Tensor, noise: Tensor, sigmas: Tensor) -> None:
     if tuple(sigmas.shape) != (batch_pairs,):
         raise ValueError(
             f"sigmas: expected ({batch_pairs},), one per pair, got {tuple(sigmas.shape)}"
+        )
+
+
+def refuse_timestep_weighting(mode: str) -> None:
+    """The trainer's ``--timestep-weighting`` (sdpo.timesteps: DPO-C&M, importance weights) is
+    derived for DDPM's Gaussian reverse steps; refuse it for flow-matching models."""
+    if mode != "none":
+        raise ValueError(
+            f"timestep_weighting: {mode!r} is derived for DDPM's Gaussian reverse steps (it needs "
+            "scheduler.betas); flow-matching models (SD3, FLUX, Wan) sample with a deterministic "
+            "ODE, where that ratio is undefined: use --timestep-weighting none"
         )

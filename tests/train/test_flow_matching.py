@@ -429,3 +429,39 @@ def test_wan_latents_invert_the_pipelines_denormalisation():
     inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, 16, 1, 1, 1)
     torch.testing.assert_close(latents / inverse_std + mean, sample)
     assert family.scheduler.config.shift == 3.0  # the shipped UniPC scheduler's flow_shift
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [
+        ("sd3.5-medium", 2_243_171_520),
+        ("sd3.5-large", 8_056_627_520),
+        ("flux.1-dev", 11_901_408_320),
+        ("wan2.1-t2v-1.3b", 1_418_996_800),
+    ],
+)
+def test_published_architectures_have_the_documented_parameter_counts(name, parameters):
+    # The counts quoted in docs/flow_matching.md, built on the meta device (no memory).
+    with torch.device("meta"):
+        model = families.build_published_transformer(name)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_timestep_weighting_is_refused_for_flow_models():
+    flow_matching.refuse_timestep_weighting("none")
+    with pytest.raises(ValueError, match="deterministic ODE"):
+        flow_matching.refuse_timestep_weighting("dpo-cm")
+
+
+def test_sigma_tables_are_cached_per_device():
+    family = families.FluxFamily.build_tiny(16, seed=0)
+    cache: dict = {}
+    first, _ = flow_matching.sample_pair_sigmas(
+        family.scheduler, 4, FlowDensity(), torch.Generator().manual_seed(0), CPU, table_cache=cache
+    )
+    tables = cache[CPU]
+    second, _ = flow_matching.sample_pair_sigmas(
+        family.scheduler, 4, FlowDensity(), torch.Generator().manual_seed(0), CPU, table_cache=cache
+    )
+    assert cache[CPU] is tables
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
