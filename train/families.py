@@ -99,6 +99,11 @@ class FlowFamily:
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
+        layout = "(N, 3, F, H, W) videos" if self.pixel_dims == 5 else "(N, 3, H, W) images"
+        if pixels.dim() != self.pixel_dims or pixels.shape[1] != 3:
+            raise ValueError(
+                f"pixels: {self.name} encodes {layout} in [-1, 1], got {tuple(pixels.shape)}"
+            )
         distribution = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         sample = distribution.mean + distribution.std * torch.randn(
             distribution.mean.shape,
@@ -125,6 +130,24 @@ class FlowFamily:
     ) -> Tensor:
         raise NotImplementedError
 
+    # What encode_text returns, and the pixel tensor rank encode_images takes.
+    conditioning_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_projections")
+    pixel_dims: ClassVar[int] = 4
+
+    def check_conditioning(self, conditioning: dict[str, Tensor], rows: int) -> None:
+        missing = [key for key in self.conditioning_keys if key not in conditioning]
+        if missing:
+            raise ValueError(
+                f"conditioning: {self.name} needs {', '.join(self.conditioning_keys)}; missing "
+                f"{', '.join(missing)} (use family.encode_text)"
+            )
+        for key in self.conditioning_keys:
+            if conditioning[key].shape[0] != rows:
+                raise ValueError(
+                    f"conditioning[{key!r}]: expected {rows} rows (one per pair), got "
+                    f"{conditioning[key].shape[0]}"
+                )
+
     def timestep_scale(self) -> float:
         return float(self.scheduler.config.num_train_timesteps)
 
@@ -144,6 +167,27 @@ class FlowFamily:
         raise NotImplementedError
 
 
+def base_module(model: nn.Module) -> nn.Module:
+    """The diffusers model inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers:
+    its ``dtype`` and ``config`` are read there, while the forward goes through the wrapper."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _check_captions(captions: list[str]) -> None:
+    if (
+        isinstance(captions, str)
+        or not captions
+        or not all(isinstance(caption, str) for caption in captions)
+    ):
+        raise ValueError(
+            f"captions: expected a non-empty list of strings, got {type(captions).__name__}"
+        )
+
+
 def _cast(conditioning: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     return {key: value.to(dtype) for key, value in conditioning.items()}
 
@@ -157,6 +201,7 @@ class SD3Family(FlowFamily):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        _check_captions(captions)
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=list(captions),
             prompt_2=None,
@@ -168,7 +213,7 @@ class SD3Family(FlowFamily):
         return {"prompt_embeds": prompt_embeds, "pooled_projections": pooled}
 
     def prediction(self, model, noisy_rows, sigma_rows, conditioning_rows):
-        dtype = model.dtype
+        dtype = base_module(model).dtype
         rows = _cast(conditioning_rows, dtype)
         return model(
             hidden_states=noisy_rows.to(dtype),
@@ -230,6 +275,7 @@ class FluxFamily(FlowFamily):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        _check_captions(captions)
         prompt_embeds, pooled, _text_ids = self.pipeline.encode_prompt(
             prompt=list(captions),
             prompt_2=None,
@@ -266,7 +312,7 @@ class FluxFamily(FlowFamily):
         return torch.stack([zeros, grid_rows, grid_columns], dim=-1).reshape(-1, 3)
 
     def prediction(self, model, noisy_rows, sigma_rows, conditioning_rows):
-        dtype = model.dtype
+        dtype = base_module(model).dtype
         rows = _cast(conditioning_rows, dtype)
         height, width = noisy_rows.shape[-2:]
         if height % 2 or width % 2:
@@ -275,7 +321,7 @@ class FluxFamily(FlowFamily):
         device = noisy_rows.device
         guidance = (
             torch.full((count,), self.guidance_scale, device=device, dtype=torch.float32)
-            if model.config.guidance_embeds
+            if base_module(model).config.guidance_embeds
             else None
         )
         text_length = rows["prompt_embeds"].shape[1]
@@ -341,6 +387,8 @@ class WanFamily(FlowFamily):
     name = "wan"
     pipeline_class_name = "WanPipeline"
     default_max_sequence_length = 512
+    conditioning_keys = ("prompt_embeds",)
+    pixel_dims = 5
 
     @staticmethod
     def training_scheduler(shipped):
@@ -367,6 +415,7 @@ class WanFamily(FlowFamily):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        _check_captions(captions)
         prompt_embeds, _ = self.pipeline.encode_prompt(
             prompt=list(captions),
             do_classifier_free_guidance=False,
@@ -385,7 +434,7 @@ class WanFamily(FlowFamily):
         return latents.shape[2] * (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     def prediction(self, model, noisy_rows, sigma_rows, conditioning_rows):
-        dtype = model.dtype
+        dtype = base_module(model).dtype
         rows = _cast(conditioning_rows, dtype)
         return model(
             hidden_states=noisy_rows.to(dtype),
@@ -551,12 +600,7 @@ def flow_preference_inputs(
             f"latents: expected (2B, C, ...) with the B winners first, got {tuple(latents.shape)}"
         )
     batch_pairs = latents.shape[0] // 2
-    for key, value in conditioning.items():
-        if value.shape[0] != batch_pairs:
-            raise ValueError(
-                f"conditioning[{key!r}]: expected {batch_pairs} rows (one per pair), got "
-                f"{value.shape[0]}"
-            )
+    family.check_conditioning(conditioning, batch_pairs)
     noise = torch.randn(
         (batch_pairs, *latents.shape[1:]),
         generator=generator,

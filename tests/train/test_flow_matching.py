@@ -465,3 +465,48 @@ def test_sigma_tables_are_cached_per_device():
     )
     assert cache[CPU] is tables
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+class Wrapped(torch.nn.Module):
+    """Like DDP: the model under ``.module``, no ``dtype`` or ``config`` of its own."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_prediction_reads_dtype_and_config_through_wrappers(case):
+    family, latents, conditioning = case
+    rows = {k: flow_matching.repeat_pairs(v) for k, v in conditioning.items()}
+    sigmas = torch.full((latents.shape[0],), 0.5)
+    with torch.no_grad():
+        direct = family.prediction(family.transformer, latents, sigmas, rows)
+        wrapped = family.prediction(Wrapped(family.transformer), latents, sigmas, rows)
+    torch.testing.assert_close(wrapped, direct, rtol=0, atol=0)
+
+
+def test_bad_inputs_get_one_line_errors(case):
+    family, latents, conditioning = case
+    with pytest.raises(ValueError, match="captions"):
+        family.encode_text("a red circle", CPU)
+    with pytest.raises(ValueError, match="pixels"):
+        family.encode_images(torch.zeros(2, 3, 4), None)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        families.flow_preference_inputs(
+            family, family.transformer, family.transformer, latents, {}, None, FlowDensity()
+        )
+    with pytest.raises(ValueError, match="one per pair"):
+        families.flow_preference_inputs(
+            family,
+            family.transformer,
+            family.transformer,
+            latents,
+            {k: v[:1] for k, v in conditioning.items()},
+            None,
+            FlowDensity(),
+        )
+    with pytest.raises(ValueError, match="resolution"):
+        type(family).from_pipeline(family.pipeline, family.resolution + 1)
