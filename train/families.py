@@ -27,10 +27,10 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from train import flow_matching
-from train.flow_matching import FlowDensity, repeat_pairs
+from sdpo.train import flow_matching
+from sdpo.train.flow_matching import FlowDensity, repeat_pairs
 
-# Tiny models: the tiny preset's word-level vocabulary (train.models), 12-token CLIP inputs.
+# Tiny models: the tiny preset's word-level vocabulary (sdpo.train.models), 12-token CLIP inputs.
 TINY_CLIP_LENGTH = 12
 TINY_T5_LENGTH = 16
 TINY_HIDDEN = 32
@@ -720,13 +720,13 @@ def build_published_transformer(name: str) -> nn.Module:
 
 # --- tiny components (built in code, nothing downloaded) ---------------------------------
 def _tiny_vocab_size() -> int:
-    from train.models import tiny_vocabulary
+    from sdpo.train.models import tiny_vocabulary
 
     return len(tiny_vocabulary())
 
 
 def _tiny_tokenizer(max_length: int):
-    from train.models import build_tiny_tokenizer
+    from sdpo.train.models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = max_length

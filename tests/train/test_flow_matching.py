@@ -12,8 +12,8 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 import sdpo
-from train import families, flow_matching
-from train.flow_matching import FlowDensity
+from sdpo.train import families, flow_matching
+from sdpo.train.flow_matching import FlowDensity
 
 CPU = torch.device("cpu")
 CAPTIONS = ["a red circle on a blue background", "a green square"]
