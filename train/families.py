@@ -61,7 +61,9 @@ class FlowFamily:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_pipeline(cls, pipeline, resolution: int, max_sequence_length: int | None = None):
+    def from_pipeline(
+        cls, pipeline, resolution: int, max_sequence_length: int | None = None
+    ) -> FlowFamily:
         return cls(pipeline, resolution, max_sequence_length)
 
     @staticmethod
@@ -153,7 +155,7 @@ class FlowFamily:
 
     # --- tiny models --------------------------------------------------------------------
     @classmethod
-    def build_tiny(cls, resolution: int, seed: int):
+    def build_tiny(cls, resolution: int, seed: int) -> FlowFamily:
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
@@ -212,7 +214,13 @@ class SD3Family(FlowFamily):
         )
         return {"prompt_embeds": prompt_embeds, "pooled_projections": pooled}
 
-    def prediction(self, model, noisy_rows, sigma_rows, conditioning_rows):
+    def prediction(
+        self,
+        model: nn.Module,
+        noisy_rows: Tensor,
+        sigma_rows: Tensor,
+        conditioning_rows: dict[str, Tensor],
+    ) -> Tensor:
         dtype = base_module(model).dtype
         rows = _cast(conditioning_rows, dtype)
         return model(
@@ -311,7 +319,13 @@ class FluxFamily(FlowFamily):
         zeros = torch.zeros_like(grid_rows)
         return torch.stack([zeros, grid_rows, grid_columns], dim=-1).reshape(-1, 3)
 
-    def prediction(self, model, noisy_rows, sigma_rows, conditioning_rows):
+    def prediction(
+        self,
+        model: nn.Module,
+        noisy_rows: Tensor,
+        sigma_rows: Tensor,
+        conditioning_rows: dict[str, Tensor],
+    ) -> Tensor:
         dtype = base_module(model).dtype
         rows = _cast(conditioning_rows, dtype)
         height, width = noisy_rows.shape[-2:]
@@ -433,7 +447,13 @@ class WanFamily(FlowFamily):
     def image_seq_len(self, latents: Tensor) -> int:
         return latents.shape[2] * (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
-    def prediction(self, model, noisy_rows, sigma_rows, conditioning_rows):
+    def prediction(
+        self,
+        model: nn.Module,
+        noisy_rows: Tensor,
+        sigma_rows: Tensor,
+        conditioning_rows: dict[str, Tensor],
+    ) -> Tensor:
         dtype = base_module(model).dtype
         rows = _cast(conditioning_rows, dtype)
         return model(
