@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -174,3 +175,27 @@ def test_pytest_summary_line_is_found():
         == "3 passed, 1 failed in 2.00s"
     )
     assert gpu_check._pytest_summary("no tests ran") == ""
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def test_toolchain_matrix_oldest_leg_is_the_declared_triton_bound():
+    pyproject = (REPOSITORY / "pyproject.toml").read_text()
+    declared = re.search(r'"triton>=([\d.]+)', pyproject).group(1)
+    matrix = (REPOSITORY / "tests" / "toolchain_matrix.sh").read_text()
+    oldest = re.search(r'"([\d.]+):oldest declared', matrix).group(1)
+    # pyproject says ">=3.7"; the leg installs exactly 3.7.0, the oldest release that allows.
+    assert oldest.split(".")[: len(declared.split("."))] == declared.split(".")
+    assert oldest.endswith(".0")
+
+
+def test_toolchain_matrix_refuses_a_version_it_has_no_leg_for():
+    completed = subprocess.run(
+        ["bash", str(REPOSITORY / "tests" / "toolchain_matrix.sh"), "9.9.9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 2
+    assert "no leg for Triton 9.9.9" in completed.stderr
