@@ -857,8 +857,11 @@ def install_wheels(driver: Driver, wheels: Path) -> Path:
         raise SystemExit(
             f"gpu_check: --wheels {wheels} holds no .whl files (profiling/wheelhouse.sh)"
         )
+    # By name from the folder, not by file: it holds wheels for several Pythons, and pip picks
+    # the one this interpreter can use.
+    names = sorted({Path(file).name.split("-")[0] for file in files})
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps"]
-    command += ["--upgrade", "--target", str(site), *files]
+    command += ["--upgrade", "--find-links", str(wheels), "--target", str(site), *names]
     run = driver.run_command(command, max(30, min(120, driver.left_s() / 4)))
     driver.results["install"] = {k: run[k] for k in ("command", "rc", "seconds")}
     if run["rc"] != 0:
