@@ -8,11 +8,12 @@
 #
 #   bash profiling/wheelhouse.sh DIR [--python 3.11|3.12] [--full]
 #
-# Default set (16 MB for Python 3.12, 26 MB for 3.11 and 3.12): diffusers and its imports missing from the image
-# (importlib_metadata, zipp, pillow) and nvtx. --full adds what only real-data training and
-# sdpo-eval use (pyarrow, matplotlib, tensorboard and their dependencies; 99 MB in all for 3.12).
-# On the GPU node, profiling/gpu_check.sh --wheels DIR installs them with
-# `pip install --no-index --no-deps --target DIR/site`, leaving the image untouched.
+# Default set (16 MB for Python 3.12, 26 MB for 3.11 and 3.12): diffusers and its imports
+# missing from the image (importlib_metadata, zipp, pillow) and nvtx. --full adds what only
+# real-data training and sdpo-eval use (pyarrow, matplotlib, tensorboard and their
+# dependencies; 99 MB in all for 3.12). On the GPU node, profiling/gpu_check.sh --wheels DIR
+# installs them with `pip install --no-index --no-deps --find-links DIR --target DIR/site`,
+# leaving the image untouched.
 set -euo pipefail
 
 usage="usage: bash profiling/wheelhouse.sh DIR [--python 3.11|3.12 ...] [--full]"
