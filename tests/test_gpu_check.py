@@ -199,3 +199,83 @@ def test_toolchain_matrix_refuses_a_version_it_has_no_leg_for():
     )
     assert completed.returncode == 2
     assert "no leg for Triton 9.9.9" in completed.stderr
+
+
+def fake_trainer(tmp_path: Path, outcomes: dict, monkeypatch) -> gpu_check.PhaseContext:
+    """A trainer phase whose runs write chosen metrics and weights instead of training.
+
+    ``outcomes[variant]`` = (exit code, loss scale, final weight); eager ends at weight 1.0 after
+    a last step from 0.9 (so a step moved each of its 4 elements by 0.1: distance 0.2)."""
+    import torch
+    from safetensors.torch import save_file
+
+    arguments = argparse_namespace(tmp_path)
+    context = gpu_check.PhaseContext(arguments)
+
+    def command(command, timeout_s, env=None):
+        output = Path(command[command.index("--output-dir") + 1])
+        variant = output.name.removeprefix("train-")
+        rc, loss_scale, weight = outcomes[variant]
+        if rc == 0:
+            (output / "unet").mkdir(parents=True)
+            rows = [
+                {"step": step, "loss": 0.69 * loss_scale, "model_mse_w": 1.0, "model_mse_l": 1.1}
+                for step in (1, 2, 3)
+            ]
+            (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            save_file({"w": torch.full((4,), weight)}, str(output / "unet" / "model.safetensors"))
+            if "--checkpoint-every" in command:
+                folder = output / "checkpoint-2"
+                folder.mkdir()
+                save_file({"w": torch.full((4,), 0.9)}, str(folder / "model.safetensors"))
+        return {"command": " ".join(command), "rc": rc}
+
+    monkeypatch.setattr(context, "command", command)
+    return context
+
+
+def argparse_namespace(tmp_path: Path):
+    import argparse
+
+    return argparse.Namespace(
+        deadline=time.time() + 600,
+        result=str(tmp_path / "trainer.json"),
+        scratch=str(tmp_path),
+        out=str(tmp_path),
+        dry_run=False,
+    )
+
+
+def test_trainer_comparison_accepts_bf16_noise_and_catches_a_lost_micro_batch(
+    tmp_path, monkeypatch
+):
+    # compile: 0.5% loss noise, weights 0.01 off per element (distance 0.02 = 0.1 x the step).
+    # cuda-graphs: weights half a step off (what dropping one of two micro-batches looks like).
+    outcomes = {"eager": (0, 1.0, 1.0), "compile": (0, 1.005, 1.01), "cuda-graphs": (0, 1.0, 1.05)}
+    context = fake_trainer(tmp_path, outcomes, monkeypatch)
+    with pytest.raises(
+        SystemExit, match=r"cuda-graphs: metric error 0\.0, weight distance 0\.09999"
+    ):
+        gpu_check.phase_trainer(context)
+    runs = context.result["runs"]
+    assert context.result["eager_last_step_distance"] == pytest.approx(0.2)
+    assert runs["compile"]["matches_eager"] is True
+    assert runs["cuda-graphs"]["matches_eager"] is False
+
+
+def test_trainer_comparison_catches_a_loss_off_by_more_than_two_percent(tmp_path, monkeypatch):
+    outcomes = {"eager": (0, 1.0, 1.0), "compile": (0, 1.03, 1.0), "cuda-graphs": (0, 1.0, 1.0)}
+    context = fake_trainer(tmp_path, outcomes, monkeypatch)
+    with pytest.raises(SystemExit, match=r"compile: metric error 0\.03"):
+        gpu_check.phase_trainer(context)
+
+
+def test_trainer_records_a_failing_variant_and_a_timed_out_one(tmp_path, monkeypatch):
+    outcomes = {"eager": (0, 1.0, 1.0), "compile": (None, 1.0, 1.0), "cuda-graphs": (1, 1.0, 1.0)}
+    context = fake_trainer(tmp_path, outcomes, monkeypatch)
+    with pytest.raises(SystemExit, match="cuda-graphs: exit 1"):
+        gpu_check.phase_trainer(context)
+    outcomes["cuda-graphs"] = (0, 1.0, 1.0)
+    context = fake_trainer(tmp_path / "again", outcomes, monkeypatch)
+    gpu_check.phase_trainer(context)
+    assert context.result["status"] == "ok, but no verdict for compile (timed out)"
