@@ -9,8 +9,9 @@
 #
 # Each leg installs that Triton alone (--no-deps) into .toolchain/triton-VERSION and puts it
 # first on PYTHONPATH, so it shares the venv's torch (the CPU torch wheel does not pin Triton).
-# Cost on 2 CPU cores: ~1 min to download each Triton (~250 MB wheel) the first time, then
-# ~0.5 min for the interpreter tests and ~1-2 min for the compiles per leg.
+# Cost per leg, measured on 2 busy CPU cores: ~1 min to download Triton (~250 MB) the first
+# time, 3-4 min for the interpreter tests, 0.5-2 min for the compiles (less with a warm
+# ~/.triton cache); 9.5 min for both legs.
 # Torch: only the CPU build of the pinned version is installable in CI (PyPI's older x86_64
 # torch wheels are multi-GB CUDA builds), so pyproject's torch bound is that version.
 set -uo pipefail
