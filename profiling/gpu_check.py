@@ -299,8 +299,11 @@ def phase_environment(context: PhaseContext) -> None:
     megabytes, matmul_n = (16, 256) if context.dry_run else (1024, 8192)
     result["copy_bandwidth_gbps"] = round(copy_bandwidth_gbps(device, megabytes), 1)
     context.save()
-    result["bf16_matmul_tflops"] = round(matmul_tflops(device, matmul_n), 2)
+    result["matmul_tflops"] = round(matmul_tflops(device, matmul_n), 2)
+    result["matmul"] = f"{matmul_n}^3, {'bf16' if device.type == 'cuda' else 'fp32 (CPU)'}"
     context.save()
+    for key, value in result.items():
+        context.say(f"{key}: {value}")
     missing = [name for name, info in versions.items() if "error" in info]
     if missing:
         raise SystemExit(f"environment: cannot import {', '.join(missing)} (see the wheelhouse)")
@@ -798,7 +801,9 @@ def markdown(results: dict) -> str:
         for module, info in environment["imports"].items():
             lines.append(f"- {module}: {info.get('version', info.get('error'))}")
         lines.append(f"- copy bandwidth: {environment.get('copy_bandwidth_gbps')} GB/s")
-        lines.append(f"- bf16 matmul: {environment.get('bf16_matmul_tflops')} TFLOP/s")
+        lines.append(
+            f"- matmul {environment.get('matmul')}: {environment.get('matmul_tflops')} TFLOP/s"
+        )
     build = results["phases"].get("build_and_tests", {})
     if build:
         lines += ["", "## Build and GPU tests", ""]
