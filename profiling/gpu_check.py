@@ -1,0 +1,958 @@
+"""The whole GPU validation as one time-boxed command (entry point: profiling/gpu_check.sh).
+
+    bash profiling/gpu_check.sh --wheels DIR --out OUT [--budget-s 480] [--dry-run]
+
+Phases, in order, each in its own subprocess with a timeout from its share of what is left of
+the budget (time a phase leaves unused goes to the later ones; a phase whose share is below its
+minimum is skipped and says so). A phase that fails or times out is recorded and the next one
+runs; the results are rewritten after every phase.
+
+1. environment: GPU, SM count, driver, CUDA, torch, triton, the wheelhouse imports, measured
+   copy bandwidth and bf16 matmul rate;
+2. build_and_tests: the CUDA C++ twin (cmake, the image's toolkit) and ``pytest -m gpu``;
+3. kernels: fused Triton, CUDA twin, torch eager and compiled, the reference trainer's sequence
+   at the SD1.5 / SDXL / video sizes in bf16 and fp32; device time from CUDA-graph replay of a
+   captured loop (events around the replay), the host time of one eager call separately;
+4. trainer: ``python -m sdpo.train --model sd15 --pretrained random`` eager, ``--compile`` and
+   ``--cuda-graphs``, all with gradient accumulation 2; losses and final weights compared with
+   eager (tolerances below);
+5. overhead: ``sdpo-profile overhead --preset sd15``, one run per variant (eager, compile,
+   cuda-graphs), then sdxl the same way while time is left;
+6. ncu: Nsight Compute over the fused kernels, when ``ncu`` is on PATH.
+
+OUT receives at most four files: gpu_check.json, gpu_check.md, gpu_check.log and (phase 6)
+ncu.csv. Scratch (trainer runs, raw profiler output) lives in a temporary folder.
+
+``--dry-run`` walks the same phases on the CPU at tiny sizes (tiny preset, smoke kernel size,
+Triton under its interpreter) so the script cannot rot; it finishes in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# Modules the check imports that a CUDA PyTorch image may lack; the wheelhouse supplies them.
+IMPORTS = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft", "nvtx", "PIL")
+# Compiled and CUDA-graphed training against eager, bf16 autocast: per-step loss, model_mse_w
+# and model_mse_l within 2% relative (bf16 has 8 mantissa bits, ~0.4% per rounding), and the
+# final weights' distance from eager's at most 0.2 x the distance eager's last optimizer step
+# moved them. The runs use AdamW with epsilon 1, learning rate 1 and no weight decay: with every
+# gradient element far below 1 (the norm is clipped to 1 over 860M weights) the update is
+# lr x gradient, so that ratio is the relative gradient error (bf16: a few %), while a
+# gradient that drops or repeats a micro-batch of the accumulation is off by ~50% or more.
+METRIC_RTOL = 2e-2
+COMPARED_METRICS = ("loss", "model_mse_w", "model_mse_l")
+WEIGHT_STEP_FRACTION = 0.2
+OVERHEAD_VARIANTS = ("eager", "compile", "cuda-graphs")  # sdpo-profile overhead --variants
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    share: float  # of the budget left when the phase starts, over the shares of the phases left
+    minimum_s: float  # below this the phase is skipped rather than started to be killed
+    dry_minimum_s: float
+
+
+PHASES = (
+    Phase("environment", 0.05, 10, 5),
+    Phase("build_and_tests", 0.22, 40, 5),
+    Phase("kernels", 0.16, 30, 5),
+    Phase("trainer", 0.30, 60, 10),
+    Phase("overhead", 0.21, 40, 5),
+    Phase("ncu", 0.06, 20, 1),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: budget, subprocesses, results.
+
+
+class Driver:
+    def __init__(self, out: Path, budget_s: float, dry_run: bool, env: dict[str, str]):
+        self.out = out
+        self.budget_s = budget_s
+        self.dry_run = dry_run
+        self.env = env
+        self.start = time.monotonic()
+        self.scratch = Path(tempfile.mkdtemp(prefix="sdpo-gpu-check-"))
+        self.log_path = out / "gpu_check.log"
+        self.results: dict = {
+            "budget_s": budget_s,
+            "dry_run": dry_run,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "phases": {},
+        }
+
+    def left_s(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def log(self, message: str) -> None:
+        line = f"[gpu-check {time.monotonic() - self.start:6.1f}s] {message}"
+        print(line, flush=True)
+        with open(self.log_path, "a") as handle:
+            handle.write(line + "\n")
+
+    def run_command(self, command: list[str], timeout_s: float, env: dict | None = None) -> dict:
+        """Runs a command in its own process group; its output goes to the log and the console.
+
+        Returns rc (None on timeout), seconds and the last 4000 characters of output."""
+        started = time.monotonic()
+        self.log("$ " + " ".join(command) + f"  (timeout {timeout_s:.0f}s)")
+        with tempfile.TemporaryFile(mode="w+") as capture:
+            process = subprocess.Popen(
+                command,
+                cwd=REPOSITORY,
+                env=env or self.env,
+                stdout=capture,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                rc = process.wait(timeout=max(timeout_s, 1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                rc = None
+            capture.seek(0)
+            output = capture.read()
+        with open(self.log_path, "a") as handle:
+            handle.write(output)
+        sys.stdout.write(output)
+        sys.stdout.flush()
+        return {
+            "command": " ".join(command),
+            "rc": rc,
+            "timed_out": rc is None,
+            "seconds": round(time.monotonic() - started, 1),
+            "output_tail": output[-4000:],
+        }
+
+    def flush(self) -> None:
+        self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        json_path = self.out / "gpu_check.json"
+        json_path.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        (self.out / "gpu_check.md").write_text(markdown(self.results))
+
+    def run_phases(self, phases: tuple[Phase, ...]) -> None:
+        for index, phase in enumerate(phases):
+            shares_left = sum(p.share for p in phases[index:])
+            share_s = self.left_s() * phase.share / shares_left
+            minimum = phase.dry_minimum_s if self.dry_run else phase.minimum_s
+            if share_s < minimum:
+                reason = f"skipped: {share_s:.0f}s of budget left for it, needs >= {minimum:.0f}s"
+                self.log(f"phase {phase.name}: {reason}")
+                self.results["phases"][phase.name] = {"status": "skipped", "reason": reason}
+                self.flush()
+                continue
+            self.log(f"phase {phase.name}: starting, {share_s:.0f}s of {self.left_s():.0f}s left")
+            result_path = self.scratch / f"{phase.name}.json"
+            deadline = time.time() + share_s
+            command = [
+                sys.executable,
+                "-m",
+                "sdpo.profiling.gpu_check",
+                "--phase",
+                phase.name,
+                "--result",
+                str(result_path),
+                "--deadline",
+                f"{deadline:.1f}",
+                "--scratch",
+                str(self.scratch),
+                "--out",
+                str(self.out),
+            ] + (["--dry-run"] if self.dry_run else [])
+            # The phase watches its own deadline; 10 s grace for it to write what it has.
+            run = self.run_command(command, share_s + 10)
+            record = read_json(result_path)
+            if run["timed_out"]:
+                record["status"] = "timed out"
+            elif run["rc"] != 0:
+                record["status"] = f"failed (exit {run['rc']})"
+                record.setdefault("error", run["output_tail"][-1500:])
+            else:
+                record.setdefault("status", "ok")
+            record["seconds"] = run["seconds"]
+            record["share_s"] = round(share_s, 1)
+            self.results["phases"][phase.name] = record
+            self.log(f"phase {phase.name}: {record['status']} in {run['seconds']:.0f}s")
+            self.flush()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases (each runs in its own process: `python -m sdpo.profiling.gpu_check --phase NAME`).
+
+
+class PhaseContext:
+    """What a phase has: its deadline, a result dict written out after every step, scratch."""
+
+    def __init__(self, arguments: argparse.Namespace):
+        self.deadline = arguments.deadline
+        self.result_path = Path(arguments.result)
+        self.scratch = Path(arguments.scratch)
+        self.out = Path(arguments.out)
+        self.dry_run = arguments.dry_run
+        self.result: dict = {}
+
+    def left_s(self) -> float:
+        return self.deadline - time.time()
+
+    def save(self) -> None:
+        self.result_path.write_text(json.dumps(self.result, indent=2, default=str) + "\n")
+
+    def say(self, message: str) -> None:
+        print(f"  {message}", flush=True)
+
+    def command(self, command: list[str], timeout_s: float, env: dict | None = None) -> dict:
+        timeout_s = min(timeout_s, self.left_s())
+        if timeout_s < 1:
+            return {"command": " ".join(command), "rc": None, "skipped": "no time left"}
+        started = time.monotonic()
+        self.say("$ " + " ".join(command) + f"  (timeout {timeout_s:.0f}s)")
+        try:
+            completed = subprocess.run(
+                command,
+                cwd=REPOSITORY,
+                env=env or os.environ.copy(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout_s,
+                start_new_session=True,
+            )
+            rc, output = completed.returncode, completed.stdout
+        except subprocess.TimeoutExpired as expired:
+            rc = None
+            output = expired.stdout.decode() if isinstance(expired.stdout, bytes) else ""
+            output = (output or "") + f"\n(timed out after {timeout_s:.0f}s)"
+        print(output, flush=True)
+        return {
+            "command": " ".join(command),
+            "rc": rc,
+            "seconds": round(time.monotonic() - started, 1),
+            "output_tail": output[-2000:],
+        }
+
+
+def phase_environment(context: PhaseContext) -> None:
+    import platform
+
+    import torch
+
+    result = context.result
+    result["python"] = platform.python_version()
+    versions = {}
+    for module in IMPORTS:
+        try:
+            imported = __import__(module)
+            versions[module] = {
+                "version": getattr(imported, "__version__", None) or _distribution_version(module),
+                "from": str(Path(imported.__file__).parent),
+            }
+        except Exception as error:
+            versions[module] = {"error": f"{type(error).__name__}: {error}"}
+    result["imports"] = versions
+    result["torch_cuda"] = torch.version.cuda
+    result["cuda_available"] = torch.cuda.is_available()
+    nvcc = shutil.which("nvcc")
+    result["nvcc"] = _first_line([nvcc, "--version"], last=True) if nvcc else None
+    result["ncu"] = shutil.which("ncu")
+    result["nsys"] = shutil.which("nsys")
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        result["gpu"] = properties.name
+        result["sm_count"] = properties.multi_processor_count
+        result["compute_capability"] = f"{properties.major}.{properties.minor}"
+        result["memory_gib"] = round(properties.total_memory / 2**30, 1)
+        result["driver"] = _first_line(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        )
+    else:
+        result["gpu"] = None
+    context.save()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    megabytes, matmul_n = (16, 256) if context.dry_run else (1024, 8192)
+    result["copy_bandwidth_gbps"] = round(copy_bandwidth_gbps(device, megabytes), 1)
+    context.save()
+    result["matmul_tflops"] = round(matmul_tflops(device, matmul_n), 2)
+    result["matmul"] = f"{matmul_n}^3, {'bf16' if device.type == 'cuda' else 'fp32 (CPU)'}"
+    context.save()
+    for key, value in result.items():
+        context.say(f"{key}: {value}")
+    missing = [name for name, info in versions.items() if "error" in info]
+    if missing:
+        raise SystemExit(f"environment: cannot import {', '.join(missing)} (see the wheelhouse)")
+
+
+def _distribution_version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version({"PIL": "pillow"}.get(module, module))
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _first_line(command: list[str], last: bool = False) -> str | None:
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if not lines:
+        return None
+    return lines[-1] if last else lines[0]
+
+
+def device_ms(step: Callable[[], object], device, inner: int, rounds: int) -> float:
+    """Median ms per call: CUDA events around ``inner`` calls, or the wall clock on a CPU."""
+    import torch
+
+    from sdpo.profiling import kernel_bench
+
+    if device.type == "cuda":
+        return kernel_bench.time_cuda(step, inner=inner, rounds=rounds)
+    step()
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(inner):
+            step()
+        samples.append((time.perf_counter() - started) * 1e3 / inner)
+    torch.cpu.synchronize()
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device, megabytes: int) -> float:
+    """Bytes read + written per second by ``dst.copy_(src)`` of ``megabytes`` of fp32."""
+    import torch
+
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    destination = torch.empty_like(source)
+    ms = device_ms(lambda: destination.copy_(source), device, inner=10, rounds=5)
+    return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device, n: int) -> float:
+    """bf16 n x n x n matmul rate (2 n^3 flops per call); fp32 on a CPU (bf16 is emulated)."""
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = device_ms(lambda: a @ b, device, inner=10, rounds=5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def gpu_test_files() -> list[str]:
+    """Test files holding a ``pytest.mark.gpu`` test (collecting only those saves ~20 s)."""
+    return sorted(
+        str(path.relative_to(REPOSITORY))
+        for path in (REPOSITORY / "tests").rglob("test_*.py")
+        if "mark.gpu" in path.read_text()
+    )
+
+
+def phase_build_and_tests(context: PhaseContext) -> None:
+    result = context.result
+    jobs = str(max(1, min(16, os.cpu_count() or 1)))
+    configure = ["cmake", "-S", ".", "-B", "build"]
+    if not context.dry_run:
+        configure.append("-DSDPO_REQUIRE_CUDA=ON")
+    if shutil.which("cmake") is None:
+        result["build"] = {"status": "skipped: cmake not on PATH"}
+    else:
+        build = ["cmake", "--build", "build", "-j", jobs]
+        if context.dry_run:  # the CUDA library's nvcc compile alone takes ~60 s on 2 cores
+            build += ["--target", "sdpo_cuda_host"]
+        steps = [context.command(configure, 60), context.command(build, 240)]
+        failed = [step for step in steps if step["rc"] != 0]
+        result["build"] = {"status": "failed" if failed else "ok", "steps": steps}
+        library = REPOSITORY / "build" / "libsdpo_cuda.so"
+        result["build"]["cuda_library"] = str(library) if library.is_file() else None
+    context.save()
+    files = gpu_test_files()
+    test = context.command(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
+        context.left_s() - 2,
+    )
+    test["summary"] = _pytest_summary(test.get("output_tail", ""))
+    result["gpu_tests"] = test
+    context.save()
+    if result["build"].get("status") == "failed" or test["rc"] not in (0, 5):
+        raise SystemExit("build_and_tests: the build or a GPU test failed (see the log)")
+
+
+def _pytest_summary(output: str) -> str:
+    pattern = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?)\b.* in [\d.]+s")
+    lines = [line.strip("= ") for line in output.splitlines() if pattern.search(line)]
+    return lines[-1] if lines else ""
+
+
+def phase_kernels(context: PhaseContext) -> None:
+    import torch
+
+    from sdpo.cuda_backend import library_path
+    from sdpo.ops import interpreter_enabled
+    from sdpo.profiling import kernel_bench
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = kernel_bench.SMOKE_SIZES if context.dry_run else kernel_bench.SIZES
+    rows: list[dict] = []
+    context.result["rows"] = rows
+    context.result["timing"] = (
+        "graph_ms: CUDA-graph replay of a captured loop of forward + backward calls over input "
+        "copies rotated past L2, events around the replay (device time, no host overhead); "
+        "eager_ms: events around back-to-back eager calls; host_ms: wall time of one eager call "
+        "to return, GPU idle at its start (launch overhead)"
+    )
+    copy_gbps = None
+    if device.type == "cuda":
+        copy_gbps = kernel_bench.copy_bandwidth_gbps(device)
+    context.result["copy_bandwidth_gbps"] = copy_gbps
+    # Most telling first, in case the phase's share runs out: bf16 before fp32, the video size
+    # (where the bandwidth target is set) before the smaller ones, torch.compile (one inductor
+    # compile per shape and dtype, ~10-20 s each) last.
+    size_order = sorted(sizes, key=lambda size: size != "video")
+    implementations = sorted(kernel_bench.IMPLEMENTATIONS, key=lambda name: name == "torch-compile")
+    for dtype_name, dtype in kernel_bench.DTYPES.items():
+        for size_name in size_order:
+            batch_pairs, sample_shape = sizes[size_name]
+            for name in implementations:
+                row = {"size": size_name, "dtype": dtype_name, "implementation": name}
+                rows.append(row)
+                skip = _kernel_skip_reason(name, device, context, library_path, interpreter_enabled)
+                if skip is None and context.left_s() < 10:
+                    skip = "no time left in the phase"
+                if skip:
+                    row["skipped"] = skip
+                    context.save()
+                    continue
+                try:
+                    row.update(
+                        _time_case(kernel_bench, name, batch_pairs, sample_shape, dtype, device)
+                    )
+                    timed_ms = row.get("graph_ms") or row.get("eager_ms")
+                    if copy_gbps and timed_ms:
+                        row["gbps_from"] = "graph_ms" if row.get("graph_ms") else "eager_ms"
+                        gbps = row["bytes"] / (timed_ms * 1e-3) / 1e9
+                        row["gbps"] = round(gbps, 1)
+                        row["pct_of_copy_bandwidth"] = round(100 * gbps / copy_gbps, 1)
+                except Exception as error:
+                    row["error"] = f"{type(error).__name__}: {error}"[:500]
+                context.say(f"{size_name} {dtype_name} {name}: {row}")
+                context.save()
+    errors = [row for row in rows if "error" in row]
+    if errors:
+        raise SystemExit(f"kernels: {len(errors)} case(s) failed (see rows)")
+
+
+def _kernel_skip_reason(name, device, context, library_path, interpreter_enabled) -> str | None:
+    if name == "fused" and device.type != "cuda" and not interpreter_enabled():
+        return "Triton needs CUDA or TRITON_INTERPRET=1"
+    if name == "cuda" and (device.type != "cuda" or not library_path().is_file()):
+        return "the CUDA twin needs a GPU and build/libsdpo_cuda.so"
+    if name == "torch-compile" and context.dry_run:
+        return "dry run: inductor's CPU compile alone takes longer than the dry run's minute"
+    return None
+
+
+def _time_case(kernel_bench, name, batch_pairs, sample_shape, dtype, device) -> dict:
+    import torch
+
+    case = kernel_bench.prepare_case(name, batch_pairs, sample_shape, dtype, device)
+    row: dict = {"bytes": case.bytes_moved, "max_rel_grad_error_vs_torch": case.error}
+    inner, rounds = (2, 2) if device.type != "cuda" else (20, 5)
+    row["eager_ms"] = round(device_ms(case.step, device, inner, rounds), 4)
+    host = []
+    for _ in range(20 if device.type == "cuda" else 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        case.step()
+        host.append((time.perf_counter() - started) * 1e3)
+    row["host_ms"] = round(statistics.median(host), 4)
+    if device.type == "cuda":
+        try:
+            row["graph_ms"] = round(_graph_ms(case.step, calls=20), 4)
+        except Exception as error:  # e.g. a host sync inside the step: kept, eager time stands
+            row["graph_error"] = f"{type(error).__name__}: {error}"[:300]
+            torch.cuda.synchronize()
+    return row
+
+
+def _graph_ms(step: Callable[[], object], calls: int) -> float:
+    """Device ms per call: ``calls`` calls captured in one CUDA graph, replayed between events."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up on a side stream, as capture requires
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    return statistics.median(samples)
+
+
+TRAIN_VARIANTS = {"eager": [], "compile": ["--compile"], "cuda-graphs": ["--cuda-graphs"]}
+
+
+def phase_trainer(context: PhaseContext) -> None:
+    if context.dry_run:
+        base = ["--preset", "tiny", "--max-steps", "2", "--gradient-accumulation", "2"]
+        # CPU: --compile and --cuda-graphs need inductor / CUDA; a second eager run exercises the
+        # comparison (it must match exactly: same seed, same device).
+        variants = {"eager": [], "eager-again": []}
+    else:
+        base = [
+            "--model", "sd15", "--pretrained", "random", "--resolution", "512",
+            "--train-batch-pairs", "1", "--gradient-accumulation", "2", "--max-steps", "3",
+            "--synthetic-pairs", "8", "--learning-rate", "1", "--adam-epsilon", "1",
+            "--weight-decay", "0", "--max-grad-norm", "1", "--warmup-steps", "0",
+            "--mixed-precision", "bf16", "--method", "diffusion-dpo", "--beta", "5000",
+            "--mu", "0.9",
+        ]  # fmt: skip
+        variants = TRAIN_VARIANTS
+    base += ["--seed", "0", "--log-every", "1", "--no-progress"]
+    max_steps = int(base[base.index("--max-steps") + 1])
+    runs: dict = {}
+    context.result["runs"] = runs
+    context.result["tolerance"] = (
+        f"{', '.join(COMPARED_METRICS)} within {METRIC_RTOL:g} relative of eager's at every "
+        f"step; final weights closer to eager's than {WEIGHT_STEP_FRACTION:g} x the distance "
+        "eager's last step moved them"
+    )
+    names = list(variants)
+    for index, (name, flags) in enumerate(variants.items()):
+        output = context.scratch / f"train-{name}"
+        shutil.rmtree(output, ignore_errors=True)
+        # The eager run also checkpoints one step before the end: the last step's size is the
+        # yardstick for the weight comparison.
+        extra = ["--checkpoint-every", str(max_steps - 1)] if index == 0 and max_steps > 1 else []
+        command = [sys.executable, "-m", "sdpo.train", *base, *flags, *extra]
+        command += ["--output-dir", str(output)]
+        runs_left = len(names) - index
+        run = context.command(command, (context.left_s() - 5) / runs_left)
+        run["metrics"] = _metrics(output / "metrics.jsonl")
+        run["losses"] = run["metrics"].get("loss", [])
+        runs[name] = run
+        context.save()
+    eager = runs[names[0]]
+    if eager["rc"] is None:
+        context.result["status"] = "skipped: the eager run did not finish in the phase's share"
+        return
+    if eager["rc"] != 0:
+        raise SystemExit("trainer: the eager run failed")
+    reference = _final_weights(context.scratch / f"train-{names[0]}")
+    before_last = _checkpoint_weights(context.scratch / f"train-{names[0]}", max_steps - 1)
+    last_step = _distance(reference, before_last) if before_last else None
+    context.result["eager_last_step_distance"] = last_step
+    failures, unfinished = [], []
+    for name in names[1:]:
+        run = runs[name]
+        if run["rc"] is None:  # overran its share: no verdict, reported as such
+            unfinished.append(name)
+            continue
+        if run["rc"] != 0:
+            failures.append(f"{name}: exit {run['rc']}")
+            continue
+        errors = [
+            _max_relative(run["metrics"].get(key, []), eager["metrics"].get(key, []))
+            for key in COMPARED_METRICS
+        ]
+        loss_error = None if None in errors else max(errors)
+        weights = _final_weights(context.scratch / f"train-{name}")
+        distance = _distance(weights, reference)
+        run["max_metric_rel_error"] = loss_error
+        run["weight_distance_to_eager"] = distance
+        limit = WEIGHT_STEP_FRACTION * last_step if last_step else None
+        ok = loss_error is not None and loss_error <= METRIC_RTOL
+        ok = ok and distance is not None and (limit is None or distance <= limit)
+        if context.dry_run:  # same device, same seed: must be bit-identical
+            ok = loss_error == 0.0 and distance == 0.0
+        run["matches_eager"] = ok
+        if not ok:
+            failures.append(f"{name}: metric error {loss_error}, weight distance {distance}")
+        context.save()
+    if failures:
+        raise SystemExit("trainer: " + "; ".join(failures))
+    if unfinished:
+        context.result["status"] = f"ok, but no verdict for {', '.join(unfinished)} (timed out)"
+
+
+def _metrics(path: Path) -> dict[str, list[float]]:
+    """The compared columns of a run's metrics.jsonl, one value per optimizer step."""
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {key: [row[key] for row in rows if key in row] for key in COMPARED_METRICS}
+
+
+def _max_relative(values: list[float], reference: list[float]) -> float | None:
+    if not values or len(values) != len(reference):
+        return None
+    return max(
+        abs(value - expected) / max(abs(expected), 1e-12)
+        for value, expected in zip(values, reference, strict=True)
+    )
+
+
+def _load_tensors(folder: Path) -> dict:
+    """Every tensor in the safetensors / .pth / .bin files under ``folder``, keyed by file/name."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".safetensors":
+            loaded = load_file(str(path))
+        elif path.suffix in (".pth", ".bin", ".pt"):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = loaded if isinstance(loaded, dict) else {}
+        else:
+            continue
+        for key, value in loaded.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                tensors[key] = value.float()
+    return tensors
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return _load_tensors(run_dir / "unet") if (run_dir / "unet").is_dir() else {}
+
+
+def _checkpoint_weights(run_dir: Path, step: int) -> dict:
+    folder = run_dir / f"checkpoint-{step}"
+    if not folder.is_dir():
+        return {}
+    # A checkpoint holds the optimizer state too; compare only the names the final UNet has.
+    return _load_tensors(folder)
+
+
+def _distance(tensors: dict, reference: dict) -> float | None:
+    """L2 distance over the tensors both hold with the same shape; None if they share none."""
+    total, shared = 0.0, 0
+    for key, value in tensors.items():
+        other = reference.get(key)
+        if other is not None and other.shape == value.shape:
+            total += float((value - other).double().pow(2).sum())
+            shared += 1
+    return math.sqrt(total) if shared else None
+
+
+def phase_overhead(context: PhaseContext) -> None:
+    # One variant per run, eager first: each run files its results when it ends, so a share that
+    # runs out during a compile still leaves the variants before it measured.
+    if context.dry_run:
+        runs = [("tiny", "eager")]
+        settings = ["--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    else:
+        runs = [(preset, variant) for preset in ("sd15", "sdxl") for variant in OVERHEAD_VARIANTS]
+        settings = ["--rounds", "3", "--steps", "5", "--warmup", "3"]
+    reports: dict = {}
+    context.result["runs"] = reports
+    failed = []
+    for preset, variant in runs:
+        key = f"{preset}/{variant}"
+        # sdxl (2.6B-parameter UNet) needs ~60 s just to build and place its random weights.
+        needed_s = 60 if preset == "sdxl" else 20
+        if context.left_s() < needed_s:
+            reports[key] = {"skipped": f"{context.left_s():.0f}s left, needs >= {needed_s}s"}
+            context.save()
+            continue
+        output = context.scratch / f"overhead-{preset}-{variant}.json"
+        command = [sys.executable, "-m", "sdpo.profiling.cli", "overhead", "--preset", preset]
+        command += ["--variants", variant, *settings, "--output", str(output)]
+        run = context.command(command, context.left_s() - 2)
+        run["results"] = read_json(output)
+        markdown_path = output.with_suffix(".md")
+        run["markdown"] = markdown_path.read_text() if markdown_path.is_file() else None
+        reports[key] = run
+        if run["rc"] not in (0, None):
+            failed.append(key)
+        context.save()
+    if failed:
+        raise SystemExit(f"overhead: sdpo-profile overhead failed for {', '.join(failed)}")
+
+
+def phase_ncu(context: PhaseContext) -> None:
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        context.result["status"] = "skipped: ncu not on PATH"
+        context.save()
+        return
+    report = context.scratch / "ncu-fused"
+    size = "smoke" if context.dry_run else "sdxl"
+    script = (
+        "import torch, sdpo\n"
+        "from sdpo.profiling import kernel_bench\n"
+        f"case = kernel_bench.prepare_case('fused', *kernel_bench.{'SMOKE_SIZES' if context.dry_run else 'SIZES'}"
+        f"['{size}'], torch.bfloat16, torch.device('cuda'))\n"
+        "case.step(); torch.cuda.synchronize()\n"
+    )
+    profile = context.command(
+        [ncu, "--target-processes", "all", "--kernel-name", "regex:pair_sums|finalize|gradient",
+         "--launch-count", "6", "--section", "SpeedOfLight", "--section",
+         "MemoryWorkloadAnalysis", "--export", str(report), "--force-overwrite",
+         sys.executable, "-c", script],
+        context.left_s() - 15,
+    )  # fmt: skip
+    context.result["profile"] = profile
+    context.save()
+    csv_path = context.out / "ncu.csv"
+    if profile["rc"] == 0:
+        completed = subprocess.run(
+            [ncu, "--import", f"{report}.ncu-rep", "--csv", "--page", "raw"],
+            capture_output=True,
+            text=True,
+            timeout=max(5, min(60, context.left_s())),
+        )
+        csv_path.write_text(completed.stdout)
+        context.result["csv"] = str(csv_path)
+        from sdpo.profiling import nsight
+
+        try:
+            context.result["summary"] = nsight.format_ncu_summary(
+                nsight.summarize_ncu_csv(completed.stdout)
+            )
+        except Exception as error:
+            context.result["summary_error"] = f"{type(error).__name__}: {error}"
+    context.save()
+    if profile["rc"] != 0:
+        raise SystemExit("ncu: profiling the fused kernels failed")
+
+
+PHASE_FUNCTIONS = {
+    "environment": phase_environment,
+    "build_and_tests": phase_build_and_tests,
+    "kernels": phase_kernels,
+    "trainer": phase_trainer,
+    "overhead": phase_overhead,
+    "ncu": phase_ncu,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# GPU check"
+        + (" (dry run, CPU, tiny sizes: no timing claims)" if results["dry_run"] else ""),
+        "",
+        f"Started {results['started']}, budget {results['budget_s']:.0f}s, "
+        f"elapsed {results.get('elapsed_s', 0):.0f}s.",
+        "",
+        "| phase | status | seconds | share s |",
+        "|---|---|---|---|",
+    ]
+    for name, record in results["phases"].items():
+        status = record.get("status", "?")
+        reason = record.get("reason", "")
+        lines.append(
+            f"| {name} | {status} {reason} | {record.get('seconds', '')} | "
+            f"{record.get('share_s', '')} |"
+        )
+    environment = results["phases"].get("environment", {})
+    if environment.get("imports"):
+        lines += ["", "## Environment", ""]
+        for key in ("gpu", "sm_count", "driver", "torch_cuda", "nvcc", "python"):
+            lines.append(f"- {key}: {environment.get(key)}")
+        for module, info in environment["imports"].items():
+            lines.append(f"- {module}: {info.get('version', info.get('error'))}")
+        lines.append(f"- copy bandwidth: {environment.get('copy_bandwidth_gbps')} GB/s")
+        lines.append(
+            f"- matmul {environment.get('matmul')}: {environment.get('matmul_tflops')} TFLOP/s"
+        )
+    build = results["phases"].get("build_and_tests", {})
+    if build:
+        lines += ["", "## Build and GPU tests", ""]
+        lines.append(f"- CUDA twin build: {build.get('build', {}).get('status')}")
+        lines.append(f"- pytest -m gpu: {build.get('gpu_tests', {}).get('summary')}")
+    kernels = results["phases"].get("kernels", {})
+    if kernels.get("rows"):
+        lines += ["", "## Kernels (forward + backward)", "", kernels.get("timing", ""), ""]
+        lines += [
+            "| size | dtype | implementation | graph ms | eager ms | host ms | GB/s | % copy | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in kernels["rows"]:
+            note = row.get("skipped") or row.get("error") or row.get("graph_error") or ""
+            lines.append(
+                f"| {row['size']} | {row['dtype']} | {row['implementation']} | "
+                f"{row.get('graph_ms', '')} | {row.get('eager_ms', '')} | "
+                f"{row.get('host_ms', '')} | {row.get('gbps', '')} | "
+                f"{row.get('pct_of_copy_bandwidth', '')} | {note} |"
+            )
+    trainer = results["phases"].get("trainer", {})
+    if trainer.get("runs"):
+        lines += ["", "## Trainer", "", f"Tolerance: {trainer.get('tolerance')}", ""]
+        lines += ["| run | exit | seconds | losses | metric rel err | weight dist | matches |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for name, run in trainer["runs"].items():
+            losses = ", ".join(f"{loss:.5g}" for loss in run.get("losses", []))
+            lines.append(
+                f"| {name} | {run.get('rc')} | {run.get('seconds')} | {losses} | "
+                f"{run.get('max_metric_rel_error', '')} | {run.get('weight_distance_to_eager', '')}"
+                f" | {run.get('matches_eager', '')} |"
+            )
+        lines.append(
+            f"\nEager's last step moved the weights by {trainer.get('eager_last_step_distance')}."
+        )
+    overhead = results["phases"].get("overhead", {})
+    for key, run in overhead.get("runs", {}).items():
+        lines += ["", f"## Overhead: {key}", ""]
+        lines.append(run.get("markdown") or run.get("skipped") or f"exit {run.get('rc')}")
+    ncu = results["phases"].get("ncu", {})
+    if ncu.get("summary"):
+        lines += ["", "## Nsight Compute (fused kernels)", "", "```", ncu["summary"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def install_wheels(driver: Driver, wheels: Path) -> Path:
+    """pip installs the wheelhouse into wheels/site with no index and no dependencies, so the
+    image's torch, triton and CUDA stay as they are."""
+    site = wheels / "site"
+    files = sorted(str(path) for path in wheels.glob("*.whl"))
+    if not files:
+        raise SystemExit(
+            f"gpu_check: --wheels {wheels} holds no .whl files (profiling/wheelhouse.sh)"
+        )
+    # By name from the folder, not by file: it holds wheels for several Pythons, and pip picks
+    # the one this interpreter can use.
+    names = sorted({Path(file).name.split("-")[0] for file in files})
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps"]
+    command += ["--upgrade", "--find-links", str(wheels), "--target", str(site), *names]
+    run = driver.run_command(command, max(30, min(120, driver.left_s() / 4)))
+    driver.results["install"] = {k: run[k] for k in ("command", "rc", "seconds")}
+    if run["rc"] != 0:
+        raise SystemExit("gpu_check: installing the wheelhouse failed (see gpu_check.log)")
+    return site
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu_check.sh", description="The whole GPU validation as one time-boxed command."
+    )
+    parser.add_argument("--wheels", default=None, help="the folder profiling/wheelhouse.sh filled")
+    parser.add_argument("--out", required=True, help="results folder (at most 4 files)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget, s")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, ~1 minute")
+    parser.add_argument("--phases", default=None, help="comma list, default all, in order")
+    # Internal: run one phase (the driver starts these).
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    if arguments.phase is not None:
+        context = PhaseContext(arguments)
+        try:
+            PHASE_FUNCTIONS[arguments.phase](context)
+        finally:
+            context.save()
+        return 0
+    if not math.isfinite(arguments.budget_s) or arguments.budget_s < 30:
+        print(
+            f"gpu_check: --budget-s must be >= 30 seconds, got {arguments.budget_s}",
+            file=sys.stderr,
+        )
+        return 2
+    phases = PHASES
+    if arguments.phases:
+        wanted = [name.strip() for name in arguments.phases.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in PHASE_FUNCTIONS]
+        if unknown:
+            print(
+                f"gpu_check: --phases: unknown {', '.join(unknown)}; expected some of "
+                f"{', '.join(PHASE_FUNCTIONS)}",
+                file=sys.stderr,
+            )
+            return 2
+        phases = tuple(phase for phase in PHASES if phase.name in wanted)
+    out = Path(arguments.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("gpu_check.json", "gpu_check.md", "gpu_check.log", "ncu.csv"):
+        (out / name).unlink(missing_ok=True)
+    env = os.environ.copy()
+    driver = Driver(out, arguments.budget_s, arguments.dry_run, env)
+    python_path = [str(REPOSITORY)]
+    inherited = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    if arguments.wheels:
+        wheels = Path(arguments.wheels)
+        if not wheels.is_dir():
+            print(f"gpu_check: --wheels {wheels} is not a folder", file=sys.stderr)
+            return 2
+        python_path.insert(0, str(install_wheels(driver, wheels.resolve())))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*python_path, *(entry for entry in inherited if entry not in python_path)]
+    )
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if arguments.dry_run:
+        env.setdefault("TRITON_INTERPRET", "1")
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    driver.log(f"budget {arguments.budget_s:.0f}s, out {out}, PYTHONPATH {env['PYTHONPATH']}")
+    try:
+        driver.run_phases(phases)
+    finally:
+        shutil.rmtree(driver.scratch, ignore_errors=True)
+        driver.flush()
+    statuses = {name: record.get("status") for name, record in driver.results["phases"].items()}
+    driver.log("done: " + ", ".join(f"{name} {status}" for name, status in statuses.items()))
+    driver.log(f"results: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}, {driver.log_path}")
+    bad = [
+        name for name, status in statuses.items() if not str(status).startswith(("ok", "skipped"))
+    ]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""profiling/gpu_check.py: the budget, the timeouts, the offline install and the comparisons.
+
+The whole dry run (every phase on the CPU) runs in the README's test block; these tests pin the
+parts a dry run cannot show failing: a phase that overruns is killed and the next one still runs,
+a phase with too small a share is skipped and says so, and bad arguments are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sdpo.profiling import gpu_check
+
+
+def make_driver(tmp_path: Path, budget_s: float) -> gpu_check.Driver:
+    out = tmp_path / "out"
+    out.mkdir()
+    return gpu_check.Driver(out, budget_s, dry_run=True, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_run_command_kills_an_overrunning_process_group(tmp_path):
+    driver = make_driver(tmp_path, 60)
+    marker = tmp_path / "child-survived"
+    # The child outlives its parent shell unless the whole process group is killed.
+    script = f"(sleep 3; touch {marker}) & sleep 30"
+    started = time.monotonic()
+    run = driver.run_command(["bash", "-c", script], timeout_s=1)
+    assert run["timed_out"] and run["rc"] is None
+    assert time.monotonic() - started < 10
+    time.sleep(3.5)
+    assert not marker.exists(), "a process of the timed-out phase kept running"
+
+
+def test_overrunning_phase_is_recorded_and_the_next_phase_runs(tmp_path, monkeypatch):
+    driver = make_driver(tmp_path, 60)
+    commands = []
+
+    def fake_run(command, timeout_s, env=None):
+        name = command[command.index("--phase") + 1]
+        commands.append((name, timeout_s))
+        result = Path(command[command.index("--result") + 1])
+        if name == "first":
+            result.write_text(json.dumps({"partial": 1}))
+            return {"rc": None, "timed_out": True, "seconds": timeout_s, "output_tail": ""}
+        return {"rc": 0, "timed_out": False, "seconds": 1.0, "output_tail": ""}
+
+    monkeypatch.setattr(driver, "run_command", fake_run)
+    phases = (gpu_check.Phase("first", 0.5, 1, 1), gpu_check.Phase("second", 0.5, 1, 1))
+    driver.run_phases(phases)
+    saved = json.loads((driver.out / "gpu_check.json").read_text())
+    assert saved["phases"]["first"]["status"] == "timed out"
+    assert saved["phases"]["first"]["partial"] == 1  # what it wrote before the kill is kept
+    assert saved["phases"]["second"]["status"] == "ok"
+    assert [name for name, _ in commands] == ["first", "second"]
+    # Half the budget each (plus the 10 s grace for a phase to write what it has).
+    assert commands[0][1] == pytest.approx(30 + 10, abs=1)
+
+
+def test_phase_below_its_minimum_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    driver = make_driver(tmp_path, 60)
+    monkeypatch.setattr(driver, "run_command", lambda *a, **k: pytest.fail("must not start"))
+    driver.run_phases((gpu_check.Phase("big", 1.0, 600, 600),))
+    record = json.loads((driver.out / "gpu_check.json").read_text())["phases"]["big"]
+    assert record["status"] == "skipped"
+    assert "needs >= 600s" in record["reason"]
+    assert "| big | skipped" in (driver.out / "gpu_check.md").read_text()
+
+
+def test_unused_time_goes_to_the_later_phases(tmp_path, monkeypatch):
+    driver = make_driver(tmp_path, 100)
+    shares = []
+
+    def fake_run(command, timeout_s, env=None):
+        shares.append(timeout_s - 10)
+        return {"rc": 0, "timed_out": False, "seconds": 0.0, "output_tail": ""}
+
+    monkeypatch.setattr(driver, "run_command", fake_run)
+    phases = tuple(gpu_check.Phase(name, 0.25, 1, 1) for name in "abcd")
+    driver.run_phases(phases)
+    # Each phase returned at once, so each later one gets a larger part of what is left.
+    assert shares[0] == pytest.approx(25, abs=1)
+    assert shares[1] == pytest.approx(100 / 3, abs=1)
+    assert shares[3] == pytest.approx(100, abs=1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--budget-s", "10"], "--budget-s must be >= 30"),
+        (["--budget-s", "nan"], "--budget-s must be >= 30"),
+        (["--phases", "environment,bogus"], "unknown bogus"),
+        (["--wheels", "/nonexistent/wheels"], "is not a folder"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, capsys, arguments, message):
+    assert gpu_check.main(["--out", str(tmp_path / "out"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_wheel_folder_is_refused(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    with pytest.raises(SystemExit, match=r"holds no \.whl files"):
+        gpu_check.main(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "wheels")])
+
+
+def build_wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel holding module ``name`` with ``VERSION = version``."""
+    files = {
+        f"{name}.py": f"VERSION = {version!r}\n",
+        f"{name}-{version}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        ),
+        f"{name}-{version}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record_lines = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record_lines.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record = f"{name}-{version}.dist-info/RECORD"
+    files[record] = "\n".join([*record_lines, f"{record},,"]) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_wheelhouse_installs_offline_into_its_site_folder(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels, "sdpo_offline_probe", "1.2.3")
+    driver = make_driver(tmp_path, 120)
+    driver.env = {"PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1"}
+    site = gpu_check.install_wheels(driver, wheels)
+    assert site == wheels / "site"
+    assert driver.results["install"]["rc"] == 0
+    version = subprocess.run(
+        [sys.executable, "-c", "import sdpo_offline_probe as m; print(m.VERSION)"],
+        env={"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert version == "1.2.3"
+
+
+def test_loss_and_weight_comparisons():
+    import torch
+
+    assert gpu_check._max_relative([1.0, 2.02], [1.0, 2.0]) == pytest.approx(0.01)
+    assert gpu_check._max_relative([1.0], [1.0, 2.0]) is None  # a missing step is no match
+    a = {"w": torch.zeros(2, 2), "b": torch.zeros(3)}
+    b = {"w": torch.full((2, 2), 0.5), "b": torch.zeros(3), "other": torch.ones(1)}
+    assert gpu_check._distance(a, b) == pytest.approx(1.0)  # sqrt(4 x 0.25)
+    assert gpu_check._distance({"x": torch.zeros(1)}, b) is None
+
+
+def test_pytest_summary_line_is_found():
+    output = "sss\n169 skipped, 320 deselected in 10.54s\n"
+    assert gpu_check._pytest_summary(output) == "169 skipped, 320 deselected in 10.54s"
+    assert (
+        gpu_check._pytest_summary("== 3 passed, 1 failed in 2.00s ==")
+        == "3 passed, 1 failed in 2.00s"
+    )
+    assert gpu_check._pytest_summary("no tests ran") == ""
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def test_toolchain_matrix_oldest_leg_is_the_declared_triton_bound():
+    pyproject = (REPOSITORY / "pyproject.toml").read_text()
+    declared = re.search(r'"triton>=([\d.]+)', pyproject).group(1)
+    matrix = (REPOSITORY / "tests" / "toolchain_matrix.sh").read_text()
+    oldest = re.search(r'"([\d.]+):oldest declared', matrix).group(1)
+    # pyproject says ">=3.7"; the leg installs exactly 3.7.0, the oldest release that allows.
+    assert oldest.split(".")[: len(declared.split("."))] == declared.split(".")
+    assert oldest.endswith(".0")
+
+
+def test_toolchain_matrix_refuses_a_version_it_has_no_leg_for():
+    completed = subprocess.run(
+        ["bash", str(REPOSITORY / "tests" / "toolchain_matrix.sh"), "9.9.9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 2
+    assert "no leg for Triton 9.9.9" in completed.stderr
+
+
+def fake_trainer(tmp_path: Path, outcomes: dict, monkeypatch) -> gpu_check.PhaseContext:
+    """A trainer phase whose runs write chosen metrics and weights instead of training.
+
+    ``outcomes[variant]`` = (exit code, loss scale, final weight); eager ends at weight 1.0 after
+    a last step from 0.9 (so a step moved each of its 4 elements by 0.1: distance 0.2)."""
+    import torch
+    from safetensors.torch import save_file
+
+    arguments = argparse_namespace(tmp_path)
+    context = gpu_check.PhaseContext(arguments)
+
+    def command(command, timeout_s, env=None):
+        output = Path(command[command.index("--output-dir") + 1])
+        variant = output.name.removeprefix("train-")
+        rc, loss_scale, weight = outcomes[variant]
+        if rc == 0:
+            (output / "unet").mkdir(parents=True)
+            rows = [
+                {"step": step, "loss": 0.69 * loss_scale, "model_mse_w": 1.0, "model_mse_l": 1.1}
+                for step in (1, 2, 3)
+            ]
+            (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            save_file({"w": torch.full((4,), weight)}, str(output / "unet" / "model.safetensors"))
+            if "--checkpoint-every" in command:
+                folder = output / "checkpoint-2"
+                folder.mkdir()
+                save_file({"w": torch.full((4,), 0.9)}, str(folder / "model.safetensors"))
+        return {"command": " ".join(command), "rc": rc}
+
+    monkeypatch.setattr(context, "command", command)
+    return context
+
+
+def argparse_namespace(tmp_path: Path):
+    import argparse
+
+    return argparse.Namespace(
+        deadline=time.time() + 600,
+        result=str(tmp_path / "trainer.json"),
+        scratch=str(tmp_path),
+        out=str(tmp_path),
+        dry_run=False,
+    )
+
+
+def test_trainer_comparison_accepts_bf16_noise_and_catches_a_lost_micro_batch(
+    tmp_path, monkeypatch
+):
+    # compile: 0.5% loss noise, weights 0.01 off per element (distance 0.02 = 0.1 x the step).
+    # cuda-graphs: weights half a step off (what dropping one of two micro-batches looks like).
+    outcomes = {"eager": (0, 1.0, 1.0), "compile": (0, 1.005, 1.01), "cuda-graphs": (0, 1.0, 1.05)}
+    context = fake_trainer(tmp_path, outcomes, monkeypatch)
+    with pytest.raises(
+        SystemExit, match=r"cuda-graphs: metric error 0\.0, weight distance 0\.09999"
+    ):
+        gpu_check.phase_trainer(context)
+    runs = context.result["runs"]
+    assert context.result["eager_last_step_distance"] == pytest.approx(0.2)
+    assert runs["compile"]["matches_eager"] is True
+    assert runs["cuda-graphs"]["matches_eager"] is False
+
+
+def test_trainer_comparison_catches_a_loss_off_by_more_than_two_percent(tmp_path, monkeypatch):
+    outcomes = {"eager": (0, 1.0, 1.0), "compile": (0, 1.03, 1.0), "cuda-graphs": (0, 1.0, 1.0)}
+    context = fake_trainer(tmp_path, outcomes, monkeypatch)
+    with pytest.raises(SystemExit, match=r"compile: metric error 0\.03"):
+        gpu_check.phase_trainer(context)
+
+
+def test_trainer_records_a_failing_variant_and_a_timed_out_one(tmp_path, monkeypatch):
+    outcomes = {"eager": (0, 1.0, 1.0), "compile": (None, 1.0, 1.0), "cuda-graphs": (1, 1.0, 1.0)}
+    context = fake_trainer(tmp_path, outcomes, monkeypatch)
+    with pytest.raises(SystemExit, match="cuda-graphs: exit 1"):
+        gpu_check.phase_trainer(context)
+    outcomes["cuda-graphs"] = (0, 1.0, 1.0)
+    context = fake_trainer(tmp_path / "again", outcomes, monkeypatch)
+    gpu_check.phase_trainer(context)
+    assert context.result["status"] == "ok, but no verdict for compile (timed out)"
