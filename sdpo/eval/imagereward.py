@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdpo.eval.preprocess import imagereward_preprocess
+
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_TOKENS = 35
@@ -62,16 +64,33 @@ def text_config(**overrides):
     return BlipTextConfig(**(values | overrides))
 
 
+def mlp_head(width: int) -> nn.Module:
+    """The MLP head shared by ImageReward and the LAION aesthetics predictor: Linear
+    width-1024-128-64-16-1 with dropout between and no activations, under ``layers.*`` (both
+    checkpoints' names)."""
+    head = nn.Module()
+    head.layers = nn.Sequential(
+        nn.Linear(width, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+    head.forward = lambda features: head.layers(features)
+    return head
+
+
 class ImageRewardModel(nn.Module):
     def __init__(self, vision=None, text=None) -> None:
         super().__init__()
         from transformers import BlipTextModel, BlipVisionModel
 
-        from sdpo.eval.scorers import AestheticsScorer
-
         self.vision = BlipVisionModel(vision or vision_config())
         self.text = BlipTextModel(text or text_config(), add_pooling_layer=False)
-        self.head = AestheticsScorer.build_head(self.text.config.hidden_size)
+        self.head = mlp_head(self.text.config.hidden_size)
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         image = self.vision(pixel_values=pixels).last_hidden_state
@@ -143,9 +162,7 @@ class ImageRewardScorer:
 
     @torch.no_grad()
     def score(self, images: list, prompts: list[str]) -> list[float]:
-        from sdpo.eval.scorers import preprocess
-
-        pixels = preprocess(images, self.image_size).to(self.device)
+        pixels = imagereward_preprocess(images, self.image_size).to(self.device)
         tokens = self.tokenizer(
             prompts,
             padding="max_length",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tiny_models import save_clip_folder, save_tiny_pipeline, tiny_clip, write_clip_tokenizer
 
-from sdpo.eval import compare, scorers
+from sdpo.eval import compare, preprocess, scorers
 from sdpo.eval.cli import main as eval_main
 from sdpo.eval.generate import GenerateSettings, diffusers_guidance, generate
 from sdpo.eval.score import score_manifest
@@ -107,7 +107,7 @@ def test_clip_family_scorers_on_tiny_models(tmp_path):
     prompts = ["the red and green", "a cat", "the dog"]
     values = clip.score(images, prompts)
     # By hand: the same CLIP features, 100 * max(cos, 0).
-    pixels = scorers.preprocess(images, 32)
+    pixels = preprocess.clip_processor_preprocess(images, 32)
     assert pixels.shape == (3, 3, 32, 32)
     tokens = clip.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
     with torch.no_grad():
@@ -137,6 +137,9 @@ def test_clip_family_scorers_on_tiny_models(tmp_path):
     )
     aesthetics = scorers.build_scorer("aesthetics", aesthetic_sources, torch.device("cpu"))
     with torch.no_grad():
+        # The LAION head's original pipeline: OpenAI CLIP's torchvision transform.
+        image = model.get_image_features(pixel_values=preprocess.openai_clip_preprocess(images, 32))
+        image = getattr(image, "pooler_output", image)
         expected = head(torch.nn.functional.normalize(image, dim=-1)).squeeze(-1).tolist()
     assert aesthetics.score(images, prompts) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
@@ -395,7 +398,7 @@ def test_imagereward_checkpoint_layout_and_score(tmp_path):
     assert len(values) == 3 and len(set(values)) == 3
     # The normalisation of ImageReward.score, by hand from the head's raw output.
     tokens = tokenizer(["a red cat"], padding="max_length", max_length=35, return_tensors="pt")
-    pixels = scorers.preprocess(images[:1], 32)
+    pixels = preprocess.imagereward_preprocess(images[:1], 32)
     with torch.no_grad():
         image = loaded.vision(pixel_values=pixels).last_hidden_state
         text = loaded.text(
@@ -411,7 +414,9 @@ def test_imagereward_checkpoint_layout_and_score(tmp_path):
         tokens = tokenizer([prompt], padding="max_length", max_length=35, return_tensors="pt")
         with torch.no_grad():
             image = loaded.vision(
-                pixel_values=scorers.preprocess(images[image_index : image_index + 1], 32)
+                pixel_values=preprocess.imagereward_preprocess(
+                    images[image_index : image_index + 1], 32
+                )
             ).last_hidden_state
             return loaded.text(
                 input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
