@@ -55,7 +55,19 @@ def _parser() -> argparse.ArgumentParser:
         ("--imagereward-tokenizer", "bert-base-uncased tokenizer folder (ImageReward)"),
     ):
         score.add_argument(flag, default=None, help=meaning)
-    score.add_argument("--on-missing", choices=("error", "skip"), default="error")
+    score.add_argument(
+        "--on-missing",
+        choices=("error", "skip"),
+        default="error",
+        help="skip: leave out metrics whose weights are missing and unreadable images, and say so",
+    )
+    score.add_argument(
+        "--conventions",
+        choices=("default", "reference"),
+        default="default",
+        help="default: each metric as its original package scores it; reference: as the official "
+        "Diffusion-SDPO evaluation scripts print it (see README)",
+    )
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument(
         "--device", default=None, help="torch device for the scorers (default: cuda if available)"
@@ -76,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     try:
         return _run(arguments)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, OSError, NotImplementedError) as error:
+        # Anticipated failures (bad flags, files, manifests, weights): one line, no traceback.
         print(f"sdpo-eval: error: {error}", file=sys.stderr)
         return 2
 
@@ -115,11 +128,16 @@ def _run(arguments: argparse.Namespace) -> int:
             batch_size=arguments.batch_size,
             device=_device(arguments.device),
             log=lambda message: print(message, file=sys.stderr),
+            conventions=arguments.conventions,
         )
         print(summary_table(summary))
         return 0
     from sdpo.eval import compare as comparison
 
+    for flag, path in (("--output", arguments.output), ("--markdown", arguments.markdown),
+                       ("--plot", arguments.plot)):  # fmt: skip
+        if path:
+            comparison.check_output(path, flag)
     result = comparison.compare(arguments.a, arguments.b, arguments.resamples, arguments.seed)
     comparison.write(result, arguments.output)
     text = comparison.markdown(result)
@@ -141,11 +159,9 @@ def _device(name: str | None):
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SystemExit(f"sdpo-eval score: error: --device {name!r}: {error}") from error
+        raise ValueError(f"--device {name!r}: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            f"sdpo-eval score: error: --device {name!r} but CUDA is not available; use --device cpu"
-        )
+        raise ValueError(f"--device {name!r} but CUDA is not available; use --device cpu")
     return device
 
 

@@ -86,19 +86,28 @@ def _scheduler(pipeline, name: str):
 def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    entries = load_entries(settings.suite)
-    if settings.limit is not None:
-        entries = entries[: settings.limit]
-    guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
-    for name, value in (("steps", settings.steps), ("batch_size", settings.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
     pretrained = Path(settings.pretrained).expanduser()
+    layout = "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
     if not pretrained.is_dir():
         raise FileNotFoundError(
-            f"pretrained: no such folder {pretrained}; pass a local diffusers pipeline folder "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            f"--pretrained: no such folder {pretrained}; pass a local diffusers pipeline folder "
+            f"{layout}, e.g. from `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+            "--local-dir DIR`"
         )
+    if not (pretrained / "model_index.json").is_file():
+        raise ValueError(
+            f"--pretrained {pretrained}: not a diffusers pipeline folder (no model_index.json); "
+            f"expected {layout}"
+        )
+    entries = load_entries(settings.suite, "--suite")
+    if settings.limit is not None:
+        if settings.limit < 1:
+            raise ValueError(f"--limit: expected >= 1, got {settings.limit}")
+        entries = entries[: settings.limit]
+    guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
+    for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
@@ -108,9 +117,16 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     pipeline_class = (
         StableDiffusionXLPipeline if settings.model == "sdxl" else StableDiffusionPipeline
     )
-    pipeline = pipeline_class.from_pretrained(
-        pretrained, dtype=dtype, local_files_only=True, safety_checker=None
-    )
+    try:
+        pipeline = pipeline_class.from_pretrained(
+            pretrained, dtype=dtype, local_files_only=True, safety_checker=None
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"--pretrained {pretrained}: cannot load a {pipeline_class.__name__} from it "
+            f"({first}); is --model {settings.model} right?"
+        ) from error
     if settings.unet:
         load_unet_into(pipeline, settings.unet)
     pipeline.scheduler = _scheduler(pipeline, settings.scheduler)
