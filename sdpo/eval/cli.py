@@ -1,7 +1,8 @@
 """``sdpo-eval``: generate images for a prompt suite, score them, compare two checkpoints.
 
+    sdpo-eval fetch-suites --output-dir data
     sdpo-eval generate --pretrained SD15_FOLDER --unet runs/x/unet.pth \
-        --suite ../shared/data/prompts/papv2.json --output-dir eval/x
+        --suite data/prompts/papv2.json --output-dir eval/x
     sdpo-eval score eval/x/manifest.json --metrics pickscore,hpsv2,aesthetics,clip \
         --weights-root /models/rewards
     sdpo-eval compare eval/x/manifest.json eval/base/manifest.json --output x_vs_base.json \
@@ -73,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
         "--device", default=None, help="torch device for the scorers (default: cuda if available)"
     )
 
+    fetch = commands.add_parser(
+        "fetch-suites",
+        help="download the prompt suites and the aesthetics head (sha256-checked)",
+    )
+    fetch.add_argument("--output-dir", required=True)
+    fetch.add_argument(
+        "--base-url",
+        default=None,
+        help="a mirror of the official repository's files (default: its GitHub raw URLs)",
+    )
+
     compare = commands.add_parser("compare", help="A/B win rates paired by prompt")
     compare.add_argument("a")
     compare.add_argument("b")
@@ -106,6 +118,15 @@ def _run(arguments: argparse.Namespace) -> int:
             }
         )
         print(f"manifest: {generate(settings)}")
+        return 0
+    if arguments.command == "fetch-suites":
+        from sdpo.eval.fetch import OFFICIAL_BASE_URL, fetch_suites
+
+        fetch_suites(
+            arguments.output_dir,
+            arguments.base_url or OFFICIAL_BASE_URL,
+            log=lambda message: print(message, file=sys.stderr),
+        )
         return 0
     if arguments.command == "score":
         from sdpo.eval.score import score_manifest, summary_table

@@ -278,8 +278,96 @@ def test_reference_conventions(tmp_path):
 
 
 def test_imagereward_does_not_import_scorers():
+    """Dependencies point one way: scorers -> imagereward -> preprocess (no import, even inside
+    a function, of scorers from imagereward)."""
+    import inspect
+
+    from sdpo.eval import imagereward
+
+    assert "scorers" not in inspect.getsource(imagereward)
     code = (
-        "import sys, sdpo.eval.imagereward; "
+        "import sys, sdpo.eval.imagereward as ir; "
+        "ir.ImageRewardModel(ir.vision_config(hidden_size=32, intermediate_size=64, "
+        "num_hidden_layers=1, num_attention_heads=2, image_size=32), ir.text_config("
+        "vocab_size=16, hidden_size=32, encoder_hidden_size=32, intermediate_size=64, "
+        "num_hidden_layers=1, num_attention_heads=2)); "
         "assert 'sdpo.eval.scorers' not in sys.modules, 'import cycle'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _mirror(tmp_path):
+    """A file:// mirror laid out as the official repository, and a file table for it."""
+    import hashlib
+
+    from sdpo.eval import fetch
+
+    mirror = tmp_path / "mirror"
+    table = {}
+    for name, (remote, _, _) in fetch.OFFICIAL_FILES.items():
+        content = f"stand-in for {remote}".encode()
+        (mirror / remote).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / remote).write_bytes(content)
+        table[name] = (remote, hashlib.sha256(content).hexdigest(), len(content))
+    return mirror, table
+
+
+def test_fetch_suites_from_a_local_mirror(tmp_path, monkeypatch, capsys):
+    from sdpo.eval import fetch
+
+    mirror, table = _mirror(tmp_path)
+    monkeypatch.setattr(fetch, "OFFICIAL_FILES", table)
+    arguments = ["fetch-suites", "--output-dir", str(tmp_path / "data"),
+                 "--base-url", mirror.as_uri()]  # fmt: skip
+    assert eval_main(arguments) == 0
+    for name, (remote, _, _) in table.items():
+        assert (tmp_path / "data" / name).read_bytes() == (mirror / remote).read_bytes()
+    # Present with the right hash: not downloaded again.
+    opened = []
+    fetch.fetch_suites(tmp_path / "data", mirror.as_uri(), table, lambda url: opened.append(url))
+    assert opened == []
+    # A mirror serving other bytes: an error naming the URL, and nothing kept.
+    (tmp_path / "data" / "prompts" / "papv2.json").unlink()
+    (mirror / "prompts" / "papv2.json").write_bytes(b"tampered")
+    line = _one_line_error(capsys, arguments)
+    assert "papv2.json has sha256" in line and "expected" in line
+    assert not (tmp_path / "data" / "prompts" / "papv2.json").exists()
+    assert not list((tmp_path / "data").rglob("*.part"))
+    # A network failure is one line too.
+    assert "downloading" in _one_line_error(
+        capsys, ["fetch-suites", "--output-dir", str(tmp_path / "x"), "--base-url",
+                 (tmp_path / "nowhere").as_uri()],
+    )  # fmt: skip
+
+
+def test_fetch_suites_official_table(tmp_path):
+    from sdpo.eval import fetch
+
+    assert set(fetch.OFFICIAL_FILES) == {
+        "prompts/papv2.json", "prompts/hpsv2.json", "prompts/partiprompts.json",
+        "aesthetics/sac+logos+ava1-l14-linearMSE.pth",
+    }  # fmt: skip
+    assert fetch.OFFICIAL_COMMIT in fetch.OFFICIAL_BASE_URL
+    requested = []
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def read(self, _size):
+            return b""
+
+    def opener(url):
+        requested.append(url)
+        return Response()
+
+    with pytest.raises(ValueError, match="has sha256"):
+        fetch.fetch_suites(tmp_path / "a", opener=opener, log=lambda _: None)
+    # The head's "+" is percent-encoded in the raw URL.
+    head_only = {k: v for k, v in fetch.OFFICIAL_FILES.items() if k.startswith("aesthetics")}
+    with pytest.raises(ValueError):
+        fetch.fetch_suites(tmp_path / "b", files=head_only, opener=opener, log=print)
+    assert requested[-1].endswith("utils/aesthetics_model/sac%2Blogos%2Bava1-l14-linearMSE.pth")
