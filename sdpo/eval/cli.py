@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdpo.eval.generate import SCHEDULERS
+from sdpo.eval.generate import PRESETS, SCHEDULERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,21 +26,36 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--unet", default=None, help="trained UNet: diffusers folder or .pth")
     generate.add_argument("--suite", required=True, help="prompt-suite JSON")
     generate.add_argument("--output-dir", required=True)
-    generate.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
-    generate.add_argument("--steps", type=int, default=50)
+    # Defaults of None: the GenerateSettings defaults apply, and --preset can tell which flags
+    # were given.
+    generate.add_argument("--model", choices=("sd15", "sdxl"), default=None, help="default sd15")
+    generate.add_argument("--steps", type=int, default=None, help="default 50")
     generate.add_argument("--resolution", type=int, default=None)
-    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument("--guidance", type=float, default=None, help="default 7.5")
     generate.add_argument(
         "--cfg-formula",
         choices=("reference", "diffusers"),
-        default="diffusers",
-        help="reference: eps_c + g (eps_c - eps_u), i.e. diffusers' g + 1",
+        default=None,
+        help="reference: eps_c + g (eps_c - eps_u), i.e. diffusers' g + 1 (default diffusers)",
     )
-    generate.add_argument("--scheduler", choices=SCHEDULERS, default="default")
-    generate.add_argument("--batch-size", type=int, default=4)
+    generate.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    generate.add_argument("--batch-size", type=int, default=None, help="default 4")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--limit", type=int, default=None, help="first N prompts only")
-    generate.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    generate.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16")
+    generate.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="the official evaluation's sampler exactly (Euler, 50 steps, cfg 7.5 reference "
+        "formula, one seed for all prompts, bf16 UNet, fp32 VAE decode; 512 / 1024 px)",
+    )
+    generate.add_argument(
+        "--vae",
+        default=None,
+        help="a VAE folder to use instead of the pipeline's (SDXL: the "
+        "reference uses madebyollin/sdxl-vae-fp16-fix)",
+    )
 
     score = commands.add_parser("score", help="reward-model scores into the manifest")
     score.add_argument("manifest")
@@ -108,15 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(arguments: argparse.Namespace) -> int:
     if arguments.command == "generate":
-        from sdpo.eval.generate import GenerateSettings, generate
+        from sdpo.eval.generate import GenerateSettings, apply_preset, generate
 
-        settings = GenerateSettings(
-            **{
-                key: value
-                for key, value in vars(arguments).items()
-                if key in GenerateSettings.__dataclass_fields__
-            }
-        )
+        given = {
+            key: value
+            for key, value in vars(arguments).items()
+            if key in GenerateSettings.__dataclass_fields__ and value is not None
+        }
+        settings = GenerateSettings(**apply_preset(given))
         print(f"manifest: {generate(settings)}")
         return 0
     if arguments.command == "fetch-suites":
