@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -222,6 +223,10 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     images_dir = output / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(entries)) if index % world_size == rank]
+    print(
+        f"generate: rank {rank} of {world_size}: prompts {','.join(map(str, mine))}",
+        file=sys.stderr,
+    )
     for start in range(0, len(mine), settings.batch_size):
         indices = mine[start : start + settings.batch_size]
         prompts = [entries[index]["prompt"] for index in indices]
