@@ -4,7 +4,9 @@ Seeds are per prompt (``seed + index``), so any sharding or batch size gives the
 a prompt. Under torchrun each rank renders the prompts ``index % world_size == rank`` and rank 0
 writes the manifest after a barrier. CFG: diffusers computes ``eps_u + s (eps_c - eps_u)``; the
 reference evaluation's "7.5" is ``eps_c + 7.5 (eps_c - eps_u)`` = diffusers' 8.5
-(ALGORITHMS.md section 7), so ``--cfg-formula reference`` passes ``guidance + 1`` to diffusers.
+(eps_u + 8.5 (eps_c - eps_u) is the same sum), so ``--cfg-formula reference`` passes
+``guidance + 1`` to diffusers. ``--preset reference-sd15 / reference-sdxl`` is the official
+evaluation's whole sampler (see PRESETS).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ is loaded into transformers' ``BlipVisionModel`` (BLIP ViT-L/16: 24 layers, widt
 (as the reference ``ImageReward.score``): the prompt tokenised by BERT's uncased tokenizer (max 35
 tokens), the text encoder attending to the image embeddings, the first token's feature through
 the MLP head (768-1024-128-64-16-1, dropout between, no activations), then
-``(r - 0.16717362830052426) / 1.0333394966054072``. Images: resize 224 (bicubic), centre crop,
-CLIP normalisation.
+``(r - 0.16717362830052426) / 1.0333394966054072``. Images: ImageReward's torchvision transform
+(``preprocess.imagereward_preprocess``: Resize(224, bicubic), CenterCrop, CLIP normalisation).
 
 Checkpoint names map onto transformers' as: ``blip.visual_encoder.{cls_token, pos_embed,
 patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm}`` ->

@@ -8,8 +8,16 @@
 | aesthetics | LAION MLP head on L2-normalised CLIP ViT-L/14 image features | --aesthetics-head (sac+logos+ava1-l14-linearMSE.pth), CLIP as clip | the head's output |
 | imagereward | BLIP ViT-L + BERT cross-attention encoder + MLP (sdpo/eval/imagereward.py) | --imagereward (ImageReward.pt), THUDM/ImageReward; tokenizer --imagereward-tokenizer, bert-base-uncased, google-bert/bert-base-uncased | (r - mean) / std, as ImageReward.score |
 
+Images are preprocessed as each original does (sdpo/eval/preprocess.py): PickScore and CLIP as
+transformers' CLIPProcessor, HPSv2 as the hpsv2 package (long side to 224, zero padding), the
+aesthetics head as OpenAI CLIP's transform (LAION's pipeline), ImageReward as its torchvision
+transform; HPSv2 prompts are cleaned as open_clip's tokenizer does (ftfy, HTML entities).
+``conventions="reference"`` scores as the official Diffusion-SDPO evaluation scripts instead
+(README, "Evaluation").
+
 Nothing is downloaded: HF ids resolve only from the local cache, to the cached snapshot folder or
-file. A missing weight raises :class:`MissingWeights` naming the file and the flag.
+file. A missing weight raises :class:`MissingWeights` naming the file and the flag; an unreadable
+one a ValueError naming the file and the flag.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def test_clip_family_scorers_on_tiny_models(tmp_path):
     torch.save(head.state_dict(), tmp_path / "head.pth")
     assert set(head.state_dict()) == {
         f"layers.{index}.{kind}" for index in (0, 2, 4, 6, 7) for kind in ("weight", "bias")
-    }  # the LAION file's keys (../shared/data/README.md)
+    }  # the keys of LAION's sac+logos+ava1-l14-linearMSE.pth
     aesthetic_sources = scorers.WeightSources(
         {"clip": str(tmp_path / "clip"), "aesthetics_head": str(tmp_path / "head.pth")}
     )
