@@ -106,9 +106,17 @@ def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed
             f"compare: {path_a} and {path_b} share no scored prompt; run `sdpo-eval score` on "
             "both with the same --metrics"
         )
+    conventions = {"a": _conventions(path_a), "b": _conventions(path_b)}
+    if None not in conventions.values() and conventions["a"] != conventions["b"]:
+        raise ValueError(
+            f"compare: {path_a} was scored with --conventions {conventions['a']}, {path_b} with "
+            f"{conventions['b']}; rescore one so both use the same"
+        )
     return {
         "a": str(path_a),
         "b": str(path_b),
+        # score's conventions per side (None: no <manifest>.scores.json beside the manifest).
+        "conventions": conventions,
         "metrics": {
             metric: win_rate(pairs, resamples, seed) for metric, pairs in sorted(metrics.items())
         },
@@ -119,9 +127,23 @@ def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed
     }
 
 
+def _conventions(path: str | Path) -> str | None:
+    """The --conventions that ``sdpo-eval score`` recorded beside the manifest, if any."""
+    summary = Path(str(path) + ".scores.json")
+    if not summary.is_file():
+        return None
+    try:
+        return json.loads(summary.read_text()).get("conventions", "default")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"compare: {summary} is not a score summary ({error})") from error
+
+
 def markdown(result: dict) -> str:
+    conventions = result.get("conventions", {})
+    named = conventions.get("a") or conventions.get("b") or "unknown"
     lines = [
         f"A = {result['a']}, B = {result['b']}",
+        f"Scored with --conventions {named}.",
         "",
         "| metric | win rate A | 95% CI | wins | losses | ties | n | mean A | mean B |",
         "|---|---|---|---|---|---|---|---|---|",

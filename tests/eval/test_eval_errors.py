@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,3 +372,16 @@ def test_fetch_suites_official_table(tmp_path):
     with pytest.raises(ValueError):
         fetch.fetch_suites(tmp_path / "b", files=head_only, opener=opener, log=print)
     assert requested[-1].endswith("utils/aesthetics_model/sac%2Blogos%2Bava1-l14-linearMSE.pth")
+
+
+def test_compare_names_and_checks_the_conventions(tmp_path):
+    a = _write_manifest(tmp_path / "a.json", [("p", {"clip": 1.0}), ("q", {"clip": 0.0})])
+    b = _write_manifest(tmp_path / "b.json", [("p", {"clip": 0.5}), ("q", {"clip": 0.5})])
+    for path, conventions in ((a, "reference"), (b, "reference")):
+        Path(str(path) + ".scores.json").write_text(json.dumps({"conventions": conventions}))
+    result = compare.compare(a, b, resamples=10)
+    assert result["conventions"] == {"a": "reference", "b": "reference"}
+    assert "Scored with --conventions reference." in compare.markdown(result)
+    Path(str(b) + ".scores.json").write_text(json.dumps({"conventions": "default"}))
+    with pytest.raises(ValueError, match=r"--conventions reference.*default"):
+        compare.compare(a, b, resamples=10)
