@@ -10,10 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from tiny_models import save_tiny_pipeline
 
 
+@pytest.mark.slow  # measured: 93 s on 2 cores (three processes import torch and diffusers)
 def test_torchrun_two_processes_match_one(tmp_path):
     pipeline = save_tiny_pipeline(tmp_path)
     prompts = ["the cat", "a dog", "the owl", "a red cat", "the dog"]
