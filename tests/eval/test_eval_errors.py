@@ -276,6 +276,19 @@ def test_reference_conventions(tmp_path):
     assert summary["conventions"] == "reference"
     written = json.loads((tmp_path / "manifest.json.scores.json").read_text())
     assert written["conventions"] == "reference"
+    command = ["score", str(manifest), "--metrics", "pickscore", "--pickscore",
+               str(tmp_path / "clip"), "--pickscore-processor", str(tmp_path / "clip")]  # fmt: skip
+    manifest_prompts = [entry["prompt"] for entry in json.loads(manifest.read_text())]
+    assert eval_main([*command, "--conventions", "reference"]) == 0
+    scores = [entry["scores"]["pickscore"] for entry in json.loads(manifest.read_text())]
+    expected = build("pickscore", sources, cpu, "reference").score(images, manifest_prompts)
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert eval_main(command) == 0  # default: logit_scale * cos
+    scores = [entry["scores"]["pickscore"] for entry in json.loads(manifest.read_text())]
+    scale = model.logit_scale.exp().item()
+    assert scores == pytest.approx([scale * value for value in expected], rel=1e-4)
+    written = json.loads((tmp_path / "manifest.json.scores.json").read_text())
+    assert written["conventions"] == "default"
 
 
 def test_imagereward_does_not_import_scorers():
