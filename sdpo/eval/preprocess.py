@@ -111,7 +111,11 @@ def open_clip_clean_text(text: str) -> str:
     """open_clip's tokenizer cleaning before BPE: ``ftfy.fix_text`` (mojibake such as "Ã©" -> "é"),
     ``html.unescape`` twice ("&amp;amp;" -> "&"), whitespace runs to one space, strip. Lower-casing
     is left to the tokenizer (transformers' CLIP tokenizer lower-cases, as open_clip does)."""
-    import ftfy
-
+    try:
+        import ftfy
+    except ImportError as error:  # a dependency of this package; say so rather than mis-tokenise
+        raise ValueError(
+            "open_clip's prompt cleaning (HPSv2, reference CLIP score) needs ftfy: pip install ftfy"
+        ) from error
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()

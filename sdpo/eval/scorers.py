@@ -471,6 +471,8 @@ def build_scorer(
             )
         scorer.sources = {"model": source}
         return scorer
+    if metric == "hpsv2" or (metric == "clip" and reference):
+        open_clip_clean_text("")  # ftfy missing: an error now, before any weights load
     if metric == "hpsv2":
         path = sources.resolve("hpsv2", "--hpsv2")
         state = _load_torch_file(path, "--hpsv2")
