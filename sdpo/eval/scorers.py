@@ -449,6 +449,8 @@ def build_scorer(
         if reference:
             # The reference "CLIP score": open_clip ViT-H-14 (laion2B-s32B-b79K), plain cosine,
             # open_clip's eval transform and tokenizer.
+            sources.resolve("pickscore_processor", "--pickscore-processor")
+            open_clip_clean_text("")  # ftfy missing: an error now, before the weights load
             model, source = clip_model("pickscore_processor", "--pickscore-processor")
             scorer = ClipScorer(
                 "clip",
@@ -471,10 +473,9 @@ def build_scorer(
             )
         scorer.sources = {"model": source}
         return scorer
-    if metric == "hpsv2" or (metric == "clip" and reference):
-        open_clip_clean_text("")  # ftfy missing: an error now, before any weights load
     if metric == "hpsv2":
         path = sources.resolve("hpsv2", "--hpsv2")
+        open_clip_clean_text("")  # ftfy missing: an error now, before the weights load
         state = _load_torch_file(path, "--hpsv2")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
