@@ -1,7 +1,8 @@
 """``sdpo-eval``: generate images for a prompt suite, score them, compare two checkpoints.
 
+    sdpo-eval fetch-suites --output-dir data
     sdpo-eval generate --pretrained SD15_FOLDER --unet runs/x/unet.pth \
-        --suite ../shared/data/prompts/papv2.json --output-dir eval/x
+        --suite data/prompts/papv2.json --output-dir eval/x
     sdpo-eval score eval/x/manifest.json --metrics pickscore,hpsv2,aesthetics,clip \
         --weights-root /models/rewards
     sdpo-eval compare eval/x/manifest.json eval/base/manifest.json --output x_vs_base.json \
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdpo.eval.generate import SCHEDULERS
+from sdpo.eval.generate import PRESETS, SCHEDULERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,21 +26,36 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--unet", default=None, help="trained UNet: diffusers folder or .pth")
     generate.add_argument("--suite", required=True, help="prompt-suite JSON")
     generate.add_argument("--output-dir", required=True)
-    generate.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
-    generate.add_argument("--steps", type=int, default=50)
+    # Defaults of None: the GenerateSettings defaults apply, and --preset can tell which flags
+    # were given.
+    generate.add_argument("--model", choices=("sd15", "sdxl"), default=None, help="default sd15")
+    generate.add_argument("--steps", type=int, default=None, help="default 50")
     generate.add_argument("--resolution", type=int, default=None)
-    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument("--guidance", type=float, default=None, help="default 7.5")
     generate.add_argument(
         "--cfg-formula",
         choices=("reference", "diffusers"),
-        default="diffusers",
-        help="reference: eps_c + g (eps_c - eps_u), i.e. diffusers' g + 1",
+        default=None,
+        help="reference: eps_c + g (eps_c - eps_u), i.e. diffusers' g + 1 (default diffusers)",
     )
-    generate.add_argument("--scheduler", choices=SCHEDULERS, default="default")
-    generate.add_argument("--batch-size", type=int, default=4)
+    generate.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    generate.add_argument("--batch-size", type=int, default=None, help="default 4")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--limit", type=int, default=None, help="first N prompts only")
-    generate.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    generate.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16")
+    generate.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="the official evaluation's sampler exactly (Euler, 50 steps, cfg 7.5 reference "
+        "formula, one seed for all prompts, bf16 UNet, fp32 VAE decode; 512 / 1024 px)",
+    )
+    generate.add_argument(
+        "--vae",
+        default=None,
+        help="a VAE folder to use instead of the pipeline's (SDXL: the "
+        "reference uses madebyollin/sdxl-vae-fp16-fix)",
+    )
 
     score = commands.add_parser("score", help="reward-model scores into the manifest")
     score.add_argument("manifest")
@@ -55,10 +71,33 @@ def _parser() -> argparse.ArgumentParser:
         ("--imagereward-tokenizer", "bert-base-uncased tokenizer folder (ImageReward)"),
     ):
         score.add_argument(flag, default=None, help=meaning)
-    score.add_argument("--on-missing", choices=("error", "skip"), default="error")
+    score.add_argument(
+        "--on-missing",
+        choices=("error", "skip"),
+        default="error",
+        help="skip: leave out metrics whose weights are missing and unreadable images, and say so",
+    )
+    score.add_argument(
+        "--conventions",
+        choices=("default", "reference"),
+        default="default",
+        help="default: each metric as its original package scores it; reference: as the official "
+        "Diffusion-SDPO evaluation scripts print it (see README)",
+    )
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument(
         "--device", default=None, help="torch device for the scorers (default: cuda if available)"
+    )
+
+    fetch = commands.add_parser(
+        "fetch-suites",
+        help="download the prompt suites and the aesthetics head (sha256-checked)",
+    )
+    fetch.add_argument("--output-dir", required=True)
+    fetch.add_argument(
+        "--base-url",
+        default=None,
+        help="a mirror of the official repository's files (default: its GitHub raw URLs)",
     )
 
     compare = commands.add_parser("compare", help="A/B win rates paired by prompt")
@@ -76,23 +115,32 @@ def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     try:
         return _run(arguments)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, OSError, NotImplementedError) as error:
+        # Anticipated failures (bad flags, files, manifests, weights): one line, no traceback.
         print(f"sdpo-eval: error: {error}", file=sys.stderr)
         return 2
 
 
 def _run(arguments: argparse.Namespace) -> int:
     if arguments.command == "generate":
-        from sdpo.eval.generate import GenerateSettings, generate
+        from sdpo.eval.generate import GenerateSettings, apply_preset, generate
 
-        settings = GenerateSettings(
-            **{
-                key: value
-                for key, value in vars(arguments).items()
-                if key in GenerateSettings.__dataclass_fields__
-            }
-        )
+        given = {
+            key: value
+            for key, value in vars(arguments).items()
+            if key in GenerateSettings.__dataclass_fields__ and value is not None
+        }
+        settings = GenerateSettings(**apply_preset(given))
         print(f"manifest: {generate(settings)}")
+        return 0
+    if arguments.command == "fetch-suites":
+        from sdpo.eval.fetch import OFFICIAL_BASE_URL, fetch_suites
+
+        fetch_suites(
+            arguments.output_dir,
+            arguments.base_url or OFFICIAL_BASE_URL,
+            log=lambda message: print(message, file=sys.stderr),
+        )
         return 0
     if arguments.command == "score":
         from sdpo.eval.score import score_manifest, summary_table
@@ -115,11 +163,16 @@ def _run(arguments: argparse.Namespace) -> int:
             batch_size=arguments.batch_size,
             device=_device(arguments.device),
             log=lambda message: print(message, file=sys.stderr),
+            conventions=arguments.conventions,
         )
         print(summary_table(summary))
         return 0
     from sdpo.eval import compare as comparison
 
+    for flag, path in (("--output", arguments.output), ("--markdown", arguments.markdown),
+                       ("--plot", arguments.plot)):  # fmt: skip
+        if path:
+            comparison.check_output(path, flag)
     result = comparison.compare(arguments.a, arguments.b, arguments.resamples, arguments.seed)
     comparison.write(result, arguments.output)
     text = comparison.markdown(result)
@@ -141,11 +194,9 @@ def _device(name: str | None):
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SystemExit(f"sdpo-eval score: error: --device {name!r}: {error}") from error
+        raise ValueError(f"--device {name!r}: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            f"sdpo-eval score: error: --device {name!r} but CUDA is not available; use --device cpu"
-        )
+        raise ValueError(f"--device {name!r} but CUDA is not available; use --device cpu")
     return device
 
 

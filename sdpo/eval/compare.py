@@ -9,6 +9,7 @@ rate over ``resamples`` bootstrap resamples of the prompts (fixed seed: reproduc
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,7 +17,32 @@ import torch
 from sdpo.eval.manifest import keyed_by_prompt, load_entries
 
 
-def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict, dict]:
+def _checked_scores(entry: dict, side: str) -> dict:
+    """An entry's ``scores``: absent / null is no score; anything but an object mapping metric
+    names to finite numbers (or null) is an error naming the prompt and the metric."""
+    scores = entry.get("scores")
+    if scores is None:
+        return {}
+    if not isinstance(scores, dict):
+        raise ValueError(
+            f'compare: {side}: prompt {entry["prompt"]!r}: "scores" must be an object of '
+            f"metric: number, got {type(scores).__name__}"
+        )
+    for metric, value in scores.items():
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ValueError(
+                f"compare: {side}: prompt {entry['prompt']!r}, metric {metric}: score {value!r} "
+                "is not a finite number; rescore that manifest"
+            )
+    return scores
+
+
+def _paired_scores(
+    a: list[dict], b: list[dict], names: tuple[str, str] = ("A", "B")
+) -> tuple[dict, dict, dict]:
     """Score pairs per metric, the prompts in only one manifest, and per metric how many paired
     prompts were left out because A or B has no score for it (absent or null): a metric scored
     in only one manifest is reported, never silently dropped."""
@@ -33,8 +59,8 @@ def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict, dict]:
     metrics: dict[str, list[tuple[float, float]]] = {}
     unscored: dict[str, dict[str, int]] = {}
     for key in common:
-        scores_a = keyed_a[key].get("scores") or {}
-        scores_b = keyed_b[key].get("scores") or {}
+        scores_a = _checked_scores(keyed_a[key], names[0])
+        scores_b = _checked_scores(keyed_b[key], names[1])
         for metric in sorted(scores_a.keys() | scores_b.keys()):
             value_a, value_b = scores_a.get(metric), scores_b.get(metric)
             if value_a is None or value_b is None:
@@ -48,6 +74,8 @@ def _paired_scores(a: list[dict], b: list[dict]) -> tuple[dict, dict, dict]:
 
 def win_rate(pairs: list[tuple[float, float]], resamples: int = 10000, seed: int = 0) -> dict:
     """{"win_rate_a", "wins", "losses", "ties", "n", "ci95": [lo, hi], "mean_a", "mean_b"}."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"--resamples: expected an integer >= 1, got {resamples!r}")
     scores = torch.tensor(pairs, dtype=torch.float64)
     outcome = (scores[:, 0] > scores[:, 1]).double() + 0.5 * (scores[:, 0] == scores[:, 1]).double()
     n = len(pairs)
@@ -68,15 +96,27 @@ def win_rate(pairs: list[tuple[float, float]], resamples: int = 10000, seed: int
 
 
 def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed: int = 0) -> dict:
-    metrics, mismatch, unscored = _paired_scores(load_entries(path_a), load_entries(path_b))
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"--resamples: expected an integer >= 1, got {resamples!r}")
+    metrics, mismatch, unscored = _paired_scores(
+        load_entries(path_a), load_entries(path_b), (str(path_a), str(path_b))
+    )
     if not metrics:
         raise ValueError(
             f"compare: {path_a} and {path_b} share no scored prompt; run `sdpo-eval score` on "
             "both with the same --metrics"
         )
+    conventions = {"a": _conventions(path_a), "b": _conventions(path_b)}
+    if None not in conventions.values() and conventions["a"] != conventions["b"]:
+        raise ValueError(
+            f"compare: {path_a} was scored with --conventions {conventions['a']}, {path_b} with "
+            f"{conventions['b']}; rescore one so both use the same"
+        )
     return {
         "a": str(path_a),
         "b": str(path_b),
+        # score's conventions per side (None: no <manifest>.scores.json beside the manifest).
+        "conventions": conventions,
         "metrics": {
             metric: win_rate(pairs, resamples, seed) for metric, pairs in sorted(metrics.items())
         },
@@ -87,9 +127,23 @@ def compare(path_a: str | Path, path_b: str | Path, resamples: int = 10000, seed
     }
 
 
+def _conventions(path: str | Path) -> str | None:
+    """The --conventions that ``sdpo-eval score`` recorded beside the manifest, if any."""
+    summary = Path(str(path) + ".scores.json")
+    if not summary.is_file():
+        return None
+    try:
+        return json.loads(summary.read_text()).get("conventions", "default")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"compare: {summary} is not a score summary ({error})") from error
+
+
 def markdown(result: dict) -> str:
+    conventions = result.get("conventions", {})
+    named = conventions.get("a") or conventions.get("b") or "unknown"
     lines = [
         f"A = {result['a']}, B = {result['b']}",
+        f"Scored with --conventions {named}.",
         "",
         "| metric | win rate A | 95% CI | wins | losses | ties | n | mean A | mean B |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -146,6 +200,13 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(figure)
 
 
+def check_output(output: str | Path, flag: str = "--output") -> None:
+    """An output path must name a file (not an existing folder)."""
+    if Path(output).is_dir():
+        raise ValueError(f"{flag} {output}: is a folder; give a file path such as {output}/x.json")
+
+
 def write(result: dict, output: str | Path) -> None:
+    check_output(output)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2) + "\n")

@@ -4,13 +4,17 @@ Seeds are per prompt (``seed + index``), so any sharding or batch size gives the
 a prompt. Under torchrun each rank renders the prompts ``index % world_size == rank`` and rank 0
 writes the manifest after a barrier. CFG: diffusers computes ``eps_u + s (eps_c - eps_u)``; the
 reference evaluation's "7.5" is ``eps_c + 7.5 (eps_c - eps_u)`` = diffusers' 8.5
-(ALGORITHMS.md section 7), so ``--cfg-formula reference`` passes ``guidance + 1`` to diffusers.
+(eps_u + 8.5 (eps_c - eps_u) is the same sum), so ``--cfg-formula reference`` passes
+``guidance + 1`` to diffusers. ``--preset reference-sd15 / reference-sdxl`` is the official
+evaluation's whole sampler (see PRESETS).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +23,24 @@ import torch
 from sdpo.eval.manifest import load_entries, meta_path, save_entries
 
 SCHEDULERS = ("default", "ddim", "euler", "dpm")
+# The official evaluation's sampler (AIDC-AI/Diffusion-SDPO test_sd15.py / test_sdxl.py with
+# scripts/eval/test_sd15.sh / test_sdxl.sh): EulerDiscreteScheduler from the pipeline's
+# scheduler config, 50 steps, "cfg 7.5" as eps_c + 7.5 (eps_c - eps_u), the unconditional
+# branch from the encoded empty prompt (also for SDXL, where diffusers would use zeros), UNet and
+# text encoders in bf16, batch size 1, the SAME seed for every prompt, the initial noise drawn in
+# bf16 by a torch.Generator on the device, the VAE decode in fp32, (x / 2 + 0.5) * 255 rounded.
+PRESETS: dict[str, dict] = {
+    "reference-sd15": {"model": "sd15", "resolution": 512},
+    "reference-sdxl": {"model": "sdxl", "resolution": 1024},
+}
+PRESET_FIXED = {
+    "scheduler": "euler",
+    "steps": 50,
+    "guidance": 7.5,
+    "cfg_formula": "reference",
+    "dtype": "bf16",
+    "batch_size": 1,
+}
 
 
 @dataclass
@@ -37,6 +59,27 @@ class GenerateSettings:
     seed: int = 0
     limit: int | None = None
     dtype: str = "bf16"
+    preset: str | None = None
+    vae: str | None = None
+
+
+def apply_preset(values: dict) -> dict:
+    """``values`` (GenerateSettings fields given explicitly) with ``preset``'s settings; a flag
+    that the preset fixes is an error (the images would no longer be the reference's)."""
+    preset = values.get("preset")
+    if preset is None:
+        return values
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    fixed = PRESET_FIXED | PRESETS[preset]
+    clashes = [
+        "--" + key.replace("_", "-") for key in fixed if values.get(key) not in (None, fixed[key])
+    ]
+    if clashes:
+        raise ValueError(
+            f"--preset {preset} fixes {', '.join(clashes)}; drop them (or drop --preset)"
+        )
+    return values | fixed
 
 
 def diffusers_guidance(guidance: float, cfg_formula: str) -> float:
@@ -83,38 +126,97 @@ def _scheduler(pipeline, name: str):
     return classes[name].from_config(pipeline.scheduler.config)
 
 
+@torch.no_grad()
+def _reference_images(pipeline, prompts, settings, guidance_scale, resolution) -> list:
+    """The official evaluation's images (see PRESETS): its noise, its negative prompt, diffusers'
+    denoising loop (the same Euler steps and CFG), and its fp32 decode."""
+    from PIL import Image
+
+    device = pipeline.unet.device
+    size = 2 * math.ceil(resolution / 16)  # the reference's latent size: 64 at 512, 128 at 1024
+    latents = torch.randn(
+        (len(prompts), pipeline.unet.config.in_channels, size, size),
+        device=device,
+        dtype=pipeline.unet.dtype,
+        generator=torch.Generator(device=device).manual_seed(settings.seed),
+    )
+    latents = pipeline(
+        prompt=prompts,
+        negative_prompt=[""] * len(prompts),
+        num_inference_steps=settings.steps,
+        guidance_scale=guidance_scale,
+        height=resolution,
+        width=resolution,
+        latents=latents,
+        output_type="latent",
+    ).images
+    vae = pipeline.vae
+    latents = latents.float() / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None) is not None:
+        latents = latents + vae.config.shift_factor
+    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+    pixels = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(image) for image in (pixels * 255).round().astype("uint8")]
+
+
 def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    entries = load_entries(settings.suite)
-    if settings.limit is not None:
-        entries = entries[: settings.limit]
-    guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
-    for name, value in (("steps", settings.steps), ("batch_size", settings.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
     pretrained = Path(settings.pretrained).expanduser()
+    layout = "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
     if not pretrained.is_dir():
         raise FileNotFoundError(
-            f"pretrained: no such folder {pretrained}; pass a local diffusers pipeline folder "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            f"--pretrained: no such folder {pretrained}; pass a local diffusers pipeline folder "
+            f"{layout}, e.g. from `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+            "--local-dir DIR`"
         )
+    if not (pretrained / "model_index.json").is_file():
+        raise ValueError(
+            f"--pretrained {pretrained}: not a diffusers pipeline folder (no model_index.json); "
+            f"expected {layout}"
+        )
+    entries = load_entries(settings.suite, "--suite")
+    if settings.limit is not None:
+        if settings.limit < 1:
+            raise ValueError(f"--limit: expected >= 1, got {settings.limit}")
+        entries = entries[: settings.limit]
+    guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
+    for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if settings.dtype == "bf16" and device.type == "cuda" else torch.float32
+    # bf16 on CUDA; on a CPU fp32, except under a preset (the reference's bf16 noise and UNet).
+    use_bf16 = settings.dtype == "bf16" and (device.type == "cuda" or settings.preset is not None)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
     pipeline_class = (
         StableDiffusionXLPipeline if settings.model == "sdxl" else StableDiffusionPipeline
     )
-    pipeline = pipeline_class.from_pretrained(
-        pretrained, dtype=dtype, local_files_only=True, safety_checker=None
-    )
+    try:
+        pipeline = pipeline_class.from_pretrained(
+            pretrained, dtype=dtype, local_files_only=True, safety_checker=None
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"--pretrained {pretrained}: cannot load a {pipeline_class.__name__} from it "
+            f"({first}); is --model {settings.model} right?"
+        ) from error
     if settings.unet:
         load_unet_into(pipeline, settings.unet)
+    if settings.vae:
+        from diffusers import AutoencoderKL
+
+        pipeline.vae = AutoencoderKL.from_pretrained(
+            Path(settings.vae).expanduser(), local_files_only=True
+        )
     pipeline.scheduler = _scheduler(pipeline, settings.scheduler)
     pipeline.to(device)
+    if settings.preset:
+        pipeline.vae.to(torch.float32)  # the reference decodes in fp32
     pipeline.set_progress_bar_config(disable=True)
     resolution = settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 
@@ -123,20 +225,29 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     images_dir = output / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(entries)) if index % world_size == rank]
+    print(
+        f"generate: rank {rank} of {world_size}: prompts {','.join(map(str, mine))}",
+        file=sys.stderr,
+    )
     for start in range(0, len(mine), settings.batch_size):
         indices = mine[start : start + settings.batch_size]
-        generators = [
-            torch.Generator(device="cpu").manual_seed(settings.seed + index) for index in indices
-        ]
-        result = pipeline(
-            prompt=[entries[index]["prompt"] for index in indices],
-            num_inference_steps=settings.steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-        )
-        for index, image in zip(indices, result.images, strict=True):
+        prompts = [entries[index]["prompt"] for index in indices]
+        if settings.preset:
+            images = _reference_images(pipeline, prompts, settings, guidance_scale, resolution)
+        else:
+            generators = [
+                torch.Generator(device="cpu").manual_seed(settings.seed + index)
+                for index in indices
+            ]
+            images = pipeline(
+                prompt=prompts,
+                num_inference_steps=settings.steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+            ).images
+        for index, image in zip(indices, images, strict=True):
             image.save(images_dir / f"{index:05d}.png")
     if world_size > 1:
         import torch.distributed as dist

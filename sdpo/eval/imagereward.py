@@ -6,8 +6,8 @@ is loaded into transformers' ``BlipVisionModel`` (BLIP ViT-L/16: 24 layers, widt
 (as the reference ``ImageReward.score``): the prompt tokenised by BERT's uncased tokenizer (max 35
 tokens), the text encoder attending to the image embeddings, the first token's feature through
 the MLP head (768-1024-128-64-16-1, dropout between, no activations), then
-``(r - 0.16717362830052426) / 1.0333394966054072``. Images: resize 224 (bicubic), centre crop,
-CLIP normalisation.
+``(r - 0.16717362830052426) / 1.0333394966054072``. Images: ImageReward's torchvision transform
+(``preprocess.imagereward_preprocess``: Resize(224, bicubic), CenterCrop, CLIP normalisation).
 
 Checkpoint names map onto transformers' as: ``blip.visual_encoder.{cls_token, pos_embed,
 patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm}`` ->
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from sdpo.eval.preprocess import imagereward_preprocess
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -62,16 +64,33 @@ def text_config(**overrides):
     return BlipTextConfig(**(values | overrides))
 
 
+def mlp_head(width: int) -> nn.Module:
+    """The MLP head shared by ImageReward and the LAION aesthetics predictor: Linear
+    width-1024-128-64-16-1 with dropout between and no activations, under ``layers.*`` (both
+    checkpoints' names)."""
+    head = nn.Module()
+    head.layers = nn.Sequential(
+        nn.Linear(width, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+    head.forward = lambda features: head.layers(features)
+    return head
+
+
 class ImageRewardModel(nn.Module):
     def __init__(self, vision=None, text=None) -> None:
         super().__init__()
         from transformers import BlipTextModel, BlipVisionModel
 
-        from sdpo.eval.scorers import AestheticsScorer
-
         self.vision = BlipVisionModel(vision or vision_config())
         self.text = BlipTextModel(text or text_config(), add_pooling_layer=False)
-        self.head = AestheticsScorer.build_head(self.text.config.hidden_size)
+        self.head = mlp_head(self.text.config.hidden_size)
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         image = self.vision(pixel_values=pixels).last_hidden_state
@@ -143,9 +162,7 @@ class ImageRewardScorer:
 
     @torch.no_grad()
     def score(self, images: list, prompts: list[str]) -> list[float]:
-        from sdpo.eval.scorers import preprocess
-
-        pixels = preprocess(images, self.image_size).to(self.device)
+        pixels = imagereward_preprocess(images, self.image_size).to(self.device)
         tokens = self.tokenizer(
             prompts,
             padding="max_length",

@@ -1,7 +1,7 @@
 """Prompt suites and generation manifests: the reference evaluation's JSON format.
 
 A suite is a list of ``{"prompt", "gen_image_path", "raw_image_path", "metadata"}`` objects
-(../shared/data/prompts/*.json); a manifest is the same list with ``gen_image_path`` filled in
+(the official repository's prompts/*.json, see ``sdpo-eval fetch-suites``); a manifest is the same list with ``gen_image_path`` filled in
 and, after ``score``, ``"scores": {"pickscore": ..., ...}`` per entry. The run's settings are
 kept in a sidecar ``<manifest>.meta.json`` so the manifest itself stays in the suites' format.
 """
@@ -12,20 +12,21 @@ import json
 from pathlib import Path
 
 
-def load_entries(path: str | Path) -> list[dict]:
+def load_entries(path: str | Path, what: str = "manifest") -> list[dict]:
+    """The entries of a suite or manifest; ``what`` names it in errors (e.g. "--suite")."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"manifest: no such file {file}")
+        raise FileNotFoundError(f"{what}: no such file {file}")
     try:
         entries = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"manifest: {file} is not JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what}: {file} is not JSON ({error})") from error
     if not isinstance(entries, list) or not all(
         isinstance(entry, dict) and isinstance(entry.get("prompt"), str) for entry in entries
     ):
         raise ValueError(
-            f'manifest: {file} must be a list of objects with a string "prompt" '
-            "(the format of ../shared/data/prompts/*.json)"
+            f'{what}: {file} must be a list of objects with a string "prompt" '
+            "(the prompt suites' format; `sdpo-eval fetch-suites` downloads them)"
         )
     return entries
 

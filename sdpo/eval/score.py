@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,14 @@ from pathlib import Path
 import torch
 
 from sdpo.eval.manifest import load_entries, save_entries
-from sdpo.eval.scorers import METRICS, MissingWeights, WeightSources, build_scorer, file_hash
+from sdpo.eval.scorers import (
+    CONVENTIONS,
+    METRICS,
+    MissingWeights,
+    WeightSources,
+    build_scorer,
+    file_hash,
+)
 
 
 def _versions() -> dict:
@@ -33,8 +41,12 @@ def score_manifest(
     device: torch.device | None = None,
     scorer_factory: Callable = build_scorer,
     log: Callable[[str], None] = print,
+    conventions: str = "default",
 ) -> dict:
-    """Scores every image of ``manifest`` (written back in place); returns the summary."""
+    """Scores every image of ``manifest`` (written back in place); returns the summary.
+
+    Every image is opened and decoded before any model loads: an unreadable one is an error
+    naming it, or under ``on_missing="skip"`` left unscored and listed in the summary."""
     from PIL import Image
 
     unknown = [metric for metric in metrics if metric not in METRICS]
@@ -56,11 +68,44 @@ def score_manifest(
             f"manifest: {len(missing_images)} image(s) missing, first {missing_images[0]!r}; "
             "run `sdpo-eval generate` first"
         )
+    if conventions not in CONVENTIONS:
+        raise ValueError(
+            f"conventions: expected one of {', '.join(CONVENTIONS)}, got {conventions!r}"
+        )
+    unreadable: list[dict] = []
+    for entry in entries:
+        try:
+            with Image.open(entry["gen_image_path"]) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            if on_missing != "skip":
+                raise ValueError(
+                    f"manifest: image {entry['gen_image_path']} (prompt {entry['prompt']!r}) "
+                    f"is unreadable ({error}); regenerate it, or pass --on-missing skip to "
+                    "leave it unscored"
+                ) from error
+            unreadable.append({"image": entry["gen_image_path"], "error": str(error)})
+            log(f"skipping unreadable image {entry['gen_image_path']}: {error}")
+    skipped_paths = {row["image"] for row in unreadable}
+    scored = [entry for entry in entries if entry["gen_image_path"] not in skipped_paths]
+    if not scored:
+        raise ValueError(f"manifest: none of the {len(entries)} images is readable")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    summary: dict = {"manifest": str(manifest), "means": {}, "skipped": {}, "weights": {}}
+    summary: dict = {
+        "manifest": str(manifest),
+        "conventions": conventions,
+        "means": {},
+        "skipped": {},
+        "unreadable_images": unreadable,
+        "weights": {},
+    }
+    loaded: dict = {}  # models shared between metrics (CLIP ViT-L/14: clip and aesthetics)
     for metric in metrics:
         try:
-            scorer = scorer_factory(metric, sources, device)
+            if scorer_factory is build_scorer:
+                scorer = build_scorer(metric, sources, device, conventions, loaded)
+            else:
+                scorer = scorer_factory(metric, sources, device)
         except MissingWeights as error:
             if on_missing == "skip":
                 log(f"skipping {metric}: {error}")
@@ -68,27 +113,44 @@ def score_manifest(
                 continue
             raise
         values: list[float] = []
-        for start in range(0, len(entries), batch_size):
-            batch = entries[start : start + batch_size]
+        for start in range(0, len(scored), batch_size):
+            batch = scored[start : start + batch_size]
             images = [Image.open(entry["gen_image_path"]) for entry in batch]
             values += scorer.score(images, [entry["prompt"] for entry in batch])
-        for entry, value in zip(entries, values, strict=True):
+        for entry, value in zip(scored, values, strict=True):
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"{metric}: non-finite score {value} for {entry['gen_image_path']} (prompt "
+                    f"{entry['prompt']!r}); check the weights given for {metric}"
+                )
             entry.setdefault("scores", {})[metric] = float(value)
+        # The mean over images, as the reference scripts' sum / count.
         summary["means"][metric] = sum(values) / len(values)
         summary["weights"][metric] = {
-            key: {"source": path, "sha256_head": file_hash(path)}
+            key: {"source": path, "sha256": file_hash(path)}
             for key, path in getattr(scorer, "sources", {}).items()
         }
         log(f"{metric}: mean {summary['means'][metric]:.4f} over {len(values)} images")
     save_entries(manifest, entries)
     summary["versions"] = _versions()
-    summary["images"] = len(entries)
+    summary["images"] = len(scored)
     Path(str(manifest) + ".scores.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def summary_table(summary: dict) -> str:
-    lines = ["| metric | mean |", "|---|---|"]
+    lines = [
+        f"conventions: {summary.get('conventions', 'default')}",
+        "",
+        "| metric | mean |",
+        "|---|---|",
+    ]
     lines += [f"| {metric} | {value:.4f} |" for metric, value in summary["means"].items()]
     lines += [f"| {metric} | skipped (weights missing) |" for metric in summary["skipped"]]
+    if summary.get("unreadable_images"):
+        lines += [
+            "",
+            f"{len(summary['unreadable_images'])} unreadable image(s) left unscored "
+            "(listed in the .scores.json)",
+        ]
     return "\n".join(lines)

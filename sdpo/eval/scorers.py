@@ -8,23 +8,41 @@
 | aesthetics | LAION MLP head on L2-normalised CLIP ViT-L/14 image features | --aesthetics-head (sac+logos+ava1-l14-linearMSE.pth), CLIP as clip | the head's output |
 | imagereward | BLIP ViT-L + BERT cross-attention encoder + MLP (sdpo/eval/imagereward.py) | --imagereward (ImageReward.pt), THUDM/ImageReward; tokenizer --imagereward-tokenizer, bert-base-uncased, google-bert/bert-base-uncased | (r - mean) / std, as ImageReward.score |
 
+Images are preprocessed as each original does (sdpo/eval/preprocess.py): PickScore and CLIP as
+transformers' CLIPProcessor, HPSv2 as the hpsv2 package (long side to 224, zero padding), the
+aesthetics head as OpenAI CLIP's transform (LAION's pipeline), ImageReward as its torchvision
+transform; HPSv2 prompts are cleaned as open_clip's tokenizer does (ftfy, HTML entities).
+``conventions="reference"`` scores as the official Diffusion-SDPO evaluation scripts instead
+(README, "Evaluation").
+
 Nothing is downloaded: HF ids resolve only from the local cache, to the cached snapshot folder or
-file. A missing weight raises :class:`MissingWeights` naming the file and the flag.
+file. A missing weight raises :class:`MissingWeights` naming the file and the flag; an unreadable
+one a ValueError naming the file and the flag.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from sdpo.eval import imagereward
+from sdpo.eval.imagereward import mlp_head
+from sdpo.eval.preprocess import (
+    clip_processor_preprocess,
+    hpsv2_preprocess,
+    open_clip_clean_text,
+    open_clip_preprocess,
+    openai_clip_preprocess,
+)
+
 METRICS = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")
-# OpenAI CLIP's normalisation; the LAION ViT-H-14 models (PickScore, HPSv2) use the same.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SOURCES = {
     "pickscore": ("PickScore_v1", "yuvalkirstain/PickScore_v1"),
     "pickscore_processor": (
@@ -110,116 +128,129 @@ def _cached_hub_file(repository: str, filename: str, cache_dir: str | None) -> s
     return found if isinstance(found, str) else None
 
 
+def _hash_cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "sdpo-eval" / "sha256.json"
+
+
+def _file_sha256(file: Path, cache: dict) -> str:
+    """sha256 of a whole file, streamed in 16 MB blocks; remembered by (path, size, mtime) so a
+    4 GB checkpoint is read once, and re-read when it changes."""
+    stat = file.stat()
+    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in cache:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while block := handle.read(16 * 2**20):
+                digest.update(block)
+        cache[key] = digest.hexdigest()
+    return cache[key]
+
+
 def file_hash(path: str) -> str | None:
-    """sha256 of a weight file (the first 64 MB and the size, so hashing a 4 GB file is fast
-    and still tells two checkpoints apart), or None for a hub id / folder."""
-    file = Path(path)
-    if not file.is_file():
+    """sha256 of a weight file, or for a folder (a transformers model folder, an HF cache
+    snapshot whose files are links to blobs) the sha256 of its sorted ``relative path: file
+    sha256`` lines; None if ``path`` does not exist."""
+    target = Path(path)
+    if not target.exists():
         return None
-    digest = hashlib.sha256(str(file.stat().st_size).encode())
-    with open(file, "rb") as handle:
-        digest.update(handle.read(64 * 2**20))
-    return digest.hexdigest()
-
-
-def preprocess(images: list, size: int) -> Tensor:
-    """PIL images -> (N, 3, size, size): shorter side to ``size`` (bicubic), centre crop, CLIP
-    normalisation, as CLIPImageProcessor and open_clip's transform do.
-
-    The longer side becomes ``int(size * long / short)``, truncated as CLIPImageProcessor and
-    torchvision's Resize compute it (rounding instead shifts the crop of a 57x40 image by a pixel
-    and moves normalised values by up to 2.4)."""
-    from PIL import Image
-
-    batch = []
-    for image in images:
-        image = image.convert("RGB")
-        short = min(image.size)
-        width, height = (
-            size if image.width == short else int(size * image.width / short),
-            size if image.height == short else int(size * image.height / short),
-        )
-        image = image.resize((width, height), Image.BICUBIC)
-        left, top = (width - size) // 2, (height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        batch.append(pixels.view(size, size, 3).permute(2, 0, 1).float() / 255.0)
-    stacked = torch.stack(batch)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (stacked - mean) / std
+    cache_file = _hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if target.is_file():
+        result = _file_sha256(target, cache)
+    else:
+        lines = [
+            f"{file.relative_to(target).as_posix()}: {_file_sha256(file, cache)}"
+            for file in sorted(target.rglob("*"))
+            if file.is_file()
+        ]
+        result = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache))
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time
+    return result
 
 
 class ClipScorer:
-    """A CLIPModel and tokenizer; ``kind`` picks the score (see the module table)."""
+    """A CLIPModel, its tokenizer and its original's preprocessing; ``kind`` picks the score:
+    "pickscore" (``logit_scale * cos``), "clip" (``100 * max(cos, 0)``) or "cosine"."""
 
-    def __init__(self, name: str, model, tokenizer, kind: str, device: torch.device) -> None:
-        self.name, self.model, self.tokenizer, self.kind = (
-            name,
-            model.eval().to(device),
-            tokenizer,
-            kind,
-        )
+    def __init__(
+        self,
+        name: str,
+        model,
+        tokenizer,
+        kind: str,
+        device: torch.device,
+        preprocess: Callable[[list, int], Tensor] = clip_processor_preprocess,
+        clean_text: Callable[[str], str] | None = None,
+    ) -> None:
+        self.name, self.model, self.tokenizer, self.kind = name, model, tokenizer, kind
+        self.model.eval().to(device)
         self.device = device
+        self.preprocess, self.clean_text = preprocess, clean_text
         self.image_size = model.config.vision_config.image_size
         self.sources: dict[str, str] = {}
 
+    def tokens(self, prompts: list[str]):
+        if self.clean_text is not None:
+            prompts = [self.clean_text(prompt) for prompt in prompts]
+        return self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        )
+
     @torch.no_grad()
-    def features(self, images: list, prompts: list[str] | None) -> tuple[Tensor, Tensor | None]:
-        pixels = preprocess(images, self.image_size).to(self.device, self.model.dtype)
-        image = self.model.get_image_features(pixel_values=pixels)
+    def image_features(self, images: list, preprocess=None) -> Tensor:
+        pixels = (preprocess or self.preprocess)(images, self.image_size)
+        image = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
         image = getattr(image, "pooler_output", image)
-        text = None
-        if prompts is not None:
-            tokens = self.tokenizer(
-                prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
-            ).to(self.device)
-            text = self.model.get_text_features(
-                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-            )
-            text = getattr(text, "pooler_output", text)
-            text = nn.functional.normalize(text.float(), dim=-1)
-        return nn.functional.normalize(image.float(), dim=-1), text
+        return nn.functional.normalize(image.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> Tensor:
+        tokens = self.tokens(prompts).to(self.device)
+        text = self.model.get_text_features(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        )
+        text = getattr(text, "pooler_output", text)
+        return nn.functional.normalize(text.float(), dim=-1)
 
     def score(self, images: list, prompts: list[str]) -> list[float]:
-        image, text = self.features(images, prompts)
-        cosine = (image * text).sum(-1)
+        cosine = (self.image_features(images) * self.text_features(prompts)).sum(-1)
         if self.kind == "pickscore":
             values = self.model.logit_scale.exp().float() * cosine
         elif self.kind == "clip":
             values = 100.0 * cosine.clamp_min(0.0)
-        else:  # hpsv2
+        elif self.kind == "cosine":
             values = cosine
+        else:
+            raise ValueError(f"ClipScorer: unknown kind {self.kind!r}")
         return values.cpu().tolist()
 
 
 class AestheticsScorer:
     """The LAION head (Linear 768-1024-128-64-16-1, dropout between, no activations) on
-    L2-normalised CLIP ViT-L/14 image embeddings."""
+    L2-normalised CLIP ViT-L/14 image embeddings, preprocessed by ``preprocess`` (the original
+    LAION pipeline: OpenAI CLIP's torchvision transform; the reference evaluation:
+    CLIPProcessor)."""
 
-    def __init__(self, clip: ClipScorer, head: nn.Module) -> None:
+    def __init__(self, clip: ClipScorer, head: nn.Module, preprocess=openai_clip_preprocess):
         self.name, self.clip, self.head = "aesthetics", clip, head.eval().to(clip.device)
+        self.preprocess = preprocess
         self.sources: dict[str, str] = {}
 
     @staticmethod
     def build_head(width: int = 768) -> nn.Module:
-        head = nn.Module()
-        head.layers = nn.Sequential(
-            nn.Linear(width, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-        head.forward = lambda features: head.layers(features)
-        return head
+        return mlp_head(width)
 
     @torch.no_grad()
     def score(self, images: list, prompts: list[str]) -> list[float]:
-        image, _ = self.clip.features(images, None)
+        image = self.clip.image_features(images, self.preprocess)
         return self.head(image).squeeze(-1).cpu().tolist()
 
 
@@ -312,7 +343,12 @@ def load_hpsv2_state(path: str) -> dict[str, Tensor]:
 
 def load_strictly(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """load_state_dict that tolerates only transformers' non-weight buffers (position ids)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches raise even with strict=False
+        raise ValueError(
+            f"{source}: the checkpoint does not fit the architecture ({_first_line(error)})"
+        ) from error
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(
@@ -321,62 +357,176 @@ def load_strictly(model: nn.Module, state: dict[str, Tensor], source: str) -> No
         )
 
 
-def _load_clip(source: str):
+CONVENTIONS = ("default", "reference")
+
+
+def _load_clip(source: str, flag: str):
     from transformers import CLIPModel
 
-    return CLIPModel.from_pretrained(source, local_files_only=True)
+    try:
+        return CLIPModel.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{flag} {source}: not a transformers CLIP model folder ({_first_line(error)})"
+        ) from error
 
 
-def _load_tokenizer(source: str):
+def _load_tokenizer(source: str, flag: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{flag} {source}: not a tokenizer folder ({_first_line(error)})"
+        ) from error
 
 
-def build_scorer(metric: str, sources: WeightSources, device: torch.device):
-    """The scorer of one metric from local weights; raises MissingWeights (names file + flag)."""
-    from transformers import CLIPModel
+def _load_torch_file(path: str, flag: str):
+    """torch.load of a weight file; garbage, empty or truncated files name the file and flag."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, expected a weight file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and EOF errors all mean the same: unreadable
+        raise ValueError(
+            f"{flag} {path}: not a readable PyTorch weight file ({_first_line(error)})"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def build_scorer(
+    metric: str,
+    sources: WeightSources,
+    device: torch.device,
+    conventions: str = "default",
+    loaded: dict | None = None,
+):
+    """The scorer of one metric from local weights; raises MissingWeights (names file + flag).
+
+    ``conventions``: "default" scores as each metric's original package does; "reference" as the
+    official Diffusion-SDPO evaluation scripts do (see the README). ``loaded``: a dict shared
+    across calls so that a CLIP model asked for by two metrics (CLIP ViT-L/14 for clip and
+    aesthetics) loads once."""
+    if conventions not in CONVENTIONS:
+        raise ValueError(
+            f"conventions: expected one of {', '.join(CONVENTIONS)}, got {conventions!r}"
+        )
+    loaded = {} if loaded is None else loaded
+    reference = conventions == "reference"
+
+    def clip_model(key: str, flag: str):
+        source = sources.resolve(key, flag)
+        if ("clip", source) not in loaded:
+            loaded[("clip", source)] = (_load_clip(source, flag), source)
+        return loaded[("clip", source)]
+
+    def tokenizer(key: str, flag: str):
+        source = sources.resolve(key, flag)
+        if ("tokenizer", source) not in loaded:
+            loaded[("tokenizer", source)] = _load_tokenizer(source, flag)
+        return loaded[("tokenizer", source)]
 
     if metric == "pickscore":
-        model = _load_clip(sources.resolve("pickscore", "--pickscore"))
-        tokenizer = _load_tokenizer(sources.resolve("pickscore_processor", "--pickscore-processor"))
-        scorer = ClipScorer("pickscore", model, tokenizer, "pickscore", device)
-        scorer.sources = {"model": sources.resolve("pickscore", "--pickscore")}
+        model, source = clip_model("pickscore", "--pickscore")
+        # PickScore's own code multiplies by logit_scale; the reference scripts keep the cosine.
+        kind = "cosine" if reference else "pickscore"
+        scorer = ClipScorer(
+            "pickscore",
+            model,
+            tokenizer("pickscore_processor", "--pickscore-processor"),
+            kind,
+            device,
+            clip_processor_preprocess,
+        )
+        scorer.sources = {"model": source}
         return scorer
     if metric == "clip":
-        source = sources.resolve("clip", "--clip")
-        scorer = ClipScorer("clip", _load_clip(source), _load_tokenizer(source), "clip", device)
+        if reference:
+            # The reference "CLIP score": open_clip ViT-H-14 (laion2B-s32B-b79K), plain cosine,
+            # open_clip's eval transform and tokenizer.
+            sources.resolve("pickscore_processor", "--pickscore-processor")
+            open_clip_clean_text("")  # ftfy missing: an error now, before the weights load
+            model, source = clip_model("pickscore_processor", "--pickscore-processor")
+            scorer = ClipScorer(
+                "clip",
+                model,
+                tokenizer("pickscore_processor", "--pickscore-processor"),
+                "cosine",
+                device,
+                open_clip_preprocess,
+                open_clip_clean_text,
+            )
+        else:
+            model, source = clip_model("clip", "--clip")
+            scorer = ClipScorer(
+                "clip",
+                model,
+                tokenizer("clip", "--clip"),
+                "clip",
+                device,
+                clip_processor_preprocess,
+            )
         scorer.sources = {"model": source}
         return scorer
     if metric == "hpsv2":
         path = sources.resolve("hpsv2", "--hpsv2")
-        tokenizer = _load_tokenizer(sources.resolve("pickscore_processor", "--pickscore-processor"))
+        open_clip_clean_text("")  # ftfy missing: an error now, before the weights load
+        state = _load_torch_file(path, "--hpsv2")
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"--hpsv2 {path}: expected a state dict, got {type(state).__name__}")
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+        from transformers import CLIPModel
+
         model = CLIPModel(vit_h14_config())
-        load_strictly(model, open_clip_to_transformers(load_hpsv2_state(path)), path)
-        scorer = ClipScorer("hpsv2", model, tokenizer, "hpsv2", device)
+        try:
+            converted = open_clip_to_transformers(state)
+        except KeyError as error:
+            raise ValueError(
+                f"--hpsv2 {path}: not an open_clip ViT-H-14 checkpoint (no {error})"
+            ) from error
+        load_strictly(model, converted, f"--hpsv2 {path}")
+        # The hpsv2 package scores with its ResizeMaxSize transform; the reference scripts build
+        # mainline open_clip's transforms (short side + centre crop).
+        scorer = ClipScorer(
+            "hpsv2",
+            model,
+            tokenizer("pickscore_processor", "--pickscore-processor"),
+            "cosine",
+            device,
+            open_clip_preprocess if reference else hpsv2_preprocess,
+            open_clip_clean_text,
+        )
         scorer.sources = {"checkpoint": path}
         return scorer
     if metric == "aesthetics":
         head_path = sources.resolve("aesthetics_head", "--aesthetics-head")
-        source = sources.resolve("clip", "--clip")
-        clip = ClipScorer("clip", _load_clip(source), _load_tokenizer(source), "clip", device)
-        head = AestheticsScorer.build_head(clip.model.config.projection_dim)
-        head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
-        scorer = AestheticsScorer(clip, head)
+        model, source = clip_model("clip", "--clip")
+        clip = ClipScorer("clip", model, None, "clip", device)
+        head = AestheticsScorer.build_head(model.config.projection_dim)
+        head_state = _load_torch_file(head_path, "--aesthetics-head")
+        if not isinstance(head_state, dict):
+            raise ValueError(f"--aesthetics-head {head_path}: expected a state dict")
+        load_strictly(head, head_state, f"--aesthetics-head {head_path}")
+        preprocess = clip_processor_preprocess if reference else openai_clip_preprocess
+        scorer = AestheticsScorer(clip, head, preprocess)
         scorer.sources = {"head": head_path, "clip": source}
         return scorer
     if metric == "imagereward":
-        from sdpo.eval import imagereward
-
         path = sources.resolve("imagereward", "--imagereward")
-        tokenizer = _load_tokenizer(
-            sources.resolve("imagereward_tokenizer", "--imagereward-tokenizer")
-        )
+        bert = tokenizer("imagereward_tokenizer", "--imagereward-tokenizer")
+        state = _load_torch_file(path, "--imagereward")
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"--imagereward {path}: expected a state dict")
         model = imagereward.ImageRewardModel()
-        load_strictly(
-            model, imagereward.convert_checkpoint(imagereward.load_checkpoint(path)), path
-        )
-        scorer = imagereward.ImageRewardScorer(model, tokenizer, device)
+        load_strictly(model, imagereward.convert_checkpoint(state), f"--imagereward {path}")
+        scorer = imagereward.ImageRewardScorer(model, bert, device)
         scorer.sources = {"checkpoint": path}
         return scorer
     raise ValueError(f"metrics: unknown {metric!r}; expected some of {', '.join(METRICS)}")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tiny_models import save_clip_folder, save_tiny_pipeline, tiny_clip, write_clip_tokenizer
 
-from sdpo.eval import compare, scorers
+from sdpo.eval import compare, preprocess, scorers
 from sdpo.eval.cli import main as eval_main
 from sdpo.eval.generate import GenerateSettings, diffusers_guidance, generate
 from sdpo.eval.score import score_manifest
@@ -107,7 +107,7 @@ def test_clip_family_scorers_on_tiny_models(tmp_path):
     prompts = ["the red and green", "a cat", "the dog"]
     values = clip.score(images, prompts)
     # By hand: the same CLIP features, 100 * max(cos, 0).
-    pixels = scorers.preprocess(images, 32)
+    pixels = preprocess.clip_processor_preprocess(images, 32)
     assert pixels.shape == (3, 3, 32, 32)
     tokens = clip.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
     with torch.no_grad():
@@ -131,12 +131,15 @@ def test_clip_family_scorers_on_tiny_models(tmp_path):
     torch.save(head.state_dict(), tmp_path / "head.pth")
     assert set(head.state_dict()) == {
         f"layers.{index}.{kind}" for index in (0, 2, 4, 6, 7) for kind in ("weight", "bias")
-    }  # the LAION file's keys (../shared/data/README.md)
+    }  # the keys of LAION's sac+logos+ava1-l14-linearMSE.pth
     aesthetic_sources = scorers.WeightSources(
         {"clip": str(tmp_path / "clip"), "aesthetics_head": str(tmp_path / "head.pth")}
     )
     aesthetics = scorers.build_scorer("aesthetics", aesthetic_sources, torch.device("cpu"))
     with torch.no_grad():
+        # The LAION head's original pipeline: OpenAI CLIP's torchvision transform.
+        image = model.get_image_features(pixel_values=preprocess.openai_clip_preprocess(images, 32))
+        image = getattr(image, "pooler_output", image)
         expected = head(torch.nn.functional.normalize(image, dim=-1)).squeeze(-1).tolist()
     assert aesthetics.score(images, prompts) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
@@ -305,7 +308,7 @@ def test_generate_errors(tmp_path):
         diffusers_guidance(7.5, "paper")
     suite = tmp_path / "suite.json"
     suite.write_text(json.dumps([{"prompt": "x"}]))
-    with pytest.raises(FileNotFoundError, match="pretrained: no such folder"):
+    with pytest.raises(FileNotFoundError, match="--pretrained: no such folder"):
         generate(GenerateSettings(pretrained=str(tmp_path / "none"), suite=str(suite),
                                   output_dir=str(tmp_path / "o")))  # fmt: skip
     suite.write_text(json.dumps({"prompt": "x"}))
@@ -395,7 +398,7 @@ def test_imagereward_checkpoint_layout_and_score(tmp_path):
     assert len(values) == 3 and len(set(values)) == 3
     # The normalisation of ImageReward.score, by hand from the head's raw output.
     tokens = tokenizer(["a red cat"], padding="max_length", max_length=35, return_tensors="pt")
-    pixels = scorers.preprocess(images[:1], 32)
+    pixels = preprocess.imagereward_preprocess(images[:1], 32)
     with torch.no_grad():
         image = loaded.vision(pixel_values=pixels).last_hidden_state
         text = loaded.text(
@@ -411,7 +414,9 @@ def test_imagereward_checkpoint_layout_and_score(tmp_path):
         tokens = tokenizer([prompt], padding="max_length", max_length=35, return_tensors="pt")
         with torch.no_grad():
             image = loaded.vision(
-                pixel_values=scorers.preprocess(images[image_index : image_index + 1], 32)
+                pixel_values=preprocess.imagereward_preprocess(
+                    images[image_index : image_index + 1], 32
+                )
             ).last_hidden_state
             return loaded.text(
                 input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
@@ -470,11 +475,12 @@ def test_score_cli_device_flag(tmp_path, capsys):
     command = ["score", str(path), "--metrics", "clip", "--clip", str(tmp_path / "clip")]
     assert eval_main([*command, "--device", "cpu"]) == 0
     assert [set(entry["scores"]) for entry in json.loads(path.read_text())] == [{"clip"}] * 2
-    with pytest.raises(SystemExit, match="--device 'banana'"):
-        eval_main([*command, "--device", "banana"])
+    capsys.readouterr()
+    assert eval_main([*command, "--device", "banana"]) == 2
+    assert capsys.readouterr().err.startswith("sdpo-eval: error: --device 'banana'")
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="CUDA is not available; use --device cpu"):
-            eval_main([*command, "--device", "cuda"])
+        assert eval_main([*command, "--device", "cuda"]) == 2
+        assert "CUDA is not available; use --device cpu" in capsys.readouterr().err
 
 
 def _hf_cache_file(cache, repository, filename, commit="0123abcd"):

@@ -17,7 +17,7 @@ from original_models import (
 from PIL import Image
 from tiny_models import write_clip_tokenizer
 
-from sdpo.eval import imagereward, scorers
+from sdpo.eval import imagereward, preprocess, scorers
 
 
 def _noise_images(count: int, shape: tuple[int, int], seed: int = 0) -> list:
@@ -37,7 +37,7 @@ def test_preprocess_matches_clip_image_processor(height_width):
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
     expected = processor(images=images, return_tensors="pt").pixel_values
-    assert torch.allclose(scorers.preprocess(images, 32), expected, atol=1e-6)
+    assert torch.allclose(preprocess.clip_processor_preprocess(images, 32), expected, atol=1e-6)
 
 
 def _tiny_vit_h14_config(vocab_size: int, hidden_act: str = "gelu"):
@@ -99,7 +99,7 @@ def test_hpsv2_scores_are_open_clips_cosines(tmp_path, monkeypatch):
     ).input_ids
     end = (tokens == vocab_size - 1).int().argmax(dim=1)
     tokens[torch.arange(77)[None, :] > end[:, None]] = 0
-    image = open_clip_encode_image(state, scorers.preprocess(images, 32), heads=2)
+    image = open_clip_encode_image(state, preprocess.hpsv2_preprocess(images, 32), heads=2)
     text = open_clip_encode_text(state, tokens, heads=2)
     expected = torch.nn.functional.cosine_similarity(image, text)
     assert values == pytest.approx(expected.tolist(), abs=1e-5)
@@ -126,7 +126,7 @@ def test_imagereward_vision_tower_is_blips_vit():
     vision.load_state_dict(
         {key.removeprefix("vision."): value for key, value in converted.items()}, strict=True
     )
-    pixels = scorers.preprocess(_noise_images(2, (40, 40)), 32)
+    pixels = preprocess.imagereward_preprocess(_noise_images(2, (40, 40)), 32)
     with torch.no_grad():
         ours = vision(pixel_values=pixels).last_hidden_state
     expected = blip_vit_forward(state, pixels, heads=2)
