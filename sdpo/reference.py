@@ -66,6 +66,20 @@ def group_sizes(batch_pairs: int, group_size: int) -> list[int]:
     return [group_size] * full + ([rest] if rest else [])
 
 
+def group_mean(values: Tensor, group_size: int) -> Tensor:
+    """Per pair (B,): the mean of ``values`` (B,) over the pair's group of ``group_size``
+    consecutive pairs (the last group may be short); ``group_size >= B`` is one mean per call."""
+    batch_pairs = values.shape[0]
+    if group_size >= batch_pairs:
+        return values.mean().expand(batch_pairs)
+    index = group_index(batch_pairs, group_size, values.device)
+    num_groups = len(group_sizes(batch_pairs, group_size))
+    totals = values.new_zeros(num_groups).index_add_(0, index, values)
+    # Pairs per group, counted on the device (a tensor built from a host list would be a copy).
+    counts = values.new_zeros(num_groups).index_add_(0, index, torch.ones_like(values))
+    return (totals / counts)[index]
+
+
 def safeguard_lambda_from_sums(
     winner_sq_sum: Tensor,
     winner_loser_dot: Tensor,
@@ -139,11 +153,13 @@ def per_pair_terms(
     policy_ref_gap_w: Tensor,
     beta: float,
     dmpo_alpha: float,
+    group_size: int,
 ) -> Tensor:
     """Each pair's loss term l_i (B,); the loss is mean_i(weight_i * l_i).
 
     ``margin`` is u (B,); ``model_err_w`` is pred_w - target and ``policy_ref_gap_w`` is
-    pred_w - ref_w ("pred2"), both (B, ...), only used by DSPO.
+    pred_w - ref_w ("pred2"), both (B, ...), only used by DSPO. ``group_size``: the pairs that
+    share DSPO-SDXL's switch (the lambda groups: B for "batch", 1 for "pair").
     """
     if method == "diffusion-dpo":
         # -log sigmoid(u), written as softplus(-u) for stability at large |u|.
@@ -163,9 +179,10 @@ def per_pair_terms(
         return residual.square().flatten(1).mean(1)
     if method == "dspo-sdxl":
         gap_sq = policy_ref_gap_w.square().flatten(1).mean(1)
-        # The reference switches with a Python `if` on this device scalar (a host sync);
-        # torch.where keeps the step capturable.
-        use_gap = gap_sq.detach().mean() >= DSPO_SDXL_GAP_THRESHOLD
+        # The reference decides once per micro-batch, with a Python `if` on the micro-batch's
+        # mean gap (a host sync). A group here is one of its micro-batches, so each group
+        # decides for its own pairs; torch.where keeps the step capturable.
+        use_gap = group_mean(gap_sq.detach(), group_size) >= DSPO_SDXL_GAP_THRESHOLD
         return torch.where(use_gap, s.square() * gap_sq, s.square())
     raise ValueError(f"method: unknown {method!r}; expected one of {METHODS}")
 
@@ -185,7 +202,14 @@ def preference_loss_reference(
     """Loss and detached statistics in plain PyTorch.
 
     ``group_size``: None for one lambda per call (the reference's "batch"), else the number of
-    consecutive pairs that share a lambda (1 = per pair). ``mu=None`` turns the safeguard off.
+    consecutive pairs that share a lambda and DSPO-SDXL's switch (1 = per pair); each group is
+    one of the reference's micro-batches. ``mu=None`` turns the safeguard off.
+
+    The loss is the mean over pairs of the per-pair terms. When every group has G pairs, that
+    equals the mean over groups of each group's own loss (mean over its G pairs), i.e. the
+    reference's loss averaged over micro-batches by gradient accumulation:
+    (1/B) sum_i l_i = (1/(B/G)) sum_g (1/G) sum_{i in g} l_i. With a short last group the pair
+    mean weights every pair alike (the reference would weight the short micro-batch's pairs more).
 
     Returns ``(loss, stats)``; ``stats["lambda"]`` is (B,) here, the API reduces it for "batch".
     """
@@ -216,7 +240,9 @@ def preference_loss_reference(
         scaled_mse_l = scale_gradient(model_mse_l, scale)
 
     margin = -(beta / 2.0) * ((model_mse_w - scaled_mse_l) - (ref_mse_w - ref_mse_l))
-    terms = per_pair_terms(method, margin, model_err[0], pred[0] - ref[0], beta, dmpo_alpha)
+    terms = per_pair_terms(
+        method, margin, model_err[0], pred[0] - ref[0], beta, dmpo_alpha, group_size or batch_pairs
+    )
     if pair_weights is not None:
         terms = terms * pair_weights.detach().to(dtype)
     loss = terms.mean()
