@@ -189,7 +189,8 @@ def preference_loss(
     - "diffusion-dpo" (arXiv 2311.12908): ``mean_i softplus(-u_i)``.
     - "dspo" (ICLR 2025, SD1.5 form): ``mean (e_w - beta * sigmoid(-u) * (pred_w - ref_w))^2``.
     - "dspo-sdxl": ``mean (sigmoid(-u) (pred_w - ref_w))^2``, or ``mean sigmoid(-u)^2`` when
-      the winners' mean squared policy-reference gap is below 0.1.
+      the winners' mean squared policy-reference gap is below 0.1, decided per lambda group
+      (the reference's micro-batch): once for "batch", per pair, or per G pairs.
     - "dmpo" (arXiv 2507.07510): ``mean_i KL(Bernoulli(sigmoid u_i) || Bernoulli(1 - alpha))``.
 
     Safeguard (Diffusion-SDPO, arXiv 2511.03317): with ``mu`` in [0, 1] the gradient reaching
