@@ -53,7 +53,7 @@ def emulated(tmp_path_factory) -> ctypes.CDLL:
     source.write_text(emulated_source(SOURCE.read_text()))
     library = build / "libsdpo_cuda_emulated.so"
     command = [
-        compiler, "-std=c++20", "-O0", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+        compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
         "-I", str(SHIM), "-I", str(SOURCE.parent), "-include", "cuda_runtime.h",
         str(source), "-o", str(library),
     ]  # fmt: skip

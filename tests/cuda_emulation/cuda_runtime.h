@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -34,8 +35,9 @@ enum cudaError_t { cudaSuccess = 0 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "no error (CPU emulation)"; }
 
+// CUDA's min overloads for device code (by value: `decltype(a < b ? a : b)` would be a reference).
 template <typename A, typename B>
-inline auto min(A a, B b) -> decltype(a < b ? a : b) {
+inline std::common_type_t<A, B> min(A a, B b) {
   return b < a ? b : a;
 }
 
