@@ -17,10 +17,14 @@ functions here assume valid input.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # sdpo.settings imports this module (for METHODS)
+    from sdpo.settings import LossSettings
 
 METHODS = ("diffusion-dpo", "dspo", "dspo-sdxl", "dmpo")
 # The integer codes the fused kernels (Triton and CUDA) take for each method.
@@ -191,19 +195,14 @@ def preference_loss_reference(
     model_pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
-    *,
-    method: str = "diffusion-dpo",
-    beta: float = 5000.0,
-    mu: float | None = None,
-    group_size: int | None = None,
-    dmpo_alpha: float = 0.0,
+    settings: LossSettings,
     pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and detached statistics in plain PyTorch.
 
-    ``group_size``: None for one lambda per call (the reference's "batch"), else the number of
-    consecutive pairs that share a lambda and DSPO-SDXL's switch (1 = per pair); each group is
-    one of the reference's micro-batches. ``mu=None`` turns the safeguard off.
+    ``settings.group_size``: None for one lambda per call (the reference's "batch"), else the
+    number of consecutive pairs that share a lambda and DSPO-SDXL's switch (1 = per pair); each
+    group is one of the reference's micro-batches. ``settings.mu=None`` turns the safeguard off.
 
     The loss is the mean over pairs of the per-pair terms. When every group has G pairs, that
     equals the mean over groups of each group's own loss (mean over its G pairs), i.e. the
@@ -213,6 +212,7 @@ def preference_loss_reference(
 
     Returns ``(loss, stats)``; ``stats["lambda"]`` is (B,) here, the API reduces it for "batch".
     """
+    method, beta, mu, dmpo_alpha = settings.method, settings.beta, settings.mu, settings.dmpo_alpha
     batch_pairs = model_pred.shape[0] // 2
     dtype = compute_dtype_for(model_pred.dtype)
     pred = model_pred.to(dtype).unflatten(0, (2, batch_pairs))
@@ -236,12 +236,20 @@ def preference_loss_reference(
         scale = torch.ones(batch_pairs, dtype=dtype, device=model_pred.device)
         scaled_mse_l = model_mse_l
     else:
-        scale = safeguard_lambda(model_err[0], model_err[1], mu, group_size or batch_pairs)
+        scale = safeguard_lambda(
+            model_err[0], model_err[1], mu, settings.pairs_per_group(batch_pairs)
+        )
         scaled_mse_l = scale_gradient(model_mse_l, scale)
 
     margin = -(beta / 2.0) * ((model_mse_w - scaled_mse_l) - (ref_mse_w - ref_mse_l))
     terms = per_pair_terms(
-        method, margin, model_err[0], pred[0] - ref[0], beta, dmpo_alpha, group_size or batch_pairs
+        method,
+        margin,
+        model_err[0],
+        pred[0] - ref[0],
+        beta,
+        dmpo_alpha,
+        settings.pairs_per_group(batch_pairs),
     )
     if pair_weights is not None:
         terms = terms * pair_weights.detach().to(dtype)
