@@ -147,6 +147,43 @@ def _reduce_partial(
 
 
 @triton.jit
+def _group_totals(
+    values,
+    scratch_ptr,
+    pairs,
+    pair_mask,
+    batch_pairs,
+    group_size,
+    pairs_f,
+    BATCH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Per pair: the sum of ``values`` over its group and the group's pair count.
+
+    BATCH: one group of all pairs. Otherwise groups of ``group_size`` consecutive pairs (the last
+    may be short): the values are parked in ``scratch_ptr`` (BLOCK_B floats that no other call
+    uses), then each pair adds up its group's members. O(B * G) loads.
+    """
+    if BATCH:
+        total = tl.zeros((BLOCK_B,), dtype=tl.float32) + tl.sum(
+            tl.where(pair_mask, values, 0.0), axis=0
+        )
+        count = tl.zeros((BLOCK_B,), dtype=tl.float32) + pairs_f
+    else:
+        tl.store(scratch_ptr + pairs, values, mask=pair_mask)
+        tl.debug_barrier()
+        group_start = (pairs // group_size) * group_size
+        total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        count = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for member in range(0, group_size):
+            index = group_start + member
+            member_mask = pair_mask & (index < batch_pairs)
+            total += tl.load(scratch_ptr + index, mask=member_mask, other=0.0)
+            count += member_mask.to(tl.float32)
+    return total, count
+
+
+@triton.jit
 def finalize_kernel(
     partials_ptr,
     weights_ptr,
@@ -194,30 +231,14 @@ def finalize_kernel(
     # The safeguard's lambda from the group sums (1 where S_wl <= 0, never above 1).
     scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
     if SAFEGUARD:
-        if BATCH_LAMBDA:
-            group_ww = tl.zeros((BLOCK_B,), dtype=tl.float32) + tl.sum(
-                tl.where(pair_mask, sum_ww, 0.0), axis=0
-            )
-            group_wl = tl.zeros((BLOCK_B,), dtype=tl.float32) + tl.sum(
-                tl.where(pair_mask, sum_wl, 0.0), axis=0
-            )
-            group_count = tl.zeros((BLOCK_B,), dtype=tl.float32) + pairs_f
-        else:
-            # Groups of `group_size` consecutive pairs (the last may be short): park the per-pair
-            # sums in scratch, then each pair adds up its group's members. O(B * G) loads.
-            tl.store(scratch_ptr + pairs, sum_ww, mask=pair_mask)
-            tl.store(scratch_ptr + BLOCK_B + pairs, sum_wl, mask=pair_mask)
-            tl.debug_barrier()
-            group_start = (pairs // group_size) * group_size
-            group_ww = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            group_wl = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            group_count = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            for member in range(0, group_size):
-                index = group_start + member
-                member_mask = pair_mask & (index < batch_pairs)
-                group_ww += tl.load(scratch_ptr + index, mask=member_mask, other=0.0)
-                group_wl += tl.load(scratch_ptr + BLOCK_B + index, mask=member_mask, other=0.0)
-                group_count += member_mask.to(tl.float32)
+        group_ww, group_count = _group_totals(
+            sum_ww, scratch_ptr, pairs, pair_mask, batch_pairs, group_size, pairs_f,
+            BATCH_LAMBDA, BLOCK_B,
+        )  # fmt: skip
+        group_wl, _ = _group_totals(
+            sum_wl, scratch_ptr + BLOCK_B, pairs, pair_mask, batch_pairs, group_size, pairs_f,
+            BATCH_LAMBDA, BLOCK_B,
+        )  # fmt: skip
         group_elements = group_count * elements_f
         epsilon = SAFEGUARD_EPSILON * group_elements * group_elements / 4.0
         ratio = (1.0 - mu) * group_ww / tl.maximum(group_wl + epsilon, 1e-30)
@@ -246,11 +267,16 @@ def finalize_kernel(
         dterm_du = dterm_ds * (-s * (1.0 - s))
         direct_e = 2.0 * (1.0 - bs) / elements_f
         direct_g = -2.0 * (1.0 - bs) * bs / elements_f
-    else:  # DSPO, SDXL: mean (s g)^2 if the winners' mean g^2 >= 0.1, else mean s^2
+    else:  # DSPO, SDXL: (s g)^2 if the group's mean g^2 >= 0.1, else s^2 (per lambda group)
         s = tl.sigmoid(-margin)
         gap_sq = sum_gg / elements_f
         gap_mean = tl.sum(tl.where(pair_mask, gap_sq, 0.0), axis=0) / pairs_f
-        use_gap = gap_mean >= DSPO_SDXL_GAP_THRESHOLD
+        group_gap, group_gap_count = _group_totals(
+            gap_sq, scratch_ptr + 2 * BLOCK_B, pairs, pair_mask, batch_pairs, group_size,
+            pairs_f, BATCH_LAMBDA, BLOCK_B,
+        )  # fmt: skip
+        # Lanes past the last pair have no group (count 0): keep them finite.
+        use_gap = group_gap / tl.maximum(group_gap_count, 1.0) >= DSPO_SDXL_GAP_THRESHOLD
         factor = tl.where(use_gap, gap_sq, 1.0)
         term = s * s * factor
         dterm_du = 2.0 * s * factor * (-s * (1.0 - s))
@@ -319,7 +345,9 @@ def gradient_kernel(
     if WITH_GAP:
         # Only winners carry a g-term; losers skip the read of ref (its mask is all false).
         coefficient_g = tl.load(coefficients_ptr + rows + row) * grad_output
-        is_winner = row < batch_pairs
+        # Block-shaped, not a scalar: Triton 3.9's interpreter rejects a block mask combined
+        # with a scalar bool ("mask has unsupported dtype"); compiled code is the same.
+        is_winner = (tl.zeros_like(index) + row) < batch_pairs
         ref = tl.load(ref_ptr + row_offset + index, mask=mask & is_winner, other=0.0).to(tl.float32)
         grad += tl.where(is_winner, coefficient_g * (pred - ref), 0.0)
     tl.store(grad_ptr + row_offset + index, grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -388,7 +416,8 @@ def launch_forward(
     block_chunks = max(1, min(MAX_CHUNK_BLOCK, next_power_of_2(num_chunks), 1024 // block_pairs))
 
     partials = torch.empty((batch_pairs, num_chunks, NUM_SUMS), dtype=torch.float32, device=device)
-    scratch = torch.empty((2 * block_pairs,), dtype=torch.float32, device=device)
+    # Three group reductions (S_ww, S_wl, the DSPO-SDXL gap) park their values here.
+    scratch = torch.empty((3 * block_pairs,), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
     scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)

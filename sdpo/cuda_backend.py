@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from sdpo import ops, reference
+from sdpo.settings import LossSettings
 
 LIBRARY_NAME = "libsdpo_cuda.so"
 HOST_LIBRARY_NAME = "libsdpo_cuda_host.so"
@@ -272,31 +273,18 @@ def preference_loss_cuda(
     model_pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
-    *,
-    method: str,
-    beta: float,
-    mu: float | None,
-    group_size: int | None,
-    dmpo_alpha: float,
-    pair_weights: Tensor | None,
+    settings: LossSettings,
+    pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """backend="cuda": fp32, bf16 and fp16. The kernels read one dtype for all three inputs, so
     mixed inputs are promoted to the widest of them (a bf16 prediction against an fp32 target is
-    read as fp32: never rounding the target down); fp64 is read as fp32, as the Triton backend
-    does. Non-contiguous inputs are copied explicitly."""
-    dtype = torch.promote_types(torch.promote_types(model_pred.dtype, ref_pred.dtype), target.dtype)
-    if dtype not in DTYPE_CODES:
-        dtype = torch.float32
-    model_pred = model_pred.to(dtype).contiguous()
-    ref_pred = ref_pred.detach().to(dtype).contiguous()
-    target = target.detach().to(dtype).contiguous()
-    if pair_weights is not None:
-        pair_weights = pair_weights.detach().to(torch.float32).contiguous()
-    loss, stats, scale, _coefficients = cuda_preference_forward(
+    read as fp32); fp64 is read as fp32, as the Triton backend does."""
+    return ops.preference_loss_fused(
+        cuda_preference_forward,
         model_pred,
         ref_pred,
         target,
+        settings,
         pair_weights,
-        *ops.fused_op_arguments(method, beta, mu, group_size, dmpo_alpha),
+        read_dtypes=tuple(DTYPE_CODES),
     )
-    return loss, ops.named_stats(stats, scale)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from sdpo import reference
+
+# parse_granularity is re-exported: sdpo.parse_granularity and the trainer's config use it.
+from sdpo.settings import LossSettings, parse_granularity  # noqa: F401
 
 METHODS = reference.METHODS
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -30,32 +31,6 @@ class PreferenceLoss(NamedTuple):
 
     loss: Tensor
     stats: dict[str, Tensor]
-
-
-def parse_granularity(granularity: str) -> int | None:
-    """Pairs per lambda: None for "batch" (one per call), 1 for "pair", G for "group:G"."""
-    if granularity == "batch":
-        return None
-    if granularity == "pair":
-        return 1
-    if isinstance(granularity, str) and granularity.startswith("group:"):
-        size_text = granularity.split(":", 1)[1]
-        if size_text.isdigit() and int(size_text) >= 1:
-            return int(size_text)
-    raise ValueError(
-        f"granularity: unknown {granularity!r}; expected 'batch', 'pair' or 'group:G' with G a "
-        "positive integer (e.g. 'group:8' reproduces the reference scripts' 8 pairs per lambda)"
-    )
-
-
-def _check_real_number(name: str, value: object) -> float:
-    # bool is a numbers.Number too, and a tensor here would need a host sync to validate.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}: expected a Python float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return value
 
 
 def _check_prediction(name: str, tensor: object) -> Tensor:
@@ -81,11 +56,11 @@ def validate_inputs(
     dmpo_alpha: float,
     pair_weights: Tensor | None,
     backend: str,
-) -> tuple[float, float | None, int | None, float]:
+) -> LossSettings:
     """Checks every argument from shapes, dtypes and Python values only (no device sync).
 
-    Returns the normalised (beta, mu, group_size, dmpo_alpha). Raises ValueError naming the
-    argument and what was expected.
+    Returns the validated :class:`LossSettings`. Raises ValueError naming the argument and what
+    was expected.
     """
     _check_prediction("model_pred", model_pred)
     _check_prediction("ref_pred", ref_pred)
@@ -112,19 +87,9 @@ def validate_inputs(
             raise ValueError(
                 f"{name}: expected the device of model_pred ({model_pred.device}), got {tensor.device}"
             )
-    if method not in METHODS:
-        raise ValueError(f"method: unknown {method!r}; expected one of {', '.join(METHODS)}")
-    beta = _check_real_number("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta: expected > 0, got {beta}")
-    if mu is not None:
-        mu = _check_real_number("mu", mu)
-        if not 0.0 <= mu <= 1.0:
-            raise ValueError(f"mu: expected None (safeguard off) or a number in [0, 1], got {mu}")
-    group_size = parse_granularity(granularity)
-    dmpo_alpha = _check_real_number("dmpo_alpha", dmpo_alpha)
-    if not 0.0 <= dmpo_alpha <= 1.0:
-        raise ValueError(f"dmpo_alpha: expected a number in [0, 1], got {dmpo_alpha}")
+    settings = LossSettings.from_arguments(
+        method=method, beta=beta, mu=mu, granularity=granularity, dmpo_alpha=dmpo_alpha
+    )
     if pair_weights is not None:
         if not isinstance(pair_weights, Tensor) or pair_weights.dtype not in FLOAT_DTYPES:
             raise ValueError(
@@ -148,7 +113,7 @@ def validate_inputs(
                 raise ValueError("pair_weights: expected non-negative weights, got a negative one")
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown {backend!r}; expected one of {', '.join(BACKENDS)}")
-    return beta, mu, group_size, dmpo_alpha
+    return settings
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -189,7 +154,8 @@ def preference_loss(
     - "diffusion-dpo" (arXiv 2311.12908): ``mean_i softplus(-u_i)``.
     - "dspo" (ICLR 2025, SD1.5 form): ``mean (e_w - beta * sigmoid(-u) * (pred_w - ref_w))^2``.
     - "dspo-sdxl": ``mean (sigmoid(-u) (pred_w - ref_w))^2``, or ``mean sigmoid(-u)^2`` when
-      the winners' mean squared policy-reference gap is below 0.1.
+      the winners' mean squared policy-reference gap is below 0.1, decided per lambda group
+      (the reference's micro-batch): once for "batch", per pair, or per G pairs.
     - "dmpo" (arXiv 2507.07510): ``mean_i KL(Bernoulli(sigmoid u_i) || Bernoulli(1 - alpha))``.
 
     Safeguard (Diffusion-SDPO, arXiv 2511.03317): with ``mu`` in [0, 1] the gradient reaching
@@ -216,7 +182,7 @@ def preference_loss(
 
     All loss math runs in fp32 (fp64 for fp64 inputs) whatever the input dtype.
     """
-    beta, mu, group_size, dmpo_alpha = validate_inputs(
+    settings = validate_inputs(
         model_pred,
         ref_pred,
         target,
@@ -230,23 +196,13 @@ def preference_loss(
     )
     chosen = resolve_backend(backend, model_pred.device)
     if chosen == "triton":
-        from sdpo.ops import preference_loss_fused as implementation
+        from sdpo.ops import preference_loss_triton as implementation
     elif chosen == "cuda":
         from sdpo.cuda_backend import preference_loss_cuda as implementation
     else:
         implementation = reference.preference_loss_reference
-    loss, stats = implementation(
-        model_pred,
-        ref_pred,
-        target,
-        method=method,
-        beta=beta,
-        mu=mu,
-        group_size=group_size,
-        dmpo_alpha=dmpo_alpha,
-        pair_weights=pair_weights,
-    )
-    if group_size is None:
+    loss, stats = implementation(model_pred, ref_pred, target, settings, pair_weights)
+    if settings.group_size is None:
         # One lambda for the whole call: report it as a 0-dim tensor.
         stats["lambda"] = stats["lambda"][0]
     if pair_weights is not None and pair_weights.device.type != "cpu":

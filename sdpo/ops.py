@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sdpo import reference
+from sdpo.settings import LossSettings
 
 
 def interpreter_enabled() -> bool:
@@ -99,21 +100,6 @@ def register_fused_autograd(forward_op, backward_op) -> None:
         return (grad_pred,) + (None,) * 9
 
     forward_op.register_autograd(backward, setup_context=setup_context)
-
-
-def fused_op_arguments(
-    method: str, beta: float, mu: float | None, group_size: int | None, dmpo_alpha: float
-) -> tuple[int, float, float, bool, int, float]:
-    """(method_code, beta, mu, safeguard, group_size, dmpo_alpha) as the fused ops take them:
-    mu None -> safeguard off, group_size None -> 0 (one lambda for the whole call)."""
-    return (
-        reference.METHOD_CODES[method],
-        float(beta),
-        0.0 if mu is None else float(mu),
-        mu is not None,
-        0 if group_size is None else int(group_size),
-        float(dmpo_alpha),
-    )
 
 
 def named_stats(stats: Tensor, scale: Tensor) -> dict[str, Tensor]:
@@ -207,32 +193,50 @@ register_fused_autograd(fused_preference_forward, fused_preference_backward)
 
 
 def preference_loss_fused(
+    forward_op,
     model_pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
-    *,
-    method: str,
-    beta: float,
-    mu: float | None,
-    group_size: int | None,
-    dmpo_alpha: float,
+    settings: LossSettings,
     pair_weights: Tensor | None,
+    *,
+    read_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The fused counterpart of :func:`sdpo.reference.preference_loss_reference`.
+    """The fused counterpart of :func:`sdpo.reference.preference_loss_reference`, for either
+    fused forward op (``sdpo::fused_preference_forward`` or ``sdpo::cuda_preference_forward``).
 
+    ``read_dtypes``: None when the op reads each input in its own dtype (Triton); else the one
+    dtype the op reads all three inputs in must be among these: mixed inputs are promoted to the
+    widest of them (never rounding the target down), and to fp32 when that is not among them.
     Non-contiguous inputs are copied explicitly (the kernels index rows as row * elements).
-    Sums accumulate in fp32 from fp32, bf16 or fp16 inputs (fp64 inputs are also read into fp32).
+    Sums accumulate in fp32 (fp64 inputs are also read into fp32).
     """
+    if read_dtypes is not None:
+        dtype = torch.promote_types(
+            torch.promote_types(model_pred.dtype, ref_pred.dtype), target.dtype
+        )
+        if dtype not in read_dtypes:
+            dtype = torch.float32
+        model_pred, ref_pred, target = (t.to(dtype) for t in (model_pred, ref_pred, target))
     model_pred = model_pred.contiguous()
     ref_pred = ref_pred.detach().contiguous()
     target = target.detach().contiguous()
     if pair_weights is not None:
         pair_weights = pair_weights.detach().to(torch.float32).contiguous()
-    loss, stats, scale, _coefficients = fused_preference_forward(
-        model_pred,
-        ref_pred,
-        target,
-        pair_weights,
-        *fused_op_arguments(method, beta, mu, group_size, dmpo_alpha),
+    loss, stats, scale, _coefficients = forward_op(
+        model_pred, ref_pred, target, pair_weights, *settings.op_arguments()
     )
     return loss, named_stats(stats, scale)
+
+
+def preference_loss_triton(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    settings: LossSettings,
+    pair_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """backend="triton": each input read in its own dtype (fp32, bf16, fp16; fp64 into fp32)."""
+    return preference_loss_fused(
+        fused_preference_forward, model_pred, ref_pred, target, settings, pair_weights
+    )

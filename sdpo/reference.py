@@ -17,10 +17,14 @@ functions here assume valid input.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # sdpo.settings imports this module (for METHODS)
+    from sdpo.settings import LossSettings
 
 METHODS = ("diffusion-dpo", "dspo", "dspo-sdxl", "dmpo")
 # The integer codes the fused kernels (Triton and CUDA) take for each method.
@@ -64,6 +68,20 @@ def group_sizes(batch_pairs: int, group_size: int) -> list[int]:
     """Number of pairs in each group (a Python list: known before any tensor exists)."""
     full, rest = divmod(batch_pairs, group_size)
     return [group_size] * full + ([rest] if rest else [])
+
+
+def group_mean(values: Tensor, group_size: int) -> Tensor:
+    """Per pair (B,): the mean of ``values`` (B,) over the pair's group of ``group_size``
+    consecutive pairs (the last group may be short); ``group_size >= B`` is one mean per call."""
+    batch_pairs = values.shape[0]
+    if group_size >= batch_pairs:
+        return values.mean().expand(batch_pairs)
+    index = group_index(batch_pairs, group_size, values.device)
+    num_groups = len(group_sizes(batch_pairs, group_size))
+    totals = values.new_zeros(num_groups).index_add_(0, index, values)
+    # Pairs per group, counted on the device (a tensor built from a host list would be a copy).
+    counts = values.new_zeros(num_groups).index_add_(0, index, torch.ones_like(values))
+    return (totals / counts)[index]
 
 
 def safeguard_lambda_from_sums(
@@ -139,11 +157,13 @@ def per_pair_terms(
     policy_ref_gap_w: Tensor,
     beta: float,
     dmpo_alpha: float,
+    group_size: int,
 ) -> Tensor:
     """Each pair's loss term l_i (B,); the loss is mean_i(weight_i * l_i).
 
     ``margin`` is u (B,); ``model_err_w`` is pred_w - target and ``policy_ref_gap_w`` is
-    pred_w - ref_w ("pred2"), both (B, ...), only used by DSPO.
+    pred_w - ref_w ("pred2"), both (B, ...), only used by DSPO. ``group_size``: the pairs that
+    share DSPO-SDXL's switch (the lambda groups: B for "batch", 1 for "pair").
     """
     if method == "diffusion-dpo":
         # -log sigmoid(u), written as softplus(-u) for stability at large |u|.
@@ -163,9 +183,10 @@ def per_pair_terms(
         return residual.square().flatten(1).mean(1)
     if method == "dspo-sdxl":
         gap_sq = policy_ref_gap_w.square().flatten(1).mean(1)
-        # The reference switches with a Python `if` on this device scalar (a host sync);
-        # torch.where keeps the step capturable.
-        use_gap = gap_sq.detach().mean() >= DSPO_SDXL_GAP_THRESHOLD
+        # The reference decides once per micro-batch, with a Python `if` on the micro-batch's
+        # mean gap (a host sync). A group here is one of its micro-batches, so each group
+        # decides for its own pairs; torch.where keeps the step capturable.
+        use_gap = group_mean(gap_sq.detach(), group_size) >= DSPO_SDXL_GAP_THRESHOLD
         return torch.where(use_gap, s.square() * gap_sq, s.square())
     raise ValueError(f"method: unknown {method!r}; expected one of {METHODS}")
 
@@ -174,21 +195,24 @@ def preference_loss_reference(
     model_pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
-    *,
-    method: str = "diffusion-dpo",
-    beta: float = 5000.0,
-    mu: float | None = None,
-    group_size: int | None = None,
-    dmpo_alpha: float = 0.0,
+    settings: LossSettings,
     pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and detached statistics in plain PyTorch.
 
-    ``group_size``: None for one lambda per call (the reference's "batch"), else the number of
-    consecutive pairs that share a lambda (1 = per pair). ``mu=None`` turns the safeguard off.
+    ``settings.group_size``: None for one lambda per call (the reference's "batch"), else the
+    number of consecutive pairs that share a lambda and DSPO-SDXL's switch (1 = per pair); each
+    group is one of the reference's micro-batches. ``settings.mu=None`` turns the safeguard off.
+
+    The loss is the mean over pairs of the per-pair terms. When every group has G pairs, that
+    equals the mean over groups of each group's own loss (mean over its G pairs), i.e. the
+    reference's loss averaged over micro-batches by gradient accumulation:
+    (1/B) sum_i l_i = (1/(B/G)) sum_g (1/G) sum_{i in g} l_i. With a short last group the pair
+    mean weights every pair alike (the reference would weight the short micro-batch's pairs more).
 
     Returns ``(loss, stats)``; ``stats["lambda"]`` is (B,) here, the API reduces it for "batch".
     """
+    method, beta, mu, dmpo_alpha = settings.method, settings.beta, settings.mu, settings.dmpo_alpha
     batch_pairs = model_pred.shape[0] // 2
     dtype = compute_dtype_for(model_pred.dtype)
     pred = model_pred.to(dtype).unflatten(0, (2, batch_pairs))
@@ -212,11 +236,21 @@ def preference_loss_reference(
         scale = torch.ones(batch_pairs, dtype=dtype, device=model_pred.device)
         scaled_mse_l = model_mse_l
     else:
-        scale = safeguard_lambda(model_err[0], model_err[1], mu, group_size or batch_pairs)
+        scale = safeguard_lambda(
+            model_err[0], model_err[1], mu, settings.pairs_per_group(batch_pairs)
+        )
         scaled_mse_l = scale_gradient(model_mse_l, scale)
 
     margin = -(beta / 2.0) * ((model_mse_w - scaled_mse_l) - (ref_mse_w - ref_mse_l))
-    terms = per_pair_terms(method, margin, model_err[0], pred[0] - ref[0], beta, dmpo_alpha)
+    terms = per_pair_terms(
+        method,
+        margin,
+        model_err[0],
+        pred[0] - ref[0],
+        beta,
+        dmpo_alpha,
+        settings.pairs_per_group(batch_pairs),
+    )
     if pair_weights is not None:
         terms = terms * pair_weights.detach().to(dtype)
     loss = terms.mean()

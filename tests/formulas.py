@@ -89,10 +89,13 @@ def independent_loss(
             winner_error = model_pred[:batch_pairs] - full_target[:batch_pairs]
             per_pair = (winner_error - beta * s * pred2).pow(2).mean(dim=reduce_dims)
         else:
-            if pred2.pow(2).mean() >= 0.1:
-                per_pair = (s * pred2).pow(2).mean(dim=reduce_dims)
-            else:
-                per_pair = s.pow(2).flatten()
+            # The switch is decided per micro-batch in the reference; here a group is one.
+            per_pair = torch.empty(batch_pairs, dtype=inside_term.dtype)
+            for part in group_slices(batch_pairs, group_size):
+                if pred2[part].pow(2).mean() >= 0.1:
+                    per_pair[part] = (s[part] * pred2[part]).pow(2).mean(dim=reduce_dims)
+                else:
+                    per_pair[part] = s[part].pow(2).flatten()
     else:
         raise AssertionError(method)
     return (weights * per_pair).mean(), lambdas
@@ -131,3 +134,83 @@ def make_inputs(
 
 def logit(probability: float) -> float:
     return math.log(probability / (1 - probability))
+
+
+def reference_micro_batch_dspo_sdxl(
+    model_pred: Tensor, ref_pred: Tensor, target: Tensor, *, beta: float, mu: float | None
+) -> Tensor:
+    """One micro-batch of the reference trainer's SDXL DSPO loss, line by line from its script:
+    the (2b, ...) micro-batch has its b winners first; one lambda and one switch for all of it."""
+    model_losses = (model_pred - target).pow(2).mean(dim=list(range(1, model_pred.dim())))
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    if mu is None:
+        lose_l_scale = 1.0
+    else:
+        winner_pred, loser_pred = model_pred.chunk(2)
+        winner_target, loser_target = target.chunk(2)
+        lose_l_scale = reference_trainer_lambda(
+            winner_pred, loser_pred, winner_target, loser_target, mu
+        )
+    model_losses_l_scaled = model_losses_l.detach() + lose_l_scale * (
+        model_losses_l - model_losses_l.detach()
+    )
+    model_diff = model_losses_w - model_losses_l_scaled
+    ref_losses = (ref_pred.detach() - target).pow(2).mean(dim=list(range(1, ref_pred.dim())))
+    ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+    inside_term = -0.5 * beta * (model_diff - (ref_losses_w - ref_losses_l))
+    pred2, _ = (model_pred - ref_pred.detach()).chunk(2)
+    one_minus_sigmoid = (1 - torch.sigmoid(inside_term)).reshape(
+        (-1,) + (1,) * (model_pred.dim() - 1)
+    )
+    dims = list(range(1, model_pred.dim()))
+    if pred2.pow(2).mean(dim=dims).mean() >= 0.1:
+        return (one_minus_sigmoid * pred2).pow(2).mean(dim=dims).mean()
+    return one_minus_sigmoid.pow(2).mean(dim=dims).mean()
+
+
+def micro_batch_average_dspo_sdxl(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    *,
+    beta: float,
+    mu: float | None,
+    micro_batch_pairs: int,
+) -> Tensor:
+    """The reference's gradient accumulation: the (2B, ...) batch split into micro-batches of
+    ``micro_batch_pairs`` pairs (each with its own winners then losers), the mean of their
+    losses. ``target`` is (B, ...), shared by a pair."""
+    batch_pairs = model_pred.shape[0] // 2
+    losses = []
+    for part in group_slices(batch_pairs, micro_batch_pairs):
+        rows = torch.cat(
+            [torch.arange(batch_pairs)[part], batch_pairs + torch.arange(batch_pairs)[part]]
+        )
+        micro_target = torch.cat([target[part], target[part]])
+        losses.append(
+            reference_micro_batch_dspo_sdxl(
+                model_pred[rows], ref_pred[rows], micro_target, beta=beta, mu=mu
+            )
+        )
+    return torch.stack(losses).mean()
+
+
+def concat_pairs(*inputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Joins make_inputs outputs (shared targets) pair-wise: all winners first, then all losers,
+    so the pairs of the first input come first in each half."""
+    halves = [(pred.chunk(2), ref.chunk(2)) for pred, ref, _ in inputs]
+    model_pred = torch.cat([h[0][0] for h in halves] + [h[0][1] for h in halves])
+    ref_pred = torch.cat([h[1][0] for h in halves] + [h[1][1] for h in halves])
+    target = torch.cat([t for _, _, t in inputs])
+    return model_pred, ref_pred, target
+
+
+def dspo_sdxl_split_inputs(group_size: int, groups: int, sample_shape: tuple[int, ...]):
+    """fp64 inputs whose consecutive groups of ``group_size`` pairs alternate below (mean gap^2
+    ~ 0.01) and above (~ 0.25) DSPO-SDXL's threshold of 0.1."""
+    return concat_pairs(
+        *(
+            make_inputs(group_size, sample_shape, ref_offset=(0.1, 0.5)[g % 2], seed=g)
+            for g in range(groups)
+        )
+    )

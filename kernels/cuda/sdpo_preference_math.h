@@ -106,21 +106,24 @@ SDPO_HD void finalize_pair(int64_t i, const float* pair_sums, const Totals& tota
   const float ref_mse_w = s[kRW] / elements;
   const float ref_mse_l = s[kRL] / elements;
 
+  // Pair i's group: pairs [start, stop) (all pairs when group_size is 0).
+  int64_t start = 0, stop = p.batch_pairs;
+  if (p.group_size > 0) {
+    start = (i / p.group_size) * p.group_size;
+    stop = start + p.group_size < p.batch_pairs ? start + p.group_size : p.batch_pairs;
+  }
+  const float group_count = static_cast<float>(stop - start);
+
   float scale = 1.0f;
   if (p.safeguard) {
     float group_ww = totals.ww, group_wl = totals.wl;
-    float group_count = static_cast<float>(p.batch_pairs);
     if (p.group_size > 0) {
-      const int64_t start = (i / p.group_size) * p.group_size;
-      const int64_t stop = start + p.group_size < p.batch_pairs ? start + p.group_size
-                                                                : p.batch_pairs;
       group_ww = 0.0f;
       group_wl = 0.0f;
       for (int64_t member = start; member < stop; ++member) {
         group_ww += pair_sums[member * kNumSums + kWW];
         group_wl += pair_sums[member * kNumSums + kWL];
       }
-      group_count = static_cast<float>(stop - start);
     }
     scale = safeguard_scale(group_ww, group_wl, group_count, elements, p.mu);
   }
@@ -144,10 +147,18 @@ SDPO_HD void finalize_pair(int64_t i, const float* pair_sums, const Totals& tota
     dterm_du = dterm_ds * (-sig * (1.0f - sig));
     direct_e = 2.0f * (1.0f - bs) / elements;
     direct_g = -2.0f * (1.0f - bs) * bs / elements;
-  } else {  // kDspoSdxl
+  } else {  // kDspoSdxl: the switch is decided per group (the reference's micro-batch)
     const float sig = sigmoid(-margin);
     const float gap_sq = s[kGG] / elements;
-    const bool use_gap = totals.gap_mean >= kDspoSdxlGapThreshold;
+    float group_gap = totals.gap_mean;
+    if (p.group_size > 0) {
+      group_gap = 0.0f;
+      for (int64_t member = start; member < stop; ++member) {
+        group_gap += pair_sums[member * kNumSums + kGG] / elements;
+      }
+      group_gap /= group_count;
+    }
+    const bool use_gap = group_gap >= kDspoSdxlGapThreshold;
     const float factor = use_gap ? gap_sq : 1.0f;
     term = sig * sig * factor;
     dterm_du = 2.0f * sig * factor * (-sig * (1.0f - sig));

@@ -1,0 +1,57 @@
+"""LossSettings: the one validated settings object every backend receives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from formulas import make_inputs
+
+import sdpo
+from sdpo import reference
+from sdpo.settings import LossSettings
+
+
+def test_built_once_from_the_public_arguments_and_frozen():
+    settings = LossSettings.from_arguments(
+        method="dspo-sdxl", beta=5000, mu=0.6, granularity="group:8", dmpo_alpha=0
+    )
+    assert settings == LossSettings("dspo-sdxl", 5000.0, 0.6, 8, 0.0)
+    assert isinstance(settings.beta, float) and isinstance(settings.dmpo_alpha, float)
+    assert settings.safeguard and settings.pairs_per_group(16) == 8
+    assert settings.op_arguments() == (2, 5000.0, 0.6, True, 8, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.beta = 1.0  # type: ignore[misc]
+    batch = LossSettings("dmpo", 2000.0, None, None, 0.01)
+    assert not batch.safeguard and batch.pairs_per_group(5) == 5
+    assert batch.op_arguments() == (3, 2000.0, 0.0, False, 0, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "dpo"}, r"method: unknown 'dpo'"),
+        ({"beta": 0.0}, r"beta: expected > 0"),
+        ({"beta": True}, r"beta: expected a Python float"),
+        ({"mu": 1.5}, r"mu: expected None .* in \[0, 1\]"),
+        ({"mu": torch.tensor(0.5)}, r"mu: expected a Python float"),
+        ({"group_size": 0}, r"group_size: expected None or a positive int"),
+        ({"group_size": 2.0}, r"group_size: expected None or a positive int"),
+        ({"dmpo_alpha": float("nan")}, r"dmpo_alpha: expected a finite number"),
+    ],
+)
+def test_invalid_fields_are_rejected_when_built(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LossSettings(**fields)
+
+
+def test_the_reference_takes_the_settings_the_api_builds():
+    model_pred, ref_pred, target = make_inputs(3, (2, 4))
+    settings = LossSettings("diffusion-dpo", 50.0, 0.6, 2, 0.0)
+    loss, stats = reference.preference_loss_reference(model_pred, ref_pred, target, settings)
+    result = sdpo.preference_loss(
+        model_pred, ref_pred, target, beta=50.0, mu=0.6, granularity="group:2", backend="torch"
+    )
+    torch.testing.assert_close(loss, result.loss, rtol=0, atol=0)
+    torch.testing.assert_close(stats["lambda"], result.stats["lambda"], rtol=0, atol=0)
