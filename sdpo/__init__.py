@@ -6,8 +6,6 @@ Subpackages: ``sdpo.kernels`` (Triton kernels), ``sdpo.train`` (the trainer),
 ``sdpo.profiling`` (profiling suites and benchmarks).
 """
 
-# Imported first for its side effect: sdpo.kernels/train/profiling resolve in a source checkout.
-from sdpo import _source_layout  # noqa: F401
 from sdpo.objectives import BACKENDS, METHODS, PreferenceLoss, parse_granularity, preference_loss
 
 __all__ = ["BACKENDS", "METHODS", "PreferenceLoss", "parse_granularity", "preference_loss"]
