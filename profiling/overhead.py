@@ -42,11 +42,11 @@ from torch import Tensor, nn
 
 import sdpo
 from sdpo import cuda_backend
-from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.cache import CachedBatch
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models, build_random, build_tiny, make_reference
+from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.trainer import (
     condition_batch,
     encode_images,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sdpo.demo import toy
+from sdpo.train import toy
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]

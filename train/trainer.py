@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 import sdpo
 from sdpo import reference
-from sdpo.profiling.nvtx_ranges import PhaseRanges
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.cache import CachedBatch, CachedPairBatches, is_cache
 from sdpo.train.config import TrainConfig, config_to_json, parse_profile_steps
@@ -36,6 +35,7 @@ from sdpo.train.models import (
     make_reference,
     merged_state_dict,
 )
+from sdpo.train.nvtx_ranges import PhaseRanges
 
 # One row of metrics.jsonl per optimizer step: the loss, the mean lambda and the loss statistics.
 METRIC_KEYS = ("loss", "lambda", *reference.STAT_NAMES)
