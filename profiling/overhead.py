@@ -5,7 +5,9 @@ In ONE process, on random-initialised models of the real architecture (``--prese
 B pairs: conditioning, the policy forward over 2B rows, the reference forward, the loss,
 backward, grad-norm clip, optimizer step) of:
 
-- ``dpo``: plain Diffusion-DPO (``mu`` off), our step: cached latents and text embeddings;
+- ``dpo``: plain Diffusion-DPO (``mu`` off), our step: cached latents and text embeddings,
+  through the trainer's own components (``sdpo.train.step``, ``optim``, ``models``) and with
+  the trainer's preset for the model (beta, mu, granularity ``group:8``, optimizer);
 - ``sdpo-fused``: the same with the safeguard on the fused kernels (``backend="triton"``);
 - ``sdpo-torch``: the same with the plain-PyTorch backend;
 - ``reference``: the reference trainer's per-step work: the VAE and text encoders run on every

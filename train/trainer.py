@@ -224,17 +224,9 @@ class Trainer:
 
     def fit(self) -> dict:
         """Runs the optimizer steps up to ``max_steps``, then the final checkpoint and export."""
-        from tqdm.auto import tqdm
-
-        config, environment = self.config, self.environment
-        writer = MetricsWriter(self.output_dir, self.step) if environment.is_main else None
-        progress = tqdm(
-            total=config.max_steps,
-            initial=self.step,
-            disable=not (config.progress and environment.is_main),
-            desc="sdpo-train",
-            unit="step",
-        )
+        config = self.config
+        writer = MetricsWriter(self.output_dir, self.step) if self.environment.is_main else None
+        progress = self._progress_bar()
         stream = batch_stream(
             self.batches, self.position, config.num_workers, self.device.type == "cuda"
         )
@@ -247,7 +239,7 @@ class Trainer:
                     epoch = self._micro_step(stream, micro, stats)
                 with self.ranges("optimizer"):
                     grad_norm, finite = clip_and_check_gradients(
-                        self.parameters, config.max_grad_norm, stats.loss_sum, environment
+                        self.parameters, config.max_grad_norm, stats.loss_sum, self.environment
                     )
                     if finite:
                         apply_optimizer_step(self.optimizer, self.lr_schedule)
@@ -259,25 +251,11 @@ class Trainer:
                     continue
                 self._profiler(1, start=False)
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    row = self._log_row(stats, grad_norm, epoch)
-                    rows.append(row)
-                    if writer is not None:
-                        writer.write(row)
-                    progress.set_postfix(
-                        loss=f"{row['loss']:.4f}",
-                        acc=f"{row['implicit_acc']:.2f}",
-                        lam=f"{row['lambda']:.3f}",
-                        pairs_s=f"{row['pairs_per_s']:.1f}",
-                    )
-                    stats.reset()
+                    rows.append(self._log(stats, grad_norm, epoch, writer, progress))
                 every = config.checkpoint_every
                 if every and self.step % every == 0 and self.step < config.max_steps:
                     self.last_checkpoint = self.save()
-            self.save()
-            final_state = full_model_state(self.models.unet) if self.sharded else None
-            if environment.is_main:
-                checkpoints.export_unet(self.models.unet, self.output_dir, final_state)
-            environment.barrier()
+            self._finish()
         finally:
             progress.close()
             if writer is not None:
@@ -288,6 +266,46 @@ class Trainer:
             "output_dir": str(self.output_dir),
             "skipped_images": self.skipped_images,
         }
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.config.max_steps,
+            initial=self.step,
+            disable=not (self.config.progress and self.environment.is_main),
+            desc="sdpo-train",
+            unit="step",
+        )
+
+    def _log(
+        self,
+        stats: RunningStats,
+        grad_norm: torch.Tensor,
+        epoch: int,
+        writer: MetricsWriter | None,
+        progress,
+    ) -> dict:
+        """One metrics row (all ranks reduce; rank 0 writes), then a fresh interval."""
+        row = self._log_row(stats, grad_norm, epoch)
+        if writer is not None:
+            writer.write(row)
+        progress.set_postfix(
+            loss=f"{row['loss']:.4f}",
+            acc=f"{row['implicit_acc']:.2f}",
+            lam=f"{row['lambda']:.3f}",
+            pairs_s=f"{row['pairs_per_s']:.1f}",
+        )
+        stats.reset()
+        return row
+
+    def _finish(self) -> None:
+        """The last checkpoint, then (rank 0) the exported UNet; all ranks wait for it."""
+        self.save()
+        final_state = full_model_state(self.models.unet) if self.sharded else None
+        if self.environment.is_main:
+            checkpoints.export_unet(self.models.unet, self.output_dir, final_state)
+        self.environment.barrier()
 
     def _skip_or_stop(self, progress, stats: RunningStats) -> None:
         """A non-finite loss or gradient: drop the gradients, then stop (``--on-nonfinite
