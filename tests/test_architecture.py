@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,3 +63,20 @@ def test_part_of_names_each_layer():
     assert import_graph.part_of("sdpo.kernels.preference") == "kernels"
     assert import_graph.part_of("sdpo.train.trainer") == "train"
     assert import_graph.part_of("torch.nn") is None
+
+
+def test_command_lines_parse_help_before_importing_torch():
+    # `import sdpo` loads the API lazily; sdpo-profile builds its parser from the standard library.
+    code = (
+        "import sys, sdpo, sdpo.train, sdpo.train.cli, sdpo.profiling.cli\n"
+        "try:\n"
+        "    sdpo.profiling.cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "from sdpo import preference_loss\n"
+        "assert 'torch' in sys.modules and callable(preference_loss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "overhead" in result.stdout
