@@ -5,7 +5,9 @@ In ONE process, on random-initialised models of the real architecture (``--prese
 B pairs: conditioning, the policy forward over 2B rows, the reference forward, the loss,
 backward, grad-norm clip, optimizer step) of:
 
-- ``dpo``: plain Diffusion-DPO (``mu`` off), our step: cached latents and text embeddings;
+- ``dpo``: plain Diffusion-DPO (``mu`` off), our step: cached latents and text embeddings,
+  through the trainer's own components (``sdpo.train.step``, ``optim``, ``models``) and with
+  the trainer's preset for the model (beta, mu, granularity ``group:8``, optimizer);
 - ``sdpo-fused``: the same with the safeguard on the fused kernels (``backend="triton"``);
 - ``sdpo-torch``: the same with the plain-PyTorch backend;
 - ``reference``: the reference trainer's per-step work: the VAE and text encoders run on every
@@ -25,7 +27,7 @@ and the bf16 matmul rate measured in the same run: model FLOP utilisation.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -40,17 +42,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import sdpo
-from sdpo import cuda_backend
-from sdpo.profiling.nvtx_ranges import PhaseRanges
+from sdpo import cuda_backend, objectives, ops
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.cache import CachedBatch
-from sdpo.train.config import TrainConfig
-from sdpo.train.models import Models, build_random, build_tiny, make_reference
-from sdpo.train.trainer import (
+from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.models import Models, build_models, compile_model
+from sdpo.train.nvtx_ranges import PhaseRanges
+from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
+from sdpo.train.step import (
+    apply_optimizer_step,
+    autocast,
+    clip_and_check_gradients,
     condition_batch,
     encode_images,
-    make_optimizer,
     preference_step,
     reference_prediction,
 )
@@ -60,23 +64,18 @@ VARIANTS = ("eager", "compile", "cuda-graphs")
 REFERENCE_MODE = "reference"
 
 
-@dataclass(frozen=True)
-class OverheadPreset:
-    model: str
-    resolution: int
-    batch_pairs: int
-    beta: float
-    mu: float
-    optimizer: str
-    gradient_checkpointing: bool
+def trainer_preset(name: str, *flags: str) -> TrainConfig:
+    """The trainer's preset ``name`` (validated as ``sdpo-train --preset name`` would be)."""
+    return config_from_args(["--preset", name, *flags])
 
 
-# The reference scripts' settings (sdpo.train.config presets sd15-dpo and sdxl-dpo): 8 pairs per
-# micro-batch, AdamW for SD1.5, Adafactor + gradient checkpointing for SDXL.
-PRESETS = {
-    "tiny": OverheadPreset("tiny", 16, 2, 5000.0, 0.9, "adamw", False),
-    "sd15": OverheadPreset("sd15", 512, 8, 5000.0, 0.9, "adamw", False),
-    "sdxl": OverheadPreset("sdxl", 1024, 8, 5000.0, 0.6, "adafactor", True),
+# Each overhead preset is the trainer's preset for that model (sdpo.train.config: beta, mu,
+# granularity "group:8", 8 pairs per micro-batch, AdamW for SD1.5, Adafactor + gradient
+# checkpointing for SDXL), on random weights of the real architecture.
+PRESETS: dict[str, TrainConfig] = {
+    "tiny": trainer_preset("tiny"),
+    "sd15": trainer_preset("sd15-dpo", "--pretrained", "random"),
+    "sdxl": trainer_preset("sdxl-dpo", "--pretrained", "random"),
 }
 
 
@@ -102,25 +101,18 @@ class ModeResult:
 
 
 class Workload:
-    """Models, one fixed batch (pixels + captions, and its cached latents and embeddings)."""
+    """The trainer's models for a preset, its optimizer and LR schedule, and one fixed batch
+    (pixels + captions, and its cached latents and embeddings)."""
 
-    def __init__(self, preset: OverheadPreset, batch_pairs: int, device: torch.device) -> None:
+    def __init__(self, preset: TrainConfig, batch_pairs: int, device: torch.device) -> None:
         self.preset, self.batch_pairs, self.device = preset, batch_pairs, device
         cuda = device.type == "cuda"
         with torch.device(device):  # random initialisation on the GPU: seconds, not minutes
-            if preset.model == "tiny":
-                models = build_tiny(preset.resolution, seed=0)
-            else:
-                models = build_random(preset.model, preset.resolution, seed=0)
+            models = build_models(preset, device)
         self.models = models
-        self.encoder_dtype = torch.bfloat16 if cuda else torch.float32
-        models.reference_unet = make_reference(models.unet, self.encoder_dtype)
-        if preset.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
-        models.unet.to(device).train()
-        models.reference_unet.to(device)
-        models.vae.to(device).requires_grad_(False).eval()
-        models.text.to(device).eval()
+        # The reference trainer runs its VAE and text encoders in its weight dtype (bf16).
+        bf16 = cuda and preset.mixed_precision == "bf16"
+        self.encoder_dtype = torch.bfloat16 if bf16 else torch.float32
         if self.encoder_dtype != torch.float32:
             models.vae.to(self.encoder_dtype)
             models.text.to(self.encoder_dtype)
@@ -146,8 +138,9 @@ class Workload:
             captions=self.captions,
         )
         self.parameters = [p for p in models.unet.parameters() if p.requires_grad]
-        config = TrainConfig(optimizer=preset.optimizer, learning_rate=1e-7)
-        self.optimizer = make_optimizer(config, self.parameters, 1e-7, device)
+        learning_rate = scaled_learning_rate(preset, world_size=1)
+        self.optimizer = make_optimizer(preset, self.parameters, learning_rate, device)
+        self.lr_schedule = make_lr_schedule(self.optimizer, preset.warmup_steps)
         self.encoders_on_device = True
 
     def place_encoders(self, on_device: bool) -> None:
@@ -165,25 +158,8 @@ def _host(tensor: Tensor, pin: bool) -> Tensor:
     return tensor.pin_memory() if pin else tensor
 
 
-def _config(preset: OverheadPreset, mu: float | None, backend: str) -> TrainConfig:
-    return TrainConfig(
-        model=preset.model,
-        beta=preset.beta,
-        mu=mu,
-        loss_backend=backend,
-        mixed_precision="bf16",
-        optimizer=preset.optimizer,
-    )
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class _Policies:
-    """Compiled wrappers of the shared UNets, made once per variant."""
+    """Compiled wrappers of the shared UNets, made once per variant (as the trainer compiles)."""
 
     def __init__(self, models: Models) -> None:
         self.models = models
@@ -194,10 +170,10 @@ class _Policies:
             if variant == "eager":
                 pair = (self.models.unet, self.models.reference_unet)
             else:
-                mode = "reduce-overhead" if variant == "cuda-graphs" else None
+                cuda_graphs = variant == "cuda-graphs"
                 pair = (
-                    torch.compile(self.models.unet, mode=mode),
-                    torch.compile(self.models.reference_unet, mode=mode),
+                    compile_model(self.models.unet, cuda_graphs),
+                    compile_model(self.models.reference_unet, cuda_graphs),
                 )
             self.cache[variant] = pair
         return self.cache[variant]
@@ -206,17 +182,18 @@ class _Policies:
 def our_step(
     workload: Workload, policies: _Policies, mode: str, variant: str, step: int
 ) -> tuple[str, Tensor]:
-    """One optimizer step of our trainer's work from the cache: (loss backend used, loss).
+    """One optimizer step of our trainer from the cache, with its components: the preference
+    step, the gradient clip and finite check, the optimizer and LR schedule step. Returns
+    (loss backend used, loss).
 
     Draws its random numbers in the order the reference step does (latent sample noise, then the
     pairs' noise, then their timesteps), so both compute the same loss for the same ``step``."""
     models, device = workload.models, workload.device
-    preset = workload.preset
-    mu = None if mode == "dpo" else preset.mu
+    mu = None if mode == "dpo" else workload.preset.mu
     requested = "torch" if mode == "sdpo-torch" else "auto"
-    if mode == "sdpo-fused" and sdpo.ops.triton_available(device):
+    if mode == "sdpo-fused" and ops.triton_available(device):
         requested = "triton"
-    config = _config(preset, mu, requested)
+    config = dataclasses.replace(workload.preset, mu=mu, loss_backend=requested)
     policy, reference_unet = policies.get(variant)
     if variant == "cuda-graphs":
         torch.compiler.cudagraph_mark_step_begin()
@@ -234,15 +211,18 @@ def our_step(
             generator,
             config,
             _NO_RANGES,
-            _autocast(device),
+            autocast(device, config.mixed_precision),
         )
     finally:
         models.reference_unet = saved_reference
     result.loss.backward()
-    torch.nn.utils.clip_grad_norm_(workload.parameters, 1.0)
-    workload.optimizer.step()
-    workload.optimizer.zero_grad(set_to_none=True)
-    return sdpo.objectives.resolve_backend(requested, device), result.loss.detach()
+    _, finite = clip_and_check_gradients(
+        workload.parameters, config.max_grad_norm, result.loss.detach(), None
+    )
+    if not finite:
+        raise RuntimeError(f"overhead: step {step} ({mode}/{variant}) has a non-finite loss")
+    apply_optimizer_step(workload.optimizer, workload.lr_schedule)
+    return objectives.resolve_backend(requested, device), result.loss.detach()
 
 
 _NO_RANGES = PhaseRanges(enabled=False)  # free no-op ranges: timing runs without NVTX
@@ -268,7 +248,7 @@ def reference_step(workload: Workload, step: int) -> tuple[str, Tensor]:
     noisy = scheduler.add_noise(latents, noise, timesteps)
     hidden_rows = hidden.repeat(2, 1, 1)
     added_rows = {key: value.repeat(2, 1) for key, value in added.items()} if added else None
-    with _autocast(device):
+    with autocast(device, preset.mixed_precision):
         model_pred = models.unet(noisy, timesteps, hidden_rows, added_cond_kwargs=added_rows).sample
     with torch.no_grad():
         # The reference runs its bf16 copy without autocast.
@@ -294,7 +274,7 @@ def reference_step(workload: Workload, step: int) -> tuple[str, Tensor]:
         ):
             value.item()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(workload.parameters, 1.0)
+    torch.nn.utils.clip_grad_norm_(workload.parameters, preset.max_grad_norm)
     workload.optimizer.step()
     workload.optimizer.zero_grad(set_to_none=True)
     return "reference-sequence", loss.detach()
@@ -398,7 +378,7 @@ def run_overhead(
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}")
     preset = PRESETS[preset_name]
-    batch_pairs = batch_pairs or preset.batch_pairs
+    batch_pairs = batch_pairs or preset.train_batch_pairs
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -471,7 +451,7 @@ def run_overhead(
 def measure_kernels(device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
     """The fused loss forward + backward at the kernel benchmarks' sizes (bf16), as the
     ``kernels`` rows of the results file. Empty on a CPU, where no timing is claimed."""
-    if device.type != "cuda" or not sdpo.ops.triton_available(device):
+    if device.type != "cuda" or not ops.triton_available(device):
         return []
     from sdpo.profiling import kernel_bench
 

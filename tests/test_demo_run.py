@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from sdpo.demo import base, toy
+from sdpo.demo import base
 from sdpo.demo.run import DemoSettings, main, run_demo
+from sdpo.train import toy
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo.demo import toy
+from sdpo.train import toy
 
 
 def test_reward_is_high_for_matching_images_and_low_for_wrong_attributes():

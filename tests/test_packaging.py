@@ -1,9 +1,19 @@
-"""The wheel installs everything under `sdpo` and no top-level `kernels`, `train`, `profiling`."""
+"""One way to import each module: every sdpo.* module comes from the same sdpo/ folder.
+
+kernels/, train/ and profiling/ sit beside sdpo/ and are reached through the committed
+symlinks sdpo/kernels, sdpo/train and sdpo/profiling. These tests install a copy of the
+checkout three ways (a wheel, an editable install, and an editable install seen from a second
+checkout) in throwaway venvs that borrow this interpreter's site-packages for the dependencies,
+and resolve every sdpo.* module there with importlib.util.find_spec (no module body runs).
+"""
 
 from __future__ import annotations
 
+import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -11,9 +21,123 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Prints "name<TAB>file" for every sdpo.* module below the sdpo package it imports.
+RESOLVE_ALL = r"""
+import importlib.util, os, pathlib
+import sdpo
+root = pathlib.Path(sdpo.__file__).parent
+print("sdpo\t" + sdpo.__file__)
+found = [
+    pathlib.Path(folder, name)
+    for folder, _, names in os.walk(root, followlinks=True)  # sdpo/train etc. are links
+    for name in names
+    if name.endswith(".py")
+]
+for path in sorted(found):
+    parts = path.relative_to(root).with_suffix("").parts
+    if any(not (root.joinpath(*parts[:i]) / "__init__.py").is_file() for i in range(len(parts))):
+        continue  # not inside a package (e.g. benchmarks run by pytest only)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    if parts and parts[-1] == "__main__":
+        continue
+    name = ".".join(("sdpo", *parts))
+    print(name + "\t" + importlib.util.find_spec(name).origin)
+"""
+
+
+def _copy_checkout(destination: Path) -> Path:
+    """The tracked and untracked (not ignored) files of this checkout, symlinks kept as links."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree, not yet committed
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, target)
+    return destination
+
+
+def _make_venv(folder: Path) -> Path:
+    """A venv whose own site-packages comes first, then this interpreter's (the dependencies)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    borrowed = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    borrowed += [entry for entry in sys.path if entry.endswith("site-packages")]
+    # A .pth file adds paths but does not run the .pth files inside them: this interpreter's
+    # own editable install of ROOT stays invisible to the venv.
+    Path(purelib, "zz_borrowed_site_packages.pth").write_text("\n".join(dict.fromkeys(borrowed)))
+    return python
+
+
+def _pip_install(python: Path, *arguments: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            *arguments,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _resolved(python: Path, cwd: Path) -> dict[str, Path]:
+    result = subprocess.run(
+        [str(python), "-c", RESOLVE_ALL],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(cwd)},
+    )
+    assert result.returncode == 0, result.stderr
+    return {
+        name: Path(file)
+        for name, file in (line.split("\t") for line in result.stdout.strip().splitlines())
+    }
+
+
+def _assert_all_under(modules: dict[str, Path], sdpo_folder: Path) -> None:
+    assert {"sdpo.kernels.preference", "sdpo.train.trainer", "sdpo.profiling.cli"} <= set(
+        modules
+    ), sorted(modules)
+    assert "sdpo.eval.cli" in modules and "sdpo.demo.run" in modules
+    strays = {
+        name: str(file) for name, file in modules.items() if not file.is_relative_to(sdpo_folder)
+    }
+    assert not strays, f"not from {sdpo_folder}: {strays}"
+
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory) -> list[str]:
+def checkouts(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("checkouts")
+    return _copy_checkout(base / "first"), _copy_checkout(base / "second")
+
+
+@pytest.fixture(scope="module")
+def wheel(checkouts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
@@ -26,40 +150,51 @@ def wheel_names(tmp_path_factory) -> list[str]:
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(checkouts[0]),
         ],
         check=True,
         capture_output=True,
     )
-    (wheel,) = out.glob("*.whl")
-    return zipfile.ZipFile(wheel).namelist()
+    (built,) = out.glob("*.whl")
+    return built
 
 
-def test_subpackages_live_under_sdpo(wheel_names):
+def test_wheel_installs_everything_under_sdpo(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
     for module in (
         "sdpo/__init__.py",
         "sdpo/kernels/preference.py",
         "sdpo/train/__init__.py",
+        "sdpo/train/trainer.py",
         "sdpo/profiling/kernel_bench.py",
         "sdpo/objectives.py",
         "sdpo/reference.py",
+        "sdpo/demo/base_model/unet/config.json",
     ):
-        assert module in wheel_names, module
+        assert module in names, module
     top_level = {
-        name.split("/")[0] for name in wheel_names if not name.split("/")[0].endswith(".dist-info")
+        name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")
     }
     assert top_level == {"sdpo"}, top_level
 
 
-def test_source_checkout_resolves_subpackages_without_an_editable_finder():
-    # As after `pip install .` followed by `python` in the repository root: sdpo comes from the
-    # checkout, and only the project's own finder can map sdpo.kernels to kernels/.
-    code = (
-        "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in "
-        "(type(f).__module__ + type(f).__name__).lower()]; "
-        "import sdpo.kernels, sdpo.train, sdpo.profiling; print(sdpo.kernels.__file__)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == str(ROOT / "kernels" / "__init__.py")
+def test_wheel_install_resolves_every_module_from_site_packages(wheel, tmp_path):
+    python = _make_venv(tmp_path / "venv")
+    _pip_install(python, str(wheel))
+    site_packages = next((tmp_path / "venv").glob("lib/python*/site-packages"))
+    _assert_all_under(_resolved(python, tmp_path), site_packages / "sdpo")
+
+
+def test_editable_install_resolves_every_module_from_the_checkout_it_is_run_in(checkouts, tmp_path):
+    first, second = checkouts
+    python = _make_venv(tmp_path / "venv")
+    _pip_install(python, "-e", str(first))
+    _assert_all_under(_resolved(python, tmp_path), first / "sdpo")
+    # `python -m pytest` in a second checkout with the first one's editable install active: the
+    # working directory comes first on sys.path, so everything comes from the second checkout
+    # (before, sdpo came from the second and sdpo.train from the first).
+    _assert_all_under(_resolved(python, second), second / "sdpo")
+
+
+def test_source_tree_resolves_every_module_from_its_own_sdpo_folder():
+    _assert_all_under(_resolved(Path(sys.executable), ROOT), ROOT / "sdpo")

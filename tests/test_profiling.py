@@ -230,3 +230,15 @@ def test_ncu_summary_reads_units_and_averages(tmp_path):
     assert rows[0]["dram_pct_of_peak"] == pytest.approx(82.0)
     with pytest.raises(ValueError, match=r"gpu__time_duration\.sum"):
         nsight.summarize_ncu_csv('"ID","Kernel Name"\n"0","k"\n')
+
+
+def test_overhead_presets_are_the_trainers_presets():
+    # The overhead suite times the trainer's settings, not a restatement of them.
+    from sdpo.train.config import PRESETS as TRAINER_PRESETS
+
+    for name, trainer_name in (("sd15", "sd15-dpo"), ("sdxl", "sdxl-dpo"), ("tiny", "tiny")):
+        preset = overhead.PRESETS[name]
+        for key, value in TRAINER_PRESETS[trainer_name].items():
+            assert getattr(preset, key) == value, (name, key)
+    assert overhead.PRESETS["sd15"].granularity == "group:8"
+    assert overhead.PRESETS["sd15"].pretrained == "random"

@@ -1,4 +1,6 @@
-"""Atomic checkpoints: written to a temporary folder, completed with a marker, then renamed.
+"""Checkpoints (save, resume) and the final export of the trained UNet.
+
+Atomic checkpoints: written to a temporary folder, completed with a marker, then renamed.
 
 A kill during a save leaves at most a ``.tmp-*`` folder, which ``latest_checkpoint`` ignores, so
 ``--resume`` always picks a complete checkpoint.
@@ -6,13 +8,20 @@ A kill during a save leaves at most a ``.tmp-*`` folder, which ``latest_checkpoi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sdpo.train.config import TrainConfig, config_to_json
+from sdpo.train.distributed import Distributed, full_model_state, full_optimizer_state
+from sdpo.train.models import merged_state_dict
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -73,3 +82,82 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     model_state = load_file(str(folder / MODEL_FILE))
     training_state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     return model_state, training_state
+
+
+@dataclass
+class ResumeState:
+    """Where a resumed run continues: the optimizer step done, the next (epoch, batch index) to
+    read, the skipped images so far, and the optimizer and LR schedule states."""
+
+    path: Path
+    step: int
+    position: tuple[int, int]
+    skipped_images: int
+    optimizer: dict
+    lr_schedule: dict
+
+
+def load_resume_state(output_dir: str | Path, unet: nn.Module) -> ResumeState | None:
+    """Loads the newest complete checkpoint's weights into ``unet`` (the full weights, before
+    any sharding; every rank reads the checkpoint itself); None when there is none."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    model_state, state = load_checkpoint(path)
+    unet.load_state_dict(model_state)
+    return ResumeState(
+        path=path,
+        step=state["step"],
+        position=tuple(state["position"]),
+        skipped_images=state["skipped_images"],
+        optimizer=state["optimizer"],
+        lr_schedule=state["lr_schedule"],
+    )
+
+
+def save_training_state(
+    config: TrainConfig,
+    environment: Distributed,
+    unet: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    position: tuple[int, int],
+    skipped_images: int,
+) -> Path:
+    """Checkpoint at an optimizer-step boundary (accumulation position 0); all ranks barrier.
+
+    ``position`` is the next (epoch, batch index) to read: a resumed run continues from there.
+    """
+    environment.barrier()
+    sharded = config.fsdp and environment.enabled
+    # With FSDP2 every rank takes part in gathering the full states (collectives); rank 0
+    # receives them on the CPU and writes.
+    model_state = full_model_state(unet) if sharded else None
+    optimizer_state = full_optimizer_state(unet, optimizer) if sharded else None
+    if environment.is_main:
+        state = {
+            "step": step,
+            "position": list(position),
+            "optimizer": optimizer_state if sharded else optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(),
+            "skipped_images": skipped_images,
+            "config": json.loads(config_to_json(config)),
+        }
+        save_checkpoint(
+            config.output_dir, step, model_state if sharded else unet.state_dict(), state
+        )
+    environment.barrier()
+    return checkpoint_path(config.output_dir, step)
+
+
+def export_unet(unet: nn.Module, output_dir: Path, state: dict[str, Tensor] | None = None) -> None:
+    """DIR/unet/ (diffusers, safetensors) and DIR/unet.pth (a plain state dict); LoRA adapters
+    are merged into the weights first, so both load into a plain UNet. ``state``: the full
+    weights when the UNet is sharded."""
+    if state is None:
+        state = merged_state_dict(unet)
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state)
+    plain.save_pretrained(output_dir / "unet", safe_serialization=True)
+    torch.save(state, output_dir / "unet.pth")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdpo.demo import toy
+from sdpo.train import toy
 from sdpo.train.errors import UsageError
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sdpo.demo import toy
+from sdpo.train import toy
+from sdpo.train.config import TrainConfig
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -426,3 +427,52 @@ def build_random(model: str, resolution: int, seed: int) -> Models:
     tokenizers = [_random_word_tokenizer(RANDOM_TEXT_LENGTH) for _ in encoders]
     text = TextConditioner(tokenizers, encoders, sdxl=model == "sdxl", resolution=resolution)
     return Models(unet=unet, reference_unet=None, vae=vae, text=text, scheduler=build_scheduler())
+
+
+def build_models(config: TrainConfig, device: torch.device) -> Models:
+    """The configured models on ``device``: the policy UNet (training mode), its frozen
+    reference (a copy in bf16 on CUDA with bf16 mixed precision, or the policy with LoRA
+    adapters off), the VAE and the text encoders (frozen)."""
+    if config.pretrained == "random":
+        models = build_random(config.model, config.resolution, config.seed)
+    elif config.pretrained is not None:
+        models = load_pretrained(
+            config.pretrained, config.model, config.resolution, config.allow_download
+        )
+    else:
+        models = build_tiny(config.resolution, config.seed)
+    reference_dtype = (
+        torch.bfloat16
+        if device.type == "cuda" and config.mixed_precision == "bf16"
+        else torch.float32
+    )
+    if config.lora_rank > 0:
+        # The reference is the same UNet with its adapters disabled: no second copy in memory.
+        add_lora(models.unet, config.lora_rank)
+        models.reference_unet = None
+    else:
+        models.reference_unet = make_reference(models.unet, reference_dtype)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    if config.attention == "xformers":
+        try:
+            models.unet.enable_xformers_memory_efficient_attention()
+            if models.reference_unet is not None:
+                models.reference_unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as error:
+            raise RuntimeError(
+                f"attention: xformers is not usable here ({error}); use --attention sdpa"
+            ) from error
+    models.unet.to(device).train()
+    if models.reference_unet is not None:
+        models.reference_unet.to(device)
+    if models.vae is not None:
+        models.vae.to(device).requires_grad_(False).eval()
+    models.text.to(device).eval()
+    return models
+
+
+def compile_model(module: nn.Module, cuda_graphs: bool) -> nn.Module:
+    """torch.compile; with ``cuda_graphs`` through its "reduce-overhead" mode (CUDA graphs,
+    static shapes per run)."""
+    return torch.compile(module, mode="reduce-overhead" if cuda_graphs else None)

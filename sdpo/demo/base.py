@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdpo.demo import toy
+from sdpo.train import toy
 from sdpo.train.models import Models, build_tiny, load_pretrained, save_tiny_pretrained
 
 IMAGE_SIZE = 16

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdpo.demo import base, toy
+from sdpo.demo import base
 from sdpo.train import checkpoint as checkpoints
+from sdpo.train import toy
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models
 

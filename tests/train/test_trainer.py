@@ -16,7 +16,9 @@ import sdpo
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.config import TrainConfig, config_from_args
 from sdpo.train.data import PairBatches, generator_for, load_records
-from sdpo.train.trainer import NonFiniteLoss, build_models, encode_images, train
+from sdpo.train.models import build_models
+from sdpo.train.step import encode_images
+from sdpo.train.trainer import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,8 +148,6 @@ def test_outputs(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    from sdpo.train import trainer
-
     config = tiny(tmp_path, max_steps=4, checkpoint_every=1, gradient_accumulation=1)
     calls = {"count": 0}
     real_loss = sdpo.preference_loss
@@ -159,7 +159,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, m
             return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
         return result
 
-    monkeypatch.setattr(trainer.sdpo, "preference_loss", poisoned)
+    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"step 3:.*checkpoint-2"):
         train(config)
     latest = checkpoints.latest_checkpoint(config.output_dir)

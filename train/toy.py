@@ -1,4 +1,4 @@
-"""The demo's toy world: procedural captioned images and a reward computed from pixels.
+"""The toy world: procedural captioned images and a reward computed from pixels.
 
 An image is one coloured shape on a plain background, ``image_size`` pixels square (16 by
 default), RGB in [-1, 1] like a diffusion model's pixel space. Its caption names the three
@@ -13,7 +13,8 @@ attributes: "a red circle on a white background". The reward reads the pixels ba
   fills most of the frame. So 1 is an image that matches its caption, ~2/3 one that gets one
   attribute wrong, ~0 noise: a graded score, so partial improvements show.
 
-Everything is generated from a seed; nothing is downloaded.
+Everything is generated from a seed; nothing is downloaded. The trainer's synthetic pairs (no
+``--data``) and the tiny tokenizer's vocabulary come from here, and so does ``sdpo-demo``'s world.
 """
 
 from __future__ import annotations

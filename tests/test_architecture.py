@@ -1,0 +1,82 @@
+"""The parts import one way: math <- kernels <- api <- train <- profiling / demo / eval."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+import_graph = importlib.util.module_from_spec(_spec)
+sys.modules["import_graph"] = import_graph
+_spec.loader.exec_module(import_graph)
+
+# Each part may import only the parts listed for it (directly).
+ALLOWED = {
+    "math": set(),
+    "kernels": {"math"},
+    "api": {"math", "kernels"},
+    "train": {"math", "api"},
+    "profiling": {"math", "kernels", "api", "train"},
+    "demo": {"math", "api", "train"},
+    "eval": {"math", "api", "train"},
+}
+
+
+def test_parts_import_only_lower_layers():
+    edges = import_graph.part_edges(ROOT)
+    assert edges, "no imports found: is the tree walked through the sdpo/train links?"
+    assert ("demo", "train") in edges and ("profiling", "train") in edges
+    wrong = {
+        edge: sorted(imports) for edge, imports in edges.items() if edge[1] not in ALLOWED[edge[0]]
+    }
+    assert not wrong, wrong
+    assert import_graph.find_cycle(edges) is None
+
+
+def test_cycle_detection_finds_a_back_edge():
+    edges = {("train", "api"): set(), ("api", "math"): set(), ("math", "train"): set()}
+    cycle = import_graph.find_cycle(edges)
+    assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"train", "api", "math"}
+    assert import_graph.find_cycle({("train", "api"): set(), ("demo", "train"): set()}) is None
+
+
+def test_a_lazy_import_inside_a_function_counts(tmp_path):
+    package = tmp_path / "sdpo"
+    (package / "train").mkdir(parents=True)
+    (package / "demo").mkdir()
+    for init in (package, package / "train", package / "demo"):
+        (init / "__init__.py").write_text("")
+    (package / "train" / "data.py").write_text("def f():\n    from sdpo.demo import toy\n")
+    (package / "demo" / "run.py").write_text("from sdpo.train import data\n")
+    edges = import_graph.part_edges(tmp_path)
+    assert set(edges) == {("train", "demo"), ("demo", "train")}
+    assert import_graph.find_cycle(edges) is not None
+
+
+def test_part_of_names_each_layer():
+    assert import_graph.part_of("sdpo") == "api"
+    assert import_graph.part_of("sdpo.reference") == "math"
+    assert import_graph.part_of("sdpo.ops") == "api"
+    assert import_graph.part_of("sdpo.kernels.preference") == "kernels"
+    assert import_graph.part_of("sdpo.train.trainer") == "train"
+    assert import_graph.part_of("torch.nn") is None
+
+
+def test_command_lines_parse_help_before_importing_torch():
+    # `import sdpo` loads the API lazily; sdpo-profile builds its parser from the standard library.
+    code = (
+        "import sys, sdpo, sdpo.train, sdpo.train.cli, sdpo.profiling.cli\n"
+        "try:\n"
+        "    sdpo.profiling.cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "from sdpo import preference_loss\n"
+        "assert 'torch' in sys.modules and callable(preference_loss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "overhead" in result.stdout

@@ -1,0 +1,88 @@
+"""torchrun's environment (rank, world size, device, collectives) and FSDP2 sharding of the UNet.
+
+Every rank reaches every collective; rank 0 writes. NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class Distributed:
+    """torchrun's environment: rank, world size, device. NCCL on GPUs, gloo on CPUs."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shard_unet(unet: nn.Module, device: torch.device) -> None:
+    """FSDP2: each down/mid/up block its own unit (its weights gathered just for its forward and
+    backward), then the rest (embeddings, conv_in/out) at the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for blocks in (unet.down_blocks, unet.up_blocks):
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    if unet.mid_block is not None:
+        fully_shard(unet.mid_block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(unet: nn.Module) -> dict[str, Tensor]:
+    """The sharded UNet's full weights on rank 0's CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(unet, options=_full_options())
+
+
+def full_optimizer_state(unet: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unet, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(
+    unet: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unet, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,173 @@
+"""One micro-batch's preference step, and the optimizer step that closes an accumulation.
+
+Per micro-batch of B pairs: encode winners and losers (2B images) once, draw ONE timestep and
+ONE noise per pair and share them between its winner and loser, run ONE policy forward over the
+2B stacked rows and ONE reference forward (no grad) over the same inputs, then
+``sdpo.preference_loss``. The one host sync of an optimizer step is the finite check of the
+gradient norm (so a non-finite loss never reaches the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+import sdpo
+from sdpo.train.cache import CachedBatch
+from sdpo.train.config import TrainConfig
+from sdpo.train.data import Batch
+from sdpo.train.distributed import Distributed
+from sdpo.train.family import DiffusionFamily, repeat_pairs
+from sdpo.train.models import Models
+from sdpo.train.nvtx_ranges import PhaseRanges
+
+
+@torch.no_grad()
+def encode_images(models: Models, pixels: Tensor, generator: torch.Generator) -> Tensor:
+    """Latents sampled from the VAE's distribution (as the reference does), or the pixels."""
+    if models.vae is None:
+        return pixels
+    distribution = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
+    latents = distribution.mean + distribution.std * torch.randn(
+        distribution.mean.shape,
+        generator=generator,
+        device=pixels.device,
+        dtype=distribution.mean.dtype,
+    )
+    return latents * models.vae.config.scaling_factor
+
+
+def condition_batch(
+    models: Models, batch: Batch | CachedBatch, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
+    """(2B latents, B hidden states, added conditioning) from pixels or from the cache.
+
+    Both paths draw the same noise for the latent sample (mean + std * noise, in the same
+    order), so a cached run reproduces an uncached one."""
+    if isinstance(batch, CachedBatch):
+        mean = batch.latent_mean.to(device, non_blocking=True)
+        std = batch.latent_std.to(device, non_blocking=True)
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        latents = (mean + std * noise) * models.vae.config.scaling_factor
+        pooled = batch.pooled.to(device) if batch.pooled is not None else None
+        hidden, added = models.text.conditioning(batch.hidden.to(device), pooled)
+        return latents, hidden, added
+    pixels = torch.cat([batch.winners, batch.losers]).to(device, non_blocking=True)
+    latents = encode_images(models, pixels, generator)
+    hidden, added = models.text(batch.captions, device)
+    return latents, hidden, added
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA with ``mixed_precision="bf16"``; CPU runs in fp32."""
+    if device.type == "cuda" and mixed_precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def family_of(models: Models) -> DiffusionFamily:
+    return DiffusionFamily(models.scheduler, models.prediction_type)
+
+
+@contextlib.contextmanager
+def reference_model(models: Models):
+    """The frozen copy, or (LoRA) the policy UNet with its adapters switched off meanwhile."""
+    if models.reference_unet is not None:
+        yield models.reference_unet
+        return
+    models.unet.disable_adapters()
+    try:
+        yield models.unet
+    finally:
+        models.unet.enable_adapters()
+
+
+def reference_prediction(
+    reference: nn.Module,
+    noisy: Tensor,
+    timestep_rows: Tensor,
+    hidden_rows: Tensor,
+    added_rows: dict[str, Tensor] | None,
+) -> Tensor:
+    """The frozen reference's prediction (call under no_grad): inputs cast to its dtype."""
+    added = (
+        {key: value.to(reference.dtype) for key, value in added_rows.items()}
+        if added_rows
+        else None
+    )
+    return DiffusionFamily.predict(
+        reference, noisy.to(reference.dtype), timestep_rows, hidden_rows.to(reference.dtype), added
+    )
+
+
+def preference_step(
+    models: Models,
+    policy: nn.Module,
+    latents: Tensor,
+    encoder_hidden_states: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None,
+    generator: torch.Generator,
+    config: TrainConfig,
+    ranges: PhaseRanges,
+    autocast: contextlib.AbstractContextManager,
+    family: DiffusionFamily | None = None,
+) -> sdpo.PreferenceLoss:
+    """The loss for 2B stacked latents (winners first) and B conditionings, one per pair."""
+    family = family or family_of(models)
+    noise, timesteps = family.sample_noise(latents, generator)
+    noisy, timestep_rows, target = family.noisy_inputs(latents, noise, timesteps)
+    hidden_rows = repeat_pairs(encoder_hidden_states)
+    added_rows = (
+        {key: repeat_pairs(value) for key, value in added_cond_kwargs.items()}
+        if added_cond_kwargs
+        else None
+    )
+    with ranges("policy forward"), autocast:
+        model_pred = family.predict(policy, noisy, timestep_rows, hidden_rows, added_rows)
+    with (
+        ranges("reference forward"),
+        torch.no_grad(),
+        autocast,
+        reference_model(models) as reference,
+    ):
+        ref_pred = reference_prediction(reference, noisy, timestep_rows, hidden_rows, added_rows)
+    with ranges("loss and safeguard"):
+        return sdpo.preference_loss(
+            model_pred,
+            ref_pred,
+            target,
+            method=config.method,
+            beta=config.beta,
+            mu=config.mu,
+            granularity=config.granularity,
+            dmpo_alpha=config.dmpo_alpha,
+            backend=config.loss_backend,
+        )
+
+
+def clip_and_check_gradients(
+    parameters: list[nn.Parameter],
+    max_grad_norm: float,
+    loss_sum: Tensor,
+    environment: Distributed | None,
+) -> tuple[Tensor, bool]:
+    """(gradient norm, whether the loss and the gradient are finite on every rank): the one
+    host sync of an optimizer step. ``environment`` None: this process alone."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of per-rank parts
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+    not_finite = (~finite).float().reshape(1)
+    if environment is not None:
+        not_finite = environment.all_reduce_sum(not_finite)
+    return grad_norm, bool(not_finite == 0)
+
+
+def apply_optimizer_step(
+    optimizer: torch.optim.Optimizer, lr_schedule: torch.optim.lr_scheduler.LRScheduler
+) -> None:
+    optimizer.step()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
