@@ -1,6 +1,6 @@
 """Prints the import graph between the project's parts, from the source (ast, nothing imported).
 
-Parts, lowest layer first: ``math`` (sdpo/reference.py, sdpo/timesteps.py: the plain-PyTorch
+Parts, lowest layer first: ``math`` (sdpo/reference.py, sdpo/settings.py, sdpo/timesteps.py: the plain-PyTorch
 statement of the objectives), ``kernels`` (the Triton kernels, which read the method codes from
 the math), ``api`` (sdpo/__init__.py, objectives.py, ops.py, cuda_backend.py: the public
 ``preference_loss`` and the op layer that dispatches to the kernels), ``train``, then ``profiling``,
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("math", "kernels", "api", "train", "profiling", "demo", "eval")
 SUBPACKAGE_PARTS = ("kernels", "train", "profiling", "demo", "eval")
-MATH_MODULES = ("sdpo.reference", "sdpo.timesteps")
+MATH_MODULES = ("sdpo.reference", "sdpo.settings", "sdpo.timesteps")
 
 
 def part_of(module: str) -> str | None:
