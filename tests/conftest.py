@@ -5,6 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdpo.train.runtime import configure_cpu_threads
+
+# One intra-op thread unless OMP_NUM_THREADS says otherwise: the tests' models are tiny, and on
+# a shared 2-core machine torch's default of one thread per core made them several times slower
+# (see sdpo/train/runtime.py).
+configure_cpu_threads(None, program="tests")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # GPU tests run where a GPU is at hand and are skipped, visibly, elsewhere.

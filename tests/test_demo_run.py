@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from sdpo.demo import base
-from sdpo.demo.run import DemoSettings, main, run_demo
+from sdpo.demo.run import DemoSettings, main, moving_average, run_demo
 from sdpo.train import toy
 
 
@@ -59,6 +62,10 @@ def test_demo_writes_every_output(tmp_path, throwaway_base):
     assert summary["runs"] == written["runs"]
     for file in ("report.md", "curves.png", "samples.png"):
         assert (output / file).stat().st_size > 0, file
+    # The checkpoints served the curves and are gone; the final weights stay.
+    for name in written["runs"]:
+        assert not list((output / name).glob("checkpoint-*")), name
+        assert (output / name / "unet.pth").is_file(), name
     report = (output / "report.md").read_text()
     assert "| diffusion-dpo |" in report and "winners' error" in report
     # The same training data order and seed for both runs: the first logged losses agree.
@@ -69,9 +76,30 @@ def test_demo_writes_every_output(tmp_path, throwaway_base):
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-6)
 
 
+def test_demo_keeps_checkpoints_when_asked(tmp_path, throwaway_base):
+    settings = tiny_settings(tmp_path / "demo", throwaway_base, keep_checkpoints=True)
+    run_demo(settings)
+    kept = sorted(path.name for path in (tmp_path / "demo" / "diffusion-dpo").glob("checkpoint-*"))
+    assert kept == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_demo_restores_the_callers_torch_settings(tmp_path, throwaway_base):
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    try:
+        run_demo(tiny_settings(tmp_path / "demo", throwaway_base, steps=2))
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def test_demo_rejects_bad_step_counts(capsys):
     assert main(["--steps", "30", "--eval-every", "25"]) == 2
     assert "--steps must be a positive multiple" in capsys.readouterr().err
+    assert main(["--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def test_missing_base_is_a_clear_error(tmp_path):
@@ -119,3 +147,51 @@ def test_demo_is_deterministic_for_a_seed(tmp_path, throwaway_base):
     first, again, other = summary("a", 3), summary("b", 3), summary("c", 4)
     assert first == again
     assert first != other
+
+
+# A shortened demo on the packaged base, in a fresh process: prints its summary without timings.
+SHORT_DEMO = """
+import json, sys
+from sdpo.demo.run import DemoSettings, run_demo
+settings = DemoSettings(output_dir=sys.argv[1], steps=2, eval_every=1, batch_pairs=8,
+                        train_pairs=16, eval_pairs=32, sample_captions=1, progress=False)
+runs = run_demo(settings)["runs"]
+for run in runs.values():
+    run.pop("seconds")
+print(json.dumps(runs, sort_keys=True))
+"""
+
+
+def test_demo_summary_does_not_depend_on_the_thread_environment(tmp_path):
+    # Unpinned, two threads moved this summary in the 7th significant digit (margin -0.0684086
+    # vs -0.0684118): torch splits its reductions by thread. The demo pins one thread whatever
+    # OMP_NUM_THREADS says, so both processes must print the same bits.
+    summaries, logs = [], []
+    for threads in ("1", "2"):
+        environment = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        result = subprocess.run(
+            [sys.executable, "-c", SHORT_DEMO, str(tmp_path / f"threads-{threads}")],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=True,
+        )
+        summaries.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        logs.append(result.stderr)
+    assert summaries[0] == summaries[1]
+    for log in logs:
+        assert "sdpo-demo: CPU threads: 1 (requested)" in log, log
+
+
+def test_moving_average_is_the_trailing_mean():
+    values = [1.0, 0.0, 0.5, 0.25, 1.0, 0.0, 0.75]
+    for window in (1, 3, 25):
+        expected = [
+            sum(values[max(0, i - window + 1) : i + 1])
+            / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))
+        ]
+        assert moving_average(values, window) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="window"):
+        moving_average(values, 0)

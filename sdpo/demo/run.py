@@ -10,9 +10,14 @@ before and after. Writes summary.json, report.md and PNG plots to --output-dir.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import random
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,11 @@ from sdpo.train import checkpoint as checkpoints
 from sdpo.train import toy
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models
+from sdpo.train.runtime import configure_cpu_threads
+
+# The demo's numbers are defined at one CPU thread: with two, torch splits reductions
+# differently and the summary moves in the 4th digit (and the README's table no longer matches).
+DEMO_THREADS = 1
 
 RUNS = (("diffusion-dpo", None), ("diffusion-dpo+sdpo", "mu"))
 
@@ -46,6 +56,8 @@ class DemoSettings:
     base_dir: str | None = None
     retrain_base: bool = False
     progress: bool = True
+    threads: int = DEMO_THREADS
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -93,7 +105,48 @@ def _reward_of_samples(
     return float(toy.reward(images, captions).mean()), images
 
 
+@contextlib.contextmanager
+def reproducible(seed: int, threads: int) -> Iterator[None]:
+    """Pins what the demo's numbers depend on, and restores it afterwards (tests run in-process).
+
+    The thread count (fixed, whatever OMP_NUM_THREADS says), deterministic algorithms (torch
+    raises on an op that has none, rather than varying silently), and every global RNG seeded
+    from the demo seed: the trainer and the demo draw from their own seeded generators, the
+    global ones only back anything that does not.
+    """
+    saved_threads = torch.get_num_threads()
+    saved_deterministic = torch.are_deterministic_algorithms_enabled()
+    saved_torch_rng = torch.random.get_rng_state()
+    saved_python_rng = random.getstate()
+    configure_cpu_threads(threads, program="sdpo-demo")
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_deterministic)
+        torch.random.set_rng_state(saved_torch_rng)
+        random.setstate(saved_python_rng)
+
+
 def run_demo(settings: DemoSettings) -> dict:
+    """Both runs, the measurements and the outputs (see the module docstring)."""
+    with reproducible(settings.seed, settings.threads):
+        return _run_demo(settings)
+
+
+def _remove_checkpoints(run_dir: Path, steps: list[int]) -> None:
+    # 12 checkpoints of weights + Adam state per run, ~80 MB in all at the defaults: they only
+    # serve the curves, which are measured by now.
+    for step in steps:
+        folder = checkpoints.checkpoint_path(run_dir, step)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def _run_demo(settings: DemoSettings) -> dict:
     from sdpo.train.trainer import train
 
     output = Path(settings.output_dir)
@@ -160,6 +213,8 @@ def run_demo(settings: DemoSettings) -> dict:
                     ).mean()
                 )
             )
+        if not settings.keep_checkpoints:
+            _remove_checkpoints(run_dir, steps[1:])
         final = _load_weights(models, torch.load(run_dir / "unet.pth"))
         reward_after, images_after = _reward_of_samples(models, final, captions, settings.seed)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -244,16 +299,30 @@ def _margin_sentence(dpo_margin: float, safe_margin: float) -> str:
     return f"The held-out margin grew only in {grew[0]}."
 
 
-def _grid(images: Tensor, columns: int = 8) -> Tensor:
-    rows = (images.shape[0] + columns - 1) // columns
-    padded = torch.ones((rows * columns, *images.shape[1:]))
-    padded[: images.shape[0]] = (images.clamp(-1, 1) + 1) / 2
-    size = images.shape[-1]
-    return (
-        padded.view(rows, columns, 3, size, size)
-        .permute(0, 3, 1, 4, 2)
-        .reshape(rows * size, columns * size, 3)
-    )
+LAMBDA_WINDOW = 25  # steps; lambda is one noisy batch statistic per step
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    if window < 1:
+        raise ValueError(f"window: expected >= 1, got {window}")
+    averages, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        averages.append(total / min(index + 1, window))
+    return averages
+
+
+def _image(tensor: Tensor):
+    return ((tensor.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def _short_caption(caption: str) -> str:
+    # "a red circle on a white background" -> "red circle\non white": fits under a 16 px image.
+    spec = toy.ToySpec.from_caption(caption)
+    return f"{spec.color} {spec.shape}\non {spec.background}"
 
 
 def write_plots(output: Path, curves: dict, images_before: Tensor, captions: list[str]) -> None:
@@ -268,10 +337,28 @@ def write_plots(output: Path, curves: dict, images_before: Tensor, captions: lis
         axes[0].plot(curve["steps"], curve["winner"], style, label=f"{name}: winners")
         axes[0].plot(curve["steps"], curve["loser"], style, alpha=0.6, label=f"{name}: losers")
         axes[1].plot(curve["steps"], curve["margin"], style, label=name)
-        axes[2].plot(range(1, len(curve["lambda"]) + 1), curve["lambda"], style, label=name)
-    axes[0].set(title="held-out denoising MSE", xlabel="step")
-    axes[1].set(title="held-out margin u", xlabel="step")
-    axes[2].set(title="lambda (loser gradient scale)", xlabel="step", ylim=(0, 1.05))
+        steps = range(1, len(curve["lambda"]) + 1)
+        (raw,) = axes[2].plot(
+            steps, curve["lambda"], style, linewidth=0.6, alpha=0.3, label=f"{name}: per step"
+        )
+        axes[2].plot(
+            steps,
+            moving_average(curve["lambda"], LAMBDA_WINDOW),
+            style,
+            color=raw.get_color(),
+            linewidth=2,
+            label=f"{name}: {LAMBDA_WINDOW}-step moving average",
+        )
+    axes[0].set(
+        title="held-out denoising error", xlabel="step", ylabel="MSE of the noise prediction"
+    )
+    axes[1].set(title="held-out margin", xlabel="step", ylabel="u, mean over held-out pairs")
+    axes[2].set(
+        title="lambda (loser gradient scale)",
+        xlabel="step",
+        ylabel="lambda of the step's batch",
+        ylim=(0, 1.05),
+    )
     for axis in axes:
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -281,12 +368,21 @@ def write_plots(output: Path, curves: dict, images_before: Tensor, captions: lis
     panels = [("base model", images_before)] + [
         (name, curve["images"]) for name, curve in curves.items()
     ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 2.4))
-    for axis, (title, images) in zip(axes, panels, strict=True):
-        axis.imshow(_grid(images[:16]).numpy(), interpolation="nearest")
-        axis.set_title(title)
-        axis.axis("off")
-    figure.suptitle("samples for the 16 toy captions (same seeds)")
+    shown = min(16, len(captions))
+    figure, axes = plt.subplots(
+        len(panels), shown, figsize=(1.1 * shown, 1.45 * len(panels) + 0.4), squeeze=False
+    )
+    for row, (title, images) in enumerate(panels):
+        for column in range(shown):
+            axis = axes[row][column]
+            axis.imshow(_image(images[column]), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column == 0:
+                axis.set_ylabel(title, fontsize=8)
+            if row == len(panels) - 1:
+                axis.set_xlabel(_short_caption(captions[column]), fontsize=7)
+    figure.suptitle("samples for the 16 toy captions (same seeds; caption under each column)")
     figure.tight_layout()
     figure.savefig(output / "samples.png", dpi=100)
     plt.close(figure)
@@ -309,6 +405,18 @@ def main(argv: list[str] | None = None) -> int:
         "--retrain-base", action="store_true", help="train the base model from scratch first"
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help=f"CPU threads (default {defaults.threads}, whatever OMP_NUM_THREADS says: the "
+        "demo's numbers are defined at 1 thread; another count moves them in the 4th digit)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the trainer's checkpoints (~80 MB at the defaults; deleted once measured)",
+    )
     arguments = parser.parse_args(argv)
     settings = DemoSettings(**{key: value for key, value in vars(arguments).items()})
     if settings.steps < settings.eval_every or settings.steps % settings.eval_every:
@@ -316,6 +424,13 @@ def main(argv: list[str] | None = None) -> int:
             "sdpo-demo: error: --steps must be a positive multiple of --eval-every", file=sys.stderr
         )
         return 2
+    if settings.threads < 1:
+        print(f"sdpo-demo: error: --threads must be >= 1, got {settings.threads}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_initialized():
+        # The demo is a CPU demo: on a machine with a GPU the trainer would pick CUDA, whose
+        # kernels round differently, and the numbers would no longer match the README's.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     summary = run_demo(settings)
     print((Path(settings.output_dir) / "report.md").read_text())
     print(json.dumps(summary["runs"], indent=2))
