@@ -487,9 +487,7 @@ def check_knobs(config: TrainConfig) -> None:
             "adamw"
         )
     if config.validation_every and config.validation_prompts is None:
-        raise UsageError(
-            "validation_every: needs --validation-prompts FILE (the prompts to draw)"
-        )
+        raise UsageError("validation_every: needs --validation-prompts FILE (the prompts to draw)")
 
 
 def check_machine(config: TrainConfig) -> None:

@@ -459,7 +459,10 @@ class PairBatches:
         draws = torch.rand((self.batch_pairs, 3), generator=generator)
         # Crop positions from their own stream, so --random-crop leaves flips and dropout alone.
         crop_draws = (
-            torch.rand((self.batch_pairs, 4), generator=generator_for(self.seed, 5, *position))
+            torch.rand(
+                (self.batch_pairs, 4),
+                generator=generator_for(self.seed, 5, epoch, self.rank, batch_index),
+            )
             if self.random_crop
             else None
         )

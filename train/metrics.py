@@ -68,9 +68,7 @@ class RunningStats:
 class MetricsWriter:
     """metrics.jsonl (one row per logged optimizer step) and TensorBoard events, rank 0 only."""
 
-    def __init__(
-        self, output_dir: Path, resume_step: int, tracker: Tracker | None = None
-    ) -> None:
+    def __init__(self, output_dir: Path, resume_step: int, tracker: Tracker | None = None) -> None:
         self.path = output_dir / "metrics.jsonl"
         if self.path.exists():
             # Keep the rows up to the resumed step, so the file reads as one uninterrupted run.

@@ -49,11 +49,15 @@ def banner_lines(
     resumed_from,
     epochs_note: str,
 ) -> list[str]:
-    dtype = "bf16 autocast" if device.type == "cuda" and config.mixed_precision == "bf16" else "fp32"
+    dtype = (
+        "bf16 autocast" if device.type == "cuda" and config.mixed_precision == "bf16" else "fp32"
+    )
     compiled = (
         "torch.compile + CUDA graphs"
         if config.cuda_graphs
-        else "torch.compile" if config.compile else "nothing (eager)"
+        else "torch.compile"
+        if config.compile
+        else "nothing (eager)"
     )
     pairs_per_step = config.train_batch_pairs * config.gradient_accumulation * world_size
     mu = "off" if config.mu is None else f"{config.mu:g}"
@@ -73,7 +77,11 @@ def banner_lines(
         + ("; FSDP2" if config.fsdp and world_size > 1 else ""),
         f"outputs: {config.output_dir} (metrics.jsonl, checkpoints, unet/; tracker "
         f"{config.report_to}"
-        + (f"; validation/ every {config.validation_every} steps" if config.validation_prompts else "")
+        + (
+            f"; validation/ every {config.validation_every} steps"
+            if config.validation_prompts
+            else ""
+        )
         + ")",
         f"resumed: from {resumed_from}" if resumed_from is not None else "resumed: no (fresh run)",
     ]

@@ -43,8 +43,6 @@ from sdpo.train.runlog import (
     steps_for_epochs,
     summary_lines,
 )
-from sdpo.train.trackers import open_tracker
-from sdpo.train.validation import Validator
 from sdpo.train.step import (
     apply_optimizer_step,
     autocast,
@@ -53,6 +51,8 @@ from sdpo.train.step import (
     family_of,
     preference_step,
 )
+from sdpo.train.trackers import open_tracker
+from sdpo.train.validation import Validator
 
 
 class NonFiniteLoss(RuntimeError):
