@@ -245,9 +245,7 @@ def test_random_crop_moves_the_window_and_centre_crop_does_not(tmp_path):
         json.dumps({"caption": "wide", "winner": "wide.png", "loser": "wide.png"}) for _ in range(8)
     ]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    records = load_records(
-        str(tmp_path / "pairs.jsonl"), resolution=16, synthetic_pairs=0, seed=0
-    )
+    records = load_records(str(tmp_path / "pairs.jsonl"), resolution=16, synthetic_pairs=0, seed=0)
     assert left_edge(preprocess(records[0].winner, 16, flip=False)) == 16  # (48 - 16) / 2
     common = dict(batch_pairs=4, resolution=16, caption_dropout=0.0, seed=0, hflip=False)
     centre = PairBatches(records, **common).batch(0, 0)
