@@ -385,8 +385,9 @@ class Trainer:
     def _summary(self, first_step: int, seconds: float, rows: list[dict]) -> None:
         config = self.config
         outputs = [f"{self.output_dir / 'metrics.jsonl'}", f"{self.output_dir / 'unet'}"]
-        if self.last_checkpoint is not None:
-            outputs.append(f"last checkpoint {self.last_checkpoint}")
+        final_checkpoint = self.output_dir / f"checkpoint-{self.step}"
+        if final_checkpoint.is_dir():
+            outputs.append(f"checkpoint {final_checkpoint}")
         if config.report_to != "none":
             outputs.append(f"tracker {config.report_to}")
         if self.validator is not None:

@@ -429,6 +429,7 @@ def test_banner_progress_lines_and_summary_without_carriage_returns(tmp_path, ca
     assert [line.split(":")[0] for line in progress] == ["step 2/4", "step 4/4"]
     assert "done: 4 optimizer steps this run (4 in all)" in text
     assert "final (step 4): loss" in text and str(Path(config.output_dir) / "unet") in text
+    assert f"checkpoint {Path(config.output_dir) / 'checkpoint-4'}" in text
 
     class Terminal(io.StringIO):
         def isatty(self):
