@@ -372,6 +372,27 @@ def test_validation_grids_come_from_the_policy_and_leave_training_alone(tmp_path
     assert [image.step for image in events.Images("validation")] == [2, 4]
 
 
+def test_validation_draws_sdxl_models_with_the_sdxl_pipeline(tmp_path):
+    from test_trainer import save_tiny_sdxl  # pytest puts this folder on sys.path
+
+    from sdpo.train.models import build_models
+    from sdpo.train.validation import Validator
+
+    save_tiny_sdxl(tmp_path / "sdxl")
+    prompts = write_prompts(tmp_path)
+    argv = ["--preset", "sdxl-dspo", "--pretrained", str(tmp_path / "sdxl"), "--data", str(prompts)]
+    argv += ["--output-dir", str(tmp_path / "run"), "--resolution", "16", "--mixed-precision", "no"]
+    argv += ["--validation-prompts", str(prompts), "--validation-steps", "2"]
+    config = config_from_args(argv)
+    models = build_models(config, torch.device("cpu"))
+    validator = Validator(config, models, torch.device("cpu"), tmp_path / "run")
+    assert type(validator.pipeline).__name__ == "StableDiffusionXLPipeline"
+    assert validator.pipeline.unet is models.unet  # the policy itself, not a copy
+    first, second = validator.images(), validator.images()
+    assert [image.shape for image in first] == [(16, 16, 3)] * 2
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))  # fixed seed
+
+
 def test_validation_prompts_file_errors_and_suite_json(tmp_path):
     argv = ["--preset", "tiny", "--output-dir", str(tmp_path / "run")]
     with pytest.raises(UsageError, match="--validation-prompts: no such file"):
