@@ -159,9 +159,11 @@ class CachedPairBatches:
         rank: int = 0,
         world_size: int = 1,
         resolution: int,
+        hflip: bool = True,
     ) -> None:
         from sdpo.train.data import PairBatches, PairRecord
 
+        self.hflip = hflip
         self.root = Path(path).expanduser()
         self.index = json.loads((self.root / INDEX_FILE).read_text())
         if self.index["resolution"] != resolution:
@@ -207,7 +209,9 @@ class CachedPairBatches:
         for row, index in enumerate(self.plan.indices(epoch, batch_index)):
             shard_name, shard_row = self.locations[index]
             shard = self._shard(shard_name)
-            flip_winner, flip_loser = int(draws[row, 0] < 0.5), int(draws[row, 1] < 0.5)
+            # The cache holds both views; --no-hflip reads only the unflipped one.
+            flip_winner = int(self.hflip and draws[row, 0] < 0.5)
+            flip_loser = int(self.hflip and draws[row, 1] < 0.5)
             parts["wm"].append(shard["winner_mean"][shard_row, flip_winner])
             parts["ws"].append(shard["winner_std"][shard_row, flip_winner])
             parts["lm"].append(shard["loser_mean"][shard_row, flip_loser])

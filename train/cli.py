@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 2
+    from sdpo.train.runlog import configure_logging
     from sdpo.train.trainer import NonFiniteLoss, summary_json, train
+
+    configure_logging(os.environ.get("RANK", "0") == "0")  # torchrun sets RANK
 
     try:
         summary = train(config)

@@ -94,6 +94,20 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # "stop" or "skip"
     num_workers: int = 0
     progress: bool = True
+    # Trainer knobs of issue 16 (see FIELDS): schedule, epochs, augmentation, trackers,
+    # validation images.
+    lr_scheduler: str = "constant_with_warmup"
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    num_epochs: int | None = None
+    hflip: bool = True
+    random_crop: bool = False
+    report_to: str = "tensorboard"
+    validation_prompts: str | None = None
+    validation_every: int = 0
+    validation_seed: int = 0
+    validation_steps: int = 20
+    validation_guidance: float = 7.5
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
@@ -116,6 +130,7 @@ class TrainConfig:
                 "manifest); synthetic pairs are only for the tiny model and --pretrained random"
             )
         check_output_dir(self.output_dir)
+        check_knobs(self)
         check_machine(self)
 
 
@@ -203,6 +218,23 @@ def parse_profile_steps(text: str) -> tuple[int, int]:
     return start, stop
 
 
+LR_SCHEDULERS = (
+    "constant_with_warmup",
+    "constant",
+    "cosine",
+    "linear",
+    "cosine_with_restarts",
+    "polynomial",
+)
+
+
+def check_prompts_file(text: str) -> None:
+    """The validation prompts file exists and holds at least one prompt."""
+    from sdpo.train.validation import read_prompts
+
+    read_prompts(text)
+
+
 def _granularity(text: str) -> None:
     try:
         parse_granularity(text)
@@ -279,7 +311,8 @@ FIELDS: dict[str, FieldSpec] = {
                           _OPTIM),
     "warmup_steps": FieldSpec(int, "linear warmup steps, then a constant learning rate", _OPTIM,
                               low=0),
-    "optimizer": FieldSpec(str, "optimizer", _OPTIM, choices=("adamw", "adafactor")),
+    "optimizer": FieldSpec(str, "optimizer; adamw8bit needs bitsandbytes", _OPTIM,
+                           choices=("adamw", "adafactor", "adamw8bit")),
     "adam_beta1": FieldSpec(float, "AdamW beta1 in [0, 1)", _OPTIM, low=0, high=1,
                             high_open=True),
     "adam_beta2": FieldSpec(float, "AdamW beta2 in [0, 1)", _OPTIM, low=0, high=1,
@@ -304,6 +337,30 @@ FIELDS: dict[str, FieldSpec] = {
     "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one",
                              _SPEED, low=0),
     "progress": FieldSpec(bool, "show a progress bar", _SPEED),
+    # --- Trainer knobs (issue 16): LR schedule, epochs, augmentation, trackers, validation.
+    "lr_scheduler": FieldSpec(str, "LR schedule after --warmup-steps (diffusers' get_scheduler)",
+                              _OPTIM, choices=LR_SCHEDULERS),
+    "lr_num_cycles": FieldSpec(int, "hard restarts of cosine_with_restarts", _OPTIM, low=1),
+    "lr_power": FieldSpec(float, "power of the polynomial schedule", _OPTIM, low=0,
+                          low_open=True),
+    "num_epochs": FieldSpec(int, "passes over the data; sets max_steps from the data size "
+                            "(give this or --max-steps, not both)", _RUN, True, low=1),
+    "hflip": FieldSpec(bool, "flip winner and loser horizontally, each at random", _DATA),
+    "random_crop": FieldSpec(bool, "random instead of centre crop (not with a sdpo-cache)",
+                             _DATA),
+    "report_to": FieldSpec(str, "metric tracker besides metrics.jsonl; wandb needs wandb",
+                           _SPEED, choices=("tensorboard", "wandb", "none")),
+    "validation_prompts": FieldSpec(str, "prompts file (one per line, or sdpo-eval suite JSON) "
+                                    "for validation images", _RUN, True,
+                                    check=check_prompts_file),
+    "validation_every": FieldSpec(int, "optimizer steps between validation images; 0: only "
+                                  "at the end (with --validation-prompts)", _RUN, low=0),
+    "validation_seed": FieldSpec(int, "seed of the validation images' noise", _RUN, low=0,
+                                 high=2**63 - 1),
+    "validation_steps": FieldSpec(int, "sampler steps per validation image", _RUN, low=1,
+                                  high=1000),
+    "validation_guidance": FieldSpec(float, "classifier-free guidance of validation images",
+                                     _RUN, low=0),
 }  # fmt: skip
 FIELD_NAMES = list(FIELDS)
 
@@ -407,6 +464,30 @@ def check_output_dir(text: str) -> None:
         raise UsageError(f"output_dir: cannot create {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UsageError(f"output_dir: cannot create {path}: {ancestor} is not writable")
+
+
+def check_knobs(config: TrainConfig) -> None:
+    """The issue-16 settings against each other: epochs vs steps, random crops vs a cache,
+    validation images vs a model with no VAE, the optional packages."""
+    if config.random_crop and config.data is not None:
+        from sdpo.train.cache import is_cache
+
+        if is_cache(config.data):
+            raise UsageError(
+                "random_crop: a sdpo-cache stores centre crops and cannot reproduce random ones; "
+                "drop --random-crop or train from the images (--data the parquet/JSONL source)"
+            )
+    if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UsageError(
+            "report_to: wandb is not installed (pip install wandb); use --report-to tensorboard"
+        )
+    if config.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(
+            "optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes); use --optimizer "
+            "adamw"
+        )
+    if config.validation_every and config.validation_prompts is None:
+        raise UsageError("validation_every: needs --validation-prompts FILE (the prompts to draw)")
 
 
 def check_machine(config: TrainConfig) -> None:
@@ -750,6 +831,13 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
             )
         given["resume"] = True
     yaml_values = _from_yaml(arguments.config) if arguments.config else {}
+    # --num-epochs wins over a preset's max_steps; both given by the user is ambiguous.
+    chosen = {**yaml_values, **given}
+    if chosen.get("num_epochs") is not None and chosen.get("max_steps") is not None:
+        raise UsageError(
+            "num_epochs: give --num-epochs or --max-steps (--max_train_steps), not both; epochs "
+            "set max_steps from the data size"
+        )
     config = TrainConfig()
     if "preset" in given:
         preset = check_value("preset", given["preset"], "--preset")

@@ -76,9 +76,12 @@ def _open_image(source: object):
         raise UnreadableImage(f"{type(error).__name__}: {error}") from error
 
 
-def preprocess(source: object, resolution: int, flip: bool) -> Tensor:
+def preprocess(
+    source: object, resolution: int, flip: bool, crop: tuple[float, float] | None = None
+) -> Tensor:
     """The reference preprocessing: resize the shorter side, centre crop, optional horizontal
-    flip, to a (3, resolution, resolution) tensor in [-1, 1]."""
+    flip, to a (3, resolution, resolution) tensor in [-1, 1]. ``crop`` = (x, y) in [0, 1): a
+    random crop instead, its left/top edge that fraction of the way across the spare pixels."""
     if isinstance(source, Tensor):
         image = source.float()
         if image.shape[-1] != resolution or image.shape[-2] != resolution:
@@ -95,8 +98,11 @@ def preprocess(source: object, resolution: int, flip: bool) -> Tensor:
             (max(resolution, round(width * scale)), max(resolution, round(height * scale))),
             Image.BILINEAR,
         )
-        left = (resized.width - resolution) // 2
-        top = (resized.height - resolution) // 2
+        spare_x, spare_y = resized.width - resolution, resized.height - resolution
+        if crop is None:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left, top = int(crop[0] * (spare_x + 1)), int(crop[1] * (spare_y + 1))
         cropped = resized.crop((left, top, left + resolution, top + resolution))
         pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
         image = pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
@@ -402,8 +408,12 @@ class PairBatches:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        hflip: bool = True,
+        random_crop: bool = False,
     ) -> None:
         self.records = records
+        self.hflip = hflip
+        self.random_crop = random_crop
         self.batch_pairs = batch_pairs
         self.resolution = resolution
         self.caption_dropout = caption_dropout
@@ -426,14 +436,19 @@ class PairBatches:
         return share[start : start + self.batch_pairs].tolist()
 
     def load_pair(
-        self, index: int, flip_winner: bool, flip_loser: bool
+        self,
+        index: int,
+        flip_winner: bool,
+        flip_loser: bool,
+        crops: tuple[tuple[float, float], tuple[float, float]] | None = None,
     ) -> tuple[Tensor, Tensor, str, int]:
         """The pair at ``index`` or, if one of its images is unreadable, the next readable pair."""
+        winner_crop, loser_crop = crops if crops is not None else (None, None)
         for offset in range(len(self.records)):
             record = self.records[(index + offset) % len(self.records)]
             try:
-                winner = preprocess(record.winner, self.resolution, flip_winner)
-                loser = preprocess(record.loser, self.resolution, flip_loser)
+                winner = preprocess(record.winner, self.resolution, flip_winner, winner_crop)
+                loser = preprocess(record.loser, self.resolution, flip_loser, loser_crop)
             except UnreadableImage:
                 continue
             return winner, loser, record.caption, offset
@@ -442,11 +457,26 @@ class PairBatches:
     def batch(self, epoch: int, batch_index: int) -> Batch:
         generator = generator_for(self.seed, 2, epoch, self.rank, batch_index)
         draws = torch.rand((self.batch_pairs, 3), generator=generator)
+        # Crop positions from their own stream, so --random-crop leaves flips and dropout alone.
+        crop_draws = (
+            torch.rand(
+                (self.batch_pairs, 4),
+                generator=generator_for(self.seed, 5, epoch, self.rank, batch_index),
+            )
+            if self.random_crop
+            else None
+        )
         winners, losers, captions, skipped = [], [], [], 0
         for row, index in enumerate(self.indices(epoch, batch_index)):
-            # Independent flips for winner and loser; one caption (and its dropout) per pair.
+            # Independent flips for winner and loser (unless --no-hflip); one caption (and its
+            # dropout) per pair.
+            flips = (self.hflip and draws[row, 0] < 0.5, self.hflip and draws[row, 1] < 0.5)
+            crops = None
+            if crop_draws is not None:
+                x0, y0, x1, y1 = crop_draws[row].tolist()
+                crops = ((x0, y0), (x1, y1))
             winner, loser, caption, offset = self.load_pair(
-                index, bool(draws[row, 0] < 0.5), bool(draws[row, 1] < 0.5)
+                index, bool(flips[0]), bool(flips[1]), crops
             )
             skipped += offset
             winners.append(winner)

@@ -1,4 +1,4 @@
-"""Running statistics between log steps, metrics.jsonl and TensorBoard.
+"""Running statistics between log steps, metrics.jsonl and the tracker (``trackers.py``).
 
 The statistics stay on the device (one vector per micro-batch added in place) and are read once
 per ``--log-every`` optimizer steps, after one all-reduce across ranks.
@@ -16,6 +16,7 @@ from torch import Tensor
 import sdpo
 from sdpo import reference
 from sdpo.train.distributed import Distributed
+from sdpo.train.trackers import Tracker, open_tracker
 
 # One row of metrics.jsonl per optimizer step: the loss, the mean lambda and the loss statistics.
 METRIC_KEYS = ("loss", "lambda", *reference.STAT_NAMES)
@@ -67,7 +68,7 @@ class RunningStats:
 class MetricsWriter:
     """metrics.jsonl (one row per logged optimizer step) and TensorBoard events, rank 0 only."""
 
-    def __init__(self, output_dir: Path, resume_step: int) -> None:
+    def __init__(self, output_dir: Path, resume_step: int, tracker: Tracker | None = None) -> None:
         self.path = output_dir / "metrics.jsonl"
         if self.path.exists():
             # Keep the rows up to the resumed step, so the file reads as one uninterrupted run.
@@ -77,22 +78,18 @@ class MetricsWriter:
                 if line and json.loads(line)["step"] <= resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.board = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            pass
+        # TensorBoard, wandb or nothing (--report-to): see trackers.py.
+        self.tracker = open_tracker("tensorboard", output_dir) if tracker is None else tracker
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.board is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, row["step"])
+        scalars = {
+            key: value
+            for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float))
+        }
+        self.tracker.log_scalars(scalars, row["step"])
 
     def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
+        self.tracker.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +35,14 @@ from sdpo.train.metrics import MetricsWriter, RunningStats
 from sdpo.train.models import build_models, compile_model
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
+from sdpo.train.runlog import (
+    banner_lines,
+    logger,
+    progress_bar_wanted,
+    progress_line,
+    steps_for_epochs,
+    summary_lines,
+)
 from sdpo.train.step import (
     apply_optimizer_step,
     autocast,
@@ -42,6 +51,8 @@ from sdpo.train.step import (
     family_of,
     preference_step,
 )
+from sdpo.train.trackers import open_tracker
+from sdpo.train.validation import Validator
 
 
 class NonFiniteLoss(RuntimeError):
@@ -59,6 +70,7 @@ def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches |
             rank=environment.rank,
             world_size=environment.world_size,
             resolution=config.resolution,
+            hflip=config.hflip,
         )
     records = load_records(
         config.data,
@@ -74,6 +86,8 @@ def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches |
         seed=config.seed,
         rank=environment.rank,
         world_size=environment.world_size,
+        hflip=config.hflip,
+        random_crop=config.random_crop,
     )
 
 
@@ -88,6 +102,17 @@ class Trainer:
         if config.cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
         self.batches = make_batches(config, environment)
+        self.epochs_note = ""
+        if config.num_epochs is not None:
+            # --num-epochs wins over max_steps (a preset's): the steps follow from this rank's
+            # share of the data, so every process stops at the same step.
+            config.max_steps = steps_for_epochs(
+                config.num_epochs, self.batches.batches_per_epoch, config.gradient_accumulation
+            )
+            self.epochs_note = (
+                f" ({config.num_epochs} epochs of {self.batches.batches_per_epoch} micro-batches "
+                "per process)"
+            )
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -105,9 +130,24 @@ class Trainer:
         self.parameters = [p for p in self.models.unet.parameters() if p.requires_grad]
         learning_rate = scaled_learning_rate(config, environment.world_size)
         self.optimizer = make_optimizer(config, self.parameters, learning_rate, device)
-        self.lr_schedule = make_lr_schedule(self.optimizer, config.warmup_steps)
+        self.lr_schedule = make_lr_schedule(
+            self.optimizer,
+            config.warmup_steps,
+            config.lr_scheduler,
+            config.max_steps,
+            config.lr_num_cycles,
+            config.lr_power,
+        )
         self.step, self.position, self.skipped_images = 0, (0, 0), 0
         self.last_checkpoint: Path | None = None
+        self.resumed_from = resume.path if resume is not None else None
+        # Built on every rank (so a model it cannot draw fails everywhere, before step 1).
+        self.validator = (
+            Validator(config, self.models, device, self.output_dir)
+            if config.validation_prompts
+            else None
+        )
+        self.validated_step = -1
         if resume is not None:
             if self.sharded:
                 load_full_optimizer_state(self.models.unet, self.optimizer, resume.optimizer)
@@ -225,7 +265,14 @@ class Trainer:
     def fit(self) -> dict:
         """Runs the optimizer steps up to ``max_steps``, then the final checkpoint and export."""
         config = self.config
-        writer = MetricsWriter(self.output_dir, self.step) if self.environment.is_main else None
+        writer = None
+        if self.environment.is_main:
+            tracker = open_tracker(
+                config.report_to, self.output_dir, json.loads(config_to_json(config))
+            )
+            writer = MetricsWriter(self.output_dir, self.step, tracker)
+        self._banner()
+        first_step, started = self.step, time.perf_counter()
         progress = self._progress_bar()
         stream = batch_stream(
             self.batches, self.position, config.num_workers, self.device.type == "cuda"
@@ -255,11 +302,17 @@ class Trainer:
                 every = config.checkpoint_every
                 if every and self.step % every == 0 and self.step < config.max_steps:
                     self.last_checkpoint = self.save()
+                every = config.validation_every
+                if every and self.step % every == 0:
+                    self._validate(writer)
+            if self.validator is not None and self.validated_step != self.step:
+                self._validate(writer)  # the trained policy's grid, always
             self._finish()
         finally:
             progress.close()
             if writer is not None:
                 writer.close()
+        self._summary(first_step, time.perf_counter() - started, rows)
         return {
             "steps": self.step,
             "rows": rows,
@@ -270,10 +323,12 @@ class Trainer:
     def _progress_bar(self):
         from tqdm.auto import tqdm
 
+        # Off a terminal tqdm's carriage returns pile up into one line; _log writes lines there.
+        self.bar_shown = progress_bar_wanted(self.config.progress, self.environment.is_main)
         return tqdm(
             total=self.config.max_steps,
             initial=self.step,
-            disable=not (self.config.progress and self.environment.is_main),
+            disable=not self.bar_shown,
             desc="sdpo-train",
             unit="step",
         )
@@ -296,8 +351,59 @@ class Trainer:
             lam=f"{row['lambda']:.3f}",
             pairs_s=f"{row['pairs_per_s']:.1f}",
         )
+        if not self.bar_shown:
+            logger.info(progress_line(row, self.config.max_steps))
         stats.reset()
         return row
+
+    def _validate(self, writer: MetricsWriter | None) -> None:
+        """The validation grid from the policy: drawn by rank 0 while the others wait, or by every
+        rank when the UNet is sharded (its forward gathers weights: a collective)."""
+        self.validated_step = self.step
+        if self.validator is None:
+            return
+        if self.sharded or self.environment.is_main:
+            tracker = writer.tracker if writer is not None else None
+            self.validator.run(self.step, tracker, write=self.environment.is_main)
+        self.environment.barrier()
+
+    def _banner(self) -> None:
+        for line in banner_lines(
+            self.config,
+            data_pairs=self._data_pairs(),
+            world_size=self.environment.world_size,
+            device=self.device,
+            resumed_from=self.resumed_from,
+            epochs_note=self.epochs_note,
+        ):
+            logger.info(line)
+
+    def _data_pairs(self) -> int:
+        batches = self.batches
+        return len(batches.locations if isinstance(batches, CachedPairBatches) else batches.records)
+
+    def _summary(self, first_step: int, seconds: float, rows: list[dict]) -> None:
+        config = self.config
+        outputs = [f"{self.output_dir / 'metrics.jsonl'}", f"{self.output_dir / 'unet'}"]
+        final_checkpoint = self.output_dir / f"checkpoint-{self.step}"
+        if final_checkpoint.is_dir():
+            outputs.append(f"checkpoint {final_checkpoint}")
+        if config.report_to != "none":
+            outputs.append(f"tracker {config.report_to}")
+        if self.validator is not None:
+            outputs.append(f"{self.validator.folder}")
+        pairs_per_step = (
+            config.train_batch_pairs * config.gradient_accumulation * self.environment.world_size
+        )
+        for line in summary_lines(
+            steps_run=self.step - first_step,
+            total_steps=self.step,
+            seconds=seconds,
+            pairs_per_step=pairs_per_step,
+            last_row=rows[-1] if rows else None,
+            outputs=outputs,
+        ):
+            logger.info(line)
 
     def _finish(self) -> None:
         """The last checkpoint, then (rank 0) the exported UNet; all ranks wait for it."""
@@ -315,8 +421,7 @@ class Trainer:
         message = f"step {self.step + 1}: the loss or gradient is not finite; last good checkpoint: {last}"
         if self.config.on_nonfinite == "stop":
             raise NonFiniteLoss(message)
-        if self.environment.is_main:
-            progress.write(message + " (skipped)")
+        logger.warning(message + " (skipped)")
         stats.reset()
 
 

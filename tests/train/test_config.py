@@ -60,6 +60,19 @@ KINDS: dict[str, str] = {
     "on_nonfinite": "choice",
     "num_workers": "int",
     "progress": "bool",
+    # Trainer knobs (issue 16).
+    "lr_scheduler": "choice",
+    "lr_num_cycles": "int",
+    "lr_power": "float",
+    "num_epochs": "int",
+    "hflip": "bool",
+    "random_crop": "bool",
+    "report_to": "choice",
+    "validation_prompts": "str",
+    "validation_every": "int",
+    "validation_seed": "int",
+    "validation_steps": "int",
+    "validation_guidance": "float",
 }
 OUT_OF_RANGE: dict[str, list[str]] = {
     "preset": ["sd99"],
@@ -93,6 +106,16 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "log_every": ["0"],
     "on_nonfinite": ["ignore"],
     "num_workers": ["-1"],
+    "lr_scheduler": ["cosine_warmup"],
+    "lr_num_cycles": ["0"],
+    "lr_power": ["0", "-1"],
+    "num_epochs": ["0", "-2"],
+    "report_to": ["mlflow"],
+    "validation_prompts": ["/no/such/prompts.txt"],
+    "validation_every": ["-1"],
+    "validation_seed": ["-1"],
+    "validation_steps": ["0", "1001"],
+    "validation_guidance": ["-1", "-0.5"],
 }
 # Wrong types, as YAML text: a bool is never a number, a float never an integer, a quoted number
 # is a string.
@@ -125,7 +148,7 @@ def yaml_cases() -> list[tuple[str, str]]:
         values = WRONG_TYPE_YAML[kind] + OUT_OF_RANGE.get(name, [])
         if name == "mu":  # null and false are "no safeguard" for mu, not errors
             values = [value for value in values if value not in ("null", "false", "off")]
-        if kind == "str" or name in ("preset", "profile_steps"):
+        if kind == "str" or name in ("preset", "profile_steps", "num_epochs"):
             values = [value for value in values if value != "null"]
         cases += [(name, value) for value in values]
     return cases
@@ -287,8 +310,10 @@ def test_every_flag_accepts_underscores(tmp_path):
             continue
         flag = "--" + name  # the field name: underscores
         argv = [flag] if kind == "bool" else [flag, values[kind]]
-        if name in ("fsdp", "cuda_graphs", "resolution"):
-            continue  # fsdp needs torchrun, cuda_graphs a GPU; resolution must be 8k
+        if name in ("fsdp", "cuda_graphs", "resolution", "validation_every"):
+            # fsdp needs torchrun, cuda_graphs a GPU; resolution must be 8k; validation_every
+            # needs --validation-prompts
+            continue
         config = config_from_args([*base_argv(tmp_path), *argv])
         expected = True if kind == "bool" else (3 if kind == "int" else 0.5)
         assert getattr(config, name) == expected, name
