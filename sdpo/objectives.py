@@ -65,10 +65,16 @@ def validate_inputs(
     _check_prediction("model_pred", model_pred)
     _check_prediction("ref_pred", ref_pred)
     _check_prediction("target", target)
-    if model_pred.dim() < 1 or model_pred.shape[0] < 2 or model_pred.shape[0] % 2:
+    if model_pred.dim() < 2 or model_pred.shape[0] < 2 or model_pred.shape[0] % 2:
         raise ValueError(
             "model_pred: expected shape (2B, ...) with the B winners first and the B losers after, "
-            f"so an even first dimension >= 2; got {tuple(model_pred.shape)}"
+            "so an even first dimension >= 2 and at least one more dimension (one row per "
+            f"image); got {tuple(model_pred.shape)}"
+        )
+    if model_pred[0].numel() == 0:
+        # A row of no elements has no mean squared error (0 / 0 is NaN).
+        raise ValueError(
+            f"model_pred: expected at least one element per row, got shape {tuple(model_pred.shape)}"
         )
     batch_pairs = model_pred.shape[0] // 2
     if ref_pred.shape != model_pred.shape:
@@ -202,6 +208,17 @@ def preference_loss(
     else:
         implementation = reference.preference_loss_reference
     loss, stats = implementation(model_pred, ref_pred, target, settings, pair_weights)
+    # A non-finite input must give a non-finite loss, so a caller's finite check on the loss
+    # sees it. It need not on its own: an inf in ref_pred makes u infinite and softplus(-u) 0.
+    # The per-row mean squared errors of every input are already computed (stats), are >= 0 so
+    # they cannot cancel, and are inf or NaN exactly when some input element is (or its square
+    # overflows); adding 0 x their sum leaves a finite loss bit for bit (x + 0.0 == x) and makes
+    # it NaN otherwise, on every backend, with no host sync. The term is detached: the gradient
+    # is unchanged.
+    poison = stats["model_mse_w"] + stats["model_mse_l"] + stats["ref_mse_w"] + stats["ref_mse_l"]
+    if pair_weights is not None:
+        poison = poison + pair_weights.detach().sum()
+    loss = loss + 0.0 * poison.to(loss.dtype)
     if settings.group_size is None:
         # One lambda for the whole call: report it as a 0-dim tensor.
         stats["lambda"] = stats["lambda"][0]
