@@ -122,6 +122,23 @@ def validate_inputs(
     return settings
 
 
+def poison_nonfinite(loss: Tensor, stats: dict[str, Tensor], pair_weights: Tensor | None) -> Tensor:
+    """``loss``, made NaN when any input element is inf or NaN (every backend goes through it).
+
+    A non-finite input need not give a non-finite loss on its own: an inf in ref_pred makes u
+    infinite and softplus(-u) exactly 0, with a finite gradient, so a caller's finite check
+    would pass. The per-row mean squared errors of every input are already computed (the
+    stats), are >= 0 so they cannot cancel, and are inf or NaN exactly when an input element is
+    (or its square overflows). Adding 0 x their sum leaves a finite loss bit for bit
+    (x + 0.0 == x) and makes it NaN otherwise, with no host sync; the term is detached, so the
+    gradient is unchanged.
+    """
+    poison = stats["model_mse_w"] + stats["model_mse_l"] + stats["ref_mse_w"] + stats["ref_mse_l"]
+    if pair_weights is not None:
+        poison = poison + pair_weights.detach().sum()
+    return loss + 0.0 * poison.to(loss.dtype)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """ "auto" picks the fused Triton kernels on CUDA when they are available, else "torch"."""
     if backend == "auto":
@@ -208,17 +225,7 @@ def preference_loss(
     else:
         implementation = reference.preference_loss_reference
     loss, stats = implementation(model_pred, ref_pred, target, settings, pair_weights)
-    # A non-finite input must give a non-finite loss, so a caller's finite check on the loss
-    # sees it. It need not on its own: an inf in ref_pred makes u infinite and softplus(-u) 0.
-    # The per-row mean squared errors of every input are already computed (stats), are >= 0 so
-    # they cannot cancel, and are inf or NaN exactly when some input element is (or its square
-    # overflows); adding 0 x their sum leaves a finite loss bit for bit (x + 0.0 == x) and makes
-    # it NaN otherwise, on every backend, with no host sync. The term is detached: the gradient
-    # is unchanged.
-    poison = stats["model_mse_w"] + stats["model_mse_l"] + stats["ref_mse_w"] + stats["ref_mse_l"]
-    if pair_weights is not None:
-        poison = poison + pair_weights.detach().sum()
-    loss = loss + 0.0 * poison.to(loss.dtype)
+    loss = poison_nonfinite(loss, stats, pair_weights)
     if settings.group_size is None:
         # One lambda for the whole call: report it as a 0-dim tensor.
         stats["lambda"] = stats["lambda"][0]
