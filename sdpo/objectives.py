@@ -65,10 +65,16 @@ def validate_inputs(
     _check_prediction("model_pred", model_pred)
     _check_prediction("ref_pred", ref_pred)
     _check_prediction("target", target)
-    if model_pred.dim() < 1 or model_pred.shape[0] < 2 or model_pred.shape[0] % 2:
+    if model_pred.dim() < 2 or model_pred.shape[0] < 2 or model_pred.shape[0] % 2:
         raise ValueError(
             "model_pred: expected shape (2B, ...) with the B winners first and the B losers after, "
-            f"so an even first dimension >= 2; got {tuple(model_pred.shape)}"
+            "so an even first dimension >= 2 and at least one more dimension (one row per "
+            f"image); got {tuple(model_pred.shape)}"
+        )
+    if model_pred[0].numel() == 0:
+        # A row of no elements has no mean squared error (0 / 0 is NaN).
+        raise ValueError(
+            f"model_pred: expected at least one element per row, got shape {tuple(model_pred.shape)}"
         )
     batch_pairs = model_pred.shape[0] // 2
     if ref_pred.shape != model_pred.shape:
@@ -114,6 +120,23 @@ def validate_inputs(
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown {backend!r}; expected one of {', '.join(BACKENDS)}")
     return settings
+
+
+def poison_nonfinite(loss: Tensor, stats: dict[str, Tensor], pair_weights: Tensor | None) -> Tensor:
+    """``loss``, made NaN when any input element is inf or NaN (every backend goes through it).
+
+    A non-finite input need not give a non-finite loss on its own: an inf in ref_pred makes u
+    infinite and softplus(-u) exactly 0, with a finite gradient, so a caller's finite check
+    would pass. The per-row mean squared errors of every input are already computed (the
+    stats), are >= 0 so they cannot cancel, and are inf or NaN exactly when an input element is
+    (or its square overflows). Adding 0 x their sum leaves a finite loss bit for bit
+    (x + 0.0 == x) and makes it NaN otherwise, with no host sync; the term is detached, so the
+    gradient is unchanged.
+    """
+    poison = stats["model_mse_w"] + stats["model_mse_l"] + stats["ref_mse_w"] + stats["ref_mse_l"]
+    if pair_weights is not None:
+        poison = poison + pair_weights.detach().sum()
+    return loss + 0.0 * poison.to(loss.dtype)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -202,6 +225,7 @@ def preference_loss(
     else:
         implementation = reference.preference_loss_reference
     loss, stats = implementation(model_pred, ref_pred, target, settings, pair_weights)
+    loss = poison_nonfinite(loss, stats, pair_weights)
     if settings.group_size is None:
         # One lambda for the whole call: report it as a 0-dim tensor.
         stats["lambda"] = stats["lambda"][0]

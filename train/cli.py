@@ -2,7 +2,8 @@
 
 A ``UsageError`` (a bad flag, YAML key, path or data row) is one line, ``sdpo-train: error: ...``,
 and exit status 2; a run that stops on a non-finite loss is one line and status 1; anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. A failed checkpoint write is one line and status 1; a run
+stopped by SIGTERM or SIGINT (after its checkpoint) is one line and status 143 or 130.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 2
+    from sdpo.train.checkpoint import CheckpointError
+    from sdpo.train.preemption import Preempted
     from sdpo.train.runlog import configure_logging
     from sdpo.train.trainer import NonFiniteLoss, summary_json, train
 
@@ -54,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as error:
+    except (ValueError, FileNotFoundError, NonFiniteLoss, CheckpointError) as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 1
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun rank
+            print(f"sdpo-train: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_status
     print(summary_json(summary))
     return 0
 

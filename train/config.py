@@ -47,7 +47,9 @@ class TrainConfig:
     output_dir: str = "runs/train"
     max_steps: int = 10
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    resume: bool = False
+    # "latest" (the newest complete checkpoint in output_dir) or a checkpoint folder; None: a
+    # fresh run. True/False (YAML, code) mean "latest"/None.
+    resume: str | None = None
     seed: int = 0
     # The objective (see sdpo.preference_loss).
     method: str = "diffusion-dpo"
@@ -108,6 +110,10 @@ class TrainConfig:
     validation_seed: int = 0
     validation_steps: int = 20
     validation_guidance: float = 7.5
+    # Run safety (resume, checkpoints, skipped steps): see train/checkpoint.py and the README.
+    overwrite: bool = False
+    checkpoints_total_limit: int = 0  # keep the N newest complete checkpoints; 0 keeps all
+    max_skipped_fraction: float = 0.05
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
@@ -115,6 +121,11 @@ class TrainConfig:
         machine; raises UsageError naming the field. Runs before any model or data loads."""
         for name in FIELDS:
             setattr(self, name, check_value(name, getattr(self, name), name))
+        if self.resume not in (None, "latest") and not Path(self.resume).expanduser().is_dir():
+            raise UsageError(
+                f"resume: no checkpoint folder {self.resume}; give latest (the newest checkpoint "
+                "in --output-dir) or an existing checkpoint-N folder"
+            )
         if self.fsdp and self.lora_rank > 0:
             raise UsageError(
                 "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
@@ -277,7 +288,8 @@ FIELDS: dict[str, FieldSpec] = {
     "max_steps": FieldSpec(int, "optimizer steps to train", _RUN, low=1),
     "checkpoint_every": FieldSpec(int, "optimizer steps between checkpoints; 0: only at the end",
                                   _RUN, low=0),
-    "resume": FieldSpec(bool, "continue from the newest complete checkpoint in --output-dir", _RUN),
+    "resume": FieldSpec(str, "continue a run: latest (the newest complete checkpoint in "
+                        "--output-dir; plain --resume) or a checkpoint folder", _RUN, True),
     "seed": FieldSpec(int, "seed of data order, flips, caption dropout, noise and timesteps", _RUN,
                       low=0, high=2**63 - 1),
     "method": FieldSpec(str, "preference objective", _OBJECTIVE, choices=tuple(METHODS)),
@@ -361,6 +373,14 @@ FIELDS: dict[str, FieldSpec] = {
                                   high=1000),
     "validation_guidance": FieldSpec(float, "classifier-free guidance of validation images",
                                      _RUN, low=0),
+    # Run safety. max_skipped_fraction: see SKIPPED_STEPS_MINIMUM in train/trainer.py.
+    "overwrite": FieldSpec(bool, "start a fresh run in an --output-dir that holds one (removes "
+                           "its checkpoints, metrics and export first)", _RUN),
+    "checkpoints_total_limit": FieldSpec(int, "keep the N newest complete checkpoints; 0 keeps "
+                                         "all", _RUN, low=0),
+    "max_skipped_fraction": FieldSpec(float, "--on-nonfinite skip: stop when more than this "
+                                      "fraction of optimizer steps was skipped", _SPEED,
+                                      low=0, high=1),
 }  # fmt: skip
 FIELD_NAMES = list(FIELDS)
 
@@ -397,6 +417,8 @@ def check_value(name: str, value: Any, label: str) -> Any:
     never an integer, so ``max_steps: 2.7`` or ``beta: true`` are refused, not coerced."""
     spec = FIELDS[name]
     expected = _describe(spec)
+    if name == "resume" and isinstance(value, bool):
+        value = "latest" if value else None  # resume: true (YAML, code) is the newest checkpoint
 
     def refuse(got: str) -> UsageError:
         return UsageError(f"{label}: expected {expected}, got {got}")
@@ -602,7 +624,7 @@ ALIASES: dict[str, list[str]] = {
     "use-adafactor": ["--optimizer", "adafactor"],
     "enable-xformers-memory-efficient-attention": ["--attention", "xformers"],
 }
-# Handled after parsing: --beta_dpo X sets beta 2X; --resume_from_checkpoint latest is --resume.
+# Handled after parsing: --beta_dpo X sets beta 2X; --resume_from_checkpoint X is --resume X.
 _SPECIAL_ALIASES = ("beta-dpo", "resume-from-checkpoint")
 _YAML_ALIASES = {
     "train_batch_size": "train_batch_pairs",
@@ -626,7 +648,7 @@ _ALIAS_HELP = """aliases (the diffusers DPO example's spellings):
   --pretrained_model_name_or_path P     --pretrained P
   --use_adafactor                       --optimizer adafactor
   --enable_xformers_memory_efficient_attention   --attention xformers
-  --resume_from_checkpoint latest       --resume
+  --resume_from_checkpoint latest|PATH  --resume latest|PATH
   --beta_dpo X                          --beta 2X (their loss has no 1/2 on the margin; ours
                                         has, so their beta_dpo 2500 is our beta 5000)
 """
@@ -732,7 +754,22 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         choices = f"; one of {', '.join(spec.choices)}" if spec.choices else ""
         help_text = f"{spec.help} (default: {_default_text(name)}{choices})"
-        if spec.kind is bool:
+        if name == "resume":
+            # --resume alone is "latest" (as before); --resume PATH a checkpoint folder.
+            group.add_argument(
+                flag,
+                dest=name,
+                nargs="?",
+                const="latest",
+                default=None,
+                metavar="PATH|latest",
+                help=help_text.replace("%", "%%"),
+            )
+            group.add_argument(
+                "--no-resume", dest=name, action="store_const", const=_EXPLICIT_NONE,
+                help="a fresh run (the default)",
+            )  # fmt: skip
+        elif spec.kind is bool:
             group.add_argument(
                 flag,
                 dest=name,
@@ -824,12 +861,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         check_value("beta", arguments.beta_dpo, "--beta_dpo")
         given["beta"] = 2.0 * arguments.beta_dpo
     if arguments.resume_from_checkpoint is not None:
-        if arguments.resume_from_checkpoint != "latest":
-            raise UsageError(
-                "--resume_from_checkpoint: only 'latest' is understood (our --resume continues "
-                f"from the newest checkpoint in --output-dir), got {arguments.resume_from_checkpoint!r}"
-            )
-        given["resume"] = True
+        given["resume"] = arguments.resume_from_checkpoint
     yaml_values = _from_yaml(arguments.config) if arguments.config else {}
     # --num-epochs wins over a preset's max_steps; both given by the user is ambiguous.
     chosen = {**yaml_values, **given}

@@ -89,6 +89,11 @@ def banner_lines(
 
 
 def progress_line(row: dict, max_steps: int) -> str:
+    if row.get("loss") is None:  # every step since the last row was skipped (non-finite)
+        return (
+            f"step {row['step']}/{max_steps}: every step since the last row was skipped "
+            f"(skipped_steps {row.get('skipped_steps')})"
+        )
     return (
         f"step {row['step']}/{max_steps}: loss {row['loss']:.4f} acc {row['implicit_acc']:.2f} "
         f"lambda {row['lambda']:.3f} lr {row['lr']:.3g} grad_norm {row['grad_norm']:.3g} "
@@ -106,7 +111,9 @@ def summary_lines(
     ]
     if last_row is not None:
         keys = ("loss", "implicit_acc", "lambda", "lr", "grad_norm")
-        values = ", ".join(f"{key} {last_row[key]:.4g}" for key in keys if key in last_row)
+        values = ", ".join(
+            f"{key} {last_row[key]:.4g}" for key in keys if last_row.get(key) is not None
+        )
         lines.append(f"final (step {last_row['step']}): {values}")
     lines.append("written: " + "; ".join(outputs))
     return lines

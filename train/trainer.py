@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +34,12 @@ from sdpo.train.distributed import (
     load_full_optimizer_state,
     shard_unet,
 )
+from sdpo.train.errors import UsageError
 from sdpo.train.metrics import MetricsWriter, RunningStats
 from sdpo.train.models import build_models, compile_model
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
+from sdpo.train.preemption import Preempted, StopRequests
 from sdpo.train.runlog import (
     banner_lines,
     logger,
@@ -56,7 +61,22 @@ from sdpo.train.validation import Validator
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradient of an optimizer step is not finite."""
+    """The loss, gradient or weights are not finite, or too many steps were skipped."""
+
+
+# --on-nonfinite skip stops the run when more than --max-skipped-fraction of the optimizer
+# steps so far were skipped, checked at each log row once this many steps have run (and always
+# at the last step, where a run that skipped every step also stops whatever the fraction). Why
+# 20: at the default fraction 0.05 it is the first step count at which one skipped step is
+# allowed (1/20 = 5%) and two are not, so a single early overflow (common in the first steps of
+# bf16 runs) never stops a healthy run, while a loss that is non-finite on every step stops
+# after 20 steps instead of exporting untrained weights. 5%: an occasional overflow skips well
+# under 1% of steps; a rate of 5% means the run is systematically broken (a bad learning rate,
+# bad data, a diverged policy) and its result is not the configured training.
+SKIPPED_STEPS_MINIMUM = 20
+
+# What --overwrite removes from the output folder before a fresh run.
+RUN_FILES = ("metrics.jsonl", "tensorboard", "unet", "unet.pth")
 
 
 def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches | CachedPairBatches:
@@ -116,13 +136,14 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.stop_requests = StopRequests(environment)
+        resume = self._prepare_output()
         self.models = build_models(config, device)
         self.family = family_of(self.models)
-        resume = (
-            checkpoints.load_resume_state(self.output_dir, self.models.unet)
-            if config.resume
-            else None
-        )
+        if resume is not None:
+            # The full weights, before any sharding; every rank read the checkpoint itself.
+            self.models.unet.load_state_dict(resume.model_state)
+            resume.model_state = {}
         self.sharded = config.fsdp and environment.enabled
         if self.sharded:
             shard_unet(self.models.unet, device)
@@ -138,8 +159,10 @@ class Trainer:
             config.lr_num_cycles,
             config.lr_power,
         )
-        self.step, self.position, self.skipped_images = 0, (0, 0), 0
+        self.step, self.position, self.skipped_images, self.skipped_steps = 0, (0, 0), 0, 0
         self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None  # the step of this output folder's newest checkpoint
+        self.resumed_stats: torch.Tensor | None = None
         self.resumed_from = resume.path if resume is not None else None
         # Built on every rank (so a model it cannot draw fails everywhere, before step 1).
         self.validator = (
@@ -156,13 +179,87 @@ class Trainer:
             self.lr_schedule.load_state_dict(resume.lr_schedule)
             self.step, self.position = resume.step, resume.position
             self.skipped_images, self.last_checkpoint = resume.skipped_images, resume.path
-        if environment.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(config_to_json(config))
+            self.skipped_steps = resume.skipped_steps
+            if resume.running_stats is not None:
+                self.resumed_stats = resume.running_stats[environment.rank]
+            if resume.path.resolve().parent == self.output_dir.resolve():
+                self.saved_step = resume.step
         self.policy, self.ddp = self._wrap_policy()
         self.ranges = PhaseRanges(config.nvtx)
         window = parse_profile_steps(config.profile_steps) if config.profile_steps else None
         self.profile_window = window if device.type == "cuda" else None
+
+    def _prepare_output(self) -> checkpoints.ResumeState | None:
+        """Refuses what would mix two runs in one folder, finds and checks the checkpoint to
+        resume, removes what an interrupted save left and (--overwrite) the old run. All ranks
+        decide the same from the same files; rank 0 changes them; then all ranks wait."""
+        config, environment, output = self.config, self.environment, self.output_dir
+        say = environment.is_main
+        resume = None
+        remove: list[Path] = []
+        if config.resume is not None:
+            resume = checkpoints.find_resume_state(config, warn_here=say)
+            if resume is None:
+                if say:
+                    print(
+                        f"sdpo-train: --resume: no complete checkpoint in {output}; starting a "
+                        "fresh run",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            else:
+                checkpoints.check_same_run(resume, config, environment.world_size)
+                newer = [
+                    path
+                    for path in checkpoints.complete_checkpoints(output)
+                    if checkpoints.checkpoint_step(path) > resume.step and config.resume != "latest"
+                ]
+                if newer and not config.overwrite:
+                    raise UsageError(
+                        f"resume: {output} holds checkpoints newer than {resume.path} "
+                        f"({', '.join(path.name for path in newer)}); continuing from step "
+                        f"{resume.step} would leave them from another run: give --overwrite to "
+                        "remove them, or --resume latest"
+                    )
+                remove += newer
+                if resume.step == config.max_steps and say:
+                    print(
+                        f"sdpo-train: --resume: {resume.path} is already at --max-steps "
+                        f"{config.max_steps}; nothing to train, exporting its weights",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        elif output.is_dir():
+            existing = sorted(
+                child.name
+                for child in output.iterdir()
+                if checkpoints.checkpoint_step(child) is not None
+                or child.name == checkpoints.METRICS_FILE
+            )
+            if existing and not config.overwrite:
+                raise UsageError(
+                    f"output_dir: {output} already holds a run ({', '.join(existing[:4])}"
+                    f"{', ...' if len(existing) > 4 else ''}); give --resume to continue it, "
+                    "--overwrite to replace it, or another --output-dir"
+                )
+            if config.overwrite:
+                remove += [
+                    child
+                    for child in output.iterdir()
+                    if checkpoints.checkpoint_step(child) is not None or child.name in RUN_FILES
+                ]
+        if say:
+            for path in remove:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            for path in checkpoints.remove_temporary_folders(output):
+                checkpoints.warn(f"removed {path}, left by an interrupted checkpoint save")
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "config.json").write_text(config_to_json(config))
+        environment.barrier()
+        return resume
 
     def _wrap_policy(self) -> tuple[nn.Module, nn.parallel.DistributedDataParallel | None]:
         """DDP (unless sharded) and torch.compile around the policy; compiles the frozen copy."""
@@ -225,32 +322,86 @@ class Trainer:
         stats.add(result, batch.skipped)
         return batch_epoch
 
-    def save(self) -> Path:
-        with self.ranges("checkpoint"):
-            return checkpoints.save_training_state(
-                self.config,
-                self.environment,
-                self.models.unet,
-                self.optimizer,
-                self.lr_schedule,
-                self.step,
-                self.position,
-                self.skipped_images,
+    def _check_weights(self) -> None:
+        """Before any checkpoint or export: the weights are finite on every rank."""
+        if checkpoints.nonfinite_weights(self.models.unet, self.environment):
+            last = self.last_checkpoint or "none (no checkpoint written yet)"
+            raise NonFiniteLoss(
+                f"step {self.step}: the weights are not finite (not written); last good "
+                f"checkpoint: {last}"
             )
+
+    def _gathered_stats(self, stats: RunningStats) -> torch.Tensor:
+        """Every rank's running statistics as (world size, n) on the CPU (a collective; the
+        rows are summed with zeros, so each is exact)."""
+        own = stats.state()
+        table = torch.zeros(self.environment.world_size, own.numel(), dtype=own.dtype)
+        table[self.environment.rank] = own
+        return self.environment.all_reduce_sum(table.to(self.device)).cpu()
+
+    def save(self, stats: RunningStats | None = None) -> Path:
+        self._check_weights()
+        running = self._gathered_stats(stats) if stats is not None else None
+        with self.ranges("checkpoint"):
+            try:
+                path = checkpoints.save_training_state(
+                    self.config,
+                    self.environment,
+                    self.models.unet,
+                    self.optimizer,
+                    self.lr_schedule,
+                    self.step,
+                    self.position,
+                    self.skipped_images,
+                    self.skipped_steps,
+                    running,
+                )
+            except checkpoints.CheckpointError as error:
+                last = self.last_checkpoint or "none"
+                raise checkpoints.CheckpointError(
+                    f"{error}; the last good checkpoint ({last}) is kept"
+                ) from error
+        self.last_checkpoint, self.saved_step = path, self.step
+        return path
 
     def _log_row(self, stats: RunningStats, grad_norm: torch.Tensor, epoch: int) -> dict:
         with self.ranges("all-reduce"):
-            means, micro_batches, skipped, elapsed = stats.reduce(self.environment)
+            means, micro_batches, skipped, skipped_steps, elapsed = stats.reduce(self.environment)
         self.skipped_images += skipped
+        self.skipped_steps += skipped_steps
+        grad_norm_value = float(grad_norm)
         return {
             "step": self.step,
             **means,
             "lr": self.lr_schedule.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            # A skipped step's norm is inf or NaN, which JSON cannot hold: null.
+            "grad_norm": grad_norm_value
+            if grad_norm_value == grad_norm_value and abs(grad_norm_value) != float("inf")
+            else None,
             "pairs_per_s": micro_batches * self.config.train_batch_pairs / elapsed,
             "skipped_images": self.skipped_images,
+            "skipped_steps": self.skipped_steps,
             "epoch": epoch,
         }
+
+    def _check_skipped_steps(self) -> None:
+        """Stops when too many optimizer steps were skipped (see SKIPPED_STEPS_MINIMUM)."""
+        if not self.skipped_steps:
+            return
+        bound = self.config.max_skipped_fraction
+        fraction = self.skipped_steps / self.step
+        final = self.step >= self.config.max_steps
+        every = self.skipped_steps == self.step
+        if (fraction > bound and (final or self.step >= SKIPPED_STEPS_MINIMUM)) or (
+            final and every
+        ):
+            last = self.last_checkpoint or "none (no checkpoint written yet)"
+            raise NonFiniteLoss(
+                f"step {self.step}: {self.skipped_steps} of {self.step} optimizer steps "
+                f"({fraction:.1%}) were skipped for a non-finite loss or gradient, more than "
+                f"--max-skipped-fraction {bound}{' (every step)' if every else ''}; nothing "
+                f"exported; last good checkpoint: {last}"
+            )
 
     def _profiler(self, boundary: int, start: bool) -> None:
         """cudaProfilerStart/Stop at the --profile-steps window's edges (CUDA only)."""
@@ -278,7 +429,10 @@ class Trainer:
             self.batches, self.position, config.num_workers, self.device.type == "cuda"
         )
         stats = RunningStats(self.device)
+        if self.resumed_stats is not None:
+            stats.load_state(self.resumed_stats)
         rows: list[dict] = []
+        self.stop_requests.install()
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)
@@ -291,24 +445,27 @@ class Trainer:
                     if finite:
                         apply_optimizer_step(self.optimizer, self.lr_schedule)
                     else:
-                        self._skip_or_stop(progress, stats)
+                        self._skip_or_stop(progress)
+                stats.end_step(finite)
                 self.step += 1
                 progress.update(1)
-                if not finite:
-                    continue
                 self._profiler(1, start=False)
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
                     rows.append(self._log(stats, grad_norm, epoch, writer, progress))
                 every = config.checkpoint_every
                 if every and self.step % every == 0 and self.step < config.max_steps:
-                    self.last_checkpoint = self.save()
+                    self.save(stats)
                 every = config.validation_every
                 if every and self.step % every == 0:
                     self._validate(writer)
+                signal_number = self.stop_requests.agreed()
+                if signal_number and self.step < config.max_steps:
+                    self._stop(signal_number, stats)
             if self.validator is not None and self.validated_step != self.step:
                 self._validate(writer)  # the trained policy's grid, always
-            self._finish()
+            self._finish(stats)
         finally:
+            self.stop_requests.restore()
             progress.close()
             if writer is not None:
                 writer.close()
@@ -318,7 +475,18 @@ class Trainer:
             "rows": rows,
             "output_dir": str(self.output_dir),
             "skipped_images": self.skipped_images,
+            "skipped_steps": self.skipped_steps,
         }
+
+    def _stop(self, signal_number: int, stats: RunningStats) -> None:
+        """After the optimizer step in flight: a checkpoint (unless this step has one), then
+        Preempted (the command line prints where and exits 128 + the signal)."""
+        path = self.last_checkpoint if self.saved_step == self.step else self.save(stats)
+        name = signal.Signals(signal_number).name
+        raise Preempted(
+            signal_number,
+            f"stopped by {name} after step {self.step}; checkpoint: {path}; continue with --resume",
+        )
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -345,15 +513,17 @@ class Trainer:
         row = self._log_row(stats, grad_norm, epoch)
         if writer is not None:
             writer.write(row)
-        progress.set_postfix(
-            loss=f"{row['loss']:.4f}",
-            acc=f"{row['implicit_acc']:.2f}",
-            lam=f"{row['lambda']:.3f}",
-            pairs_s=f"{row['pairs_per_s']:.1f}",
-        )
+        if row["loss"] is not None:
+            progress.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                acc=f"{row['implicit_acc']:.2f}",
+                lam=f"{row['lambda']:.3f}",
+                pairs_s=f"{row['pairs_per_s']:.1f}",
+            )
         if not self.bar_shown:
             logger.info(progress_line(row, self.config.max_steps))
         stats.reset()
+        self._check_skipped_steps()
         return row
 
     def _validate(self, writer: MetricsWriter | None) -> None:
@@ -405,15 +575,18 @@ class Trainer:
         ):
             logger.info(line)
 
-    def _finish(self) -> None:
-        """The last checkpoint, then (rank 0) the exported UNet; all ranks wait for it."""
-        self.save()
+    def _finish(self, stats: RunningStats) -> None:
+        """The last checkpoint, then (rank 0) the exported UNet; all ranks wait for it. Neither
+        is written from non-finite weights."""
+        if self.saved_step != self.step:
+            self.save(stats)
+        self._check_weights()
         final_state = full_model_state(self.models.unet) if self.sharded else None
         if self.environment.is_main:
             checkpoints.export_unet(self.models.unet, self.output_dir, final_state)
         self.environment.barrier()
 
-    def _skip_or_stop(self, progress, stats: RunningStats) -> None:
+    def _skip_or_stop(self, progress) -> None:
         """A non-finite loss or gradient: drop the gradients, then stop (``--on-nonfinite
         stop``, naming the last good checkpoint) or skip this optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -421,8 +594,8 @@ class Trainer:
         message = f"step {self.step + 1}: the loss or gradient is not finite; last good checkpoint: {last}"
         if self.config.on_nonfinite == "stop":
             raise NonFiniteLoss(message)
-        logger.warning(message + " (skipped)")
-        stats.reset()
+        if self.environment.is_main:
+            logger.warning(message + " (skipped)")
 
 
 def train(config: TrainConfig) -> dict:

@@ -188,6 +188,7 @@ def _run_demo(settings: DemoSettings) -> dict:
             seed=settings.seed,
             progress=settings.progress,
             loss_backend="torch",
+            overwrite=True,  # the demo owns its run folders: a rerun replaces them
         )
         start = time.perf_counter()
         print(f"{name}: {settings.steps} steps of the trainer (mu={mu}) ...", flush=True)

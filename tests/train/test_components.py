@@ -72,8 +72,9 @@ def test_running_stats_average_over_micro_batches():
         result.loss = torch.tensor(value)
         result.stats = {key: torch.tensor([value, value + 2]) for key in METRIC_KEYS[1:]}
         stats.add(result, skipped_images=1)
-    means, micro_batches, skipped, elapsed = stats.reduce(Single())
-    assert micro_batches == 2 and skipped == 2 and elapsed >= 0
+        stats.end_step(True)
+    means, micro_batches, skipped, skipped_steps, elapsed = stats.reduce(Single())
+    assert micro_batches == 2 and skipped == 2 and skipped_steps == 0 and elapsed >= 0
     assert means["loss"] == 2.0 and means["lambda"] == 3.0  # per-pair stats: mean over pairs
     stats.reset()
     assert stats.micro_batches == 0 and float(stats.loss_sum) == 0.0

@@ -21,7 +21,7 @@ KINDS: dict[str, str] = {
     "output_dir": "str",
     "max_steps": "int",
     "checkpoint_every": "int",
-    "resume": "bool",
+    "resume": "str",
     "seed": "int",
     "method": "choice",
     "beta": "float",
@@ -73,6 +73,9 @@ KINDS: dict[str, str] = {
     "validation_seed": "int",
     "validation_steps": "int",
     "validation_guidance": "float",
+    "overwrite": "bool",
+    "checkpoints_total_limit": "int",
+    "max_skipped_fraction": "float",
 }
 OUT_OF_RANGE: dict[str, list[str]] = {
     "preset": ["sd99"],
@@ -116,6 +119,8 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "validation_seed": ["-1"],
     "validation_steps": ["0", "1001"],
     "validation_guidance": ["-1", "-0.5"],
+    "checkpoints_total_limit": ["-1"],
+    "max_skipped_fraction": ["-0.01", "1.5"],
 }
 # Wrong types, as YAML text: a bool is never a number, a float never an integer, a quoted number
 # is a string.
@@ -150,6 +155,8 @@ def yaml_cases() -> list[tuple[str, str]]:
             values = [value for value in values if value not in ("null", "false", "off")]
         if kind == "str" or name in ("preset", "profile_steps", "num_epochs"):
             values = [value for value in values if value != "null"]
+        if name == "resume":  # resume: true is the newest checkpoint (as --resume)
+            values = [value for value in values if value not in ("true", "false")]
         cases += [(name, value) for value in values]
     return cases
 
@@ -208,7 +215,8 @@ def test_good_values_pass_with_their_types(tmp_path):
     config = config_from_args([*base_argv(tmp_path), "--config", str(file)])
     assert config.learning_rate == 1e-8 and config.beta == 2500.0 and type(config.beta) is float
     assert config.max_steps == 3 and config.profile_steps == "5:8" and config.seed == 7
-    assert config.mixed_precision == "no" and config.caption_dropout == 0.0 and config.resume
+    assert config.mixed_precision == "no" and config.caption_dropout == 0.0
+    assert config.resume == "latest"
 
 
 @pytest.mark.parametrize("text", ["off", "false", "null", "~", "Off", "no", "none"])
@@ -287,7 +295,8 @@ def test_xformers_attention_without_xformers_is_refused(tmp_path):
         (["--lr_warmup_steps", "11"], "warmup_steps", 11),
         (["--adam_weight_decay", "0.03"], "weight_decay", 0.03),
         (["--dataloader_num_workers", "2"], "num_workers", 2),
-        (["--resume_from_checkpoint", "latest"], "resume", True),
+        (["--resume_from_checkpoint", "latest"], "resume", "latest"),
+        (["--resume"], "resume", "latest"),
         (["--beta_dpo", "2500"], "beta", 5000.0),  # diffusers' beta_dpo = ours / 2
         (["--beta_dpo=1000"], "beta", 2000.0),
         (["--use_adafactor"], "optimizer", "adafactor"),
@@ -323,7 +332,7 @@ def test_diffusers_aliases_refuse_what_they_cannot_mean(tmp_path):
     assert "not both" in one_line_error([*base_argv(tmp_path), "--beta", "1", "--beta_dpo", "2"])
     assert "--beta_dpo" in one_line_error([*base_argv(tmp_path), "--beta_dpo", "nan"])
     message = one_line_error([*base_argv(tmp_path), "--resume_from_checkpoint", "checkpoint-5"])
-    assert "only 'latest'" in message
+    assert "resume: no checkpoint folder checkpoint-5" in message
 
 
 def test_yaml_accepts_the_diffusers_keys(tmp_path):

@@ -1,0 +1,539 @@
+"""Run safety on the tiny preset (CPU): what a checkpoint and an export may hold, what a resume
+promises and refuses, skipped steps, damaged files, a full disk and stopping on a signal."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdpo
+from sdpo.train import checkpoint as checkpoints
+from sdpo.train import trainer as trainer_module
+from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.errors import UsageError
+from sdpo.train.trainer import NonFiniteLoss, train
+
+TIMING_KEYS = ("pairs_per_s",)
+
+
+def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    config = config_from_args(
+        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def read_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    a, b = torch.load(first / "unet.pth"), torch.load(second / "unet.pth")
+    assert set(a) == set(b)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def poison_losses(monkeypatch, calls_to_poison) -> None:
+    """preference_loss returns a NaN loss on the given (1-based) calls."""
+    real = sdpo.preference_loss
+    calls = {"count": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        result = real(*args, **kwargs)
+        if calls_to_poison(calls["count"]):
+            return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
+        return result
+
+    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
+
+
+# --- Non-finite weights and skipped steps ---------------------------------------------------
+
+
+def test_nonfinite_weights_are_never_checkpointed_or_exported(tmp_path, monkeypatch):
+    config = tiny(tmp_path, max_steps=4, checkpoint_every=1, gradient_accumulation=1)
+    real_step = trainer_module.apply_optimizer_step
+    steps = {"count": 0}
+
+    def step_that_overflows(optimizer, schedule):
+        real_step(optimizer, schedule)
+        steps["count"] += 1
+        if steps["count"] == 2:  # the loss and gradient were finite; the update is not
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(trainer_module, "apply_optimizer_step", step_that_overflows)
+    with pytest.raises(NonFiniteLoss, match=r"step 2: the weights are not finite.*checkpoint-1"):
+        train(config)
+    output = Path(config.output_dir)
+    assert checkpoints.latest_checkpoint(output).name == "checkpoint-1"
+    assert not (output / "checkpoint-2").exists() and not (output / "unet.pth").exists()
+
+
+def test_final_export_is_never_nonfinite(tmp_path, monkeypatch):
+    config = tiny(tmp_path, max_steps=1, gradient_accumulation=1)
+    real_step = trainer_module.apply_optimizer_step
+
+    def step_that_overflows(optimizer, schedule):
+        real_step(optimizer, schedule)
+        with torch.no_grad():
+            optimizer.param_groups[0]["params"][-1].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(trainer_module, "apply_optimizer_step", step_that_overflows)
+    with pytest.raises(NonFiniteLoss, match="weights are not finite"):
+        train(config)
+    assert not (Path(config.output_dir) / "unet.pth").exists()
+
+
+def test_skip_on_every_step_is_an_error_not_untrained_weights(tmp_path, monkeypatch):
+    poison_losses(monkeypatch, lambda call: True)
+    config = tiny(tmp_path, max_steps=3, on_nonfinite="skip", max_skipped_fraction=1.0)
+    with pytest.raises(NonFiniteLoss, match=r"3 of 3 optimizer steps.*every step"):
+        train(config)
+    output = Path(config.output_dir)
+    assert not (output / "unet.pth").exists()
+    rows = read_rows(output)
+    assert [row["skipped_steps"] for row in rows] == [1, 2, 3]
+    assert all(row["loss"] is None and row["grad_norm"] is None for row in rows)
+
+
+def test_skipped_steps_are_counted_and_their_metrics_left_out(tmp_path, monkeypatch):
+    # tiny: 2 micro-batches per step; calls 5 and 6 are step 3's.
+    poison_losses(monkeypatch, lambda call: call in (5, 6))
+    config = tiny(tmp_path, max_steps=4, on_nonfinite="skip", max_skipped_fraction=0.5)
+    summary = train(config)
+    assert summary["skipped_steps"] == 1
+    rows = read_rows(Path(config.output_dir))
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]  # the skipped step still logs its row
+    assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 1]
+    assert rows[2]["loss"] is None and all(row["loss"] is not None for row in rows[::3])
+    # The same run without the poison: steps 1-2 identical.
+    monkeypatch.undo()
+    clean = train(tiny(tmp_path, "clean", max_steps=2))
+    assert [row["loss"] for row in clean["rows"]] == [row["loss"] for row in rows[:2]]
+
+
+def test_too_many_skipped_steps_stop_the_run_after_the_minimum(tmp_path, monkeypatch):
+    # Two skipped steps of the first 20 (10% > 5%): the run goes on until step 20, then stops.
+    poison_losses(monkeypatch, lambda call: call in (1, 2, 3, 4))
+    config = tiny(
+        tmp_path, max_steps=40, on_nonfinite="skip", gradient_accumulation=2, synthetic_pairs=4
+    )
+    with pytest.raises(NonFiniteLoss, match=r"step 20: 2 of 20 .*--max-skipped-fraction 0.05"):
+        train(config)
+    assert trainer_module.SKIPPED_STEPS_MINIMUM == 20
+    assert read_rows(Path(config.output_dir))[-1]["step"] == 20
+
+
+# --- What a resume may change ---------------------------------------------------------------
+
+
+def test_every_setting_is_classified_for_resume():
+    fields = [field.name for field in dataclasses.fields(TrainConfig) if field.name != "extra"]
+    assert sorted(checkpoints.RESUME_RULES) == sorted(fields)
+    assert set(checkpoints.RESUME_RULES.values()) == {"same", "free"}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    config = tiny(root, "base", max_steps=2, synthetic_pairs=6)
+    train(config)
+    return Path(config.output_dir)
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(run, target)
+    return target
+
+
+SAME_RUN_CHANGES = {
+    "seed": 1,
+    "method": "dspo",
+    "beta": 4000.0,
+    "mu": None,
+    "granularity": "pair",
+    "dmpo_alpha": 0.5,
+    "resolution": 24,
+    "caption_dropout": 0.0,
+    "synthetic_pairs": 8,
+    "lora_rank": 2,
+    "train_batch_pairs": 3,
+    "gradient_accumulation": 1,
+    "learning_rate": 1e-3,
+    "warmup_steps": 0,
+    "optimizer": "adafactor",
+    "weight_decay": 0.0,
+    "max_grad_norm": 0.5,
+    "scale_lr": True,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAME_RUN_CHANGES))
+def test_resume_refuses_a_setting_that_changes_the_run(two_step_run, tmp_path, name):
+    output = copy_run(two_step_run, tmp_path)
+    config = tiny(tmp_path, "copy", max_steps=4, synthetic_pairs=6, resume="latest")
+    old = getattr(config, name)
+    setattr(config, name, SAME_RUN_CHANGES[name])
+    config.validate()
+    with pytest.raises(UsageError, match=rf"{name} {old!r} -> {SAME_RUN_CHANGES[name]!r}"):
+        train(config)
+    assert checkpoints.latest_checkpoint(output).name == "checkpoint-2"
+
+
+def test_resume_lists_every_difference_and_refuses_another_world_size(two_step_run, tmp_path):
+    copy_run(two_step_run, tmp_path)
+    config = tiny(tmp_path, "copy", max_steps=4, synthetic_pairs=6, seed=3, beta=1.0)
+    config.resume = "latest"
+    with pytest.raises(UsageError) as raised:
+        train(config)
+    message = str(raised.value)
+    assert "seed 0 -> 3" in message and "beta 5000.0 -> 1.0" in message and "\n" not in message
+    state = checkpoints.read_checkpoint(two_step_run / "checkpoint-2")
+    same = tiny(tmp_path, "other", max_steps=4, synthetic_pairs=6)
+    with pytest.raises(UsageError, match=r"world size \(processes\) 1 -> 2"):
+        checkpoints.check_same_run(state, same, world_size=2)
+
+
+def test_resume_accepts_settings_that_do_not_change_the_run(two_step_run, tmp_path):
+    output = copy_run(two_step_run, tmp_path)
+    config = tiny(
+        tmp_path, "copy", max_steps=3, synthetic_pairs=6, resume="latest", log_every=2,
+        checkpoint_every=5, num_workers=0, progress=False, loss_backend="torch",
+        checkpoints_total_limit=1,
+    )  # fmt: skip
+    summary = train(config)
+    assert summary["steps"] == 3
+    assert [path.name for path in checkpoints.complete_checkpoints(output)] == ["checkpoint-3"]
+
+
+def test_resume_past_max_steps_is_refused_and_at_max_steps_explained(
+    two_step_run, tmp_path, capsys
+):
+    copy_run(two_step_run, tmp_path)
+    with pytest.raises(
+        UsageError, match=r"at step 2, past --max-steps 1; give --max-steps above 2"
+    ):
+        train(tiny(tmp_path, "copy", max_steps=1, synthetic_pairs=6, resume="latest"))
+    summary = train(tiny(tmp_path, "copy", max_steps=2, synthetic_pairs=6, resume="latest"))
+    assert summary["steps"] == 2
+    assert "already at --max-steps 2; nothing to train" in capsys.readouterr().err
+
+
+def test_resume_with_no_checkpoint_says_so_and_starts_fresh(tmp_path, capsys):
+    config = tiny(tmp_path, max_steps=1, resume="latest")
+    assert train(config)["steps"] == 1
+    err = capsys.readouterr().err
+    assert "--resume: no complete checkpoint in" in err and "starting a fresh run" in err
+
+
+def test_a_fresh_run_refuses_a_used_folder_and_overwrite_replaces_it(two_step_run, tmp_path):
+    output = copy_run(two_step_run, tmp_path)
+    with pytest.raises(UsageError, match=r"already holds a run \(checkpoint-2, metrics.jsonl\)"):
+        train(tiny(tmp_path, "copy", max_steps=1, synthetic_pairs=6))
+    train(tiny(tmp_path, "copy", max_steps=1, synthetic_pairs=6, overwrite=True))
+    assert [row["step"] for row in read_rows(output)] == [1]
+    assert [path.name for path in checkpoints.complete_checkpoints(output)] == ["checkpoint-1"]
+
+
+def test_resume_from_a_given_checkpoint_folder(tmp_path):
+    full = tiny(tmp_path, "full", max_steps=4, checkpoint_every=1, synthetic_pairs=6)
+    train(full)
+    full_dir = Path(full.output_dir)
+    # --resume PATH from checkpoint-2: the newer checkpoints would belong to another run.
+    again = tiny(tmp_path, "full", max_steps=4, synthetic_pairs=6)
+    again.resume = str(full_dir / "checkpoint-2")
+    with pytest.raises(UsageError, match=r"checkpoint-3, checkpoint-4.*--overwrite"):
+        train(again)
+    again.overwrite = True
+    train(again)
+    assert [row["step"] for row in read_rows(full_dir)] == [1, 2, 3, 4]
+    # Into a new folder: the same rows after step 2 and the same weights.
+    elsewhere = tiny(tmp_path, "elsewhere", max_steps=4, synthetic_pairs=6)
+    elsewhere.resume = str(full_dir / "checkpoint-2")
+    train(elsewhere)
+    assert without_timing(read_rows(Path(elsewhere.output_dir))) == without_timing(
+        read_rows(full_dir)[2:]
+    )
+    assert_same_weights(full_dir, Path(elsewhere.output_dir))
+    assert config_from_args(
+        [
+            "--preset",
+            "tiny",
+            "--output-dir",
+            str(tmp_path / "x"),
+            "--resume",
+            str(full_dir / "checkpoint-2"),
+        ]
+    ).resume == str(full_dir / "checkpoint-2")
+
+
+# --- Resume logs exactly what the uninterrupted run logs ------------------------------------
+
+
+def write_manifest_with_a_corrupt_image(folder: Path) -> Path:
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir()
+    lines = []
+    for index in range(4):
+        Image.new("RGB", (20, 24), (200, 30, 30)).save(images / f"w{index}.png")
+        Image.new("RGB", (20, 24), (30, 30, 200)).save(images / f"l{index}.png")
+        row = {"caption": "a red square", "winner": f"images/w{index}.png"}
+        lines.append(json.dumps({**row, "loser": f"images/l{index}.png"}))
+    (images / "l1.png").write_bytes(b"not a png")
+    manifest = folder / "pairs.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_manifest_with_a_corrupt_image(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize(
+    ("log_every", "checkpoint_every", "resume_at"),
+    [(1, 2, 2), (2, 3, 3), (3, 2, 4), (4, 5, 5), (5, 1, 1)],
+)
+def test_resume_logs_what_the_uninterrupted_run_logs(
+    tmp_path, manifest, log_every, checkpoint_every, resume_at
+):
+    settings = dict(
+        data=str(manifest), max_steps=6, log_every=log_every, checkpoint_every=checkpoint_every,
+        gradient_accumulation=1, train_batch_pairs=2,
+    )  # fmt: skip
+    full = tiny(tmp_path, "full", **settings)
+    train(full)
+    full_dir = Path(full.output_dir)
+    # The interrupted run: the folder as a kill right after checkpoint-RESUME_AT leaves it.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(full_dir / f"checkpoint-{resume_at}", cut / f"checkpoint-{resume_at}")
+    kept = [line for line in (full_dir / "metrics.jsonl").read_text().splitlines()]
+    kept = [line for line in kept if json.loads(line)["step"] <= resume_at]
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    train(tiny(tmp_path, "cut", resume="latest", **settings))
+    full_rows, resumed_rows = read_rows(full_dir), read_rows(cut)
+    assert full_rows[-1]["skipped_images"] > 0  # the corrupt image is really counted
+    assert without_timing(resumed_rows) == without_timing(full_rows)
+    assert_same_weights(full_dir, cut)
+
+
+# --- Damaged files ---------------------------------------------------------------------------
+
+
+def test_torn_metrics_line_is_repaired_on_resume(two_step_run, tmp_path, capsys):
+    output = copy_run(two_step_run, tmp_path)
+    with open(output / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "loss": 0.6')  # a kill in the middle of a write
+    train(tiny(tmp_path, "copy", max_steps=3, synthetic_pairs=6, resume="latest"))
+    assert [row["step"] for row in read_rows(output)] == [1, 2, 3]
+    assert "line 3 is a torn row" in capsys.readouterr().err
+
+
+def test_damaged_metrics_row_elsewhere_names_the_file(two_step_run, tmp_path):
+    output = copy_run(two_step_run, tmp_path)
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    (output / "metrics.jsonl").write_text("garbage\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 1 is not a metrics row"):
+        train(tiny(tmp_path, "copy", max_steps=3, synthetic_pairs=6, resume="latest"))
+
+
+def test_temporary_folders_of_an_interrupted_save_are_removed(two_step_run, tmp_path):
+    output = copy_run(two_step_run, tmp_path)
+    (output / "checkpoint-3.tmp-999").mkdir()
+    (output / "checkpoint-3.tmp-999" / checkpoints.MODEL_FILE).write_bytes(b"half")
+    train(tiny(tmp_path, "copy", max_steps=3, synthetic_pairs=6, resume="latest"))
+    assert not list(output.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, damage):
+    full = tiny(tmp_path, "full", max_steps=3, checkpoint_every=1, synthetic_pairs=6)
+    train(full)
+    output = Path(full.output_dir)
+    damaged = (
+        output
+        / "checkpoint-3"
+        / (checkpoints.STATE_FILE if damage == "garbage" else checkpoints.MODEL_FILE)
+    )
+    if damage == "truncate":
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    elif damage == "garbage":
+        size = damaged.stat().st_size
+        damaged.write_bytes(b"x" * size)  # same size: caught by loading, not the marker
+    else:
+        damaged.unlink()
+    rows_before = read_rows(output)
+    resumed = tiny(tmp_path, "full", max_steps=3, synthetic_pairs=6, resume="latest")
+    train(resumed)
+    assert "checkpoint-3 is damaged" in capsys.readouterr().err
+    assert without_timing(read_rows(output)) == without_timing(rows_before)
+
+
+def test_disk_full_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny(tmp_path, max_steps=4, checkpoint_every=1)
+    real_save = checkpoints.save_file
+    calls = {"count": 0}
+
+    def save_until_full(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", save_until_full)
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match=r"no space left on device while writing .*checkpoint-3; the last good checkpoint "
+        r"\(.*checkpoint-2\) is kept",
+    ):
+        train(config)
+    output = Path(config.output_dir)
+    assert checkpoints.latest_checkpoint(output).name == "checkpoint-2"
+    assert not list(output.glob("*.tmp-*"))
+    checkpoints.load_checkpoint(output / "checkpoint-2")
+
+
+def test_disk_full_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    from sdpo.train.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    argv = ["--preset", "tiny", "--output-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    assert main([*argv, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device" in err[0]
+
+
+# --- Signals ---------------------------------------------------------------------------------
+
+
+def child_environment() -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TRITON")}
+    environment.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return environment
+
+
+def start_training(command: list[str], output: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=child_environment(), start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for_rows(process: subprocess.Popen, output: Path, rows: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = output / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("training did not log in time")
+
+
+TRAIN = [sys.executable, "-m", "sdpo.train", "--preset", "tiny", "--no-progress"]
+RUN_FLAGS = ["--synthetic-pairs", "6", "--log-every", "2", "--checkpoint-every", "50"]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_after_the_step_in_flight_and_resume_is_exact(tmp_path, signal_number):
+    output = tmp_path / "stopped"
+    process = start_training(
+        [*TRAIN, "--output-dir", str(output), "--max-steps", "1000", *RUN_FLAGS], output
+    )
+    wait_for_rows(process, output, 1)
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 128 + signal_number, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("sdpo-train:")]
+    assert len(lines) == 1 and signal.Signals(signal_number).name in lines[0], err[-3000:]
+    stopped_at = checkpoints.checkpoint_step(checkpoints.latest_checkpoint(output))
+    assert f"after step {stopped_at}; checkpoint: {output / f'checkpoint-{stopped_at}'}" in lines[0]
+    # Resume to a few steps on, and the same run uninterrupted.
+    end = str(stopped_at + 3)
+    resumed = subprocess.run(
+        [*TRAIN, "--output-dir", str(output), "--max-steps", end, *RUN_FLAGS, "--resume"],
+        capture_output=True, text=True, env=child_environment(), timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = tmp_path / "whole"
+    uninterrupted = subprocess.run(
+        [*TRAIN, "--output-dir", str(whole), "--max-steps", end, *RUN_FLAGS],
+        capture_output=True, text=True, env=child_environment(), timeout=300,
+    )  # fmt: skip
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert without_timing(read_rows(output)) == without_timing(read_rows(whole))
+    assert_same_weights(output, whole)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    output = tmp_path / "twice"
+    # Long optimizer steps (32 micro-batches), so the second signal lands in the step in flight.
+    slow = ["--gradient-accumulation", "32", "--max-steps", "1000", "--log-every", "1"]
+    process = start_training([*TRAIN, "--output-dir", str(output), *slow], output)
+    wait_for_rows(process, output, 1)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # two signals at once would reach the Python handler as one
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    # Either the second signal came in time (exit at once, no checkpoint), or the first had
+    # already finished its checkpoint and the run had stopped: both exit 143 with one line.
+    assert process.returncode == 143, err[-3000:]
+    if "second SIGTERM: exiting now, no checkpoint" not in err:
+        assert "stopped by SIGTERM" in err, err[-3000:]
+        pytest.fail("the run stopped before the second signal; the test must send it sooner")
+    assert checkpoints.latest_checkpoint(output) is None
+
+
+def test_torchrun_sigterm_stops_every_rank_at_the_same_step(tmp_path):
+    output = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = ["--output-dir", str(output), *RUN_FLAGS]
+    command = [*torchrun, "-m", "sdpo.train", "--preset", "tiny", "--no-progress", *flags]
+    process = start_training([*command, "--max-steps", "1000"], output)
+    wait_for_rows(process, output, 1)
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, err = process.communicate(timeout=240)
+    assert process.returncode != 0
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, err[-4000:]
+    stopped_at = checkpoints.checkpoint_step(checkpoints.latest_checkpoint(output))
+    assert f"after step {stopped_at};" in stopped[0]
+    end = str(stopped_at + 2)
+    for folder, extra in ((output, ["--resume"]), (tmp_path / "whole", [])):
+        run_flags = ["--output-dir", str(folder), *RUN_FLAGS, "--max-steps", end, *extra]
+        result = subprocess.run(
+            [*torchrun, "-m", "sdpo.train", "--preset", "tiny", "--no-progress", *run_flags],
+            capture_output=True, text=True, env=child_environment(), timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert without_timing(read_rows(output)) == without_timing(read_rows(tmp_path / "whole"))
+    assert_same_weights(output, tmp_path / "whole")
