@@ -75,7 +75,7 @@ def test_sdpo_train_picks_one_thread_for_the_tiny_model_and_says_so(
         torch.set_num_threads(1)
     assert status == 0
     assert threads_during_run == 1
-    assert "sdpo-train: CPU threads: 1 (default;" in capsys.readouterr().err
+    assert "CPU threads 1 per process" in capsys.readouterr().err  # the start banner says so
 
 
 def test_sdpo_train_rejects_a_bad_omp_num_threads_in_one_line(

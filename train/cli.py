@@ -26,9 +26,8 @@ def _configure_threads(model: str) -> None:
 
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     default = 1 if model == "tiny" else max(1, (os.cpu_count() or 1) // processes)
-    configure_cpu_threads(
-        None, default=default, program="sdpo-train", how_to_change="OMP_NUM_THREADS"
-    )
+    # Said in the start banner (runlog.banner_lines), not here: anticipated errors stay one line.
+    configure_cpu_threads(None, default=default, program="sdpo-train", log=False)
 
 
 def main(argv: list[str] | None = None) -> int:

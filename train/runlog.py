@@ -12,6 +12,8 @@ import logging
 import math
 import sys
 
+import torch
+
 logger = logging.getLogger("sdpo.train")
 
 
@@ -74,7 +76,12 @@ def banner_lines(
         f"{config.learning_rate:g}{' (scaled)' if config.scale_lr else ''}, schedule "
         f"{config.lr_scheduler} ({config.warmup_steps} warmup)",
         f"devices: {world_size} x {device.type}; dtype {dtype}; compiled: {compiled}"
-        + ("; FSDP2" if config.fsdp and world_size > 1 else ""),
+        + ("; FSDP2" if config.fsdp and world_size > 1 else "")
+        + (
+            f"; CPU threads {torch.get_num_threads()} per process (OMP_NUM_THREADS overrides)"
+            if device.type == "cpu"
+            else ""
+        ),
         f"outputs: {config.output_dir} (metrics.jsonl, checkpoints, unet/; tracker "
         f"{config.report_to}"
         + (
