@@ -17,12 +17,29 @@ import torch
 logger = logging.getLogger("sdpo.train")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not the stream that was
+    current when the handler was made (a caller that swaps stderr, as pytest's capture does
+    between calls of ``main``, would otherwise leave it writing to a closed file)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
 def configure_logging(is_main: bool) -> None:
     """INFO lines on stderr for rank 0, warnings only for the other ranks; a handler is added
     once (a caller that configured ``sdpo.train`` itself keeps its own)."""
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

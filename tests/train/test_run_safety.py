@@ -427,7 +427,10 @@ def test_disk_full_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
     argv = ["--preset", "tiny", "--output-dir", str(tmp_path / "r"), "--max-steps", "1"]
     assert main([*argv, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no space left on device" in err[0]
+    # The start banner's log lines come first; the failure itself is one line, no traceback.
+    errors = [line for line in err if line.startswith("sdpo-train: error:")]
+    assert len(errors) == 1 and "no space left on device" in errors[0]
+    assert err[-1] == errors[0] and not any("Traceback" in line for line in err)
 
 
 # --- Signals ---------------------------------------------------------------------------------
