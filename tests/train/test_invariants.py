@@ -68,7 +68,10 @@ class Oracle:
             beta_schedule="scaled_linear",
         )
         self.records = load_records(
-            None, resolution=config.resolution, synthetic_pairs=config.synthetic_pairs, seed=0
+            None,
+            resolution=config.resolution,
+            synthetic_pairs=config.synthetic_pairs,
+            seed=config.seed,
         )
 
     def policy_after(self, step: int, weights: dict[str, torch.Tensor] | None = None):
@@ -162,7 +165,9 @@ def warmup_lr(base: float, warmup: int, steps_done: int) -> float:
 def test_reference_frozen_margin_leaves_zero_and_loss_matches_an_independent_step(tmp_path):
     # Tiny preset: 2 pairs x 2 accumulated micro-batches, warmup 2 (step 1 runs at lr 0, step 2
     # at half the rate), caption dropout 0.2. Step 3 is the first whose policy has moved.
-    config = tiny(tmp_path, max_steps=3, checkpoint_every=1, learning_rate=1e-3)
+    # Steps 1-2 still check the inputs: model_mse_w / model_mse_l depend on every draw.
+    # 8 pairs: 4 micro-batches an epoch, so step 3 reads epoch 1 (a new order).
+    config = tiny(tmp_path, max_steps=3, checkpoint_every=1, learning_rate=1e-3, synthetic_pairs=8)
     rows = train(config)["rows"]
     oracle = Oracle(config)
     assert [row["step"] for row in rows] == [1, 2, 3]
