@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -109,3 +111,67 @@ def test_weights_plug_into_preference_loss():
     ]
     torch.testing.assert_close(weighted.loss, (weights * torch.stack(per_pair)).mean())
     torch.testing.assert_close(plain.loss, torch.stack(per_pair).mean())
+
+
+def independent_log_weights(scheduler, timesteps, gaps, elements):
+    """log w per pair from the module's documented definition, with diffusers' own schedule:
+    -k_t * D * gap, k_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alphabar_t)), sigma_t^2 the DDPM
+    posterior ("fixed_small") variance; gap = (L_w - R_w) + (L_l - R_l)."""
+    values = []
+    for step, gap in zip(timesteps, gaps, strict=True):
+        beta = scheduler.betas[step].double()
+        variance = scheduler._get_variance(step).double()
+        alphabar = scheduler.alphas_cumprod[step].double()
+        k = beta**2 / (2 * variance * (1 - beta) * (1 - alphabar))
+        values.append(float(-k * elements * gap))
+    return values
+
+
+@pytest.mark.parametrize(
+    ("mask_threshold", "clip_epsilon", "allowed_range"),
+    [(0.9, 0.2, None), (0.8, 0.1, (100, 700)), (0.5, 0.05, (0, 1000))],
+)
+def test_weighting_mask_and_clip_through_pair_weights(mask_threshold, clip_epsilon, allowed_range):
+    # TimestepWeighting itself, on predictions whose errors put each pair's log w where wanted:
+    # target 0, every element of a row equal, so a row's MSE is its value squared.
+    scheduler = sd_scheduler()
+    timesteps = [50, 150, 300, 450, 600, 650, 800, 999]
+    wanted_log_w = [0.0, 0.35, -0.15, -0.3, 0.08, -1.5, 0.15, -0.02]
+    shape, elements = (2, 4, 4), 32
+    k = [-value for value in independent_log_weights(scheduler, timesteps, [1.0] * 8, 1)]
+    pairs = len(timesteps)
+    # gap = log w / (-k D); the winner carries it: L_w = R_w + gap, the loser has L = R = 0.5.
+    gaps = [log_w / (-k_t * elements) for log_w, k_t in zip(wanted_log_w, k, strict=True)]
+    reference_mse = 1.0 + 2 * max(abs(gap) for gap in gaps)
+    model_rows = [math.sqrt(reference_mse + gap) for gap in gaps] + [math.sqrt(0.5)] * pairs
+    ref_rows = [math.sqrt(reference_mse)] * pairs + [math.sqrt(0.5)] * pairs
+    model_pred = torch.tensor(model_rows).view(-1, 1, 1, 1).expand(-1, *shape).contiguous()
+    ref_pred = torch.tensor(ref_rows).view(-1, 1, 1, 1).expand(-1, *shape).contiguous()
+    target = torch.zeros(pairs, *shape)
+    log_w = independent_log_weights(scheduler, timesteps, gaps, elements)
+    assert log_w == pytest.approx(wanted_log_w, abs=1e-9)
+    w = [math.exp(value) for value in log_w]
+    low, high = allowed_range if allowed_range is not None else (0, 1000)
+    mask = [
+        float(weight >= mask_threshold and low <= step < high)
+        for weight, step in zip(w, timesteps, strict=True)
+    ]
+    clipped = [min(max(weight, 1 - clip_epsilon), 1 + clip_epsilon) for weight in w]
+    steps = torch.tensor(timesteps).repeat(2)
+    settings = dict(
+        mask_threshold=mask_threshold, clip_epsilon=clip_epsilon, allowed_range=allowed_range
+    )
+    masks = TimestepWeighting(mode="dpo-cm", **settings).pair_weights(
+        model_pred, ref_pred, target, steps, scheduler.betas
+    )
+    weights = TimestepWeighting(mode="importance", **settings).pair_weights(
+        model_pred, ref_pred, target, steps, scheduler.betas
+    )
+    assert masks.tolist() == mask
+    expected = torch.tensor([m * c for m, c in zip(mask, clipped, strict=True)])
+    torch.testing.assert_close(weights, expected, rtol=1e-4, atol=1e-6)
+    # The cases are informative: some pairs masked, some clipped at each end, some kept as is.
+    assert 0.0 in mask and 1.0 in mask
+    assert any(m and weight > 1 + clip_epsilon for m, weight in zip(mask, w, strict=True))
+    if mask_threshold < 1 - clip_epsilon:  # else no kept pair can reach the lower clip
+        assert any(m and weight < 1 - clip_epsilon for m, weight in zip(mask, w, strict=True))
