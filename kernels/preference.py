@@ -27,6 +27,8 @@ Offsets are int64 (a Wan2.1 video latent is 2.1M elements per sample, 8.4M rows 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -401,7 +403,7 @@ def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
     return chunk_elements, cdiv(elements, chunk_elements)
 
 
-def launch_forward(
+def forward_launches(
     model_pred: torch.Tensor,
     ref_pred: torch.Tensor,
     target: torch.Tensor,
@@ -414,10 +416,11 @@ def launch_forward(
     group_size: int,
     log_q: float,
     log_one_minus_q: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs the two forward kernels. Returns (loss (), stats (9,), lambda (B,), coefficients (2, 2B)).
-
-    ``group_size`` 0 means one lambda for the whole call. Inputs must be contiguous.
+) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[torch.Tensor, ...]]:
+    """The two forward kernels as separate launches (the benchmarks time each), with the outputs
+    they write: ((sums launch, finalize launch), (loss (), stats (9,), lambda (B,),
+    coefficients (2, 2B))). ``group_size`` 0 means one lambda for the whole call. Inputs must be
+    contiguous.
     """
     assert model_pred.is_contiguous() and ref_pred.is_contiguous() and target.is_contiguous(), (
         "launch_forward needs contiguous inputs; the op layer copies non-contiguous ones"
@@ -443,47 +446,68 @@ def launch_forward(
     coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     weights = pair_weights if pair_weights is not None else scale  # unread when HAS_WEIGHTS=False
 
-    pair_sums_kernel[(batch_pairs, num_chunks)](
-        model_pred,
-        ref_pred,
-        target,
-        partials,
-        batch_pairs,
-        elements,
-        num_chunks,
-        TARGET_SHARED=target_shared,
-        WITH_GAP=with_gap,
-        BLOCK=SUMS_BLOCK,
-        BLOCKS_PER_CHUNK=blocks_per_chunk,
-        num_warps=4,
+    def launch_sums() -> None:
+        pair_sums_kernel[(batch_pairs, num_chunks)](
+            model_pred,
+            ref_pred,
+            target,
+            partials,
+            batch_pairs,
+            elements,
+            num_chunks,
+            TARGET_SHARED=target_shared,
+            WITH_GAP=with_gap,
+            BLOCK=SUMS_BLOCK,
+            BLOCKS_PER_CHUNK=blocks_per_chunk,
+            num_warps=4,
+        )
+
+    def launch_finalize() -> None:
+        finalize_kernel[(1,)](
+            partials,
+            weights,
+            scratch,
+            loss,
+            stats,
+            scale,
+            coefficients,
+            batch_pairs,
+            num_chunks,
+            max(group_size, 1),
+            float(batch_pairs),
+            float(elements),
+            float(beta),
+            float(mu),
+            float(log_q),
+            float(log_one_minus_q),
+            METHOD=method_code,
+            SAFEGUARD=safeguard,
+            BATCH_LAMBDA=group_size == 0,
+            HAS_WEIGHTS=pair_weights is not None,
+            BLOCK_B=block_pairs,
+            BLOCK_C=block_chunks,
+            GROUP_BLOCK=next_power_of_2(max(group_size, 1)),
+            num_warps=4,
+        )
+
+    return (launch_sums, launch_finalize), (loss, stats, scale, coefficients)
+
+
+def launch_forward(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    pair_weights: torch.Tensor | None,
+    **settings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the two forward kernels (keywords: forward_launches'). Returns (loss (), stats (9,),
+    lambda (B,), coefficients (2, 2B))."""
+    (launch_sums, launch_finalize), outputs = forward_launches(
+        model_pred, ref_pred, target, pair_weights, **settings
     )
-    finalize_kernel[(1,)](
-        partials,
-        weights,
-        scratch,
-        loss,
-        stats,
-        scale,
-        coefficients,
-        batch_pairs,
-        num_chunks,
-        max(group_size, 1),
-        float(batch_pairs),
-        float(elements),
-        float(beta),
-        float(mu),
-        float(log_q),
-        float(log_one_minus_q),
-        METHOD=method_code,
-        SAFEGUARD=safeguard,
-        BATCH_LAMBDA=group_size == 0,
-        HAS_WEIGHTS=pair_weights is not None,
-        BLOCK_B=block_pairs,
-        BLOCK_C=block_chunks,
-        GROUP_BLOCK=next_power_of_2(max(group_size, 1)),
-        num_warps=4,
-    )
-    return loss, stats, scale, coefficients
+    launch_sums()
+    launch_finalize()
+    return outputs
 
 
 def launch_gradient(
