@@ -27,6 +27,8 @@ Offsets are int64 (a Wan2.1 video latent is 2.1M elements per sample, 8.4M rows 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -58,19 +60,25 @@ def pair_sums_kernel(
     partials_ptr,
     batch_pairs,
     elements,
-    chunk_elements,
     num_chunks,
     TARGET_SHARED: tl.constexpr,
     WITH_GAP: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
 ):
-    """Program (pair, chunk): the sums over elements [chunk * chunk_elements, ...) of one pair."""
+    """Program (pair, chunk): the sums over elements [chunk * BLOCKS_PER_CHUNK * BLOCK, ...).
+
+    The trip count is a compile-time power of two (plan_chunks), which keeps the number of
+    compiled variants small (one per power) and the loop free of runtime bounds: Triton 3.6's
+    interpreter cannot iterate over a runtime scalar (its ``__index__`` rejects the 1-element
+    array that scalar arguments become under NumPy >= 2.3).
+    """
     pair = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     winner_row = pair * elements
     loser_row = (pair + batch_pairs) * elements
     target_loser_row = winner_row if TARGET_SHARED else loser_row
-    start = chunk * chunk_elements
+    start = chunk * (BLOCKS_PER_CHUNK * BLOCK)
     offsets = tl.arange(0, BLOCK).to(tl.int64)
 
     sum_ww = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -80,8 +88,8 @@ def pair_sums_kernel(
     sum_rl = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_wg = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_gg = tl.zeros((BLOCK,), dtype=tl.float32)
-    for block_start in range(0, chunk_elements, BLOCK):
-        index = start + block_start + offsets
+    for block in range(0, BLOCKS_PER_CHUNK):
+        index = start + block * BLOCK + offsets
         mask = index < elements
         pred_w = tl.load(pred_ptr + winner_row + index, mask=mask, other=0.0).to(tl.float32)
         pred_l = tl.load(pred_ptr + loser_row + index, mask=mask, other=0.0).to(tl.float32)
@@ -128,22 +136,9 @@ def _softplus(x):
 
 
 @triton.jit
-def _reduce_partial(
-    partials_ptr,
-    pairs,
-    pair_mask,
-    num_chunks,
-    INDEX: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    total = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for chunk_start in range(0, num_chunks, BLOCK_C):
-        chunks = chunk_start + tl.arange(0, BLOCK_C)
-        mask = pair_mask[:, None] & (chunks[None, :] < num_chunks)
-        offsets = (pairs[:, None].to(tl.int64) * num_chunks + chunks[None, :]) * 8 + INDEX
-        total += tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=1)
-    return total
+def _column(sums, columns, INDEX: tl.constexpr):
+    # Column INDEX of a (pairs, 8) tile: the other columns add exact zeros.
+    return tl.sum(tl.where(columns == INDEX, sums, 0.0), axis=1)
 
 
 @triton.jit
@@ -157,12 +152,14 @@ def _group_totals(
     pairs_f,
     BATCH: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    GROUP_BLOCK: tl.constexpr,
 ):
     """Per pair: the sum of ``values`` over its group and the group's pair count.
 
     BATCH: one group of all pairs. Otherwise groups of ``group_size`` consecutive pairs (the last
     may be short): the values are parked in ``scratch_ptr`` (BLOCK_B floats that no other call
-    uses), then each pair adds up its group's members. O(B * G) loads.
+    uses), then each pair adds up its group's members. O(B * G) loads; the loop runs to
+    GROUP_BLOCK = next_power_of_2(group_size), a compile-time bound (see pair_sums_kernel).
     """
     if BATCH:
         total = tl.zeros((BLOCK_B,), dtype=tl.float32) + tl.sum(
@@ -175,9 +172,11 @@ def _group_totals(
         group_start = (pairs // group_size) * group_size
         total = tl.zeros((BLOCK_B,), dtype=tl.float32)
         count = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for member in range(0, group_size):
+        for member in range(0, GROUP_BLOCK):
             index = group_start + member
-            member_mask = pair_mask & (index < batch_pairs)
+            # Block-shaped bound (not member < group_size, a scalar bool: Triton 3.9's interpreter
+            # rejects a block mask combined with one).
+            member_mask = pair_mask & (index < batch_pairs) & (index < group_start + group_size)
             total += tl.load(scratch_ptr + index, mask=member_mask, other=0.0)
             count += member_mask.to(tl.float32)
     return total, count
@@ -207,21 +206,38 @@ def finalize_kernel(
     HAS_WEIGHTS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    GROUP_BLOCK: tl.constexpr,
 ):
     """One program: sums -> MSEs, u, lambda, loss, statistics and gradient coefficients.
 
-    coefficients (3, 2B): row 0 holds the e-coefficient of each prediction row (a_i for
+    The partials arrive as ONE (pairs, chunks, 8) tile load (num_chunks <= BLOCK_C, plan_chunks
+    guarantees it; <= 4096 fp32 values), reduced over the chunks in one step: one round trip to
+    memory instead of seven dependent loops over BLOCK_C-wide slices.
+
+    coefficients (2, 2B): row 0 holds the e-coefficient of each prediction row (a_i for
     winners, c_i for losers), row 1 the g-coefficient (b_i for winners, 0 for losers).
     """
     pairs = tl.arange(0, BLOCK_B)
     pair_mask = pairs < batch_pairs
-    sum_ww = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 0, BLOCK_B, BLOCK_C)
-    sum_ll = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 1, BLOCK_B, BLOCK_C)
-    sum_wl = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 2, BLOCK_B, BLOCK_C)
-    sum_rw = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 3, BLOCK_B, BLOCK_C)
-    sum_rl = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 4, BLOCK_B, BLOCK_C)
-    sum_wg = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 5, BLOCK_B, BLOCK_C)
-    sum_gg = _reduce_partial(partials_ptr, pairs, pair_mask, num_chunks, 6, BLOCK_B, BLOCK_C)
+    chunks = tl.arange(0, BLOCK_C)
+    columns = tl.arange(0, 8)
+    tile_offsets = (
+        pairs[:, None, None].to(tl.int64) * num_chunks + chunks[None, :, None]
+    ) * 8 + columns[None, None, :]
+    tile_mask = (
+        pair_mask[:, None, None]
+        & (chunks[None, :, None] < num_chunks)
+        & (columns[None, None, :] < 7)
+    )
+    sums = tl.sum(tl.load(partials_ptr + tile_offsets, mask=tile_mask, other=0.0), axis=1)
+    columns_2d = columns[None, :]
+    sum_ww = _column(sums, columns_2d, 0)
+    sum_ll = _column(sums, columns_2d, 1)
+    sum_wl = _column(sums, columns_2d, 2)
+    sum_rw = _column(sums, columns_2d, 3)
+    sum_rl = _column(sums, columns_2d, 4)
+    sum_wg = _column(sums, columns_2d, 5)
+    sum_gg = _column(sums, columns_2d, 6)
 
     mse_w = sum_ww / elements_f
     mse_l = sum_ll / elements_f
@@ -233,11 +249,11 @@ def finalize_kernel(
     if SAFEGUARD:
         group_ww, group_count = _group_totals(
             sum_ww, scratch_ptr, pairs, pair_mask, batch_pairs, group_size, pairs_f,
-            BATCH_LAMBDA, BLOCK_B,
+            BATCH_LAMBDA, BLOCK_B, GROUP_BLOCK,
         )  # fmt: skip
         group_wl, _ = _group_totals(
             sum_wl, scratch_ptr + BLOCK_B, pairs, pair_mask, batch_pairs, group_size, pairs_f,
-            BATCH_LAMBDA, BLOCK_B,
+            BATCH_LAMBDA, BLOCK_B, GROUP_BLOCK,
         )  # fmt: skip
         group_elements = group_count * elements_f
         epsilon = SAFEGUARD_EPSILON * group_elements * group_elements / 4.0
@@ -273,7 +289,7 @@ def finalize_kernel(
         gap_mean = tl.sum(tl.where(pair_mask, gap_sq, 0.0), axis=0) / pairs_f
         group_gap, group_gap_count = _group_totals(
             gap_sq, scratch_ptr + 2 * BLOCK_B, pairs, pair_mask, batch_pairs, group_size,
-            pairs_f, BATCH_LAMBDA, BLOCK_B,
+            pairs_f, BATCH_LAMBDA, BLOCK_B, GROUP_BLOCK,
         )  # fmt: skip
         # Lanes past the last pair have no group (count 0): keep them finite.
         use_gap = group_gap / tl.maximum(group_gap_count, 1.0) >= DSPO_SDXL_GAP_THRESHOLD
@@ -357,32 +373,37 @@ def gradient_kernel(
 
 SUMS_BLOCK = 1024  # elements per loop step of pair_sums_kernel: 7 fp32 accumulators x 8 per thread
 GRADIENT_BLOCK = 2048  # elements per program of gradient_kernel
-MAX_CHUNK_BLOCK = 64
+# Programs of pair_sums_kernel to aim for: ~4 per SM of an H100 (132 SMs). A constant, not the
+# device's SM count, so that the reduction order (and so every bit of the result) depends on the
+# shapes alone and a run resumed on another GPU model continues bit-identically.
+SUMS_PROGRAMS = 512
 
 
 def next_power_of_2(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
-def plan_chunks(device: torch.device, batch_pairs: int, elements: int) -> tuple[int, int]:
-    """(chunk_elements, num_chunks) so that pair_sums_kernel has enough programs to fill the GPU.
+def cdiv(numerator: int, denominator: int) -> int:
+    # Not triton.cdiv: that is a @triton.jit function, ~20 us per host call through its launcher.
+    return -(-numerator // denominator)
 
-    Aim for ~4 programs per SM (528 on an H100's 132 SMs): the video size (B = 2, 2.1M elements
-    per sample) becomes 2 x 264 programs of ~8K elements; SD1.5 (B = 8, 16384) 8 x 16 of 1024.
-    Under the CPU interpreter every program is a Python loop, so one chunk per pair.
+
+def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
+    """(chunk_elements, num_chunks) of pair_sums_kernel: a function of the shapes only.
+
+    Each chunk is a power of two of SUMS_BLOCKs (a compile-time loop bound) and there are at most
+    SUMS_PROGRAMS / next_power_of_2(B) chunks per pair, so the finalize kernel reads all
+    partials in one (pairs, chunks, 8) tile of <= 4096 fp32 values (B <= 512). The video size
+    (B = 2, 2.1M elements per sample) becomes 2 x 256 programs of 8K elements; SD1.5 (B = 8,
+    16384) 8 x 16 of 1024.
     """
-    blocks = triton.cdiv(elements, SUMS_BLOCK)
-    if device.type == "cuda":
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        num_chunks = max(1, min(blocks, triton.cdiv(target_programs, batch_pairs)))
-    else:
-        num_chunks = 1
-    chunk_blocks = triton.cdiv(blocks, num_chunks)
-    chunk_elements = chunk_blocks * SUMS_BLOCK
-    return chunk_elements, triton.cdiv(elements, chunk_elements)
+    blocks = cdiv(elements, SUMS_BLOCK)
+    max_chunks = max(1, SUMS_PROGRAMS // next_power_of_2(batch_pairs))
+    chunk_elements = next_power_of_2(cdiv(blocks, max_chunks)) * SUMS_BLOCK
+    return chunk_elements, cdiv(elements, chunk_elements)
 
 
-def launch_forward(
+def forward_launches(
     model_pred: torch.Tensor,
     ref_pred: torch.Tensor,
     target: torch.Tensor,
@@ -395,10 +416,11 @@ def launch_forward(
     group_size: int,
     log_q: float,
     log_one_minus_q: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs the two forward kernels. Returns (loss (), stats (9,), lambda (B,), coefficients (2, 2B)).
-
-    ``group_size`` 0 means one lambda for the whole call. Inputs must be contiguous.
+) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[torch.Tensor, ...]]:
+    """The two forward kernels as separate launches (the benchmarks time each), with the outputs
+    they write: ((sums launch, finalize launch), (loss (), stats (9,), lambda (B,),
+    coefficients (2, 2B))). ``group_size`` 0 means one lambda for the whole call. Inputs must be
+    contiguous.
     """
     assert model_pred.is_contiguous() and ref_pred.is_contiguous() and target.is_contiguous(), (
         "launch_forward needs contiguous inputs; the op layer copies non-contiguous ones"
@@ -409,11 +431,11 @@ def launch_forward(
     target_shared = target.shape[0] == batch_pairs
     with_gap = method_code in (METHOD_DSPO, METHOD_DSPO_SDXL)
     device = model_pred.device
-    chunk_elements, num_chunks = plan_chunks(device, batch_pairs, elements)
-    block_pairs = max(16, next_power_of_2(batch_pairs))
-    # Keep the finalize kernel's (pairs x chunks) tile at <= 1024 fp32 values: ptxas reports
-    # 0 spills for B <= 1024 that way (sm_90, 4 warps), against 1.2 KB spilled at 64 x 64.
-    block_chunks = max(1, min(MAX_CHUNK_BLOCK, next_power_of_2(num_chunks), 1024 // block_pairs))
+    chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
+    blocks_per_chunk = chunk_elements // SUMS_BLOCK
+    assert chunk_elements == blocks_per_chunk * SUMS_BLOCK, "plan_chunks: whole SUMS_BLOCKs"
+    block_pairs = next_power_of_2(batch_pairs)
+    block_chunks = next_power_of_2(num_chunks)
 
     partials = torch.empty((batch_pairs, num_chunks, NUM_SUMS), dtype=torch.float32, device=device)
     # Three group reductions (S_ww, S_wl, the DSPO-SDXL gap) park their values here.
@@ -424,46 +446,68 @@ def launch_forward(
     coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     weights = pair_weights if pair_weights is not None else scale  # unread when HAS_WEIGHTS=False
 
-    pair_sums_kernel[(batch_pairs, num_chunks)](
-        model_pred,
-        ref_pred,
-        target,
-        partials,
-        batch_pairs,
-        elements,
-        chunk_elements,
-        num_chunks,
-        TARGET_SHARED=target_shared,
-        WITH_GAP=with_gap,
-        BLOCK=SUMS_BLOCK,
-        num_warps=4,
+    def launch_sums() -> None:
+        pair_sums_kernel[(batch_pairs, num_chunks)](
+            model_pred,
+            ref_pred,
+            target,
+            partials,
+            batch_pairs,
+            elements,
+            num_chunks,
+            TARGET_SHARED=target_shared,
+            WITH_GAP=with_gap,
+            BLOCK=SUMS_BLOCK,
+            BLOCKS_PER_CHUNK=blocks_per_chunk,
+            num_warps=4,
+        )
+
+    def launch_finalize() -> None:
+        finalize_kernel[(1,)](
+            partials,
+            weights,
+            scratch,
+            loss,
+            stats,
+            scale,
+            coefficients,
+            batch_pairs,
+            num_chunks,
+            max(group_size, 1),
+            float(batch_pairs),
+            float(elements),
+            float(beta),
+            float(mu),
+            float(log_q),
+            float(log_one_minus_q),
+            METHOD=method_code,
+            SAFEGUARD=safeguard,
+            BATCH_LAMBDA=group_size == 0,
+            HAS_WEIGHTS=pair_weights is not None,
+            BLOCK_B=block_pairs,
+            BLOCK_C=block_chunks,
+            GROUP_BLOCK=next_power_of_2(max(group_size, 1)),
+            num_warps=4,
+        )
+
+    return (launch_sums, launch_finalize), (loss, stats, scale, coefficients)
+
+
+def launch_forward(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    pair_weights: torch.Tensor | None,
+    **settings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the two forward kernels (keywords: forward_launches'). Returns (loss (), stats (9,),
+    lambda (B,), coefficients (2, 2B))."""
+    (launch_sums, launch_finalize), outputs = forward_launches(
+        model_pred, ref_pred, target, pair_weights, **settings
     )
-    finalize_kernel[(1,)](
-        partials,
-        weights,
-        scratch,
-        loss,
-        stats,
-        scale,
-        coefficients,
-        batch_pairs,
-        num_chunks,
-        max(group_size, 1),
-        float(batch_pairs),
-        float(elements),
-        float(beta),
-        float(mu),
-        float(log_q),
-        float(log_one_minus_q),
-        METHOD=method_code,
-        SAFEGUARD=safeguard,
-        BATCH_LAMBDA=group_size == 0,
-        HAS_WEIGHTS=pair_weights is not None,
-        BLOCK_B=block_pairs,
-        BLOCK_C=block_chunks,
-        num_warps=4,
-    )
-    return loss, stats, scale, coefficients
+    launch_sums()
+    launch_finalize()
+    return outputs
 
 
 def launch_gradient(
@@ -482,7 +526,7 @@ def launch_gradient(
     grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
     # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
     grad_output = grad_output.reshape(1).to(torch.float32).contiguous()
-    gradient_kernel[(rows, triton.cdiv(elements, GRADIENT_BLOCK))](
+    gradient_kernel[(rows, cdiv(elements, GRADIENT_BLOCK))](
         grad_output,
         model_pred,
         ref_pred,

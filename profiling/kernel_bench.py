@@ -171,6 +171,33 @@ def time_cuda(step: Callable[[], object], inner: int, rounds: int) -> float:
     return statistics.median(samples)
 
 
+def fused_phase_steps(
+    batch_pairs: int, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> dict[str, Callable[[], None]]:
+    """The fused backend's three kernels as separate steps ({"sums", "finalize", "gradient"}),
+    each relaunching one kernel on the same inputs, so the finalize kernel (one program, the
+    partials of all pairs and chunks) is timed apart from the two passes over the data."""
+    from sdpo.kernels import preference
+
+    model_pred, ref_pred, target = make_input_sets(batch_pairs, sample_shape, dtype, device, 1)[0]
+    (launch_sums, launch_finalize), (_loss, _stats, _scale, coefficients) = (
+        preference.forward_launches(
+            model_pred, ref_pred, target, None, method_code=preference.METHOD_DPO, beta=BETA,
+            mu=MU, safeguard=True, group_size=0, log_q=0.0, log_one_minus_q=0.0,
+        )
+    )  # fmt: skip
+    launch_sums()
+    launch_finalize()
+    grad_output = torch.ones((), dtype=torch.float32, device=device)
+
+    def gradient() -> None:
+        preference.launch_gradient(
+            grad_output, model_pred, ref_pred, target, coefficients, with_gap=False
+        )
+
+    return {"sums": launch_sums, "finalize": launch_finalize, "gradient": gradient}
+
+
 def copy_bandwidth_gbps(device: torch.device, megabytes: int = 1024) -> float:
     """Device copy bandwidth: bytes read + written by ``dst.copy_(src)`` per second."""
     elements = megabytes * 2**20 // 4
@@ -216,10 +243,16 @@ def write_results(path: str, results: list[KernelResult], copy_gbps: float | Non
 
 
 def markdown_table(results: list[KernelResult]) -> str:
-    lines = ["| case | shape | dtype | ms | GB/s | % copy bw |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| case | shape | dtype | ms | GB/s | % copy bw | sums / finalize / gradient ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for result in results:
+        phases = [result.extra.get(f"{phase}_ms") for phase in ("sums", "finalize", "gradient")]
+        phase_text = " / ".join(f"{ms:.4f}" for ms in phases) if None not in phases else ""
         lines.append(
             f"| {result.name} | {'x'.join(map(str, result.shape))} | {result.dtype} | "
-            f"{result.ms:.4f} | {result.gbps:.0f} | {result.pct_of_copy_bandwidth:.1f} |"
+            f"{result.ms:.4f} | {result.gbps:.0f} | {result.pct_of_copy_bandwidth:.1f} | "
+            f"{phase_text} |"
         )
     return "\n".join(lines)

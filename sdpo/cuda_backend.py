@@ -149,11 +149,17 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f'backend="cuda": {what} failed ({message})')
 
 
-def plan_chunks(device: torch.device, batch_pairs: int, elements: int) -> tuple[int, int]:
-    """(chunk_elements, num_chunks): ~4 blocks per SM, as the Triton launcher plans."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+# Blocks of pair_sums_kernel to aim for: ~4 per SM of an H100 (132 SMs). A constant, not the
+# device's SM count: the reduction order, and so every bit of the result, depends on the shapes
+# alone, so a run resumed on another GPU model continues bit-identically.
+SUMS_PROGRAMS = 512
+
+
+def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
+    """(chunk_elements, num_chunks): a function of the shapes only (see SUMS_PROGRAMS)."""
     blocks = -(-elements // SUMS_THREADS)
-    num_chunks = max(1, min(blocks, -(-4 * sms // batch_pairs), 65535))
+    pairs_pow2 = 1 << max(0, (batch_pairs - 1).bit_length())
+    num_chunks = max(1, min(blocks, SUMS_PROGRAMS // pairs_pow2, 65535))
     chunk_elements = -(-elements // num_chunks)
     return chunk_elements, -(-elements // chunk_elements)
 
@@ -176,7 +182,7 @@ def cuda_preference_forward(
     device = model_pred.device
     rows = model_pred.shape[0]
     batch_pairs, elements = rows // 2, model_pred[0].numel()
-    chunk_elements, num_chunks = plan_chunks(device, batch_pairs, elements)
+    chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
     workspace = torch.empty(
         library.sdpo_cuda_workspace_floats(batch_pairs, num_chunks),
         dtype=torch.float32,

@@ -312,7 +312,7 @@ def test_gpu_matches_torch(method, mu, granularity, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_odd_shapes_match_torch(batch_pairs, sample_shape, method, granularity, dtype):
     # (4, 16, 16) above is 1024 elements: four whole chunks of 256 and one whole gradient block.
-    # Chunk counts as cuda_backend.plan_chunks gives them on any GPU with >= 38 SMs. (One element
+    # Chunk counts as cuda_backend.plan_chunks gives them (a function of the shapes only). (One element
     # per sample was tried and dropped: u saturates near 12 and fp32's 1 - sigmoid(u) alone
     # differs by 0.5% from fp64 there.)
     _require_gpu_library()

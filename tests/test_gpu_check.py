@@ -185,7 +185,7 @@ def test_toolchain_matrix_oldest_leg_is_the_declared_triton_bound():
     declared = re.search(r'"triton>=([\d.]+)', pyproject).group(1)
     matrix = (REPOSITORY / "tests" / "toolchain_matrix.sh").read_text()
     oldest = re.search(r'"([\d.]+):oldest declared', matrix).group(1)
-    # pyproject says ">=3.7"; the leg installs exactly 3.7.0, the oldest release that allows.
+    # pyproject says ">=3.6"; the leg installs exactly 3.6.0, the oldest release that allows.
     assert oldest.split(".")[: len(declared.split("."))] == declared.split(".")
     assert oldest.endswith(".0")
 

@@ -126,7 +126,7 @@ def test_several_chunks_and_odd_sizes(monkeypatch):
     from sdpo.kernels import preference
 
     monkeypatch.setattr(
-        preference, "plan_chunks", lambda device, pairs, elements: (1024, -(-elements // 1024))
+        preference, "plan_chunks", lambda pairs, elements: (1024, -(-elements // 1024))
     )
     model_pred, ref_pred, target = make_inputs(3, (2085,), dtype=torch.float32, ref_offset=0.5)
     for method in sdpo.METHODS:
@@ -333,3 +333,74 @@ def test_cuda_graph_captures_forward_and_backward():
     torch.testing.assert_close(
         static_pred.grad.float(), reference_pred.grad.float(), rtol=2e-2, atol=1e-6
     )
+
+
+class _FakeDeviceProperties:
+    def __init__(self, sms: int) -> None:
+        self.multi_processor_count = sms
+
+
+@pytest.mark.parametrize(
+    ("batch_pairs", "elements"),
+    [(1, 97), (2, 16 * 21 * 60 * 104), (8, 4 * 64 * 64), (37, 18), (700, 4 * 128 * 128)],
+)
+def test_chunk_plan_depends_on_shapes_only(monkeypatch, batch_pairs, elements):
+    # A run resumed on another GPU model must reduce in the same order: the plans of both fused
+    # backends must not change with the SM count (A100 108, H100 132, a small part 16).
+    from sdpo import cuda_backend
+    from sdpo.kernels import preference
+
+    plans = set()
+    for sms in (16, 108, 132):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda *_, sms=sms: _FakeDeviceProperties(sms)
+        )
+        plans.add(
+            (
+                preference.plan_chunks(batch_pairs, elements),
+                cuda_backend.plan_chunks(batch_pairs, elements),
+            )
+        )
+    assert len(plans) == 1
+    (chunk_elements, num_chunks), (cuda_chunk_elements, cuda_num_chunks) = plans.pop()
+    # Whole power-of-two runs of blocks that cover the elements, at most 512 / B' chunks per
+    # pair (B' = B rounded up to a power of two): the finalize kernel's one-tile read.
+    blocks_per_chunk = chunk_elements // preference.SUMS_BLOCK
+    assert blocks_per_chunk * preference.SUMS_BLOCK == chunk_elements
+    assert blocks_per_chunk & (blocks_per_chunk - 1) == 0
+    assert (num_chunks - 1) * chunk_elements < elements <= num_chunks * chunk_elements
+    pairs_pow2 = preference.next_power_of_2(batch_pairs)
+    assert num_chunks <= max(1, preference.SUMS_PROGRAMS // pairs_pow2)
+    assert (cuda_num_chunks - 1) * cuda_chunk_elements < elements
+    assert elements <= cuda_num_chunks * cuda_chunk_elements
+    assert cuda_num_chunks <= max(1, cuda_backend.SUMS_PROGRAMS // pairs_pow2)
+    if batch_pairs == 2:  # the video size still fills an H100: 2 x 256 programs of 8K elements
+        assert (chunk_elements, num_chunks) == (8192, 256)
+
+
+def test_results_bit_identical_across_simulated_sm_counts(monkeypatch):
+    # B = 2, D = 6 * 1024 + 5: seven chunks per pair on the interpreter, whatever the SM count.
+    model_pred, ref_pred, target = make_inputs(2, (6 * 1024 + 5,), dtype=torch.float32)
+    runs = []
+    for sms in (16, 132):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda *_, sms=sms: _FakeDeviceProperties(sms)
+        )
+        pred = model_pred.to(DEVICE).detach().clone().requires_grad_(True)
+        result = sdpo.preference_loss(
+            pred, ref_pred.to(DEVICE), target.to(DEVICE), backend="triton", method="dspo",
+            beta=beta_for("dspo"), mu=0.5, granularity="pair",
+        )  # fmt: skip
+        result.loss.backward()
+        runs.append(
+            (result.loss.detach(), {k: v.detach() for k, v in result.stats.items()}, pred.grad)
+        )
+    (loss_a, stats_a, grad_a), (loss_b, stats_b, grad_b) = runs
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    assert all(torch.equal(stats_a[key], stats_b[key]) for key in stats_a)
+    # And the several-chunk result is the reference's to fp32 rounding.
+    expected, _ = run_both(
+        model_pred.to(DEVICE), ref_pred.to(DEVICE), target.to(DEVICE), method="dspo",
+        beta=beta_for("dspo"), mu=0.5, granularity="pair",
+    )  # fmt: skip
+    assert_match(expected, runs[0])

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 # version:label. Bump "newest" when PyPI has a newer Triton; "oldest" must match pyproject.toml.
 legs=(
-    "3.7.0:oldest declared (pyproject triton>=3.7)"
+    "3.6.0:oldest declared (pyproject triton>=3.6)"
     "3.9.0:newest on PyPI"
 )
 if [ $# -gt 0 ]; then

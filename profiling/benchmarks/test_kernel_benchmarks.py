@@ -78,8 +78,13 @@ def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_na
     case = kernel_bench.prepare_case(name, batch_pairs, sample_shape, dtype, DEVICE)
     step, bytes_moved, error = case.step, case.bytes_moved, case.error
 
+    phases = {}
+    if name == "fused":
+        phases = kernel_bench.fused_phase_steps(batch_pairs, sample_shape, dtype, DEVICE)
     if not ON_GPU:
         benchmark.pedantic(step, rounds=1, iterations=1)
+        for phase in phases.values():  # each kernel alone runs (smoke test, no timing)
+            phase()
         return
     # Each pytest-benchmark round is `inner` back-to-back iterations and one sync, so the sync
     # does not dominate the 30-100 us iterations at the SD1.5 size.
@@ -92,6 +97,11 @@ def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_na
 
     benchmark.pedantic(round_of_iterations, rounds=20, warmup_rounds=2, iterations=1)
     ms = kernel_bench.time_cuda(step, inner=inner, rounds=20)
+    # The fused backend's kernels one at a time (ms each): finalize apart from the data passes.
+    phase_ms = {
+        f"{phase}_ms": kernel_bench.time_cuda(run_phase, inner=inner, rounds=20)
+        for phase, run_phase in phases.items()
+    }
     gbps = bytes_moved / (ms * 1e-3) / 1e9
     shape = [2 * batch_pairs, *sample_shape]
     row = kernel_bench.KernelResult(
@@ -106,6 +116,7 @@ def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_na
             "max_grad_error_vs_fp64_formula_smoke": independent_error,
             "counted_bytes": bytes_moved,
             "inner": inner,
+            **phase_ms,
         },
     )
     benchmark.extra_info.update(
