@@ -4,8 +4,11 @@ forward call.
 The loop and the preference step only call these three methods, so another family can plug in
 without touching them. ``DiffusionFamily`` is the DDPM-style family of SD1.5 and SDXL: integer
 timesteps, ``x_t = scheduler.add_noise(x_0, noise, t)``, target ``noise`` (epsilon) or the
-velocity (v-prediction). A flow-matching family (SD3, FLUX) would draw sigmas instead, build
-``x_t = (1 - sigma) x_0 + sigma noise`` and target ``noise - x_0``, with its transformer's call.
+velocity (v-prediction). ``FlowMatchingFamily`` adapts a flow-matching family of
+``sdpo.train.families`` (SD3/SD3.5, FLUX.1, Wan 2.1): it draws one noise and one sigma per pair,
+builds ``x_t = (1 - sigma) x_0 + sigma noise`` and the per-row target ``noise - x_0`` (2B, ...),
+and calls the transformer the family's way. ``weighted`` is where a family may scale the pair's
+predictions and target before the loss (the flow families' SD3 loss weighting).
 """
 
 from __future__ import annotations
@@ -67,3 +70,79 @@ class DiffusionFamily:
         added_rows: dict[str, Tensor] | None,
     ) -> Tensor:
         return model(noisy, timestep_rows, hidden_rows, added_cond_kwargs=added_rows).sample
+
+    @staticmethod
+    def weighted(
+        model_pred: Tensor, ref_pred: Tensor, target: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """No per-pair weighting inside the margin for the DDPM family."""
+        return model_pred, ref_pred, target
+
+
+class FlowMatchingFamily:
+    """The trainer's seam over a flow-matching family (``sdpo.train.families.FlowFamily``).
+
+    Draws as ``families.flow_preference_inputs`` does (noise, then the sigma density, on the
+    step's generator), so a trainer step equals that function followed by preference_loss.
+    The conditioning comes in the step's two parts: ``hidden`` = ``prompt_embeds`` and
+    ``added`` = ``{"text_embeds": pooled}`` (SD3, FLUX; None for Wan), the SDXL key, so the
+    cache and the step handle both model kinds alike."""
+
+    def __init__(self, flow_family, density) -> None:
+        self.flow = flow_family
+        self.density = density
+
+    def sample_noise(self, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        from sdpo.train import flow_matching
+
+        batch_pairs = latents.shape[0] // 2
+        noise = torch.randn(
+            (batch_pairs, *latents.shape[1:]),
+            generator=generator,
+            device=latents.device,
+            dtype=latents.dtype,
+        )
+        sigmas, _ = flow_matching.sample_pair_sigmas(
+            self.flow.scheduler,
+            batch_pairs,
+            self.density,
+            generator,
+            latents.device,
+            image_seq_len=self.flow.image_seq_len(latents),
+            table_cache=self.flow.sigma_tables,
+        )
+        return noise, sigmas
+
+    def noisy_inputs(
+        self, latents: Tensor, noise: Tensor, sigmas: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t over 2B rows, sigma per row, target noise - x_0 per row (2B, ...))."""
+        from sdpo.train import flow_matching
+
+        noisy = flow_matching.noisy_latents(latents, noise, sigmas)
+        target = flow_matching.velocity_target(latents, noise)
+        return noisy, repeat_pairs(sigmas), target
+
+    def predict(
+        self,
+        model: nn.Module,
+        noisy: Tensor,
+        sigma_rows: Tensor,
+        hidden_rows: Tensor,
+        added_rows: dict[str, Tensor] | None,
+    ) -> Tensor:
+        conditioning = {"prompt_embeds": hidden_rows}
+        if added_rows:
+            conditioning["pooled_projections"] = added_rows["text_embeds"]
+        return self.flow.prediction(model, noisy, sigma_rows, conditioning)
+
+    def weighted(
+        self, model_pred: Tensor, ref_pred: Tensor, target: Tensor, sigmas: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The SD3 loss weighting w(sigma_i) inside pair i's margin (``flow_loss_weighting``)."""
+        if self.density.loss_weighting == "none":
+            return model_pred, ref_pred, target
+        from sdpo.train import flow_matching
+
+        weights = flow_matching.loss_weights(sigmas, self.density.loss_weighting)
+        return flow_matching.apply_pair_weights_inside_margin(model_pred, ref_pred, target, weights)

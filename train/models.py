@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.train import toy
-from sdpo.train.config import TrainConfig
+from sdpo.train.config import FLOW_MODELS, TrainConfig
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -168,17 +168,115 @@ class TextConditioner(nn.Module):
         return encoder_hidden_states, added
 
 
+class FlowTextConditioner(nn.Module):
+    """Captions -> (prompt_embeds, {"text_embeds": pooled} or None) through a flow family's own
+    ``encode_text`` (the pipeline's ``encode_prompt``); frozen. The SDXL key ``text_embeds``
+    carries the pooled projection, so the cache stores both model kinds the same way."""
+
+    def __init__(self, flow) -> None:
+        super().__init__()
+        self.flow = flow
+        self.encoders = nn.ModuleList(flow.text_encoders())
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        encoded = self.flow.encode_text(list(captions), device)
+        return self.conditioning(encoded["prompt_embeds"], encoded.get("pooled_projections"))
+
+    def conditioning(
+        self, prompt_embeds: Tensor, pooled: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if "pooled_projections" not in self.flow.conditioning_keys:
+            return prompt_embeds, None
+        if pooled is None:
+            raise ValueError(f"conditioning: {self.flow.name} needs the pooled text embedding")
+        return prompt_embeds, {"text_embeds": pooled}
+
+
 @dataclass
 class Models:
+    """``unet`` is the trained network: a UNet, or a flow family's transformer (then ``flow`` is
+    the ``sdpo.train.families`` family and ``flow_density`` its sigma density)."""
+
     unet: nn.Module
     reference_unet: nn.Module | None  # None with LoRA: the policy with its adapters disabled
     vae: nn.Module | None  # None: pixel-space model (latents are the images)
-    text: TextConditioner
+    text: TextConditioner | FlowTextConditioner
     scheduler: object
+    flow: object | None = None
+    flow_density: object | None = None
 
     @property
     def prediction_type(self) -> str:
+        if self.flow is not None:
+            return "flow"
         return self.scheduler.config.prediction_type
+
+    @property
+    def export_name(self) -> str:
+        """The exported folder's name: ``unet`` or, for a flow model, ``transformer``."""
+        return "transformer" if self.flow is not None else "unet"
+
+
+# LoRA targets: the attention projections; MMDiT (SD3, FLUX) blocks also project the text
+# stream (add_q/k/v_proj, to_add_out). Names absent from a model (Wan has no to_add_out) are
+# skipped by peft as long as one name matches.
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+FLOW_LORA_TARGETS = (*UNET_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def flow_family_class(model: str):
+    from sdpo.train import families
+
+    return {"sd3": families.SD3Family, "flux": families.FluxFamily, "wan": families.WanFamily}[
+        model
+    ]
+
+
+def load_flow_models(config: TrainConfig) -> Models:
+    """A flow family: ``--pretrained tiny`` builds tiny random models in code; otherwise a local
+    diffusers folder whose model_index.json must name the ``--model`` family."""
+    from sdpo.train import families
+    from sdpo.train.flow_matching import FlowDensity
+
+    expected = flow_family_class(config.model)
+    if config.pretrained == "tiny":
+        flow = expected.build_tiny(config.resolution, config.seed)
+    elif config.pretrained == "random":
+        raise ValueError(
+            f"pretrained: random weights for {config.model} are not built by the trainer (the "
+            "published transformers are 2.5-12B parameters); use --pretrained tiny for a test "
+            "run, or a local diffusers folder"
+        )
+    else:
+        flow = families.load(
+            config.pretrained, config.resolution, config.allow_download, dtype=torch.float32
+        )
+        if not isinstance(flow, expected):
+            raise ValueError(
+                f"pretrained: {config.pretrained!r} holds a {flow.pipeline_class_name} "
+                f"({flow.name}), not {expected.pipeline_class_name}; use --model {flow.name}"
+            )
+    density = FlowDensity(
+        density=config.flow_density,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        loss_weighting=config.flow_loss_weighting,
+    )
+    return Models(
+        unet=flow.transformer,
+        reference_unet=None,
+        vae=flow.vae,
+        text=FlowTextConditioner(flow),
+        scheduler=flow.scheduler,
+        flow=flow,
+        flow_density=density,
+    )
 
 
 def _looks_like_local_path(path: str) -> bool:
@@ -282,7 +380,9 @@ def make_reference(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
     return reference
 
 
-def add_lora(unet: nn.Module, rank: int) -> None:
+def add_lora(
+    unet: nn.Module, rank: int, target_modules: tuple[str, ...] = UNET_LORA_TARGETS
+) -> None:
     """LoRA adapters on the attention projections (peft); the base weights are frozen."""
     from peft import LoraConfig
 
@@ -292,7 +392,7 @@ def add_lora(unet: nn.Module, rank: int) -> None:
             r=rank,
             lora_alpha=rank,
             init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=list(target_modules),
         )
     )
 
@@ -433,7 +533,9 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     """The configured models on ``device``: the policy UNet (training mode), its frozen
     reference (a copy in bf16 on CUDA with bf16 mixed precision, or the policy with LoRA
     adapters off), the VAE and the text encoders (frozen)."""
-    if config.pretrained == "random":
+    if config.model in FLOW_MODELS:
+        models = load_flow_models(config)
+    elif config.pretrained == "random":
         models = build_random(config.model, config.resolution, config.seed)
     elif config.pretrained is not None:
         models = load_pretrained(
@@ -448,7 +550,8 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     )
     if config.lora_rank > 0:
         # The reference is the same UNet with its adapters disabled: no second copy in memory.
-        add_lora(models.unet, config.lora_rank)
+        targets = FLOW_LORA_TARGETS if models.flow is not None else UNET_LORA_TARGETS
+        add_lora(models.unet, config.lora_rank, targets)
         models.reference_unet = None
     else:
         models.reference_unet = make_reference(models.unet, reference_dtype)

@@ -304,7 +304,9 @@ class Trainer:
         self.save()
         final_state = full_model_state(self.models.unet) if self.sharded else None
         if self.environment.is_main:
-            checkpoints.export_unet(self.models.unet, self.output_dir, final_state)
+            checkpoints.export_unet(
+                self.models.unet, self.output_dir, final_state, self.models.export_name
+            )
         self.environment.barrier()
 
     def _skip_or_stop(self, progress, stats: RunningStats) -> None:
