@@ -551,7 +551,11 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     if config.lora_rank > 0:
         # The reference is the same UNet with its adapters disabled: no second copy in memory.
         targets = FLOW_LORA_TARGETS if models.flow is not None else UNET_LORA_TARGETS
-        add_lora(models.unet, config.lora_rank, targets)
+        # Seeded: peft's gaussian init draws A from the global generator, so an unseeded run
+        # gets different adapters each time and a rerun (or a resumed run's reference) differs.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            add_lora(models.unet, config.lora_rank, targets)
         models.reference_unet = None
     else:
         models.reference_unet = make_reference(models.unet, reference_dtype)
