@@ -72,6 +72,12 @@ class TrainConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     flow_loss_weighting: str = "none"
+    # EXPERIMENTAL timestep weighting (sdpo.timesteps; DDPM models only): per-pair weights
+    # outside the sigmoid, from arXiv 2505.21893, whose v2 reports an error in its main theorem.
+    timestep_weighting: str = "none"
+    timestep_mask_threshold: float = 0.9
+    timestep_clip: float = 0.2
+    timestep_range: str | None = None  # "LOW:HIGH": timesteps drawn from and kept in [LOW, HIGH)
     # Optimisation.
     train_batch_pairs: int = 2  # pairs per micro-batch per process
     gradient_accumulation: int = 1
@@ -113,6 +119,7 @@ class TrainConfig:
                 "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
             )
         check_flow_settings(self)
+        check_timestep_weighting(self)
         if self.model != "tiny" and self.pretrained is None:
             raise UsageError(
                 f"pretrained: model {self.model!r} needs --pretrained PATH (a local diffusers folder "
@@ -255,6 +262,45 @@ FLOW_MODELS = ("sd3", "flux", "wan")
 _FLOW_FIELDS = ("flow_density", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
 
 
+def parse_timestep_range(text: str) -> tuple[int, int]:
+    """ "LOW:HIGH" -> (LOW, HIGH) with 0 <= LOW < HIGH <= 1000 (the SD schedulers' T)."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(
+            f"timestep_range: expected LOW:HIGH integer timesteps (e.g. 200:800), got {text!r}"
+        ) from None
+    if not 0 <= low < high <= 1000:
+        raise UsageError(f"timestep_range: expected 0 <= LOW < HIGH <= 1000, got {text!r}")
+    return low, high
+
+
+def check_timestep_weighting(config: TrainConfig) -> None:
+    """Its knobs only with a mode that reads them; refused for flow models (one line)."""
+    mode = config.timestep_weighting
+    if config.model in FLOW_MODELS:
+        from sdpo.train.flow_matching import refuse_timestep_weighting
+
+        try:
+            refuse_timestep_weighting(mode)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    defaults = TrainConfig.__dataclass_fields__
+    unused = []
+    if mode == "none":
+        unused = ["timestep_mask_threshold", "timestep_clip", "timestep_range"]
+    elif mode == "dpo-cm":
+        unused = ["timestep_clip"]
+    for name in unused:
+        if getattr(config, name) != defaults[name].default:
+            flag = "--" + name.replace("_", "-")
+            needs = "importance" if name == "timestep_clip" else "dpo-cm or importance"
+            raise UsageError(
+                f"{name.replace('_', '-')}: only read with --timestep-weighting {needs} "
+                f"(got {mode}); drop {flag}"
+            )
+
+
 def check_flow_settings(config: TrainConfig) -> None:
     """Flow settings only with a flow model; ``--pretrained tiny`` only for flow models (the
     tiny UNet preset is ``--model tiny``); a flow model needs ``--pretrained``."""
@@ -378,6 +424,18 @@ FIELDS: dict[str, FieldSpec] = {
     "flow_loss_weighting": FieldSpec(str, "flow models: w(sigma) inside each pair's margin "
                                      "(compute_loss_weighting_for_sd3); none keeps beta as is",
                                      _DATA, choices=("none", "sigma_sqrt", "cosmap")),
+    "timestep_weighting": FieldSpec(str, "EXPERIMENTAL per-pair timestep weights (sdpo.timesteps"
+                                    "; arXiv 2505.21893, whose v2 states its main theorem has a "
+                                    "critical error; our own derivation): dpo-cm masks pairs with"
+                                    " w < threshold, importance also multiplies by clip(w); DDPM "
+                                    "models only", _OBJECTIVE,
+                                    choices=("none", "dpo-cm", "importance")),
+    "timestep_mask_threshold": FieldSpec(float, "EXPERIMENTAL: the mask's tau (pairs with w < tau"
+                                         " get weight 0), >= 0", _OBJECTIVE, low=0),
+    "timestep_clip": FieldSpec(float, "EXPERIMENTAL: importance weights clipped to [1 - X, 1 + X]"
+                               ", X in [0, 1)", _OBJECTIVE, low=0, high=1, high_open=True),
+    "timestep_range": FieldSpec(str, "EXPERIMENTAL: LOW:HIGH, timesteps drawn from and kept in "
+                                "[LOW, HIGH)", _OBJECTIVE, True, check=parse_timestep_range),
     "train_batch_pairs": FieldSpec(int, "pairs per micro-batch per process", _OPTIM, low=1),
     "gradient_accumulation": FieldSpec(int, "micro-batches per optimizer step", _OPTIM, low=1),
     "learning_rate": FieldSpec(float, "learning rate (per pair if --scale-lr)", _OPTIM,

@@ -25,11 +25,22 @@ def repeat_pairs(tensor: Tensor) -> Tensor:
 class DiffusionFamily:
     """DDPM-style UNets (SD1.5, SDXL, the tiny preset): epsilon or v-prediction targets."""
 
-    def __init__(self, scheduler, prediction_type: str) -> None:
+    def __init__(self, scheduler, prediction_type: str, timestep_weighting=None) -> None:
+        """``timestep_weighting``: an ``sdpo.timesteps.TimestepWeighting`` (EXPERIMENTAL) whose
+        ``allowed_range`` also bounds the timestep draw; None: all T timesteps, no weights."""
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler: prediction_type {prediction_type!r} is not supported")
         self.scheduler = scheduler
         self.prediction_type = prediction_type
+        self.timestep_weighting = timestep_weighting
+        steps = int(scheduler.config.num_train_timesteps)
+        allowed = timestep_weighting.allowed_range if timestep_weighting is not None else None
+        self.timestep_bounds = allowed or (0, steps)
+        if self.timestep_bounds[1] > steps:
+            raise ValueError(
+                f"timestep_range: HIGH {self.timestep_bounds[1]} exceeds the scheduler's "
+                f"{steps} timesteps"
+            )
 
     def sample_noise(self, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One noise and one timestep per pair (B = rows / 2), in this draw order."""
@@ -39,8 +50,7 @@ class DiffusionFamily:
             pair_shape, generator=generator, device=latents.device, dtype=latents.dtype
         )
         timesteps = torch.randint(
-            0,
-            self.scheduler.config.num_train_timesteps,
+            *self.timestep_bounds,
             (batch_pairs,),
             generator=generator,
             device=latents.device,
@@ -77,6 +87,16 @@ class DiffusionFamily:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """No per-pair weighting inside the margin for the DDPM family."""
         return model_pred, ref_pred, target
+
+    def pair_weights(
+        self, model_pred: Tensor, ref_pred: Tensor, target: Tensor, timesteps: Tensor
+    ) -> Tensor | None:
+        """The EXPERIMENTAL timestep weights (B,) for ``preference_loss(pair_weights=...)``."""
+        if self.timestep_weighting is None:
+            return None
+        return self.timestep_weighting.pair_weights(
+            model_pred, ref_pred, target, timesteps, self.scheduler.betas
+        )
 
 
 class FlowMatchingFamily:
@@ -146,3 +166,10 @@ class FlowMatchingFamily:
 
         weights = flow_matching.loss_weights(sigmas, self.density.loss_weighting)
         return flow_matching.apply_pair_weights_inside_margin(model_pred, ref_pred, target, weights)
+
+    @staticmethod
+    def pair_weights(
+        model_pred: Tensor, ref_pred: Tensor, target: Tensor, sigmas: Tensor
+    ) -> Tensor | None:
+        """No timestep weights: they are refused for flow models (config validation)."""
+        return None

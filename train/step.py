@@ -87,6 +87,24 @@ def family_of(models: Models) -> DiffusionFamily | FlowMatchingFamily:
     return DiffusionFamily(models.scheduler, models.prediction_type)
 
 
+def family_for(models: Models, config: TrainConfig) -> DiffusionFamily | FlowMatchingFamily:
+    """The family with the config's EXPERIMENTAL timestep weighting (DDPM models only)."""
+    if models.flow is not None or config.timestep_weighting == "none":
+        return family_of(models)
+    from sdpo.timesteps import TimestepWeighting
+    from sdpo.train.config import parse_timestep_range
+
+    weighting = TimestepWeighting(
+        mode=config.timestep_weighting,
+        mask_threshold=config.timestep_mask_threshold,
+        clip_epsilon=config.timestep_clip,
+        allowed_range=parse_timestep_range(config.timestep_range)
+        if config.timestep_range
+        else None,
+    )
+    return DiffusionFamily(models.scheduler, models.prediction_type, weighting)
+
+
 @contextlib.contextmanager
 def reference_model(models: Models):
     """The frozen copy, or (LoRA) the policy UNet with its adapters switched off meanwhile."""
@@ -135,7 +153,7 @@ def preference_step(
     family: DiffusionFamily | FlowMatchingFamily | None = None,
 ) -> sdpo.PreferenceLoss:
     """The loss for 2B stacked latents (winners first) and B conditionings, one per pair."""
-    family = family or family_of(models)
+    family = family or family_for(models, config)
     noise, timesteps = family.sample_noise(latents, generator)
     noisy, timestep_rows, target = family.noisy_inputs(latents, noise, timesteps)
     hidden_rows = repeat_pairs(encoder_hidden_states)
@@ -157,6 +175,7 @@ def preference_step(
         )
     with ranges("loss and safeguard"):
         model_pred, ref_pred, target = family.weighted(model_pred, ref_pred, target, timesteps)
+        pair_weights = family.pair_weights(model_pred, ref_pred, target, timesteps)
         return sdpo.preference_loss(
             model_pred,
             ref_pred,
@@ -166,6 +185,7 @@ def preference_step(
             mu=config.mu,
             granularity=config.granularity,
             dmpo_alpha=config.dmpo_alpha,
+            pair_weights=pair_weights,
             backend=config.loss_backend,
         )
 

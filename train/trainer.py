@@ -39,7 +39,7 @@ from sdpo.train.step import (
     autocast,
     clip_and_check_gradients,
     condition_batch,
-    family_of,
+    family_for,
     preference_step,
 )
 
@@ -92,7 +92,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.models = build_models(config, device)
-        self.family = family_of(self.models)
+        self.family = family_for(self.models, config)
         resume = (
             checkpoints.load_resume_state(self.output_dir, self.models.unet)
             if config.resume

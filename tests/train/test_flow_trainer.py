@@ -257,3 +257,70 @@ def test_a_folder_of_another_family_is_refused(tmp_path):
     loaded = build_models(config, CPU)
     saved = family.transformer.state_dict()
     assert all(torch.equal(loaded.unet.state_dict()[name], saved[name]) for name in saved)
+
+
+def test_timestep_weighting_reaches_the_loss_on_the_ddpm_path(tmp_path):
+    """EXPERIMENTAL --timestep-weighting importance: the step's loss is preference_loss with the
+    TimestepWeighting pair weights of the same predictions, and timesteps come from the range."""
+    import contextlib
+
+    from sdpo.timesteps import TimestepWeighting
+    from sdpo.train.nvtx_ranges import PhaseRanges
+    from sdpo.train.step import family_for, preference_step
+
+    config = config_from_args(
+        ["--preset", "tiny", "--output-dir", str(tmp_path / "tw"), "--timestep-weighting",
+         "importance", "--timestep-mask-threshold", "0.95", "--timestep-clip", "0.3",
+         "--timestep-range", "100:400", "--train-batch-pairs", "4"]
+    )  # fmt: skip
+    models = build_models(config, CPU)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from the reference, so w != 1
+        for parameter in models.unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(8, 4, 8, 8, generator=generator)
+    hidden, _ = models.text(["red"] * 4, CPU)
+    family = family_for(models, config)
+    draws = torch.Generator().manual_seed(5)
+    result = preference_step(
+        models, models.unet, latents, hidden, None, draws, config, PhaseRanges(False),
+        contextlib.nullcontext(), family,
+    )  # fmt: skip
+
+    # By hand: the same draws (noise, then timesteps in [100, 400)), both forwards, the weights.
+    draws = torch.Generator().manual_seed(5)
+    noise = torch.randn(4, 4, 8, 8, generator=draws)
+    timesteps = torch.randint(100, 400, (4,), generator=draws)
+    rows = torch.cat([timesteps, timesteps])
+    noisy = models.scheduler.add_noise(latents, torch.cat([noise, noise]), rows)
+    with torch.no_grad():
+        model_pred = models.unet(noisy, rows, torch.cat([hidden, hidden])).sample
+        ref_pred = models.reference_unet(noisy, rows, torch.cat([hidden, hidden])).sample
+    weights = TimestepWeighting("importance", 0.95, 0.3, (100, 400)).pair_weights(
+        model_pred, ref_pred, noise, timesteps, models.scheduler.betas
+    )
+    assert not torch.equal(weights, torch.ones(4))  # the weighting really does something
+    settings = dict(beta=config.beta, mu=config.mu, granularity=config.granularity)
+    expected = sdpo.preference_loss(model_pred, ref_pred, noise, pair_weights=weights, **settings)
+    unweighted = sdpo.preference_loss(model_pred, ref_pred, noise, **settings)
+    assert float(result.loss.detach()) == pytest.approx(float(expected.loss), rel=1e-5, abs=1e-7)
+    assert float(result.loss.detach()) != pytest.approx(float(unweighted.loss), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--model", "sd3", "--pretrained", "tiny", "--timestep-weighting", "dpo-cm"],
+         "flow-matching models .* use --timestep-weighting none"),
+        (["--preset", "tiny", "--timestep-range", "100:400"], "only read with"),
+        (["--preset", "tiny", "--timestep-weighting", "dpo-cm", "--timestep-clip", "0.5"],
+         "timestep-clip: only read with --timestep-weighting importance"),
+        (["--preset", "tiny", "--timestep-weighting", "importance", "--timestep-range", "5:2"],
+         "0 <= LOW < HIGH <= 1000"),
+    ],
+)  # fmt: skip
+def test_timestep_weighting_settings_are_checked_in_one_line(tmp_path, argv, pattern):
+    with pytest.raises(UsageError, match=pattern) as error:
+        config_from_args([*argv, "--output-dir", str(tmp_path / "out")])
+    assert "\n" not in str(error.value)
