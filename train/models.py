@@ -184,6 +184,10 @@ class FlowTextConditioner(nn.Module):
     def forward(
         self, captions: list[str], device: torch.device
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if not self.encoders:
+            raise RuntimeError(
+                "text: the text encoders were not loaded (training from an sdpo-cache folder)"
+            )
         encoded = self.flow.encode_text(list(captions), device)
         return self.conditioning(encoded["prompt_embeds"], encoded.get("pooled_projections"))
 
@@ -237,30 +241,63 @@ def flow_family_class(model: str):
     ]
 
 
-def load_flow_models(config: TrainConfig) -> Models:
-    """A flow family: ``--pretrained tiny`` builds tiny random models in code; otherwise a local
-    diffusers folder whose model_index.json must name the ``--model`` family."""
+def load_flow_family(
+    model: str,
+    pretrained: str,
+    resolution: int,
+    seed: int,
+    allow_download: bool,
+    text_encoders: bool = True,
+):
+    """A flow family: ``tiny`` builds tiny random models in code; otherwise a local diffusers
+    folder whose model_index.json must name the ``model`` family. ``text_encoders=False``
+    (training from an sdpo-cache folder): the text encoders are not loaded at all, so T5-XXL
+    never occupies memory."""
     from sdpo.train import families
-    from sdpo.train.flow_matching import FlowDensity
 
-    expected = flow_family_class(config.model)
-    if config.pretrained == "tiny":
-        flow = expected.build_tiny(config.resolution, config.seed)
-    elif config.pretrained == "random":
+    expected = flow_family_class(model)
+    if pretrained == "tiny":
+        flow = expected.build_tiny(resolution, seed)
+        if not text_encoders:
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                if getattr(flow.pipeline, name, None) is not None:
+                    setattr(flow.pipeline, name, None)
+    elif pretrained == "random":
         raise ValueError(
-            f"pretrained: random weights for {config.model} are not built by the trainer (the "
-            "published transformers are 2.5-12B parameters); use --pretrained tiny for a test "
+            f"pretrained: random weights for {model} are not built by the trainer (the "
+            "published transformers are 1.4-12B parameters); use --pretrained tiny for a test "
             "run, or a local diffusers folder"
         )
     else:
         flow = families.load(
-            config.pretrained, config.resolution, config.allow_download, dtype=torch.float32
+            pretrained,
+            resolution,
+            allow_download,
+            dtype=torch.float32,
+            text_encoders=text_encoders,
         )
         if not isinstance(flow, expected):
             raise ValueError(
-                f"pretrained: {config.pretrained!r} holds a {flow.pipeline_class_name} "
+                f"pretrained: {pretrained!r} holds a {flow.pipeline_class_name} "
                 f"({flow.name}), not {expected.pipeline_class_name}; use --model {flow.name}"
             )
+    return flow
+
+
+def load_flow_models(config: TrainConfig) -> Models:
+    """The flow family of ``--model``/``--pretrained`` with the config's sigma density; from an
+    sdpo-cache folder without its text encoders."""
+    from sdpo.train.cache import is_cache
+    from sdpo.train.flow_matching import FlowDensity
+
+    flow = load_flow_family(
+        config.model,
+        config.pretrained,
+        config.resolution,
+        config.seed,
+        config.allow_download,
+        text_encoders=not is_cache(config.data),
+    )
     density = FlowDensity(
         density=config.flow_density,
         logit_mean=config.logit_mean,

@@ -59,6 +59,7 @@ def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches |
             rank=environment.rank,
             world_size=environment.world_size,
             resolution=config.resolution,
+            model=config.model,
         )
     records = load_records(
         config.data,
