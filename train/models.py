@@ -620,3 +620,18 @@ def compile_model(module: nn.Module, cuda_graphs: bool) -> nn.Module:
     """torch.compile; with ``cuda_graphs`` through its "reduce-overhead" mode (CUDA graphs,
     static shapes per run)."""
     return torch.compile(module, mode="reduce-overhead" if cuda_graphs else None)
+
+
+def export_flow_lora(models: Models, output_dir: Path) -> Path:
+    """The LoRA adapters alone, in the diffusers LoRA format of the family's pipeline
+    (``pytorch_lora_weights.safetensors``, keys ``transformer.*``): what
+    ``pipeline.load_lora_weights(DIR)`` applies to the base model."""
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(output_dir) / "transformer_lora"
+    layers = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in get_peft_model_state_dict(models.unet).items()
+    }
+    type(models.flow.pipeline).save_lora_weights(str(folder), transformer_lora_layers=layers)
+    return folder

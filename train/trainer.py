@@ -31,7 +31,7 @@ from sdpo.train.distributed import (
     shard_unet,
 )
 from sdpo.train.metrics import MetricsWriter, RunningStats
-from sdpo.train.models import build_models, compile_model
+from sdpo.train.models import build_models, compile_model, export_flow_lora
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
 from sdpo.train.step import (
@@ -308,6 +308,8 @@ class Trainer:
             checkpoints.export_unet(
                 self.models.unet, self.output_dir, final_state, self.models.export_name
             )
+            if self.models.flow is not None and self.config.lora_rank > 0:
+                export_flow_lora(self.models, self.output_dir)
         self.environment.barrier()
 
     def _skip_or_stop(self, progress, stats: RunningStats) -> None:
