@@ -590,9 +590,17 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
         targets = FLOW_LORA_TARGETS if models.flow is not None else UNET_LORA_TARGETS
         # Seeded: peft's gaussian init draws A from the global generator, so an unseeded run
         # gets different adapters each time and a rerun (or a resumed run's reference) differs.
+        if models.flow is not None and reference_dtype == torch.bfloat16:
+            # The frozen flow transformer in bf16 (the base is also the reference): 2 bytes per
+            # parameter, 24 GB for FLUX.1-dev instead of 48 (docs/flow_matching.md); the
+            # adapters stay fp32 below, as the diffusers LoRA scripts' cast_training_params.
+            models.unet.to(torch.bfloat16)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             add_lora(models.unet, config.lora_rank, targets)
+        for parameter in models.unet.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
         models.reference_unet = None
     else:
         models.reference_unet = make_reference(models.unet, reference_dtype)
