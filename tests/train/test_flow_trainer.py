@@ -257,6 +257,9 @@ def test_a_folder_of_another_family_is_refused(tmp_path):
     loaded = build_models(config, CPU)
     saved = family.transformer.state_dict()
     assert all(torch.equal(loaded.unet.state_dict()[name], saved[name]) for name in saved)
+    # From a cache the folder's text encoders are not loaded at all.
+    without = families.load(str(tmp_path / "sd3"), 16, text_encoders=False)
+    assert without.text_encoders() == [] and without.pipeline.text_encoder_3 is None
 
 
 def test_timestep_weighting_reaches_the_loss_on_the_ddpm_path(tmp_path):
@@ -353,6 +356,3 @@ def test_cached_flow_run_reproduces_the_uncached_run_without_text_encoders(tmp_p
     other = "flux" if model == "sd3" else "sd3"
     with pytest.raises(ValueError, match=f"built for --model {model}"):
         train(flow_config(tmp_path, "wrong", "--model", other, "--data", str(tmp_path / "cache")))
-    # From a cache the folder's text encoders are not loaded at all.
-    without = families.load(str(tmp_path / "sd3"), 16, text_encoders=False)
-    assert without.text_encoders() == [] and without.pipeline.text_encoder_3 is None
