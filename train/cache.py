@@ -25,8 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sdpo.train.config import FLOW_MODELS
 from sdpo.train.data import UnreadableImage, generator_for, load_records, preprocess
-from sdpo.train.models import Models, build_tiny, load_pretrained
+from sdpo.train.models import (
+    FlowTextConditioner,
+    Models,
+    build_tiny,
+    load_flow_family,
+    load_pretrained,
+)
 
 INDEX_FILE = "cache_index.json"
 EMPTY_FILE = "empty.safetensors"
@@ -39,6 +46,10 @@ def is_cache(path: str | None) -> bool:
 
 @torch.no_grad()
 def _encode(models: Models, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    if models.flow is not None:  # Wan: images as one-frame videos
+        from sdpo.train.step import flow_pixels
+
+        pixels = flow_pixels(models.flow, pixels)
     distribution = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
     return distribution.mean, distribution.std
 
@@ -60,11 +71,27 @@ def build_cache(
     """Writes the cache; returns its index. Unreadable pairs are skipped and counted."""
     records = load_records(data, resolution=resolution, synthetic_pairs=synthetic_pairs, seed=seed)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = (
-        load_pretrained(pretrained, model, resolution, allow_download)
-        if pretrained is not None
-        else build_tiny(resolution, seed)
-    )
+    if model in FLOW_MODELS:
+        if pretrained is None:
+            raise ValueError(
+                f"sdpo-cache: --model {model} needs --pretrained PATH (a local diffusers folder) "
+                "or --pretrained tiny"
+            )
+        flow = load_flow_family(model, pretrained, resolution, seed, allow_download)
+        models = Models(
+            unet=flow.transformer,
+            reference_unet=None,
+            vae=flow.vae,
+            text=FlowTextConditioner(flow),
+            scheduler=flow.scheduler,
+            flow=flow,
+        )
+    else:
+        models = (
+            load_pretrained(pretrained, model, resolution, allow_download)
+            if pretrained is not None
+            else build_tiny(resolution, seed)
+        )
     if models.vae is None:
         raise ValueError(
             "sdpo-cache: this model has no VAE (a pixel-space model needs no latent cache)"
@@ -126,7 +153,7 @@ def build_cache(
         "pretrained": pretrained,
         "resolution": resolution,
         "storage_dtype": storage_dtype,
-        "scaling_factor": models.vae.config.scaling_factor,
+        "scaling_factor": getattr(models.vae.config, "scaling_factor", None),
         "pairs": len(captions),
         "skipped_pairs": skipped,
         "shards": shards,
@@ -160,12 +187,19 @@ class CachedPairBatches:
         world_size: int = 1,
         resolution: int,
         hflip: bool = True,
+        model: str | None = None,
     ) -> None:
         from sdpo.train.data import PairBatches, PairRecord
 
         self.hflip = hflip
         self.root = Path(path).expanduser()
         self.index = json.loads((self.root / INDEX_FILE).read_text())
+        built_for = self.index.get("model")
+        if model is not None and built_for is not None and built_for != model:
+            raise ValueError(
+                f"data: the cache at {path} was built for --model {built_for}, the run trains "
+                f"{model}; rebuild it with sdpo-cache --model {model}"
+            )
         if self.index["resolution"] != resolution:
             raise ValueError(
                 f"data: the cache at {path} was built at resolution {self.index['resolution']}, "
@@ -238,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default=None, help="pairs as for sdpo-train --data (none: synthetic tiny pairs)"
     )
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl"))
-    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl", *FLOW_MODELS))
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="a local diffusers folder; tiny: tiny flow models (sd3, flux, wan) built in code",
+    )
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-pairs", type=int, default=64)

@@ -103,6 +103,15 @@ RESUME_RULES: dict[str, str] = {
     "validation_seed": "free",
     "validation_steps": "free",
     "validation_guidance": "free",
+    "flow_density": "same",
+    "logit_mean": "same",
+    "logit_std": "same",
+    "mode_scale": "same",
+    "flow_loss_weighting": "same",
+    "timestep_weighting": "same",
+    "timestep_mask_threshold": "same",
+    "timestep_clip": "same",
+    "timestep_range": "same",
 }
 
 
@@ -393,13 +402,18 @@ def nonfinite_weights(module: nn.Module, environment: Distributed | None = None)
     return bool(flag.item() > 0)
 
 
-def export_unet(unet: nn.Module, output_dir: Path, state: dict[str, Tensor] | None = None) -> None:
-    """DIR/unet/ (diffusers, safetensors) and DIR/unet.pth (a plain state dict); LoRA adapters
-    are merged into the weights first, so both load into a plain UNet. ``state``: the full
-    weights when the UNet is sharded."""
+def export_unet(
+    unet: nn.Module,
+    output_dir: Path,
+    state: dict[str, Tensor] | None = None,
+    name: str = "unet",
+) -> None:
+    """DIR/NAME/ (diffusers, safetensors) and DIR/NAME.pth (a plain state dict); LoRA adapters
+    are merged into the weights first, so both load into a plain model. ``state``: the full
+    weights when the model is sharded. ``name``: "unet", or "transformer" for a flow model."""
     if state is None:
         state = merged_state_dict(unet)
     plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state)
-    plain.save_pretrained(output_dir / "unet", safe_serialization=True)
-    torch.save(state, output_dir / "unet.pth")
+    plain.save_pretrained(output_dir / name, safe_serialization=True)
+    torch.save(state, output_dir / f"{name}.pth")

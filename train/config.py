@@ -30,7 +30,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,19 @@ class TrainConfig:
     caption_dropout: float = 0.2
     synthetic_pairs: int = 64
     lora_rank: int = 0
+    # Flow-matching models (sd3, flux, wan): the sigma density and the loss weighting
+    # (sdpo.train.flow_matching.FlowDensity; defaults: the diffusers SD3 DreamBooth script's).
+    flow_density: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_loss_weighting: str = "none"
+    # EXPERIMENTAL timestep weighting (sdpo.timesteps; DDPM models only): per-pair weights
+    # outside the sigmoid, from arXiv 2505.21893, whose v2 reports an error in its main theorem.
+    timestep_weighting: str = "none"
+    timestep_mask_threshold: float = 0.9
+    timestep_clip: float = 0.2
+    timestep_range: str | None = None  # "LOW:HIGH": timesteps drawn from and kept in [LOW, HIGH)
     # Optimisation.
     train_batch_pairs: int = 2  # pairs per micro-batch per process
     gradient_accumulation: int = 1
@@ -114,7 +127,6 @@ class TrainConfig:
     overwrite: bool = False
     checkpoints_total_limit: int = 0  # keep the N newest complete checkpoints; 0 keeps all
     max_skipped_fraction: float = 0.05
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
         """Checks every field against ``FIELDS`` and the settings against each other and this
@@ -130,15 +142,18 @@ class TrainConfig:
             raise UsageError(
                 "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
             )
+        check_flow_settings(self)
+        check_timestep_weighting(self)
         if self.model != "tiny" and self.pretrained is None:
             raise UsageError(
                 f"pretrained: model {self.model!r} needs --pretrained PATH (a local diffusers folder "
                 "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
-        if self.data is None and self.model != "tiny" and self.pretrained != "random":
+        if self.data is None and self.model != "tiny" and self.pretrained not in ("random", "tiny"):
             raise UsageError(
                 "data: expected --data PATH (parquet shards, a save_to_disk folder or a JSONL "
-                "manifest); synthetic pairs are only for the tiny model and --pretrained random"
+                "manifest); synthetic pairs are only for the tiny model and --pretrained "
+                "random or tiny"
             )
         check_output_dir(self.output_dir)
         check_knobs(self)
@@ -180,6 +195,38 @@ _SDXL: dict[str, Any] = {
     "optimizer": "adafactor",
     "gradient_checkpointing": True,
 }
+# Flow-matching presets (docs/flow_matching.md has the memory estimates behind each choice).
+# Sourced: the sigma densities (SD3 DreamBooth script: logit-normal(0, 1), weighting none; FLUX
+# DreamBooth script: uniform, no weighting), the LoRA rank 8 and learning rate 1e-5 (the diffusers
+# Diffusion-DPO LoRA example's SD1.5/SDXL commands), and the full fine-tune's batch structure
+# (the reference scripts above). OUR CHOICES, unvalidated: beta 5000 (no flow-DPO beta is sourced;
+# we keep the per-element mean-MSE convention of the SD1.5/SDXL presets), mu 0.6 (the SDXL
+# presets'), the full fine-tune's learning rate 1e-9 per pair (SDXL's), the LoRA presets' 4 pairs
+# x 4 accumulation, gradient checkpointing everywhere, and FSDP2 for SD3.5 Medium.
+_FLOW_COMMON: dict[str, Any] = {
+    "method": "diffusion-dpo",
+    "beta": 5000.0,
+    "mu": 0.6,
+    "mixed_precision": "bf16",
+    "gradient_checkpointing": True,
+    "caption_dropout": 0.2,
+    "max_grad_norm": 1.0,
+    "flow_density": "logit_normal",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "flow_loss_weighting": "none",
+}
+_FLOW_LORA: dict[str, Any] = {
+    **_FLOW_COMMON,
+    "lora_rank": 8,
+    "learning_rate": 1e-5,
+    "train_batch_pairs": 4,
+    "gradient_accumulation": 4,
+    "max_steps": 2000,
+    "warmup_steps": 0,
+    "checkpoint_every": 500,
+    "granularity": "pair",
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny random-initialised models and synthetic pairs: the SD1.5 code path in well under a
     # second per step on a CPU, with no download. What tests and CI use.
@@ -202,6 +249,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sdxl-dpo": {**_SDXL, "method": "diffusion-dpo", "beta": 5000.0, "mu": 0.6},
     "sdxl-dspo": {**_SDXL, "method": "dspo-sdxl", "beta": 5000.0, "mu": 0.6},
     "sdxl-dmpo": {**_SDXL, "method": "dmpo", "beta": 6000.0, "dmpo_alpha": 0.01, "mu": 0.6},
+    "sd35m-dpo": {
+        **_REFERENCE_COMMON,
+        **_FLOW_COMMON,
+        "model": "sd3",
+        "resolution": 1024,
+        "learning_rate": 1e-9,
+        "optimizer": "adamw",
+        "fsdp": True,
+    },
+    "sd35l-dpo-lora": {**_FLOW_LORA, "model": "sd3", "resolution": 1024},
+    "flux-dpo-lora": {
+        **_FLOW_LORA,
+        "model": "flux",
+        "resolution": 1024,
+        "flow_density": "uniform",
+    },
+    "wan-dpo-lora": {**_FLOW_LORA, "model": "wan", "resolution": 480},
 }
 
 PRESET_HELP: dict[str, str] = {
@@ -212,7 +276,83 @@ PRESET_HELP: dict[str, str] = {
     "sdxl-dpo": "Diffusion-DPO on SDXL: beta 5000, mu 0.6, Adafactor, gradient checkpointing",
     "sdxl-dspo": "DSPO's SDXL form (method dspo-sdxl): beta 5000, mu 0.6, Adafactor",
     "sdxl-dmpo": "DMPO on SDXL: beta 6000, alpha 0.01, mu 0.6, Adafactor",
+    "sd35m-dpo": "SD3.5 Medium full fine-tune, FSDP2, checkpointing; beta 5000 unvalidated",
+    "sd35l-dpo-lora": "SD3.5 Large LoRA rank 8, lr 1e-5; beta 5000 unvalidated",
+    "flux-dpo-lora": "FLUX.1-dev LoRA rank 8, uniform sigmas; beta 5000 unvalidated",
+    "wan-dpo-lora": "Wan 2.1 T2V 1.3B LoRA on image pairs (one-frame videos); beta unvalidated",
 }
+
+
+FLOW_MODELS = ("sd3", "flux", "wan")
+_FLOW_FIELDS = ("flow_density", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
+
+
+def parse_timestep_range(text: str) -> tuple[int, int]:
+    """ "LOW:HIGH" -> (LOW, HIGH) with 0 <= LOW < HIGH <= 1000 (the SD schedulers' T)."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(
+            f"timestep_range: expected LOW:HIGH integer timesteps (e.g. 200:800), got {text!r}"
+        ) from None
+    if not 0 <= low < high <= 1000:
+        raise UsageError(f"timestep_range: expected 0 <= LOW < HIGH <= 1000, got {text!r}")
+    return low, high
+
+
+def check_timestep_weighting(config: TrainConfig) -> None:
+    """Its knobs only with a mode that reads them; refused for flow models (one line)."""
+    mode = config.timestep_weighting
+    if config.model in FLOW_MODELS:
+        from sdpo.train.flow_matching import refuse_timestep_weighting
+
+        try:
+            refuse_timestep_weighting(mode)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    defaults = TrainConfig.__dataclass_fields__
+    unused = []
+    if mode == "none":
+        unused = ["timestep_mask_threshold", "timestep_clip", "timestep_range"]
+    elif mode == "dpo-cm":
+        unused = ["timestep_clip"]
+    for name in unused:
+        if getattr(config, name) != defaults[name].default:
+            flag = "--" + name.replace("_", "-")
+            needs = "importance" if name == "timestep_clip" else "dpo-cm or importance"
+            raise UsageError(
+                f"{name.replace('_', '-')}: only read with --timestep-weighting {needs} "
+                f"(got {mode}); drop {flag}"
+            )
+
+
+def check_flow_settings(config: TrainConfig) -> None:
+    """Flow settings only with a flow model; ``--pretrained tiny`` only for flow models (the
+    tiny UNet preset is ``--model tiny``); a flow model needs ``--pretrained``."""
+    flow = config.model in FLOW_MODELS
+    if not flow:
+        changed = [
+            name
+            for name in _FLOW_FIELDS
+            if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default
+        ]
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise UsageError(
+                f"{changed[0]}: applies to flow-matching models (--model sd3, flux or wan), not "
+                f"{config.model!r}; drop {flag}"
+            )
+        if config.pretrained == "tiny":
+            raise UsageError(
+                "pretrained: tiny builds tiny flow-matching models (--model sd3, flux or wan); "
+                "the tiny UNet is --model tiny without --pretrained"
+            )
+        return
+    if config.pretrained is None:
+        raise UsageError(
+            f"pretrained: model {config.model!r} needs --pretrained PATH (a local diffusers "
+            "folder with model_index.json) or --pretrained tiny (tiny random models, tests)"
+        )
 
 
 def parse_profile_steps(text: str) -> tuple[int, int]:
@@ -303,10 +443,11 @@ FIELDS: dict[str, FieldSpec] = {
                             low=0, high=1),
     "loss_backend": FieldSpec(str, "loss implementation; triton and cuda need a GPU", _OBJECTIVE,
                               choices=("auto", "torch", "triton", "cuda")),
-    "model": FieldSpec(str, "architecture: tiny (built in code), sd15 or sdxl", _DATA,
-                       choices=("tiny", "sd15", "sdxl")),
-    "pretrained": FieldSpec(str, "local diffusers folder, cached model id, or random (timing)",
-                            _DATA, True),
+    "model": FieldSpec(str, "architecture: tiny (built in code), sd15, sdxl, or the flow models "
+                       "sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan 2.1 T2V)", _DATA,
+                       choices=("tiny", "sd15", "sdxl", "sd3", "flux", "wan")),
+    "pretrained": FieldSpec(str, "local diffusers folder, cached model id, random (sd15/sdxl "
+                            "timing), or tiny (tiny flow models)", _DATA, True),
     "allow_download": FieldSpec(bool, "let --pretrained download from the Hugging Face hub", _DATA),
     "data": FieldSpec(str, "parquet shards, a save_to_disk folder, a JSONL manifest or a cache",
                       _DATA, True),
@@ -315,6 +456,29 @@ FIELDS: dict[str, FieldSpec] = {
                                  low=0, high=1),
     "synthetic_pairs": FieldSpec(int, "synthetic pairs when there is no --data", _DATA, low=1),
     "lora_rank": FieldSpec(int, "LoRA rank; 0 trains the full UNet", _DATA, low=0),
+    # Flow-matching models only (sdpo.train.flow_matching; docs/flow_matching.md).
+    "flow_density": FieldSpec(str, "flow models: how sigmas are drawn (diffusers' "
+                              "compute_density_for_timestep_sampling)", _DATA,
+                              choices=("logit_normal", "mode", "uniform")),
+    "logit_mean": FieldSpec(float, "flow models: the logit-normal density's mean", _DATA),
+    "logit_std": FieldSpec(float, "flow models: the logit-normal density's std, > 0", _DATA,
+                           low=0, low_open=True),
+    "mode_scale": FieldSpec(float, "flow models: the mode density's scale", _DATA),
+    "flow_loss_weighting": FieldSpec(str, "flow models: w(sigma) inside each pair's margin "
+                                     "(compute_loss_weighting_for_sd3); none keeps beta as is",
+                                     _DATA, choices=("none", "sigma_sqrt", "cosmap")),
+    "timestep_weighting": FieldSpec(str, "EXPERIMENTAL per-pair timestep weights (sdpo.timesteps"
+                                    "; arXiv 2505.21893, whose v2 states its main theorem has a "
+                                    "critical error; our own derivation): dpo-cm masks pairs with"
+                                    " w < threshold, importance also multiplies by clip(w); DDPM "
+                                    "models only", _OBJECTIVE,
+                                    choices=("none", "dpo-cm", "importance")),
+    "timestep_mask_threshold": FieldSpec(float, "EXPERIMENTAL: the mask's tau (pairs with w < tau"
+                                         " get weight 0), >= 0", _OBJECTIVE, low=0),
+    "timestep_clip": FieldSpec(float, "EXPERIMENTAL: importance weights clipped to [1 - X, 1 + X]"
+                               ", X in [0, 1)", _OBJECTIVE, low=0, high=1, high_open=True),
+    "timestep_range": FieldSpec(str, "EXPERIMENTAL: LOW:HIGH, timesteps drawn from and kept in "
+                                "[LOW, HIGH)", _OBJECTIVE, True, check=parse_timestep_range),
     "train_batch_pairs": FieldSpec(int, "pairs per micro-batch per process", _OPTIM, low=1),
     "gradient_accumulation": FieldSpec(int, "micro-batches per optimizer step", _OPTIM, low=1),
     "learning_rate": FieldSpec(float, "learning rate (per pair if --scale-lr)", _OPTIM,
@@ -886,5 +1050,4 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 def config_to_json(config: TrainConfig) -> str:
     values = dataclasses.asdict(config)
-    values.pop("extra", None)
     return json.dumps(values, indent=2, sort_keys=True)

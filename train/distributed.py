@@ -46,18 +46,40 @@ class Distributed:
             dist.destroy_process_group()
 
 
+# The block lists of the diffusers transformers: SD3 and FLUX ``transformer_blocks``, FLUX also
+# ``single_transformer_blocks``, Wan ``blocks``.
+TRANSFORMER_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 wraps one by one: a UNet's down/mid/up blocks, or each block of a
+    transformer's block lists (see ``TRANSFORMER_BLOCK_LISTS``)."""
+    if hasattr(model, "down_blocks"):
+        units = [*model.down_blocks, *model.up_blocks]
+        if model.mid_block is not None:
+            units.append(model.mid_block)
+        return units
+    units = []
+    for name in TRANSFORMER_BLOCK_LISTS:
+        units.extend(getattr(model, name, None) or [])
+    if not units:
+        raise ValueError(
+            f"fsdp: {type(model).__name__} has none of down_blocks, "
+            f"{', '.join(TRANSFORMER_BLOCK_LISTS)} to shard"
+        )
+    return units
+
+
 def shard_unet(unet: nn.Module, device: torch.device) -> None:
-    """FSDP2: each down/mid/up block its own unit (its weights gathered just for its forward and
-    backward), then the rest (embeddings, conv_in/out) at the root."""
+    """FSDP2: each block its own unit (its weights gathered just for its forward and backward),
+    then the rest (embeddings, conv_in/out, a transformer's norm_out/proj_out) at the root. The
+    blocks: see ``shard_units``; the name stays for the UNet it was written for."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for blocks in (unet.down_blocks, unet.up_blocks):
-        for block in blocks:
-            fully_shard(block, mesh=mesh)
-    if unet.mid_block is not None:
-        fully_shard(unet.mid_block, mesh=mesh)
+    for block in shard_units(unet):
+        fully_shard(block, mesh=mesh)
     fully_shard(unet, mesh=mesh)
 
 

@@ -421,7 +421,8 @@ class WanFamily(FlowFamily):
         )
 
     def text_encoders(self) -> list[nn.Module]:
-        return [self.pipeline.text_encoder]
+        encoder = getattr(self.pipeline, "text_encoder", None)
+        return [encoder] if encoder is not None else []
 
     @property
     def spatial_factor(self) -> int:
@@ -557,17 +558,27 @@ def load(
     allow_download: bool = False,
     dtype: torch.dtype = torch.float32,
     max_sequence_length: int | None = None,
+    text_encoders: bool = True,
 ) -> FlowFamily:
     """A flow family from a local diffusers folder (or a cached model id), no download unless
-    ``allow_download``; the family comes from ``model_index.json``."""
+    ``allow_download``; the family comes from ``model_index.json``. ``text_encoders=False``
+    skips loading the text encoders (cached embeddings; ``encode_text`` is then unusable)."""
     folder = _resolve_folder(path, allow_download)
     family = family_class_for(folder)
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline_class_name)
+    skipped = {}
+    if not text_encoders:
+        names = json.loads((folder / "model_index.json").read_text())
+        skipped = {
+            name: None
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if name in names
+        }
     try:
         pipeline = pipeline_class.from_pretrained(
-            str(folder), local_files_only=not allow_download, dtype=dtype
+            str(folder), local_files_only=not allow_download, dtype=dtype, **skipped
         )
     except (OSError, ValueError) as error:
         raise FileNotFoundError(

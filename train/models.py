@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.train import toy
-from sdpo.train.config import TrainConfig
+from sdpo.train.config import FLOW_MODELS, TrainConfig
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -168,17 +168,152 @@ class TextConditioner(nn.Module):
         return encoder_hidden_states, added
 
 
+class FlowTextConditioner(nn.Module):
+    """Captions -> (prompt_embeds, {"text_embeds": pooled} or None) through a flow family's own
+    ``encode_text`` (the pipeline's ``encode_prompt``); frozen. The SDXL key ``text_embeds``
+    carries the pooled projection, so the cache stores both model kinds the same way."""
+
+    def __init__(self, flow) -> None:
+        super().__init__()
+        self.flow = flow
+        self.encoders = nn.ModuleList(flow.text_encoders())
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if not self.encoders:
+            raise RuntimeError(
+                "text: the text encoders were not loaded (training from an sdpo-cache folder)"
+            )
+        encoded = self.flow.encode_text(list(captions), device)
+        return self.conditioning(encoded["prompt_embeds"], encoded.get("pooled_projections"))
+
+    def conditioning(
+        self, prompt_embeds: Tensor, pooled: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if "pooled_projections" not in self.flow.conditioning_keys:
+            return prompt_embeds, None
+        if pooled is None:
+            raise ValueError(f"conditioning: {self.flow.name} needs the pooled text embedding")
+        return prompt_embeds, {"text_embeds": pooled}
+
+
 @dataclass
 class Models:
+    """``unet`` is the trained network: a UNet, or a flow family's transformer (then ``flow`` is
+    the ``sdpo.train.families`` family and ``flow_density`` its sigma density)."""
+
     unet: nn.Module
     reference_unet: nn.Module | None  # None with LoRA: the policy with its adapters disabled
     vae: nn.Module | None  # None: pixel-space model (latents are the images)
-    text: TextConditioner
+    text: TextConditioner | FlowTextConditioner
     scheduler: object
+    flow: object | None = None
+    flow_density: object | None = None
 
     @property
     def prediction_type(self) -> str:
+        if self.flow is not None:
+            return "flow"
         return self.scheduler.config.prediction_type
+
+    @property
+    def export_name(self) -> str:
+        """The exported folder's name: ``unet`` or, for a flow model, ``transformer``."""
+        return "transformer" if self.flow is not None else "unet"
+
+
+# LoRA targets: the attention projections; MMDiT (SD3, FLUX) blocks also project the text
+# stream (add_q/k/v_proj, to_add_out). Names absent from a model (Wan has no to_add_out) are
+# skipped by peft as long as one name matches.
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+FLOW_LORA_TARGETS = (*UNET_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def flow_family_class(model: str):
+    from sdpo.train import families
+
+    return {"sd3": families.SD3Family, "flux": families.FluxFamily, "wan": families.WanFamily}[
+        model
+    ]
+
+
+def load_flow_family(
+    model: str,
+    pretrained: str,
+    resolution: int,
+    seed: int,
+    allow_download: bool,
+    text_encoders: bool = True,
+):
+    """A flow family: ``tiny`` builds tiny random models in code; otherwise a local diffusers
+    folder whose model_index.json must name the ``model`` family. ``text_encoders=False``
+    (training from an sdpo-cache folder): the text encoders are not loaded at all, so T5-XXL
+    never occupies memory."""
+    from sdpo.train import families
+
+    expected = flow_family_class(model)
+    if pretrained == "tiny":
+        flow = expected.build_tiny(resolution, seed)
+        if not text_encoders:
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                if getattr(flow.pipeline, name, None) is not None:
+                    setattr(flow.pipeline, name, None)
+    elif pretrained == "random":
+        raise ValueError(
+            f"pretrained: random weights for {model} are not built by the trainer (the "
+            "published transformers are 1.4-12B parameters); use --pretrained tiny for a test "
+            "run, or a local diffusers folder"
+        )
+    else:
+        flow = families.load(
+            pretrained,
+            resolution,
+            allow_download,
+            dtype=torch.float32,
+            text_encoders=text_encoders,
+        )
+        if not isinstance(flow, expected):
+            raise ValueError(
+                f"pretrained: {pretrained!r} holds a {flow.pipeline_class_name} "
+                f"({flow.name}), not {expected.pipeline_class_name}; use --model {flow.name}"
+            )
+    return flow
+
+
+def load_flow_models(config: TrainConfig) -> Models:
+    """The flow family of ``--model``/``--pretrained`` with the config's sigma density; from an
+    sdpo-cache folder without its text encoders."""
+    from sdpo.train.cache import is_cache
+    from sdpo.train.flow_matching import FlowDensity
+
+    flow = load_flow_family(
+        config.model,
+        config.pretrained,
+        config.resolution,
+        config.seed,
+        config.allow_download,
+        text_encoders=not is_cache(config.data),
+    )
+    density = FlowDensity(
+        density=config.flow_density,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        loss_weighting=config.flow_loss_weighting,
+    )
+    return Models(
+        unet=flow.transformer,
+        reference_unet=None,
+        vae=flow.vae,
+        text=FlowTextConditioner(flow),
+        scheduler=flow.scheduler,
+        flow=flow,
+        flow_density=density,
+    )
 
 
 def _looks_like_local_path(path: str) -> bool:
@@ -282,7 +417,9 @@ def make_reference(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
     return reference
 
 
-def add_lora(unet: nn.Module, rank: int) -> None:
+def add_lora(
+    unet: nn.Module, rank: int, target_modules: tuple[str, ...] = UNET_LORA_TARGETS
+) -> None:
     """LoRA adapters on the attention projections (peft); the base weights are frozen."""
     from peft import LoraConfig
 
@@ -292,7 +429,7 @@ def add_lora(unet: nn.Module, rank: int) -> None:
             r=rank,
             lora_alpha=rank,
             init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=list(target_modules),
         )
     )
 
@@ -433,7 +570,9 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     """The configured models on ``device``: the policy UNet (training mode), its frozen
     reference (a copy in bf16 on CUDA with bf16 mixed precision, or the policy with LoRA
     adapters off), the VAE and the text encoders (frozen)."""
-    if config.pretrained == "random":
+    if config.model in FLOW_MODELS:
+        models = load_flow_models(config)
+    elif config.pretrained == "random":
         models = build_random(config.model, config.resolution, config.seed)
     elif config.pretrained is not None:
         models = load_pretrained(
@@ -448,7 +587,20 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     )
     if config.lora_rank > 0:
         # The reference is the same UNet with its adapters disabled: no second copy in memory.
-        add_lora(models.unet, config.lora_rank)
+        targets = FLOW_LORA_TARGETS if models.flow is not None else UNET_LORA_TARGETS
+        # Seeded: peft's gaussian init draws A from the global generator, so an unseeded run
+        # gets different adapters each time and a rerun (or a resumed run's reference) differs.
+        if models.flow is not None and reference_dtype == torch.bfloat16:
+            # The frozen flow transformer in bf16 (the base is also the reference): 2 bytes per
+            # parameter, 24 GB for FLUX.1-dev instead of 48 (docs/flow_matching.md); the
+            # adapters stay fp32 below, as the diffusers LoRA scripts' cast_training_params.
+            models.unet.to(torch.bfloat16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            add_lora(models.unet, config.lora_rank, targets)
+        for parameter in models.unet.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
         models.reference_unet = None
     else:
         models.reference_unet = make_reference(models.unet, reference_dtype)
@@ -476,3 +628,18 @@ def compile_model(module: nn.Module, cuda_graphs: bool) -> nn.Module:
     """torch.compile; with ``cuda_graphs`` through its "reduce-overhead" mode (CUDA graphs,
     static shapes per run)."""
     return torch.compile(module, mode="reduce-overhead" if cuda_graphs else None)
+
+
+def export_flow_lora(models: Models, output_dir: Path) -> Path:
+    """The LoRA adapters alone, in the diffusers LoRA format of the family's pipeline
+    (``pytorch_lora_weights.safetensors``, keys ``transformer.*``): what
+    ``pipeline.load_lora_weights(DIR)`` applies to the base model."""
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(output_dir) / "transformer_lora"
+    layers = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in get_peft_model_state_dict(models.unet).items()
+    }
+    type(models.flow.pipeline).save_lora_weights(str(folder), transformer_lora_layers=layers)
+    return folder

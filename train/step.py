@@ -19,7 +19,7 @@ from sdpo.train.cache import CachedBatch
 from sdpo.train.config import TrainConfig
 from sdpo.train.data import Batch
 from sdpo.train.distributed import Distributed
-from sdpo.train.family import DiffusionFamily, repeat_pairs
+from sdpo.train.family import DiffusionFamily, FlowMatchingFamily, repeat_pairs
 from sdpo.train.models import Models
 from sdpo.train.nvtx_ranges import PhaseRanges
 
@@ -39,6 +39,14 @@ def encode_images(models: Models, pixels: Tensor, generator: torch.Generator) ->
     return latents * models.vae.config.scaling_factor
 
 
+def flow_pixels(flow, pixels: Tensor) -> Tensor:
+    """Images (N, 3, H, W) as the family encodes them: Wan takes videos (N, 3, F, H, W), so an
+    image is a one-frame video (Wan 2.1 generates single images as num_frames=1)."""
+    if flow.pixel_dims == 5 and pixels.dim() == 4:
+        return pixels.unsqueeze(2)
+    return pixels
+
+
 def condition_batch(
     models: Models, batch: Batch | CachedBatch, generator: torch.Generator, device: torch.device
 ) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
@@ -50,12 +58,18 @@ def condition_batch(
         mean = batch.latent_mean.to(device, non_blocking=True)
         std = batch.latent_std.to(device, non_blocking=True)
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-        latents = (mean + std * noise) * models.vae.config.scaling_factor
+        if models.flow is not None:  # the flow VAE's shift and scale (Wan: per-channel)
+            latents = models.flow.normalize_latents(mean + std * noise)
+        else:
+            latents = (mean + std * noise) * models.vae.config.scaling_factor
         pooled = batch.pooled.to(device) if batch.pooled is not None else None
         hidden, added = models.text.conditioning(batch.hidden.to(device), pooled)
         return latents, hidden, added
     pixels = torch.cat([batch.winners, batch.losers]).to(device, non_blocking=True)
-    latents = encode_images(models, pixels, generator)
+    if models.flow is not None:
+        latents = models.flow.encode_images(flow_pixels(models.flow, pixels), generator)
+    else:
+        latents = encode_images(models, pixels, generator)
     hidden, added = models.text(batch.captions, device)
     return latents, hidden, added
 
@@ -67,8 +81,28 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def family_of(models: Models) -> DiffusionFamily:
+def family_of(models: Models) -> DiffusionFamily | FlowMatchingFamily:
+    if models.flow is not None:
+        return FlowMatchingFamily(models.flow, models.flow_density)
     return DiffusionFamily(models.scheduler, models.prediction_type)
+
+
+def family_for(models: Models, config: TrainConfig) -> DiffusionFamily | FlowMatchingFamily:
+    """The family with the config's EXPERIMENTAL timestep weighting (DDPM models only)."""
+    if models.flow is not None or config.timestep_weighting == "none":
+        return family_of(models)
+    from sdpo.timesteps import TimestepWeighting
+    from sdpo.train.config import parse_timestep_range
+
+    weighting = TimestepWeighting(
+        mode=config.timestep_weighting,
+        mask_threshold=config.timestep_mask_threshold,
+        clip_epsilon=config.timestep_clip,
+        allowed_range=parse_timestep_range(config.timestep_range)
+        if config.timestep_range
+        else None,
+    )
+    return DiffusionFamily(models.scheduler, models.prediction_type, weighting)
 
 
 @contextlib.contextmanager
@@ -90,8 +124,12 @@ def reference_prediction(
     timestep_rows: Tensor,
     hidden_rows: Tensor,
     added_rows: dict[str, Tensor] | None,
+    family: DiffusionFamily | FlowMatchingFamily | None = None,
 ) -> Tensor:
-    """The frozen reference's prediction (call under no_grad): inputs cast to its dtype."""
+    """The frozen reference's prediction (call under no_grad): inputs cast to its dtype (a
+    flow family casts inside its own call)."""
+    if isinstance(family, FlowMatchingFamily):
+        return family.predict(reference, noisy, timestep_rows, hidden_rows, added_rows)
     added = (
         {key: value.to(reference.dtype) for key, value in added_rows.items()}
         if added_rows
@@ -112,10 +150,10 @@ def preference_step(
     config: TrainConfig,
     ranges: PhaseRanges,
     autocast: contextlib.AbstractContextManager,
-    family: DiffusionFamily | None = None,
+    family: DiffusionFamily | FlowMatchingFamily | None = None,
 ) -> sdpo.PreferenceLoss:
     """The loss for 2B stacked latents (winners first) and B conditionings, one per pair."""
-    family = family or family_of(models)
+    family = family or family_for(models, config)
     noise, timesteps = family.sample_noise(latents, generator)
     noisy, timestep_rows, target = family.noisy_inputs(latents, noise, timesteps)
     hidden_rows = repeat_pairs(encoder_hidden_states)
@@ -132,8 +170,12 @@ def preference_step(
         autocast,
         reference_model(models) as reference,
     ):
-        ref_pred = reference_prediction(reference, noisy, timestep_rows, hidden_rows, added_rows)
+        ref_pred = reference_prediction(
+            reference, noisy, timestep_rows, hidden_rows, added_rows, family
+        )
     with ranges("loss and safeguard"):
+        model_pred, ref_pred, target = family.weighted(model_pred, ref_pred, target, timesteps)
+        pair_weights = family.pair_weights(model_pred, ref_pred, target, timesteps)
         return sdpo.preference_loss(
             model_pred,
             ref_pred,
@@ -143,6 +185,7 @@ def preference_step(
             mu=config.mu,
             granularity=config.granularity,
             dmpo_alpha=config.dmpo_alpha,
+            pair_weights=pair_weights,
             backend=config.loss_backend,
         )
 

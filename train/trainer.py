@@ -36,7 +36,7 @@ from sdpo.train.distributed import (
 )
 from sdpo.train.errors import UsageError
 from sdpo.train.metrics import MetricsWriter, RunningStats
-from sdpo.train.models import build_models, compile_model
+from sdpo.train.models import build_models, compile_model, export_flow_lora
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
 from sdpo.train.preemption import Preempted, StopRequests
@@ -53,7 +53,7 @@ from sdpo.train.step import (
     autocast,
     clip_and_check_gradients,
     condition_batch,
-    family_of,
+    family_for,
     preference_step,
 )
 from sdpo.train.trackers import open_tracker
@@ -91,6 +91,7 @@ def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches |
             world_size=environment.world_size,
             resolution=config.resolution,
             hflip=config.hflip,
+            model=config.model,
         )
     records = load_records(
         config.data,
@@ -139,7 +140,7 @@ class Trainer:
         self.stop_requests = StopRequests(environment)
         resume = self._prepare_output()
         self.models = build_models(config, device)
-        self.family = family_of(self.models)
+        self.family = family_for(self.models, config)
         if resume is not None:
             # The full weights, before any sharding; every rank read the checkpoint itself.
             self.models.unet.load_state_dict(resume.model_state)
@@ -554,7 +555,10 @@ class Trainer:
 
     def _summary(self, first_step: int, seconds: float, rows: list[dict]) -> None:
         config = self.config
-        outputs = [f"{self.output_dir / 'metrics.jsonl'}", f"{self.output_dir / 'unet'}"]
+        outputs = [
+            f"{self.output_dir / 'metrics.jsonl'}",
+            f"{self.output_dir / self.models.export_name}",
+        ]
         final_checkpoint = self.output_dir / f"checkpoint-{self.step}"
         if final_checkpoint.is_dir():
             outputs.append(f"checkpoint {final_checkpoint}")
@@ -583,7 +587,11 @@ class Trainer:
         self._check_weights()
         final_state = full_model_state(self.models.unet) if self.sharded else None
         if self.environment.is_main:
-            checkpoints.export_unet(self.models.unet, self.output_dir, final_state)
+            checkpoints.export_unet(
+                self.models.unet, self.output_dir, final_state, self.models.export_name
+            )
+            if self.models.flow is not None and self.config.lora_rank > 0:
+                export_flow_lora(self.models, self.output_dir)
         self.environment.barrier()
 
     def _skip_or_stop(self, progress) -> None:

@@ -28,7 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--output-dir", required=True)
     # Defaults of None: the GenerateSettings defaults apply, and --preset can tell which flags
     # were given.
-    generate.add_argument("--model", choices=("sd15", "sdxl"), default=None, help="default sd15")
+    generate.add_argument(
+        "--model",
+        choices=("sd15", "sdxl", "sd3", "flux"),
+        default=None,
+        help="default sd15; sd3 (SD3/SD3.5) and flux (FLUX.1) use their own pipelines",
+    )
+    generate.add_argument(
+        "--transformer",
+        default=None,
+        help="sd3/flux: trained transformer (sdpo-train's transformer/ folder or .pth)",
+    )
+    generate.add_argument(
+        "--lora",
+        default=None,
+        help="sd3/flux: LoRA weights applied to the base (sdpo-train's transformer_lora/)",
+    )
     generate.add_argument("--steps", type=int, default=None, help="default 50")
     generate.add_argument("--resolution", type=int, default=None)
     generate.add_argument("--guidance", type=float, default=None, help="default 7.5")

@@ -7,6 +7,13 @@ reference evaluation's "7.5" is ``eps_c + 7.5 (eps_c - eps_u)`` = diffusers' 8.5
 (eps_u + 8.5 (eps_c - eps_u) is the same sum), so ``--cfg-formula reference`` passes
 ``guidance + 1`` to diffusers. ``--preset reference-sd15 / reference-sdxl`` is the official
 evaluation's whole sampler (see PRESETS).
+
+Flow-matching models (``--model sd3`` / ``flux``): the models' own pipelines
+(StableDiffusion3Pipeline, FluxPipeline) with the scheduler they ship (flow-match Euler);
+``--transformer`` a trained transformer (``transformer/`` folder or ``transformer.pth`` from
+sdpo-train), ``--lora`` LoRA weights (sdpo-train's ``transformer_lora/`` or any diffusers LoRA
+folder) applied to the base. SD3 guidance is classifier-free guidance (diffusers' formula);
+FLUX.1-dev's ``--guidance`` is its embedded guidance (default 3.5, no CFG).
 """
 
 from __future__ import annotations
@@ -61,6 +68,56 @@ class GenerateSettings:
     dtype: str = "bf16"
     preset: str | None = None
     vae: str | None = None
+    transformer: str | None = None
+    lora: str | None = None
+
+
+FLOW_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+# FLUX.1-dev's embedded guidance default (diffusers' FluxPipeline and the FLUX scripts: 3.5).
+FLUX_GUIDANCE = 3.5
+
+
+def load_transformer_into(pipeline, transformer_path: str) -> None:
+    """A diffusers transformer folder or a ``transformer.pth`` state dict (sdpo-train's export)."""
+    path = Path(transformer_path).expanduser()
+    model = pipeline.transformer
+    if path.is_dir():
+        loaded = type(model).from_pretrained(path, local_files_only=True)
+        pipeline.transformer = loaded.to(model.device, model.dtype)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"transformer: {path} does not fit the pipeline's transformer (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}): was it trained from this "
+                "--pretrained model?"
+            )
+    else:
+        raise FileNotFoundError(f"transformer: no such file or folder {path}")
+
+
+def check_flow_settings(settings: GenerateSettings) -> None:
+    """What the UNet-only flags mean nothing for on a flow model, refused in one line."""
+    flow = settings.model in FLOW_PIPELINES
+    if not flow:
+        for flag, value in (("--transformer", settings.transformer), ("--lora", settings.lora)):
+            if value is not None:
+                raise ValueError(f"{flag}: for --model sd3 or flux; a UNet model takes --unet")
+        return
+    for flag, bad in (
+        ("--unet", settings.unet is not None),
+        ("--preset", settings.preset is not None),
+        ("--vae", settings.vae is not None),
+        ("--scheduler", settings.scheduler != "default"),
+    ):
+        if bad:
+            raise ValueError(
+                f"{flag}: not for --model {settings.model} (its pipeline's flow-match Euler "
+                "sampler and its own VAE; a trained model goes in --transformer or --lora)"
+            )
+    if settings.model == "flux" and settings.cfg_formula != "diffusers":
+        raise ValueError("--cfg-formula: FLUX.1's guidance is embedded, not CFG; drop it")
 
 
 def apply_preset(values: dict) -> dict:
@@ -160,7 +217,11 @@ def _reference_images(pipeline, prompts, settings, guidance_scale, resolution) -
 
 
 def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    check_flow_settings(settings)
+    flow = settings.model in FLOW_PIPELINES
 
     pretrained = Path(settings.pretrained).expanduser()
     layout = "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
@@ -192,12 +253,16 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     # bf16 on CUDA; on a CPU fp32, except under a preset (the reference's bf16 noise and UNet).
     use_bf16 = settings.dtype == "bf16" and (device.type == "cuda" or settings.preset is not None)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    pipeline_class = (
-        StableDiffusionXLPipeline if settings.model == "sdxl" else StableDiffusionPipeline
-    )
+    if flow:
+        pipeline_class = getattr(diffusers, FLOW_PIPELINES[settings.model])
+    else:
+        pipeline_class = (
+            StableDiffusionXLPipeline if settings.model == "sdxl" else StableDiffusionPipeline
+        )
+    extra = {} if flow else {"safety_checker": None}
     try:
         pipeline = pipeline_class.from_pretrained(
-            pretrained, dtype=dtype, local_files_only=True, safety_checker=None
+            pretrained, dtype=dtype, local_files_only=True, **extra
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -207,6 +272,13 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         ) from error
     if settings.unet:
         load_unet_into(pipeline, settings.unet)
+    if settings.transformer:
+        load_transformer_into(pipeline, settings.transformer)
+    if settings.lora:
+        lora = Path(settings.lora).expanduser()
+        if not lora.exists():
+            raise FileNotFoundError(f"lora: no such file or folder {lora}")
+        pipeline.load_lora_weights(str(lora))
     if settings.vae:
         from diffusers import AutoencoderKL
 
@@ -218,7 +290,14 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     if settings.preset:
         pipeline.vae.to(torch.float32)  # the reference decodes in fp32
     pipeline.set_progress_bar_config(disable=True)
-    resolution = settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    if flow:
+        resolution = settings.resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
+        if settings.model == "flux" and settings.guidance == GenerateSettings.guidance:
+            guidance_scale = FLUX_GUIDANCE  # the 7.5 CFG default means nothing for FLUX
+    else:
+        resolution = (
+            settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        )
 
     # Absolute image paths: `score` may run from another directory.
     output = Path(settings.output_dir).expanduser().resolve()

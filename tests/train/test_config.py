@@ -37,6 +37,15 @@ KINDS: dict[str, str] = {
     "caption_dropout": "float",
     "synthetic_pairs": "int",
     "lora_rank": "int",
+    "flow_density": "choice",
+    "logit_mean": "float",
+    "logit_std": "float",
+    "mode_scale": "float",
+    "flow_loss_weighting": "choice",
+    "timestep_weighting": "choice",
+    "timestep_mask_threshold": "float",
+    "timestep_clip": "float",
+    "timestep_range": "choice",
     "train_batch_pairs": "int",
     "gradient_accumulation": "int",
     "learning_rate": "float",
@@ -93,6 +102,13 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "caption_dropout": ["-0.1", "1.1"],
     "synthetic_pairs": ["0"],
     "lora_rank": ["-1"],
+    "flow_density": ["sigmoid"],
+    "logit_std": ["0", "-1"],
+    "flow_loss_weighting": ["sd3"],
+    "timestep_weighting": ["sipo"],
+    "timestep_mask_threshold": ["-0.1"],
+    "timestep_clip": ["1", "-0.1"],
+    "timestep_range": ["800:200", "5", "0:1001"],
     "train_batch_pairs": ["0"],
     "gradient_accumulation": ["0"],
     "learning_rate": ["0", "-1e-4"],
@@ -140,7 +156,7 @@ WRONG_TYPE_CLI: dict[str, list[str]] = {
 
 
 def field_names() -> list[str]:
-    return [field.name for field in dataclasses.fields(TrainConfig) if field.name != "extra"]
+    return [field.name for field in dataclasses.fields(TrainConfig)]
 
 
 def test_the_cases_cover_every_field():
@@ -323,6 +339,11 @@ def test_every_flag_accepts_underscores(tmp_path):
             # fsdp needs torchrun, cuda_graphs a GPU; resolution must be 8k; validation_every
             # needs --validation-prompts
             continue
+        # The flow settings need a flow model, the timestep knobs their weighting mode.
+        if name in ("logit_mean", "logit_std", "mode_scale"):
+            argv = ["--model", "sd3", "--pretrained", "tiny", *argv]
+        if name in ("timestep_mask_threshold", "timestep_clip"):
+            argv = ["--timestep_weighting", "importance", *argv]
         config = config_from_args([*base_argv(tmp_path), *argv])
         expected = True if kind == "bool" else (3 if kind == "int" else 0.5)
         assert getattr(config, name) == expected, name

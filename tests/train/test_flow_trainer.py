@@ -1,0 +1,358 @@
+"""The trainer on the flow-matching families (tiny random SD3 / FLUX / Wan, CPU, no download):
+presets, the step against preference_loss by hand, LoRA, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdpo
+from sdpo.train import families
+from sdpo.train.config import PRESETS, TrainConfig, config_from_args
+from sdpo.train.data import PairBatches, generator_for, load_records
+from sdpo.train.errors import UsageError
+from sdpo.train.models import FLOW_LORA_TARGETS, build_models
+from sdpo.train.trainer import train
+
+CPU = torch.device("cpu")
+FLOW_PRESETS = ("sd35m-dpo", "sd35l-dpo-lora", "flux-dpo-lora", "wan-dpo-lora")
+SMALL = [
+    "--pretrained", "tiny", "--resolution", "16", "--train-batch-pairs", "2",
+    "--gradient-accumulation", "1", "--synthetic-pairs", "8", "--warmup-steps", "0",
+    "--no-progress",
+]  # fmt: skip
+
+
+def flow_config(tmp_path: Path, name: str, *flags: str, **overrides) -> TrainConfig:
+    config = config_from_args([*flags, *SMALL, "--output-dir", str(tmp_path / name)])
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def read_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", FLOW_PRESETS)
+def test_each_flow_preset_trains_and_exports_the_transformer(tmp_path, preset):
+    config = flow_config(tmp_path, preset, "--preset", preset, "--max-steps", "2")
+    assert config.model == PRESETS[preset]["model"]
+    rows = train(config)["rows"]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    output = Path(config.output_dir)
+    state = torch.load(output / "transformer.pth")
+    assert not any("lora" in name for name in state)  # adapters merged into the export
+    family = {"sd3": families.SD3Family, "flux": families.FluxFamily, "wan": families.WanFamily}
+    transformer_class = type(family[config.model].build_tiny(16, 0).transformer)
+    exported = transformer_class.from_pretrained(output / "transformer")
+    assert all(torch.equal(exported.state_dict()[name], state[name]) for name in state)
+    if config.lora_rank:
+        # The policy moved (LoRA learning rate 1e-5 on 2 steps), and only through the adapters.
+        assert rows[1]["margin"] != 0.0
+
+
+def by_hand_batch(config: TrainConfig):
+    records = load_records(
+        None, resolution=config.resolution, synthetic_pairs=config.synthetic_pairs, seed=config.seed
+    )
+    batches = PairBatches(
+        records,
+        batch_pairs=config.train_batch_pairs,
+        resolution=config.resolution,
+        caption_dropout=config.caption_dropout,
+        seed=config.seed,
+    )
+    return batches.batch(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("model", "weighting"), [("sd3", "none"), ("flux", "none"), ("wan", "cosmap")]
+)
+def test_first_step_equals_flow_preference_inputs_and_preference_loss(tmp_path, model, weighting):
+    config = flow_config(
+        tmp_path, model, "--model", model, "--max-steps", "1", "--mu", "0.9",
+        "--granularity", "pair", "--flow-loss-weighting", weighting,
+    )  # fmt: skip
+    logged = train(config)["rows"][0]
+
+    models = build_models(config, CPU)  # the same seeded initial weights
+    flow = models.flow
+    batch = by_hand_batch(config)
+    generator = generator_for(config.seed, 3, 0, 0)
+    pixels = torch.cat([batch.winners, batch.losers])
+    if model == "wan":
+        pixels = pixels.unsqueeze(2)  # one-frame videos
+    latents = flow.encode_images(pixels, generator)
+    conditioning = flow.encode_text(batch.captions, CPU)
+    inputs = families.flow_preference_inputs(
+        flow, models.unet, models.reference_unet, latents, conditioning, generator,
+        models.flow_density,
+    )  # fmt: skip
+    expected = sdpo.preference_loss(
+        inputs.model_pred, inputs.ref_pred, inputs.target, beta=config.beta, mu=config.mu,
+        granularity=config.granularity,
+    )  # fmt: skip
+    assert logged["loss"] == pytest.approx(float(expected.loss.detach()), rel=1e-5, abs=1e-7)
+    assert logged["lambda"] == pytest.approx(float(expected.stats["lambda"].mean()), rel=1e-5)
+    assert logged["model_mse_w"] == pytest.approx(float(expected.stats["model_mse_w"]), rel=1e-5)
+
+    if model == "sd3":  # and the SD3 step written out with the transformer's own call
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        generator = generator_for(config.seed, 3, 0, 0)
+        latents = flow.encode_images(pixels, generator)
+        pairs = config.train_batch_pairs
+        noise = torch.randn((pairs, *latents.shape[1:]), generator=generator)
+        u = compute_density_for_timestep_sampling(
+            "logit_normal", pairs, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+            generator=generator,
+        )  # fmt: skip
+        indices = (u * 1000).long()
+        sigmas = flow.scheduler.sigmas[indices].view(-1, 1, 1, 1).repeat(2, 1, 1, 1)
+        noisy = (1 - sigmas) * latents + sigmas * torch.cat([noise, noise])
+        rows = {key: torch.cat([value, value]) for key, value in conditioning.items()}
+
+        def velocity(transformer):
+            return transformer(
+                hidden_states=noisy,
+                timestep=flow.scheduler.timesteps[indices].repeat(2),
+                encoder_hidden_states=rows["prompt_embeds"],
+                pooled_projections=rows["pooled_projections"],
+            ).sample
+
+        with torch.no_grad():
+            by_hand = sdpo.preference_loss(
+                velocity(models.unet), velocity(models.reference_unet),
+                torch.cat([noise, noise]) - latents, beta=config.beta, mu=config.mu,
+                granularity="pair",
+            )  # fmt: skip
+        assert logged["loss"] == pytest.approx(float(by_hand.loss), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux", "wan"])
+def test_lora_reference_is_the_base_transformer(tmp_path, model):
+    config = flow_config(tmp_path, model, "--model", model, "--lora-rank", "4", "--max-steps", "1")
+    models = build_models(config, CPU)
+    base = {"sd3": families.SD3Family, "flux": families.FluxFamily, "wan": families.WanFamily}
+    plain = base[model].build_tiny(16, config.seed).transformer
+    names = {
+        name.rsplit(".lora_A", 1)[0]
+        for name, _ in models.unet.named_parameters()
+        if ".lora_A" in name
+    }
+    suffixes = {
+        name.split(".")[-1] if not name.endswith("to_out.0") else "to_out.0" for name in names
+    }
+    expected = {"to_q", "to_k", "to_v", "to_out.0"}
+    if model != "wan":  # the MMDiT text-stream projections
+        expected |= {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert expected <= suffixes <= set(FLOW_LORA_TARGETS)
+    with torch.no_grad():  # adapters that really change the output
+        for name, parameter in models.unet.named_parameters():
+            if ".lora_B" in name:
+                parameter.normal_(0, 0.1)
+    family = models.flow
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(
+        4, *((16, 1, 8, 8) if model == "wan" else (16, 8, 8)), generator=generator
+    )
+    conditioning = family.encode_text(["red", "blue"], CPU)
+    lora = families.flow_preference_inputs(
+        family, models.unet, None, latents, conditioning, torch.Generator().manual_seed(1),
+        models.flow_density,
+    )  # fmt: skip
+    plain_inputs = families.flow_preference_inputs(
+        family, models.unet, plain.eval(), latents, conditioning,
+        torch.Generator().manual_seed(1), models.flow_density,
+    )  # fmt: skip
+    torch.testing.assert_close(lora.ref_pred, plain_inputs.ref_pred, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(lora.model_pred, lora.ref_pred, atol=1e-4)
+
+
+def test_flow_resume_continues_exactly(tmp_path):
+    flags = ("--model", "flux", "--lora-rank", "4", "--learning-rate", "1e-3")
+    full = flow_config(tmp_path, "full", *flags, "--max-steps", "4")
+    train(full)
+    first = flow_config(tmp_path, "resumed", *flags, "--max-steps", "2")
+    train(first)
+    resumed = flow_config(tmp_path, "resumed", *flags, "--max-steps", "4", "--resume")
+    train(resumed)
+    full_rows, resumed_rows = read_rows(Path(full.output_dir)), read_rows(Path(resumed.output_dir))
+    assert [row["step"] for row in resumed_rows] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "model_mse_w", "lambda"):
+        assert [row[key] for row in resumed_rows] == [row[key] for row in full_rows], key
+    full_weights = torch.load(Path(full.output_dir) / "transformer.pth")
+    resumed_weights = torch.load(Path(resumed.output_dir) / "transformer.pth")
+    assert all(torch.equal(full_weights[name], resumed_weights[name]) for name in full_weights)
+
+
+def test_two_process_torchrun_fsdp_shards_each_transformer_block(tmp_path):
+    from sdpo.train.distributed import shard_units
+
+    family = families.FluxFamily.build_tiny(16, 0)
+    units = shard_units(family.transformer)
+    blocks = len(family.transformer.transformer_blocks)
+    assert len(units) == blocks + len(family.transformer.single_transformer_blocks) > blocks
+    assert len(shard_units(families.WanFamily.build_tiny(16, 0).transformer)) == 2
+
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TRITON")}
+    outputs = {}
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        output = tmp_path / name
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node=2", "-m", "sdpo.train", "--model", "sd3", *SMALL]
+        command += ["--max-steps", "2", "--output-dir", str(output), *extra]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = read_rows(output)
+        assert (output / "transformer.pth").is_file()
+    for key in ("loss", "grad_norm", "model_mse_w"):
+        assert [row[key] for row in outputs["fsdp"]] == pytest.approx(
+            [row[key] for row in outputs["ddp"]], rel=1e-4
+        ), key
+    ddp = torch.load(tmp_path / "ddp" / "transformer.pth")
+    sharded = torch.load(tmp_path / "fsdp" / "transformer.pth")
+    for name, tensor in ddp.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--model", "sd3"], "needs --pretrained PATH"),
+        (["--model", "tiny", "--pretrained", "tiny"], "tiny builds tiny flow-matching"),
+        (["--preset", "tiny", "--flow-density", "uniform"], "flow_density: applies to flow"),
+        (
+            ["--model", "sd3", "--pretrained", "tiny", "--logit-std", "0"],
+            "logit-std: expected a finite number > 0",
+        ),
+        (["--model", "flux", "--pretrained", "tiny", "--flow-density", "x"], "unknown 'x'"),
+    ],
+)
+def test_flow_settings_are_validated_in_one_line(tmp_path, argv, pattern):
+    with pytest.raises(UsageError, match=pattern) as error:
+        config_from_args([*argv, "--output-dir", str(tmp_path / "out")])
+    assert "\n" not in str(error.value)
+
+
+def test_a_folder_of_another_family_is_refused(tmp_path):
+    family = families.SD3Family.build_tiny(16, 0)
+    family.pipeline.save_pretrained(tmp_path / "sd3")
+    config = flow_config(tmp_path, "out", "--model", "flux", "--max-steps", "1")
+    config.pretrained = str(tmp_path / "sd3")
+    with pytest.raises(ValueError, match="use --model sd3"):
+        build_models(config, CPU)
+    config.model = "sd3"  # the right family loads the saved weights
+    loaded = build_models(config, CPU)
+    saved = family.transformer.state_dict()
+    assert all(torch.equal(loaded.unet.state_dict()[name], saved[name]) for name in saved)
+    # From a cache the folder's text encoders are not loaded at all.
+    without = families.load(str(tmp_path / "sd3"), 16, text_encoders=False)
+    assert without.text_encoders() == [] and without.pipeline.text_encoder_3 is None
+
+
+def test_timestep_weighting_reaches_the_loss_on_the_ddpm_path(tmp_path):
+    """EXPERIMENTAL --timestep-weighting importance: the step's loss is preference_loss with the
+    TimestepWeighting pair weights of the same predictions, and timesteps come from the range."""
+    import contextlib
+
+    from sdpo.timesteps import TimestepWeighting
+    from sdpo.train.nvtx_ranges import PhaseRanges
+    from sdpo.train.step import family_for, preference_step
+
+    config = config_from_args(
+        ["--preset", "tiny", "--output-dir", str(tmp_path / "tw"), "--timestep-weighting",
+         "importance", "--timestep-mask-threshold", "0.95", "--timestep-clip", "0.3",
+         "--timestep-range", "100:400", "--train-batch-pairs", "4"]
+    )  # fmt: skip
+    models = build_models(config, CPU)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from the reference, so w != 1
+        for parameter in models.unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(8, 4, 8, 8, generator=generator)
+    hidden, _ = models.text(["red"] * 4, CPU)
+    family = family_for(models, config)
+    draws = torch.Generator().manual_seed(5)
+    result = preference_step(
+        models, models.unet, latents, hidden, None, draws, config, PhaseRanges(False),
+        contextlib.nullcontext(), family,
+    )  # fmt: skip
+
+    # By hand: the same draws (noise, then timesteps in [100, 400)), both forwards, the weights.
+    draws = torch.Generator().manual_seed(5)
+    noise = torch.randn(4, 4, 8, 8, generator=draws)
+    timesteps = torch.randint(100, 400, (4,), generator=draws)
+    rows = torch.cat([timesteps, timesteps])
+    noisy = models.scheduler.add_noise(latents, torch.cat([noise, noise]), rows)
+    with torch.no_grad():
+        model_pred = models.unet(noisy, rows, torch.cat([hidden, hidden])).sample
+        ref_pred = models.reference_unet(noisy, rows, torch.cat([hidden, hidden])).sample
+    weights = TimestepWeighting("importance", 0.95, 0.3, (100, 400)).pair_weights(
+        model_pred, ref_pred, noise, timesteps, models.scheduler.betas
+    )
+    assert not torch.equal(weights, torch.ones(4))  # the weighting really does something
+    settings = dict(beta=config.beta, mu=config.mu, granularity=config.granularity)
+    expected = sdpo.preference_loss(model_pred, ref_pred, noise, pair_weights=weights, **settings)
+    unweighted = sdpo.preference_loss(model_pred, ref_pred, noise, **settings)
+    assert float(result.loss.detach()) == pytest.approx(float(expected.loss), rel=1e-5, abs=1e-7)
+    assert float(result.loss.detach()) != pytest.approx(float(unweighted.loss), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--model", "sd3", "--pretrained", "tiny", "--timestep-weighting", "dpo-cm"],
+         "flow-matching models .* use --timestep-weighting none"),
+        (["--preset", "tiny", "--timestep-range", "100:400"], "only read with"),
+        (["--preset", "tiny", "--timestep-weighting", "dpo-cm", "--timestep-clip", "0.5"],
+         "timestep-clip: only read with --timestep-weighting importance"),
+        (["--preset", "tiny", "--timestep-weighting", "importance", "--timestep-range", "5:2"],
+         "0 <= LOW < HIGH <= 1000"),
+    ],
+)  # fmt: skip
+def test_timestep_weighting_settings_are_checked_in_one_line(tmp_path, argv, pattern):
+    with pytest.raises(UsageError, match=pattern) as error:
+        config_from_args([*argv, "--output-dir", str(tmp_path / "out")])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["sd3", "wan"])
+def test_cached_flow_run_reproduces_the_uncached_run_without_text_encoders(tmp_path, model):
+    from sdpo.train.cache import build_cache
+
+    index = build_cache(
+        data=None, output_dir=str(tmp_path / "cache"), model=model, pretrained="tiny",
+        resolution=16, seed=0, synthetic_pairs=8, shard_pairs=3, storage_dtype="float32",
+    )  # fmt: skip
+    assert index["pairs"] == 8 and index["model"] == model
+    flags = ("--model", model, "--max-steps", "3", "--caption-dropout", "0.5")
+    uncached = flow_config(tmp_path, "uncached", *flags)
+    cached = flow_config(tmp_path, "cached", *flags, "--data", str(tmp_path / "cache"))
+    # The cached run loads no text encoder (T5 never resident), only the transformer and VAE.
+    cached_models = build_models(cached, CPU)
+    assert len(cached_models.text.encoders) == 0
+    assert all(getattr(cached_models.flow.pipeline, name, None) is None for name in (
+        "text_encoder", "text_encoder_2", "text_encoder_3"))  # fmt: skip
+    uncached_rows, cached_rows = train(uncached)["rows"], train(cached)["rows"]
+    # As the UNet cache test: the VAE encode of 4 views per pair rounds differently in fp32.
+    for key in ("model_mse_w", "model_mse_l", "ref_mse_w"):
+        expected = [row[key] for row in uncached_rows]
+        assert [row[key] for row in cached_rows] == pytest.approx(expected, rel=1e-5), key
+    expected_loss = [row["loss"] for row in uncached_rows]
+    assert [row["loss"] for row in cached_rows] == pytest.approx(expected_loss, abs=1e-3)
+    other = "flux" if model == "sd3" else "sd3"
+    with pytest.raises(ValueError, match=f"built for --model {model}"):
+        train(flow_config(tmp_path, "wrong", "--model", other, "--data", str(tmp_path / "cache")))
