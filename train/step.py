@@ -3,8 +3,10 @@
 Per micro-batch of B pairs: encode winners and losers (2B images) once, draw ONE timestep and
 ONE noise per pair and share them between its winner and loser, run ONE policy forward over the
 2B stacked rows and ONE reference forward (no grad) over the same inputs, then
-``sdpo.preference_loss``. The one host sync of an optimizer step is the finite check of the
-gradient norm (so a non-finite loss never reaches the weights).
+``sdpo.preference_loss``. The finite check of the loss and gradient norm stays on the device:
+fused AdamW skips a non-finite update through its ``found_inf`` input, and the trainer reads the
+flags with the logged metrics (so a non-finite loss never reaches the weights, without a host
+sync per optimizer step).
 """
 
 from __future__ import annotations
@@ -152,9 +154,11 @@ def clip_and_check_gradients(
     max_grad_norm: float,
     loss_sum: Tensor,
     environment: Distributed | None,
-) -> tuple[Tensor, bool]:
-    """(gradient norm, whether the loss and the gradient are finite on every rank): the one
-    host sync of an optimizer step. ``environment`` None: this process alone."""
+) -> tuple[Tensor, Tensor]:
+    """(gradient norm, ``finite``): 0-dim device tensors, ``finite`` (bool) true when the loss
+    and the gradient are finite on every rank. No host sync: the all-reduce is a device
+    collective, and the flag is read with the logged metrics. ``environment`` None: this
+    process alone."""
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of per-rank parts
         grad_norm = grad_norm.full_tensor()
@@ -162,12 +166,39 @@ def clip_and_check_gradients(
     not_finite = (~finite).float().reshape(1)
     if environment is not None:
         not_finite = environment.all_reduce_sum(not_finite)
-    return grad_norm, bool(not_finite == 0)
+    return grad_norm, (not_finite == 0).reshape(())
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` can skip its update on a device flag: the fused AdamW
+    kernels take ``found_inf`` (the mechanism GradScaler uses) and then leave the weights,
+    the moments and the step count untouched. Adafactor has no such input."""
+    return bool(optimizer.defaults.get("fused")) and hasattr(optimizer, "param_groups")
 
 
 def apply_optimizer_step(
-    optimizer: torch.optim.Optimizer, lr_schedule: torch.optim.lr_scheduler.LRScheduler
-) -> None:
-    optimizer.step()
+    optimizer: torch.optim.Optimizer,
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+    finite: Tensor | None = None,
+) -> Tensor:
+    """The update, skipped when ``finite`` (a 0-dim device bool) is false; returns ``finite``.
+
+    Fused AdamW skips on the device (no host sync). Other optimizers (Adafactor) read the flag
+    on the host, once per optimizer step: their update has no device-side skip, and masking it
+    would need a copy of the weights and state. The LR schedule advances either way (one tick
+    per optimizer step, skipped or not, as the step counter does)."""
+    if finite is None:
+        finite = torch.ones(
+            (), dtype=torch.bool, device=optimizer.param_groups[0]["params"][0].device
+        )
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
     lr_schedule.step()
     optimizer.zero_grad(set_to_none=True)
+    return finite

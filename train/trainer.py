@@ -232,28 +232,35 @@ class Trainer:
         )
         stats = RunningStats(self.device)
         rows: list[dict] = []
+        # One 0-dim device bool per optimizer step since the last read (read with the metrics).
+        self.pending_finite: list[tuple[int, torch.Tensor]] = []
+        logged_norm = torch.zeros((), device=self.device)  # the last finite step's norm
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)
+                interval_sums = stats.sums.clone()  # to drop a skipped step's metrics
                 for micro in range(config.gradient_accumulation):
                     epoch = self._micro_step(stream, micro, stats)
                 with self.ranges("optimizer"):
                     grad_norm, finite = clip_and_check_gradients(
                         self.parameters, config.max_grad_norm, stats.loss_sum, self.environment
                     )
-                    if finite:
-                        apply_optimizer_step(self.optimizer, self.lr_schedule)
-                    else:
-                        self._skip_or_stop(progress, stats)
+                    finite = apply_optimizer_step(self.optimizer, self.lr_schedule, finite)
+                    stats.sums.copy_(torch.where(finite, stats.sums, interval_sums))
+                    logged_norm = torch.where(finite, grad_norm.float(), logged_norm)
                 self.step += 1
+                self.pending_finite.append((self.step, finite))
                 progress.update(1)
-                if not finite:
-                    continue
                 self._profiler(1, start=False)
-                if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    rows.append(self._log(stats, grad_norm, epoch, writer, progress))
                 every = config.checkpoint_every
-                if every and self.step % every == 0 and self.step < config.max_steps:
+                log_now = self.step % config.log_every == 0 or self.step == config.max_steps
+                save_now = every and self.step % every == 0 and self.step < config.max_steps
+                if log_now or save_now:
+                    # Before any metrics row or checkpoint: a non-finite step stops here.
+                    self._read_finite(progress, stats)
+                if log_now and stats.micro_batches:
+                    rows.append(self._log(stats, logged_norm, epoch, writer, progress))
+                if save_now:
                     self.last_checkpoint = self.save()
             self._finish()
         finally:
@@ -307,17 +314,31 @@ class Trainer:
             checkpoints.export_unet(self.models.unet, self.output_dir, final_state)
         self.environment.barrier()
 
-    def _skip_or_stop(self, progress, stats: RunningStats) -> None:
-        """A non-finite loss or gradient: drop the gradients, then stop (``--on-nonfinite
-        stop``, naming the last good checkpoint) or skip this optimizer step."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _read_finite(self, progress, stats: RunningStats) -> None:
+        """Reads the finite flags of the optimizer steps since the last read (one host sync).
+        A non-finite step's update was already skipped on the device (weights and optimizer
+        state untouched) and its metrics dropped; here ``--on-nonfinite stop`` raises, naming
+        the first such step and the last good checkpoint, and ``skip`` reports and goes on.
+        Called before every metrics row and checkpoint, so a stop comes at most
+        ``--log-every`` - 1 optimizer steps after the bad one, and before anything is written."""
+        if not self.pending_finite:
+            return
+        steps = [step for step, _ in self.pending_finite]
+        flags = torch.stack([flag for _, flag in self.pending_finite]).tolist()
+        self.pending_finite = []
+        bad = [step for step, flag in zip(steps, flags, strict=True) if not flag]
+        if not bad:
+            return
+        stats.micro_batches -= len(bad) * self.config.gradient_accumulation
         last = self.last_checkpoint or "none (no checkpoint written yet)"
-        message = f"step {self.step + 1}: the loss or gradient is not finite; last good checkpoint: {last}"
-        if self.config.on_nonfinite == "stop":
-            raise NonFiniteLoss(message)
-        if self.environment.is_main:
-            progress.write(message + " (skipped)")
-        stats.reset()
+        for step in bad:
+            message = (
+                f"step {step}: the loss or gradient is not finite; last good checkpoint: {last}"
+            )
+            if self.config.on_nonfinite == "stop":
+                raise NonFiniteLoss(message)
+            if self.environment.is_main:
+                progress.write(message + " (skipped)")
 
 
 def train(config: TrainConfig) -> dict:
