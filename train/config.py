@@ -82,7 +82,8 @@ class TrainConfig:
     # FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun: the policy UNet's
     # weights, gradients and optimizer state are sharded over the ranks (SDXL-sized models).
     fsdp: bool = False
-    attention: str = "sdpa"  # "sdpa" (PyTorch) or "xformers"
+    attention: str = "sdpa"  # "sdpa" (PyTorch picks), "sdpa-<kernel>" (pinned) or "xformers"
+    channels_last: bool = False  # UNets (policy and reference) in NHWC memory layout
     # Speed and measurement.
     compile: bool = False
     cuda_graphs: bool = False
@@ -104,6 +105,14 @@ class TrainConfig:
         if self.fsdp and self.lora_rank > 0:
             raise UsageError(
                 "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
+            )
+        if self.cuda_graphs and self.gradient_accumulation > 1:
+            # The graphs' static output pool holds the gradients: the next micro-batch's replay
+            # overwrites what the previous one accumulated (a known torch.compile limitation).
+            raise UsageError(
+                "cuda_graphs: CUDA graphs do not work with gradient accumulation (a replay "
+                "overwrites the gradients held in the graph pool); use --gradient-accumulation 1 "
+                "or --compile without --cuda-graphs"
             )
         if self.model != "tiny" and self.pretrained is None:
             raise UsageError(
@@ -291,8 +300,13 @@ FIELDS: dict[str, FieldSpec] = {
                                  choices=("bf16", "no")),
     "gradient_checkpointing": FieldSpec(bool, "recompute activations (less memory)", _OPTIM),
     "fsdp": FieldSpec(bool, "shard the policy UNet with FSDP2 under torchrun (SDXL-sized)", _OPTIM),
-    "attention": FieldSpec(str, "attention kernels; xformers needs the xformers package", _SPEED,
-                           choices=("sdpa", "xformers")),
+    # perfstep: the attention kernel and the UNets' memory layout (measured by sdpo-profile
+    # overhead's sdpa-* and channels-last variants; the defaults stay until a GPU run says more).
+    "attention": FieldSpec(str, "attention: sdpa (PyTorch picks), sdpa-flash|efficient|cudnn|math "
+                           "(one kernel), xformers (needs the package)", _SPEED,
+                           choices=("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                                    "sdpa-math", "xformers")),
+    "channels_last": FieldSpec(bool, "UNets in channels_last (NHWC) memory layout", _SPEED),
     "compile": FieldSpec(bool, "torch.compile both UNets", _SPEED),
     "cuda_graphs": FieldSpec(bool, "torch.compile with CUDA graphs (needs a GPU)", _SPEED),
     "nvtx": FieldSpec(bool, "NVTX ranges around each phase, for Nsight", _SPEED),
@@ -428,6 +442,10 @@ def check_machine(config: TrainConfig) -> None:
             ) from None
     if config.cuda_graphs and device.type != "cuda":
         raise UsageError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
+    if config.attention in ("sdpa-efficient", "sdpa-cudnn") and device.type != "cuda":
+        raise UsageError(
+            f"attention: {config.attention} needs a CUDA device; use --attention sdpa here"
+        )
     if config.attention == "xformers" and importlib.util.find_spec("xformers") is None:
         raise UsageError(
             "attention: xformers is not installed (pip install xformers); use --attention sdpa"

@@ -35,12 +35,15 @@ from sdpo.train.models import build_models, compile_model
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
 from sdpo.train.step import (
+    align_optimizer_state,
     apply_optimizer_step,
+    attention_context,
     autocast,
     clip_and_check_gradients,
     condition_batch,
     family_of,
     preference_step,
+    to_channels_last,
 )
 
 
@@ -92,6 +95,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.models = build_models(config, device)
+        if config.channels_last:  # before the optimizer exists: its state follows the weights
+            to_channels_last(self.models.unet)
+            if self.models.reference_unet is not None:
+                to_channels_last(self.models.reference_unet)
         self.family = family_of(self.models)
         resume = (
             checkpoints.load_resume_state(self.output_dir, self.models.unet)
@@ -113,6 +120,7 @@ class Trainer:
                 load_full_optimizer_state(self.models.unet, self.optimizer, resume.optimizer)
             else:
                 self.optimizer.load_state_dict(resume.optimizer)
+            align_optimizer_state(self.optimizer)  # saved moments in the weights' layout
             self.lr_schedule.load_state_dict(resume.lr_schedule)
             self.step, self.position = resume.step, resume.position
             self.skipped_images, self.last_checkpoint = resume.skipped_images, resume.path
@@ -167,7 +175,7 @@ class Trainer:
         )
         if self.sharded:
             self.models.unet.set_requires_gradient_sync(last_micro)
-        with sync_context:
+        with sync_context, attention_context(config.attention):
             result = preference_step(
                 self.models,
                 self.policy,
