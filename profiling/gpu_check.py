@@ -17,8 +17,9 @@ runs; the results are rewritten after every phase.
    ``--channels-last`` with gradient accumulation 2, compared with eager; ``--cuda-graphs`` with
    accumulation 1, compared with eager at accumulation 1 (the trainer refuses graphs with
    accumulation; the refusal is recorded); losses and final weights (tolerances below);
-5. overhead: ``sdpo-profile overhead --preset sd15``, one run per variant (eager, compile,
-   cuda-graphs), then sdxl the same way while time is left;
+5. overhead: ``sdpo-profile overhead --preset sd15`` with every variant in one interleaved run
+   (the attribution ladder: reference -> online -> cached -> compiled -> CUDA graphs, plus
+   channels-last and the SDPA kernels), then sdxl eager-only while time is left;
 6. ncu: Nsight Compute over the fused kernels, when ``ncu`` is on PATH.
 
 OUT receives at most four files: gpu_check.json, gpu_check.md, gpu_check.log and (phase 6)
@@ -60,7 +61,17 @@ IMPORTS = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft",
 METRIC_RTOL = 2e-2
 COMPARED_METRICS = ("loss", "model_mse_w", "model_mse_l")
 WEIGHT_STEP_FRACTION = 0.2
-OVERHEAD_VARIANTS = ("eager", "compile", "cuda-graphs")  # sdpo-profile overhead --variants
+# sdpo-profile overhead --variants: the whole attribution ladder in ONE interleaved run (same
+# models, same process), so its factors compare like with like.
+OVERHEAD_VARIANTS = (
+    "eager",
+    "compile",
+    "cuda-graphs",
+    "channels-last",
+    "sdpa-flash",
+    "sdpa-efficient",
+    "sdpa-cudnn",
+)
 
 
 @dataclass(frozen=True)
@@ -73,10 +84,10 @@ class Phase:
 
 PHASES = (
     Phase("environment", 0.05, 10, 5),
-    Phase("build_and_tests", 0.22, 40, 5),
+    Phase("build_and_tests", 0.18, 40, 5),
     Phase("kernels", 0.16, 30, 5),
     Phase("trainer", 0.30, 60, 10),
-    Phase("overhead", 0.21, 40, 5),
+    Phase("overhead", 0.25, 40, 5),
     Phase("ncu", 0.06, 20, 1),
 )
 
@@ -728,23 +739,23 @@ def phase_overhead(context: PhaseContext) -> None:
     # One variant per run, eager first: each run files its results when it ends, so a share that
     # runs out during a compile still leaves the variants before it measured.
     if context.dry_run:
-        runs = [("tiny", "eager")]
+        runs = [("tiny", "eager,channels-last,sdpa-flash")]
         settings = ["--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "1"]
     else:
-        runs = [(preset, variant) for preset in ("sd15", "sdxl") for variant in OVERHEAD_VARIANTS]
-        settings = ["--rounds", "3", "--steps", "5", "--warmup", "3"]
+        runs = [("sd15", ",".join(OVERHEAD_VARIANTS)), ("sdxl", "eager")]
+        settings = ["--rounds", "3", "--steps", "3", "--warmup", "2"]
     reports: dict = {}
     context.result["runs"] = reports
     failed = []
     for preset, variant in runs:
         key = f"{preset}/{variant}"
         # sdxl (2.6B-parameter UNet) needs ~60 s just to build and place its random weights.
-        needed_s = 60 if preset == "sdxl" else 20
+        needed_s = 60 if preset == "sdxl" else 20  # sd15's ladder compiles twice: give it most
         if context.left_s() < needed_s:
             reports[key] = {"skipped": f"{context.left_s():.0f}s left, needs >= {needed_s}s"}
             context.save()
             continue
-        output = context.scratch / f"overhead-{preset}-{variant}.json"
+        output = context.scratch / f"overhead-{preset}.json"
         command = [sys.executable, "-m", "sdpo.profiling.cli", "overhead", "--preset", preset]
         command += ["--variants", variant, *settings, "--output", str(output)]
         run = context.command(command, context.left_s() - 2)
