@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sdpo.train.data import UnreadableImage, generator_for, load_records, preprocess
+from sdpo.train.data import UnreadableImage, generator_for, load_records, pin_batch, preprocess
 from sdpo.train.models import Models, build_tiny, load_pretrained
 
 INDEX_FILE = "cache_index.json"
@@ -144,6 +144,10 @@ class CachedBatch:
     pooled: Tensor | None  # (B, P) for SDXL
     captions: list[str]
     skipped: int = 0
+
+    def pin_memory(self) -> CachedBatch:
+        """Page-locked copy (the DataLoader's pin thread calls this), for async copies."""
+        return pin_batch(self)
 
 
 class CachedPairBatches:

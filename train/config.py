@@ -93,7 +93,7 @@ class TrainConfig:
     profile_steps: str | None = None
     log_every: int = 1
     on_nonfinite: str = "stop"  # "stop" or "skip"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: sdpo.train.data.default_num_workers
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -315,8 +315,11 @@ FIELDS: dict[str, FieldSpec] = {
     "log_every": FieldSpec(int, "optimizer steps between metric reads", _SPEED, low=1),
     "on_nonfinite": FieldSpec(str, "on a non-finite loss or gradient: stop, or skip the step",
                               _SPEED, choices=("stop", "skip")),
-    "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one",
-                             _SPEED, low=0),
+    # perfstep: none/auto picks 0 where nothing is decoded or the model is tiny, else
+    # min(8, CPUs per process - 1) (sdpo.train.data.default_num_workers).
+    "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one; "
+                             "none: 0 for tiny/synthetic/cached data, else min(8, CPUs/process - 1)",
+                             _SPEED, True, low=0),
     "progress": FieldSpec(bool, "show a progress bar", _SPEED),
 }  # fmt: skip
 FIELD_NAMES = list(FIELDS)

@@ -53,8 +53,10 @@ def condition_batch(
         std = batch.latent_std.to(device, non_blocking=True)
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         latents = (mean + std * noise) * models.vae.config.scaling_factor
-        pooled = batch.pooled.to(device) if batch.pooled is not None else None
-        hidden, added = models.text.conditioning(batch.hidden.to(device), pooled)
+        # Non-blocking: from pinned memory (CUDA) the copies overlap the queued work, and
+        # none of them waits for the device to drain.
+        pooled = batch.pooled.to(device, non_blocking=True) if batch.pooled is not None else None
+        hidden, added = models.text.conditioning(batch.hidden.to(device, non_blocking=True), pooled)
         return latents, hidden, added
     pixels = torch.cat([batch.winners, batch.losers]).to(device, non_blocking=True)
     latents = encode_images(models, pixels, generator)

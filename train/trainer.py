@@ -23,7 +23,13 @@ from torch import nn
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.cache import CachedPairBatches, is_cache
 from sdpo.train.config import TrainConfig, config_to_json, parse_profile_steps
-from sdpo.train.data import PairBatches, batch_stream, generator_for, load_records
+from sdpo.train.data import (
+    PairBatches,
+    batch_stream,
+    default_num_workers,
+    generator_for,
+    load_records,
+)
 from sdpo.train.distributed import (
     Distributed,
     full_model_state,
@@ -236,7 +242,7 @@ class Trainer:
         writer = MetricsWriter(self.output_dir, self.step) if self.environment.is_main else None
         progress = self._progress_bar()
         stream = batch_stream(
-            self.batches, self.position, config.num_workers, self.device.type == "cuda"
+            self.batches, self.position, self.num_workers(), self.device.type == "cuda"
         )
         stats = RunningStats(self.device)
         rows: list[dict] = []
@@ -281,6 +287,17 @@ class Trainer:
             "output_dir": str(self.output_dir),
             "skipped_images": self.skipped_images,
         }
+
+    def num_workers(self) -> int:
+        """``--num-workers``, or the default for this data, model and machine."""
+        if self.config.num_workers is not None:
+            return self.config.num_workers
+        return default_num_workers(
+            self.config.model,
+            self.config.data,
+            isinstance(self.batches, CachedPairBatches),
+            self.environment.world_size,
+        )
 
     def _progress_bar(self):
         from tqdm.auto import tqdm

@@ -54,6 +54,7 @@ KINDS: dict[str, str] = {
     "attention": "choice",
     "compile": "bool",
     "cuda_graphs": "bool",
+    "channels_last": "bool",
     "nvtx": "bool",
     "profile_steps": "choice",
     "log_every": "int",
@@ -125,7 +126,7 @@ def yaml_cases() -> list[tuple[str, str]]:
         values = WRONG_TYPE_YAML[kind] + OUT_OF_RANGE.get(name, [])
         if name == "mu":  # null and false are "no safeguard" for mu, not errors
             values = [value for value in values if value not in ("null", "false", "off")]
-        if kind == "str" or name in ("preset", "profile_steps"):
+        if kind == "str" or name in ("preset", "profile_steps", "num_workers"):
             values = [value for value in values if value != "null"]
         cases += [(name, value) for value in values]
     return cases
