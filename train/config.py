@@ -77,7 +77,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    mixed_precision: str = "bf16"  # "bf16" autocast on CUDA, or "no"; CPU runs in fp32
+    mixed_precision: str = "bf16"  # "bf16" / "fp16" (loss-scaled) autocast on CUDA, or "no"
     gradient_checkpointing: bool = False
     # FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun: the policy UNet's
     # weights, gradients and optimizer state are sharded over the ranks (SDXL-sized models).
@@ -296,8 +296,9 @@ FIELDS: dict[str, FieldSpec] = {
     "adam_epsilon": FieldSpec(float, "AdamW epsilon, > 0", _OPTIM, low=0, low_open=True),
     "weight_decay": FieldSpec(float, "decoupled weight decay, >= 0", _OPTIM, low=0),
     "max_grad_norm": FieldSpec(float, "gradient-norm clip, > 0", _OPTIM, low=0, low_open=True),
-    "mixed_precision": FieldSpec(str, "bf16 autocast on CUDA, or no (the CPU runs fp32)", _OPTIM,
-                                 choices=("bf16", "no")),
+    # perfstep: fp16 autocast with dynamic loss scaling (torch.amp.GradScaler).
+    "mixed_precision": FieldSpec(str, "bf16 or fp16 (loss-scaled) autocast on CUDA, or no (the "
+                                 "CPU runs fp32)", _OPTIM, choices=("bf16", "fp16", "no")),
     "gradient_checkpointing": FieldSpec(bool, "recompute activations (less memory)", _OPTIM),
     "fsdp": FieldSpec(bool, "shard the policy UNet with FSDP2 under torchrun (SDXL-sized)", _OPTIM),
     # perfstep: the attention kernel and the UNets' memory layout (measured by sdpo-profile

@@ -447,11 +447,8 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
         )
     else:
         models = build_tiny(config.resolution, config.seed)
-    reference_dtype = (
-        torch.bfloat16
-        if device.type == "cuda" and config.mixed_precision == "bf16"
-        else torch.float32
-    )
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    reference_dtype = half if device.type == "cuda" and half is not None else torch.float32
     if config.lora_rank > 0:
         # The reference is the same UNet with its adapters disabled: no second copy in memory.
         add_lora(models.unet, config.lora_rank)

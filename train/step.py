@@ -65,9 +65,10 @@ def condition_batch(
 
 
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA with ``mixed_precision="bf16"``; CPU runs in fp32."""
-    if device.type == "cuda" and mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 / fp16 autocast on CUDA with ``mixed_precision`` "bf16" / "fp16"; CPU runs fp32."""
+    if device.type == "cuda" and mixed_precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -214,6 +215,14 @@ def clip_and_check_gradients(
     if environment is not None:
         not_finite = environment.all_reduce_sum(not_finite)
     return grad_norm, (not_finite == 0).reshape(())
+
+
+def make_grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scaling (None otherwise). On the CPU, where the step runs fp32, the
+    scaler still scales and unscales by powers of two (exact), so its path is testable there."""
+    if mixed_precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

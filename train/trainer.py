@@ -48,6 +48,7 @@ from sdpo.train.step import (
     clip_and_check_gradients,
     condition_batch,
     family_of,
+    make_grad_scaler,
     preference_step,
     to_channels_last,
 )
@@ -119,6 +120,7 @@ class Trainer:
         learning_rate = scaled_learning_rate(config, environment.world_size)
         self.optimizer = make_optimizer(config, self.parameters, learning_rate, device)
         self.lr_schedule = make_lr_schedule(self.optimizer, config.warmup_steps)
+        self.scaler = make_grad_scaler(device, config.mixed_precision)
         self.step, self.position, self.skipped_images = 0, (0, 0), 0
         self.last_checkpoint: Path | None = None
         if resume is not None:
@@ -195,7 +197,10 @@ class Trainer:
                 self.family,
             )
             with ranges("backward"):
-                (result.loss / config.gradient_accumulation).backward()
+                scaled = result.loss / config.gradient_accumulation
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
         stats.add(result, batch.skipped)
         return batch_epoch
 
@@ -256,14 +261,24 @@ class Trainer:
                 for micro in range(config.gradient_accumulation):
                     epoch = self._micro_step(stream, micro, stats)
                 with self.ranges("optimizer"):
+                    if self.scaler is not None:
+                        # Unscaled gradients for the clip; an overflow makes the norm non-finite,
+                        # so the step is skipped on the device like any non-finite step.
+                        self.scaler.unscale_(self.optimizer)
                     grad_norm, finite = clip_and_check_gradients(
                         self.parameters, config.max_grad_norm, stats.loss_sum, self.environment
                     )
+                    # With fp16 loss scaling an overflowing gradient (finite loss) is routine: the
+                    # scaler halves its scale and the step is skipped, not reported; only a
+                    # non-finite loss goes to --on-nonfinite. Otherwise any non-finite step does.
+                    healthy = finite if self.scaler is None else torch.isfinite(stats.loss_sum)
                     finite = apply_optimizer_step(self.optimizer, self.lr_schedule, finite)
-                    stats.sums.copy_(torch.where(finite, stats.sums, interval_sums))
+                    if self.scaler is not None:
+                        self.scaler.update()  # halves the scale after an overflow, on the device
+                    stats.sums.copy_(torch.where(healthy, stats.sums, interval_sums))
                     logged_norm = torch.where(finite, grad_norm.float(), logged_norm)
                 self.step += 1
-                self.pending_finite.append((self.step, finite))
+                self.pending_finite.append((self.step, healthy))
                 progress.update(1)
                 self._profiler(1, start=False)
                 every = config.checkpoint_every

@@ -127,3 +127,34 @@ def test_skip_drops_the_step_and_finishes_with_finite_weights(tmp_path, monkeypa
     exported = checkpoints.latest_checkpoint(Path(config.output_dir))
     model_state, _ = checkpoints.load_checkpoint(exported)
     assert all(torch.isfinite(tensor).all() for tensor in model_state.values())
+
+
+def test_fp16_loss_scaling_changes_nothing_in_fp32(tmp_path):
+    """On the CPU the step runs fp32, and scaling by a power of two is exact: the fp16 path
+    (scale, unscale, device-side skip, update) must reproduce the unscaled run bit for bit."""
+    plain = tiny(tmp_path / "plain", max_steps=3, mixed_precision="no")
+    scaled = tiny(tmp_path / "scaled", max_steps=3, mixed_precision="fp16")
+    plain_rows, scaled_rows = train(plain)["rows"], train(scaled)["rows"]
+    assert [row["loss"] for row in scaled_rows] == [row["loss"] for row in plain_rows]
+    assert [row["grad_norm"] for row in scaled_rows] == [row["grad_norm"] for row in plain_rows]
+
+
+def test_fp16_overflow_is_skipped_and_the_scale_halves_without_stopping(tmp_path, monkeypatch):
+    from sdpo.train import trainer as trainer_module
+
+    scalers = []
+
+    def huge_scale(device, mixed_precision):
+        # 2**126: the scaled gradients overflow fp32 for the first steps, the loss never does.
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**126)
+        scalers.append(scaler)
+        return scaler
+
+    monkeypatch.setattr(trainer_module, "make_grad_scaler", huge_scale)
+    config = tiny(tmp_path, max_steps=4, mixed_precision="fp16", on_nonfinite="stop")
+    summary = train(config)  # an overflow is routine: no NonFiniteLoss
+    assert summary["steps"] == 4
+    assert scalers[0].get_scale() < 2.0**126  # halved on the device after each overflow
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in summary["rows"])
+    model_state, _ = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(config.output_dir))
+    assert all(torch.isfinite(tensor).all() for tensor in model_state.values())
