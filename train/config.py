@@ -316,10 +316,10 @@ FIELDS: dict[str, FieldSpec] = {
     "log_every": FieldSpec(int, "optimizer steps between metric reads", _SPEED, low=1),
     "on_nonfinite": FieldSpec(str, "on a non-finite loss or gradient: stop, or skip the step",
                               _SPEED, choices=("stop", "skip")),
-    # perfstep: none/auto picks 0 where nothing is decoded or the model is tiny, else
+    # perfstep: none picks 0 where nothing is decoded (synthetic pairs, a cache), else
     # min(8, CPUs per process - 1) (sdpo.train.data.default_num_workers).
     "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one; "
-                             "none: 0 for tiny/synthetic/cached data, else min(8, CPUs/process - 1)",
+                             "none: 0 for synthetic or cached data, else min(8, CPUs/process - 1)",
                              _SPEED, True, low=0),
     "progress": FieldSpec(bool, "show a progress bar", _SPEED),
 }  # fmt: skip

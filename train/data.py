@@ -409,12 +409,13 @@ def pin_batch(batch):
 
 
 def default_num_workers(
-    model: str, data: str | None, is_cached: bool, world_size: int, cpus: int | None = None
+    data: str | None, is_cached: bool, world_size: int, cpus: int | None = None
 ) -> int:
     """Data-loading workers when ``--num-workers`` is not given: none where nothing is decoded
-    (synthetic pairs, a latent cache) or the images are tiny (model tiny: a worker's start-up
-    costs more than it saves), else min(8, CPUs per process - 1), leaving one for the step."""
-    if data is None or is_cached or model == "tiny":
+    (synthetic pairs, a latent cache), else min(8, CPUs per process - 1), leaving one for the
+    step. Measured on 2 CPUs, tiny preset, 32 pairs of 256 px PNGs: 10.4 pairs/s with 0 workers,
+    15.9 with 1, so even the tiny model gains once real images are decoded."""
+    if data is None or is_cached:
         return 0
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
     return max(0, min(8, cpus // max(1, world_size) - 1))

@@ -308,7 +308,6 @@ class Trainer:
         if self.config.num_workers is not None:
             return self.config.num_workers
         return default_num_workers(
-            self.config.model,
             self.config.data,
             isinstance(self.batches, CachedPairBatches),
             self.environment.world_size,
