@@ -88,7 +88,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "adam_epsilon": ["0", "-1e-8"],
     "weight_decay": ["-0.01"],
     "max_grad_norm": ["0", "-1", "-1.0"],
-    "mixed_precision": ["fp16"],
+    "mixed_precision": ["fp8"],
     "attention": ["flash"],
     "profile_steps": ["8:5", "5"],
     "log_every": ["0"],
