@@ -1,32 +1,47 @@
-"""``sdpo-profile overhead``: what the safeguard costs, and our step against the reference's work.
+"""``sdpo-profile overhead``: what the safeguard costs, and where our step's speed comes from.
 
 In ONE process, on random-initialised models of the real architecture (``--preset sd15|sdxl``;
 ``tiny`` for a CPU smoke run), interleaved rounds time full optimizer steps (one micro-batch of
 B pairs: conditioning, the policy forward over 2B rows, the reference forward, the loss,
-backward, grad-norm clip, optimizer step) of:
+backward, grad-norm clip, optimizer step). The modes, each ``MODE/VARIANT``:
 
-- ``dpo``: plain Diffusion-DPO (``mu`` off), our step: cached latents and text embeddings,
-  through the trainer's own components (``sdpo.train.step``, ``optim``, ``models``) and with
-  the trainer's preset for the model (beta, mu, granularity ``group:8``, optimizer);
-- ``sdpo-fused``: the same with the safeguard on the fused kernels (``backend="triton"``);
-- ``sdpo-torch``: the same with the plain-PyTorch backend;
-- ``reference``: the reference trainer's per-step work: the VAE and text encoders run on every
-  step, lambda from a separate ``torch.autograd.grad`` pass, seven ``.item()`` host syncs for
-  logging, eager (no compile, no CUDA graphs).
+- ``reference/eager``: the reference trainer's per-step work: the VAE and text encoders run on
+  every step, seven ``.item()`` host syncs for logging, eager;
+- ``ours-online/eager``: our step, encoding the pixels and captions on every step (the work the
+  reference does, done our way);
+- ``dpo``, ``sdpo-fused``, ``sdpo-torch``: our step from the cache (latent distributions and
+  text embeddings, as ``sdpo-cache`` stores them) with the safeguard off, on the fused Triton
+  kernels, or on plain PyTorch. ``sdpo-fused`` runs only where Triton can (a GPU); a row is
+  labelled by what ran, and what did not run is listed under ``not_run`` with the reason.
 
-Our three modes run in each requested variant: ``eager``, ``compile`` (torch.compile of both
-UNets) and ``cuda-graphs`` (torch.compile "reduce-overhead"). All modes share one policy UNet,
-one frozen bf16 reference copy and one optimizer (the weights drift a little between steps, which
-does not change the work). A mode's peak memory is measured in its own block with only what it
-needs on the device: the VAE and text encoders are moved there for ``reference`` only.
+Variants: ``eager``; ``compile`` (torch.compile of both UNets); ``cuda-graphs``
+(torch.compile "reduce-overhead"); ``channels-last`` (both UNets NHWC, eager); ``sdpa-flash``,
+``sdpa-efficient``, ``sdpa-cudnn`` (eager, one SDPA kernel pinned with
+``torch.nn.attention.sdpa_kernel``). The safeguard trio runs in eager, compile and cuda-graphs;
+the layout and attention variants time only our SDPO step (the ladder's rung). A variant that
+cannot run here (a kernel this GPU lacks) is recorded under ``not_run``, not fatal.
 
-Model FLOPs are counted once (torch.utils.flop_counter: policy forward + backward + reference
-forward; the reference mode's encoding is extra work, not counted) and divided by the step time
-and the bf16 matmul rate measured in the same run: model FLOP utilisation.
+The attribution ladder reads the modes in order: reference -> ours-online (eager) -> ours
+cached (eager) -> compiled -> CUDA-graphed, each with its factor against the rung before it and
+against the reference; channels-last and the SDPA kernels are alternatives to the cached eager
+rung and carry their factor against it.
+
+Peak memory: every module (policy, reference copy, VAE, text encoders) stays on the device in
+every mode, so the modes differ only by what they run.
+
+Model FLOPs (``torch.utils.flop_counter``): the policy forward + backward and the reference
+forward, counted with gradient checkpointing off (its recompute is not model work), plus the
+VAE encoder and text encoders in the modes that run them. MFU = those FLOPs / step time /
+the GPU's dense bf16 peak (``DENSE_BF16_PEAK_FLOPS``, from NVIDIA's datasheets; None for an
+unknown device or a CPU); ``mfu_vs_matmul`` divides by the bf16 8192^3 matmul rate measured in
+the same run instead. On a CPU nothing is a headline: the timings only show the suite runs.
+
+The results JSON is documented in docs/profiling.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -46,22 +61,49 @@ from sdpo import cuda_backend, objectives, ops
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.cache import CachedBatch
 from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.data import Batch
 from sdpo.train.models import Models, build_models, compile_model
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
 from sdpo.train.step import (
+    align_optimizer_state,
     apply_optimizer_step,
+    attention_context,
     autocast,
     clip_and_check_gradients,
     condition_batch,
     encode_images,
     preference_step,
     reference_prediction,
+    to_channels_last,
 )
 
-MODES = ("dpo", "sdpo-fused", "sdpo-torch")
-VARIANTS = ("eager", "compile", "cuda-graphs")
+MODES = ("dpo", "sdpo-fused", "sdpo-torch")  # our step from the cache, safeguard off / on
+ONLINE_MODE = "ours-online"  # our step encoding pixels and captions every step
 REFERENCE_MODE = "reference"
+VARIANTS = (
+    "eager",
+    "compile",
+    "cuda-graphs",
+    "channels-last",
+    "sdpa-flash",
+    "sdpa-efficient",
+    "sdpa-cudnn",
+)
+COMPILED_VARIANTS = ("compile", "cuda-graphs")
+# Variants that time only our SDPO step (alternatives to its eager rung), not the safeguard trio.
+LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
+GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn")
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets: H100 SXM5 and
+# H200 SXM 989.4 TFLOP/s (H100 datasheet, H200 product brief; "1,979" is with sparsity),
+# H100 PCIe 756 TFLOP/s, A100 312 TFLOP/s (A100 datasheet; 624 with sparsity). Matched on the
+# device name in this order (the first substring found wins).
+DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),
+    ("A100", 312e12),
+)
 
 
 def trainer_preset(name: str, *flags: str) -> TrainConfig:
@@ -79,24 +121,54 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+def dense_bf16_peak(name: str) -> float | None:
+    """The datasheet dense bf16 peak of a GPU by its name, or None when not in the table."""
+    for key, flops in DENSE_BF16_PEAK_FLOPS:
+        if key.lower() in name.lower():
+            return flops
+    return None
+
+
+def spread(samples_ms: list[float]) -> dict:
+    """Median, quartiles and count of one mode's step times (ms)."""
+    ordered = sorted(samples_ms)
+    if len(ordered) >= 2:
+        first, _, third = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        first = third = ordered[0]
+    return {
+        "step_ms": statistics.median(ordered),
+        "q1_ms": first,
+        "q3_ms": third,
+        "iqr_ms": third - first,
+        "n": len(ordered),
+    }
+
+
 @dataclass
 class ModeResult:
     samples_ms: list[float] = field(default_factory=list)
     peak_mem_gb: float | None = None
     backend: str = ""
 
-    def summary(self, batch_pairs: int, flops_per_step: float | None, peak_flops: float | None):
-        step_ms = statistics.median(self.samples_ms)
-        mfu = None
-        if flops_per_step and peak_flops:
-            mfu = flops_per_step / (step_ms * 1e-3) / peak_flops
+    def summary(
+        self,
+        batch_pairs: int,
+        flops_per_step: float,
+        peak_flops: float | None,
+        matmul_flops: float,
+    ) -> dict:
+        timing = spread(self.samples_ms)
+        achieved = flops_per_step / (timing["step_ms"] * 1e-3)
         return {
-            "step_ms": step_ms,
-            "pairs_per_s": batch_pairs / (step_ms * 1e-3),
+            **timing,
+            "pairs_per_s": batch_pairs / (timing["step_ms"] * 1e-3),
             "peak_mem_gb": self.peak_mem_gb,
-            "mfu": mfu,
+            "flops_per_step": flops_per_step,
+            "mfu": achieved / peak_flops if peak_flops else None,
+            "mfu_vs_matmul": achieved / matmul_flops,
             "backend": self.backend,
-            "steps_timed": len(self.samples_ms),
+            "steps_timed": timing["n"],
         }
 
 
@@ -141,16 +213,15 @@ class Workload:
         learning_rate = scaled_learning_rate(preset, world_size=1)
         self.optimizer = make_optimizer(preset, self.parameters, learning_rate, device)
         self.lr_schedule = make_lr_schedule(self.optimizer, preset.warmup_steps)
-        self.encoders_on_device = True
-
-    def place_encoders(self, on_device: bool) -> None:
-        """The VAE and text encoders on the device (reference mode) or on the host (ours)."""
-        if on_device == self.encoders_on_device:
-            return
-        target = self.device if on_device else torch.device("cpu")
-        self.models.vae.to(target)
-        self.models.text.to(target)
-        self.encoders_on_device = on_device
+        # The same pixels and captions as a data batch (winners first), for online encoding.
+        self.batch = Batch(
+            winners=self.pixels[:batch_pairs],
+            losers=self.pixels[batch_pairs:],
+            captions=self.captions,
+            skipped=0,
+        )
+        # Our steps skip a non-finite update on the device (no host sync); read after timing.
+        self.all_finite = torch.ones((), dtype=torch.bool, device=device)
 
 
 def _host(tensor: Tensor, pin: bool) -> Tensor:
@@ -167,7 +238,7 @@ class _Policies:
 
     def get(self, variant: str) -> tuple[nn.Module, nn.Module]:
         if variant not in self.cache:
-            if variant == "eager":
+            if variant not in COMPILED_VARIANTS:
                 pair = (self.models.unet, self.models.reference_unet)
             else:
                 cuda_graphs = variant == "cuda-graphs"
@@ -179,26 +250,56 @@ class _Policies:
         return self.cache[variant]
 
 
+@contextlib.contextmanager
+def variant_context(workload: Workload, variant: str):
+    """What an eager variant changes around its steps: the UNets' layout (and the optimizer
+    state with them, see ``sdpo.train.step.to_channels_last``) or the pinned SDPA kernel;
+    undone on exit, outside the timed steps."""
+    if variant == "channels-last":
+        unets = [workload.models.unet, workload.models.reference_unet]
+        for unet in unets:
+            to_channels_last(unet)
+        align_optimizer_state(workload.optimizer)
+        try:
+            yield
+        finally:
+            for unet in unets:
+                unet.to(memory_format=torch.contiguous_format)
+            align_optimizer_state(workload.optimizer)
+        return
+    with attention_context(variant if variant.startswith("sdpa-") else "sdpa"):
+        yield
+
+
+def fused_available(device: torch.device) -> bool:
+    return ops.triton_available(device)
+
+
 def our_step(
     workload: Workload, policies: _Policies, mode: str, variant: str, step: int
 ) -> tuple[str, Tensor]:
-    """One optimizer step of our trainer from the cache, with its components: the preference
-    step, the gradient clip and finite check, the optimizer and LR schedule step. Returns
-    (loss backend used, loss).
+    """One optimizer step of our trainer with its components: the preference step, the
+    gradient clip and device-side finite check, the optimizer and LR schedule step. From the
+    cache, or (``ours-online``) encoding the pixels and captions. Returns (loss backend, loss).
 
     Draws its random numbers in the order the reference step does (latent sample noise, then the
     pairs' noise, then their timesteps), so both compute the same loss for the same ``step``."""
     models, device = workload.models, workload.device
     mu = None if mode == "dpo" else workload.preset.mu
     requested = "torch" if mode == "sdpo-torch" else "auto"
-    if mode == "sdpo-fused" and ops.triton_available(device):
+    if mode in ("sdpo-fused", ONLINE_MODE) and fused_available(device):
         requested = "triton"
     config = dataclasses.replace(workload.preset, mu=mu, loss_backend=requested)
     policy, reference_unet = policies.get(variant)
     if variant == "cuda-graphs":
         torch.compiler.cudagraph_mark_step_begin()
     generator = torch.Generator(device=device).manual_seed(step)
-    latents, hidden, added = condition_batch(models, workload.cached, generator, device)
+    source = workload.batch if mode == ONLINE_MODE else workload.cached
+    latents, hidden, added = condition_batch(models, source, generator, device)
+    if mode == ONLINE_MODE:
+        latents = latents.float()
+        hidden = hidden.float()
+        added = {key: value.float() for key, value in added.items()} if added else None
     saved_reference = models.reference_unet
     models.reference_unet = reference_unet
     try:
@@ -219,9 +320,8 @@ def our_step(
     _, finite = clip_and_check_gradients(
         workload.parameters, config.max_grad_norm, result.loss.detach(), None
     )
-    if not finite:
-        raise RuntimeError(f"overhead: step {step} ({mode}/{variant}) has a non-finite loss")
-    apply_optimizer_step(workload.optimizer, workload.lr_schedule)
+    apply_optimizer_step(workload.optimizer, workload.lr_schedule, finite)
+    workload.all_finite &= finite
     return objectives.resolve_backend(requested, device), result.loss.detach()
 
 
@@ -299,13 +399,34 @@ class _Timer:
 
 
 def count_model_flops(workload: Workload) -> float:
-    """FLOPs of the policy forward + backward and the reference forward, one micro-batch."""
+    """FLOPs of the policy forward + backward and the reference forward, one micro-batch, with
+    gradient checkpointing off while counting (its recompute is not model work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = workload.models.unet
+    checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False)
+    policies = _Policies(workload.models)
+    try:
+        with counter:
+            our_step(workload, policies, "dpo", "eager", step=0)
+    finally:
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+    return float(counter.get_total_flops())
+
+
+def count_encoding_flops(workload: Workload) -> float:
+    """FLOPs of encoding one micro-batch online: the VAE encoder over 2B images and the text
+    encoders over B captions (what the reference and ``ours-online`` add per step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    policies = _Policies(workload.models)
-    with counter:
-        our_step(workload, policies, "dpo", "eager", step=0)
+    generator = torch.Generator(device=workload.device).manual_seed(0)
+    with counter, torch.no_grad():
+        condition_batch(workload.models, workload.batch, generator, workload.device)
     return float(counter.get_total_flops())
 
 
@@ -352,6 +473,67 @@ def versions() -> dict:
     return info
 
 
+def plan_modes(variants: list[str], device: torch.device) -> tuple[list[tuple[str, str]], dict]:
+    """(the (mode, variant) schedule, {mode: why it does not run here})."""
+    not_run: dict[str, str] = {}
+    trio = list(MODES)
+    if not fused_available(device):
+        trio.remove("sdpo-fused")
+        not_run["sdpo-fused"] = "the fused Triton kernels need a GPU with Triton; not timed here"
+    ours = "sdpo-fused" if "sdpo-fused" in trio else "sdpo-torch"
+    schedule = [(REFERENCE_MODE, "eager"), (ONLINE_MODE, "eager")]
+    for variant in variants:
+        modes = [ours] if variant in LADDER_ONLY_VARIANTS else trio
+        schedule += [(mode, variant) for mode in modes]
+    return schedule, not_run
+
+
+def attribution_ladder(modes: dict[str, dict], ours: str) -> list[dict]:
+    """The rungs from the reference's work to our fastest step, each with its factor (the
+    step time of the rung it is compared with over its own: > 1 is faster) and its factor
+    against the reference. Rungs whose mode did not run are left out."""
+    reference_ms = modes[f"{REFERENCE_MODE}/eager"]["step_ms"]
+    chain = [
+        ("reference: online encoding, eager, host syncs", f"{REFERENCE_MODE}/eager"),
+        ("ours, online encoding, eager", f"{ONLINE_MODE}/eager"),
+        ("ours, cached, eager", f"{ours}/eager"),
+        ("ours, cached, compiled", f"{ours}/compile"),
+        ("ours, cached, CUDA graphs", f"{ours}/cuda-graphs"),
+    ]
+    rows, previous = [], None
+    for rung, key in chain:
+        if key not in modes:
+            continue
+        step_ms = modes[key]["step_ms"]
+        rows.append(
+            {
+                "rung": rung,
+                "mode": key,
+                "step_ms": step_ms,
+                "compared_with": previous,
+                "factor": modes[previous]["step_ms"] / step_ms if previous else None,
+                "factor_vs_reference": reference_ms / step_ms,
+            }
+        )
+        previous = key
+    base = f"{ours}/eager"
+    for variant in LADDER_ONLY_VARIANTS:
+        key = f"{ours}/{variant}"
+        if key in modes and base in modes:
+            step_ms = modes[key]["step_ms"]
+            rows.append(
+                {
+                    "rung": f"ours, cached, eager, {variant} (alternative)",
+                    "mode": key,
+                    "step_ms": step_ms,
+                    "compared_with": base,
+                    "factor": modes[base]["step_ms"] / step_ms,
+                    "factor_vs_reference": reference_ms / step_ms,
+                }
+            )
+    return rows
+
+
 def run_overhead(
     preset_name: str,
     *,
@@ -372,8 +554,12 @@ def run_overhead(
             f"variants: unknown {', '.join(unknown) or '(none given)'}; "
             f"expected some of {', '.join(VARIANTS)}"
         )
-    if device.type != "cuda" and "cuda-graphs" in variants:
-        raise ValueError("variants: cuda-graphs needs a CUDA device; drop it on this machine")
+    if device.type != "cuda":
+        gpu_only = [variant for variant in variants if variant in GPU_ONLY_VARIANTS]
+        if gpu_only:
+            raise ValueError(
+                f"variants: {', '.join(gpu_only)} needs a CUDA device; drop it on this machine"
+            )
     for name, value in (("rounds", rounds), ("steps", steps_per_round)):
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}")
@@ -386,8 +572,7 @@ def run_overhead(
     workload = Workload(preset, batch_pairs, device)
     policies = _Policies(workload.models)
     timer = _Timer(device)
-    schedule = [(mode, variant) for variant in variants for mode in MODES]
-    schedule.append((REFERENCE_MODE, "eager"))
+    schedule, not_run = plan_modes(variants, device)
     results = {key: ModeResult() for key in schedule}
     counter = {"step": 0}
 
@@ -398,54 +583,96 @@ def run_overhead(
             return reference_step(workload, counter["step"])
         return our_step(workload, policies, mode, variant, counter["step"])
 
-    for key in schedule:  # warm-up (and compilation) outside the timed rounds
-        workload.place_encoders(key[0] == REFERENCE_MODE)
+    for key in list(schedule):  # warm-up (and compilation) outside the timed rounds
         log(f"warm-up {key[0]}/{key[1]}")
-        for _ in range(warmup_steps):
-            results[key].backend = run_one(key)[0]
+        try:
+            with variant_context(workload, key[1]):
+                for _ in range(warmup_steps):
+                    results[key].backend = run_one(key)[0]
+        except RuntimeError as error:
+            if key[1] == "eager":
+                raise  # our plain step failing is a bug, not a missing kernel
+            # A pinned kernel or a compile this GPU / build lacks: recorded, the rest runs.
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            not_run[f"{key[0]}/{key[1]}"] = reason[:300]
+            schedule.remove(key)
+            del results[key]
+            log(f"not run {key[0]}/{key[1]}: {reason[:200]}")
     for round_index in range(rounds):
         for key in schedule:
-            workload.place_encoders(key[0] == REFERENCE_MODE)
-            _peak_reset(device)
-            samples = [timer.measure(lambda key=key: run_one(key)) for _ in range(steps_per_round)]
+            with variant_context(workload, key[1]):
+                _peak_reset(device)
+                samples = [
+                    timer.measure(lambda key=key: run_one(key)) for _ in range(steps_per_round)
+                ]
+                peak = _peak_read(device)
             results[key].samples_ms.extend(samples)
-            peak = _peak_read(device)
             if peak is not None:
                 results[key].peak_mem_gb = max(results[key].peak_mem_gb or 0.0, peak)
         log(f"round {round_index + 1}/{rounds} done")
-    workload.place_encoders(False)
-    flops_per_step = count_model_flops(workload)
-    peak_flops = matmul_flops_per_s(device)
+    if not bool(workload.all_finite):
+        raise RuntimeError("overhead: one of our timed steps had a non-finite loss or gradient")
+    model_flops = count_model_flops(workload)
+    encoding_flops = count_encoding_flops(workload)
+    matmul_flops = matmul_flops_per_s(device)
+    name = device_name(device)
+    peak_flops = dense_bf16_peak(name) if device.type == "cuda" else None
 
-    modes = {
-        f"{mode}/{variant}": result.summary(batch_pairs, flops_per_step, peak_flops)
-        for (mode, variant), result in results.items()
-    }
-    # The headline: our most optimised requested variant against the reference's work.
-    headline = next(variant for variant in reversed(VARIANTS) if variant in variants)
-    dpo = modes[f"dpo/{headline}"]
-    sdpo_fused = modes[f"sdpo-fused/{headline}"]
-    reference = modes[f"{REFERENCE_MODE}/eager"]
-    return {
+    modes = {}
+    for (mode, variant), result in results.items():
+        encodes = mode in (REFERENCE_MODE, ONLINE_MODE)
+        flops = model_flops + (encoding_flops if encodes else 0.0)
+        modes[f"{mode}/{variant}"] = result.summary(batch_pairs, flops, peak_flops, matmul_flops)
+    ours = "sdpo-fused" if "sdpo-fused" not in not_run else "sdpo-torch"
+    ladder = attribution_ladder(modes, ours)
+    meaningful = device.type == "cuda"
+    headline = None
+    if meaningful:
+        # Our most optimised variant that ran for all three of the safeguard comparison.
+        headline = next(
+            (
+                variant
+                for variant in reversed(("eager", "compile", "cuda-graphs"))
+                if variant in variants
+                and all(f"{mode}/{variant}" in modes for mode in ("dpo", ours, "sdpo-torch"))
+            ),
+            None,
+        )
+    document = {
         "preset": preset_name,
         "batch_pairs": batch_pairs,
         "resolution": preset.resolution,
         "headline_variant": headline,
-        "dpo_step_ms": dpo["step_ms"],
-        "sdpo_step_ms": sdpo_fused["step_ms"],
-        "sdpo_over_dpo_step_ratio": sdpo_fused["step_ms"] / dpo["step_ms"],
-        "sdpo_torch_over_dpo_step_ratio": modes[f"sdpo-torch/{headline}"]["step_ms"]
-        / dpo["step_ms"],
-        "reference_step_ms": reference["step_ms"],
-        "speedup_vs_reference": reference["step_ms"] / sdpo_fused["step_ms"],
-        "peak_mem_gb": {name: mode["peak_mem_gb"] for name, mode in modes.items()},
-        "mfu": {name: mode["mfu"] for name, mode in modes.items()},
-        "flops_per_step": flops_per_step,
-        "matmul_flops_per_s": peak_flops,
+        "ours": ours,
+        "dpo_step_ms": None,
+        "sdpo_step_ms": None,
+        "sdpo_over_dpo_step_ratio": None,
+        "sdpo_torch_over_dpo_step_ratio": None,
+        "reference_step_ms": modes[f"{REFERENCE_MODE}/eager"]["step_ms"],
+        "speedup_vs_reference": None,
+        "peak_mem_gb": {key: mode["peak_mem_gb"] for key, mode in modes.items()},
+        "mfu": {key: mode["mfu"] for key, mode in modes.items()},
+        "flops_per_step": model_flops,
+        "encoding_flops_per_step": encoding_flops,
+        "matmul_flops_per_s": matmul_flops,
+        "dense_bf16_peak_flops": peak_flops,
         "rounds": rounds,
         "steps_per_round": steps_per_round,
         "modes": modes,
+        "ladder": ladder,
+        "not_run": not_run,
     }
+    if headline is not None:
+        dpo, sdpo = modes[f"dpo/{headline}"], modes[f"{ours}/{headline}"]
+        document.update(
+            dpo_step_ms=dpo["step_ms"],
+            sdpo_step_ms=sdpo["step_ms"],
+            sdpo_over_dpo_step_ratio=sdpo["step_ms"] / dpo["step_ms"],
+            sdpo_torch_over_dpo_step_ratio=modes[f"sdpo-torch/{headline}"]["step_ms"]
+            / dpo["step_ms"],
+            speedup_vs_reference=document["reference_step_ms"] / sdpo["step_ms"],
+        )
+    return document
 
 
 def measure_kernels(device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
@@ -500,35 +727,61 @@ def results_document(overhead: dict, kernels: list[dict], device: torch.device) 
         "kernels": kernels,
     }
     if device.type != "cuda":
-        document["note"] = "CPU smoke run: checks the suite runs; its timings claim nothing."
+        document["note"] = (
+            "CPU smoke run: checks the suite runs; its timings claim nothing (no headline, "
+            "no ladder factors)."
+        )
     return document
+
+
+def _format(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 def markdown_report(document: dict) -> str:
     overhead = document["overhead"]
+    meaningful = document["timings_meaningful"]
     lines = [
         f"# Overhead: preset {overhead['preset']}, {overhead['batch_pairs']} pairs, "
         f"{overhead['resolution']} px",
         "",
         f"{document['device']}, torch {document['torch']}, triton {document['triton']}, "
-        f"{document['date']}. Median over {overhead['rounds']} interleaved rounds of "
-        f"{overhead['steps_per_round']} steps.",
+        f"{document['date']}. Median, interquartile range and count of the step times over "
+        f"{overhead['rounds']} interleaved rounds of {overhead['steps_per_round']} steps.",
         "",
-        f"- safeguard overhead (sdpo-fused / dpo, {overhead['headline_variant']}): "
-        f"{overhead['sdpo_over_dpo_step_ratio']:.4f}",
-        f"- speed-up against the reference's per-step work: "
-        f"{overhead['speedup_vs_reference']:.2f}x",
-        "",
-        "| mode | step ms | pairs/s | peak GiB | MFU | loss backend |",
-        "|---|---|---|---|---|---|",
+    ]
+    if not meaningful:
+        # Said first, and no headline figure follows: CPU timings only show the suite runs.
+        lines += [document["note"], ""]
+    elif overhead["headline_variant"] is not None:
+        lines += [
+            f"- safeguard overhead ({overhead['ours']} / dpo, {overhead['headline_variant']}): "
+            f"{overhead['sdpo_over_dpo_step_ratio']:.4f}",
+            f"- speed-up against the reference's per-step work: "
+            f"{overhead['speedup_vs_reference']:.2f}x",
+            "",
+        ]
+    lines += [
+        "| mode | step ms | IQR ms | n | pairs/s | peak GiB | MFU (peak) | MFU (matmul) | "
+        "loss backend |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, mode in overhead["modes"].items():
-        peak = "-" if mode["peak_mem_gb"] is None else f"{mode['peak_mem_gb']:.2f}"
-        mfu = "-" if mode["mfu"] is None else f"{100 * mode['mfu']:.1f}%"
         lines.append(
-            f"| {name} | {mode['step_ms']:.2f} | {mode['pairs_per_s']:.2f} | {peak} | {mfu} | "
-            f"{mode['backend']} |"
+            f"| {name} | {mode['step_ms']:.2f} | {mode['iqr_ms']:.2f} | {mode['n']} | "
+            f"{mode['pairs_per_s']:.2f} | {_format(mode['peak_mem_gb'], '{:.2f}')} | "
+            f"{_format(mode['mfu'] and 100 * mode['mfu'], '{:.1f}%')} | "
+            f"{100 * mode['mfu_vs_matmul']:.1f}% | {mode['backend']} |"
         )
+    if meaningful and overhead["ladder"]:
+        lines += ["", "| rung | mode | step ms | factor | vs reference |", "|---|---|---|---|---|"]
+        for row in overhead["ladder"]:
+            lines.append(
+                f"| {row['rung']} | {row['mode']} | {row['step_ms']:.2f} | "
+                f"{_format(row['factor'], '{:.2f}x')} | {row['factor_vs_reference']:.2f}x |"
+            )
+    for name, reason in overhead["not_run"].items():
+        lines.append(f"- not run: {name}: {reason}")
     if document["kernels"]:
         lines += ["", "| kernel case | shape | ms | GB/s | % copy bw |", "|---|---|---|---|---|"]
         for row in document["kernels"]:
@@ -536,8 +789,6 @@ def markdown_report(document: dict) -> str:
                 f"| {row['name']} | {'x'.join(map(str, row['shape']))} | {row['ms']:.4f} | "
                 f"{row['gbps']:.0f} | {row['pct_of_copy_bandwidth']:.1f} |"
             )
-    if "note" in document:
-        lines += ["", document["note"]]
     return "\n".join(lines) + "\n"
 
 

@@ -246,12 +246,28 @@ def argparse_namespace(tmp_path: Path):
     )
 
 
+ALL_FINE = {name: (0, 1.0, 1.0) for name in gpu_check.TRAIN_VARIANTS}
+
+
+def test_trainer_runs_graphs_at_accumulation_1_and_records_the_refusal(tmp_path, monkeypatch):
+    context = fake_trainer(tmp_path, dict(ALL_FINE), monkeypatch)
+    gpu_check.phase_trainer(context)
+    runs = context.result["runs"]
+    graphs = runs["cuda-graphs"]["command"].split()
+    # The last --gradient-accumulation on the command line wins: the graphs run at 1.
+    last = len(graphs) - 1 - graphs[::-1].index("--gradient-accumulation")
+    assert graphs[last + 1] == "1"
+    assert runs["cuda-graphs"]["compared_with"] == "eager-accumulation-1"
+    assert runs["cuda-graphs"]["matches_eager"] is True
+    assert "use --gradient-accumulation 1" in context.result["cuda_graphs_with_accumulation"]
+
+
 def test_trainer_comparison_accepts_bf16_noise_and_catches_a_lost_micro_batch(
     tmp_path, monkeypatch
 ):
     # compile: 0.5% loss noise, weights 0.01 off per element (distance 0.02 = 0.1 x the step).
     # cuda-graphs: weights half a step off (what dropping one of two micro-batches looks like).
-    outcomes = {"eager": (0, 1.0, 1.0), "compile": (0, 1.005, 1.01), "cuda-graphs": (0, 1.0, 1.05)}
+    outcomes = {**ALL_FINE, "compile": (0, 1.005, 1.01), "cuda-graphs": (0, 1.0, 1.05)}
     context = fake_trainer(tmp_path, outcomes, monkeypatch)
     with pytest.raises(
         SystemExit, match=r"cuda-graphs: metric error 0\.0, weight distance 0\.09999"
@@ -264,14 +280,14 @@ def test_trainer_comparison_accepts_bf16_noise_and_catches_a_lost_micro_batch(
 
 
 def test_trainer_comparison_catches_a_loss_off_by_more_than_two_percent(tmp_path, monkeypatch):
-    outcomes = {"eager": (0, 1.0, 1.0), "compile": (0, 1.03, 1.0), "cuda-graphs": (0, 1.0, 1.0)}
+    outcomes = {**ALL_FINE, "compile": (0, 1.03, 1.0)}
     context = fake_trainer(tmp_path, outcomes, monkeypatch)
     with pytest.raises(SystemExit, match=r"compile: metric error 0\.03"):
         gpu_check.phase_trainer(context)
 
 
 def test_trainer_records_a_failing_variant_and_a_timed_out_one(tmp_path, monkeypatch):
-    outcomes = {"eager": (0, 1.0, 1.0), "compile": (None, 1.0, 1.0), "cuda-graphs": (1, 1.0, 1.0)}
+    outcomes = {**ALL_FINE, "compile": (None, 1.0, 1.0), "cuda-graphs": (1, 1.0, 1.0)}
     context = fake_trainer(tmp_path, outcomes, monkeypatch)
     with pytest.raises(SystemExit, match="cuda-graphs: exit 1"):
         gpu_check.phase_trainer(context)

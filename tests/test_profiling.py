@@ -24,6 +24,11 @@ REQUIRED_OVERHEAD_KEYS = {
     "speedup_vs_reference",
     "peak_mem_gb",
     "mfu",
+    "ladder",
+    "not_run",
+    "encoding_flops_per_step",
+    "matmul_flops_per_s",
+    "dense_bf16_peak_flops",
 }
 
 
@@ -52,23 +57,38 @@ def test_overhead_cli_writes_well_formed_results(tmp_path):
     assert document["timings_meaningful"] is False and document["kernels"] == []
     result = document["overhead"]
     assert REQUIRED_OVERHEAD_KEYS <= set(result)
-    expected_modes = {"dpo/eager", "sdpo-fused/eager", "sdpo-torch/eager", "reference/eager"}
+    # Rows are labelled by what ran: no Triton GPU here, so no sdpo-fused row, and it says so.
+    expected_modes = {"reference/eager", "ours-online/eager", "dpo/eager", "sdpo-torch/eager"}
     assert set(result["modes"]) == expected_modes
+    assert "sdpo-fused" in result["not_run"]
     for mode in result["modes"].values():
-        assert mode["steps_timed"] == 4  # 2 rounds x 2 steps
-        assert mode["step_ms"] > 0
+        assert mode["steps_timed"] == mode["n"] == 4  # 2 rounds x 2 steps
+        assert mode["q1_ms"] <= mode["step_ms"] <= mode["q3_ms"]
+        assert mode["iqr_ms"] == pytest.approx(mode["q3_ms"] - mode["q1_ms"])
         assert mode["pairs_per_s"] == pytest.approx(2 / (mode["step_ms"] * 1e-3))
-        assert 0 < mode["mfu"] < 1
-    assert result["sdpo_over_dpo_step_ratio"] == pytest.approx(
-        result["sdpo_step_ms"] / result["dpo_step_ms"]
+        assert mode["mfu"] is None  # no datasheet peak for a CPU
+        assert 0 < mode["mfu_vs_matmul"] < 1
+    # The encoding modes count the VAE and text FLOPs on top of the model's.
+    encoding = result["encoding_flops_per_step"]
+    assert encoding > 0 and result["flops_per_step"] > 0
+    assert result["modes"]["ours-online/eager"]["flops_per_step"] == pytest.approx(
+        result["flops_per_step"] + encoding
     )
-    assert result["speedup_vs_reference"] == pytest.approx(
-        result["reference_step_ms"] / result["sdpo_step_ms"]
-    )
+    assert result["modes"]["dpo/eager"]["flops_per_step"] == result["flops_per_step"]
+    # CPU: no headline figure anywhere.
+    assert result["headline_variant"] is None and result["speedup_vs_reference"] is None
+    assert result["sdpo_over_dpo_step_ratio"] is None
     assert result["modes"]["sdpo-torch/eager"]["backend"] == "torch"
-    assert result["flops_per_step"] > 0
+    assert [row["mode"] for row in result["ladder"]] == [
+        "reference/eager",
+        "ours-online/eager",
+        "sdpo-torch/eager",
+    ]
     markdown = output.with_suffix(".md").read_text()
     assert "| reference/eager |" in markdown and "claim nothing" in markdown
+    assert "speed-up" not in markdown and "safeguard overhead" not in markdown
+    assert "sdpo-fused |" not in markdown
+    assert markdown.index("claim nothing") < markdown.index("| mode |")
 
 
 def test_reference_work_step_computes_our_loss():
@@ -81,12 +101,61 @@ def test_reference_work_step_computes_our_loss():
         group["lr"] = 0.0  # keep the weights fixed between the two steps
     policies = overhead._Policies(workload.models)
     backend, ours = overhead.our_step(workload, policies, "sdpo-torch", "eager", step=7)
-    workload.place_encoders(True)
     _, theirs = overhead.reference_step(workload, step=7)
     assert backend == "torch"
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     _, other_draw = overhead.reference_step(workload, step=8)
     assert not torch.allclose(ours, other_draw)
+
+
+def test_online_encoding_step_computes_the_cached_steps_loss():
+    """ours-online encodes what the cache holds, with the same draws: the same loss (fp32)."""
+    workload = overhead.Workload(
+        overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu")
+    )
+    for group in workload.optimizer.param_groups:
+        group["lr"] = 0.0
+    policies = overhead._Policies(workload.models)
+    _, online = overhead.our_step(workload, policies, overhead.ONLINE_MODE, "eager", step=5)
+    _, cached = overhead.our_step(workload, policies, "sdpo-torch", "eager", step=5)
+    torch.testing.assert_close(online, cached, rtol=1e-5, atol=1e-6)
+
+
+def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
+    plain = overhead.Workload(overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu"))
+    preset = overhead.trainer_preset("tiny", "--gradient-checkpointing")
+    recomputing = overhead.Workload(preset, batch_pairs=2, device=torch.device("cpu"))
+    assert recomputing.models.unet.is_gradient_checkpointing
+    assert overhead.count_model_flops(recomputing) == overhead.count_model_flops(plain)
+    assert recomputing.models.unet.is_gradient_checkpointing  # switched back on after counting
+
+
+def test_dense_bf16_peaks_by_device_name():
+    assert overhead.dense_bf16_peak("NVIDIA H200") == 989.4e12
+    assert overhead.dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert overhead.dense_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert overhead.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert overhead.dense_bf16_peak("NVIDIA GeForce RTX 4090") is None
+
+
+def test_ladder_factors_chain_the_rungs():
+    times = {
+        "reference/eager": 400.0,
+        "ours-online/eager": 200.0,
+        "sdpo-fused/eager": 100.0,
+        "sdpo-fused/compile": 80.0,
+        "sdpo-fused/channels-last": 125.0,
+    }
+    modes = {key: {"step_ms": value} for key, value in times.items()}
+    rows = overhead.attribution_ladder(modes, "sdpo-fused")
+    assert [(row["mode"], row["factor"], row["factor_vs_reference"]) for row in rows] == [
+        ("reference/eager", None, 1.0),
+        ("ours-online/eager", 2.0, 2.0),
+        ("sdpo-fused/eager", 2.0, 4.0),
+        ("sdpo-fused/compile", 1.25, 5.0),  # cuda-graphs did not run: left out
+        ("sdpo-fused/channels-last", 0.8, 3.2),  # an alternative to the eager rung
+    ]
+    assert rows[-1]["compared_with"] == "sdpo-fused/eager"
 
 
 def test_random_architectures_match_the_public_checkpoints():

@@ -15,6 +15,7 @@ Layout: ``cache_index.json`` and ``shard-NNNNN.safetensors`` files of ``--shard-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sdpo.train.config import FLOW_MODELS
-from sdpo.train.data import UnreadableImage, generator_for, load_records, preprocess
+from sdpo.train.data import UnreadableImage, generator_for, load_records, pin_batch, preprocess
 from sdpo.train.models import (
     FlowTextConditioner,
     Models,
@@ -44,14 +45,57 @@ def is_cache(path: str | None) -> bool:
     return path is not None and (Path(path).expanduser() / INDEX_FILE).is_file()
 
 
+ENCODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @torch.no_grad()
-def _encode(models: Models, pixels: Tensor) -> tuple[Tensor, Tensor]:
+def _encode(
+    models: Models, pixels: Tensor, batch_images: int = 32, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """The latent distribution's (mean, std) in fp32, the VAE run on ``batch_images`` images
+    at a time (a whole shard at once would hold every image's activations: ~1 GB each for
+    SD1.5's encoder at 512 px in bf16), under ``dtype`` autocast on CUDA when given."""
     if models.flow is not None:  # Wan: images as one-frame videos
         from sdpo.train.step import flow_pixels
 
         pixels = flow_pixels(models.flow, pixels)
-    distribution = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
-    return distribution.mean, distribution.std
+    means, stds = [], []
+    device = next(models.vae.parameters()).device
+    for start in range(0, len(pixels), batch_images):
+        chunk = pixels[start : start + batch_images].to(device, non_blocking=True)
+        cast = (
+            torch.autocast(device.type, dtype=dtype)
+            if dtype is not None and dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with cast:
+            distribution = models.vae.encode(chunk.to(models.vae.dtype)).latent_dist
+        means.append(distribution.mean.float())
+        stds.append(distribution.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _as_is(item):
+    return item
+
+
+class _DecodedPairs(torch.utils.data.Dataset):
+    """Records decoded (and resized) in DataLoader workers: (winner, loser, caption) or None."""
+
+    def __init__(self, records: list, resolution: int) -> None:
+        self.records, self.resolution = records, resolution
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            winner = preprocess(record.winner, self.resolution, flip=False)
+            loser = preprocess(record.loser, self.resolution, flip=False)
+        except UnreadableImage:
+            return None
+        return winner, loser, record.caption
 
 
 def build_cache(
@@ -67,6 +111,9 @@ def build_cache(
     storage_dtype: str = "float16",
     allow_download: bool = False,
     device: str | None = None,
+    encode_batch: int = 32,
+    encode_dtype: str = "float32",
+    num_workers: int = 0,
 ) -> dict:
     """Writes the cache; returns its index. Unreadable pairs are skipped and counted."""
     records = load_records(data, resolution=resolution, synthetic_pairs=synthetic_pairs, seed=seed)
@@ -114,8 +161,10 @@ def build_cache(
             return
         # Per pair: winner, flipped winner, loser, flipped loser (the trainer flips each at random).
         views = [torch.stack([win, win.flip(-1), lose, lose.flip(-1)]) for win, lose, _ in buffer]
-        pixels = torch.cat(views).to(target)
-        mean, std = _encode(models, pixels)
+        pixels = torch.cat(views)
+        if target.type == "cuda":
+            pixels = pixels.pin_memory()  # chunks then copy without waiting on the GPU
+        mean, std = _encode(models, pixels, encode_batch, ENCODE_DTYPES[encode_dtype])
         mean = mean.view(len(buffer), 2, 2, *mean.shape[1:]).cpu().to(dtype)
         std = std.view(len(buffer), 2, 2, *std.shape[1:]).cpu().to(dtype)
         hidden, added = models.text([caption for _, _, caption in buffer], target)
@@ -133,15 +182,20 @@ def build_cache(
         shards.append({"file": name, "pairs": len(buffer)})
         buffer.clear()
 
-    for record in records:
-        try:
-            winner = preprocess(record.winner, resolution, flip=False)
-            loser = preprocess(record.loser, resolution, flip=False)
-        except UnreadableImage:
+    # Decoding in worker processes, in record order, ahead of the encoder.
+    decoded = torch.utils.data.DataLoader(
+        _DecodedPairs(records, resolution),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+    )
+    for item in decoded:
+        if item is None:
             skipped += 1
             continue
-        buffer.append((winner, loser, record.caption))
-        captions.append(record.caption)
+        winner, loser, caption = item
+        buffer.append((winner, loser, caption))
+        captions.append(caption)
         if len(buffer) == shard_pairs:
             flush()
     flush()
@@ -171,6 +225,10 @@ class CachedBatch:
     pooled: Tensor | None  # (B, P) for SDXL
     captions: list[str]
     skipped: int = 0
+
+    def pin_memory(self) -> CachedBatch:
+        """Page-locked copy (the DataLoader's pin thread calls this), for async copies."""
+        return pin_batch(self)
 
 
 class CachedPairBatches:
@@ -266,6 +324,20 @@ class CachedPairBatches:
         return CachedBatch(mean, std, torch.stack(parts["hidden"]).float(), pooled, captions)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdpo-cache", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -284,6 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-pairs", type=int, default=256)
     parser.add_argument("--storage-dtype", default="float16", choices=tuple(STORAGE_DTYPES))
     parser.add_argument("--allow-download", action="store_true")
+    parser.add_argument(
+        "--encode-batch", type=_positive, default=32, help="images per VAE encoder call"
+    )
+    parser.add_argument(
+        "--encode-dtype",
+        default="float32",
+        choices=tuple(ENCODE_DTYPES),
+        help="VAE encoder precision on CUDA (bfloat16 autocast: see README for its error)",
+    )
+    parser.add_argument(
+        "--num-workers", type=_non_negative, default=0, help="image-decoding worker processes"
+    )
     arguments = parser.parse_args(argv)
     try:
         index = build_cache(**vars(arguments))

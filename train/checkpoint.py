@@ -112,6 +112,7 @@ RESUME_RULES: dict[str, str] = {
     "timestep_mask_threshold": "same",
     "timestep_clip": "same",
     "timestep_range": "same",
+    "channels_last": "free",  # a memory layout: the same math, rounding only (tested on CPU)
 }
 
 

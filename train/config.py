@@ -92,12 +92,13 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    mixed_precision: str = "bf16"  # "bf16" autocast on CUDA, or "no"; CPU runs in fp32
+    mixed_precision: str = "bf16"  # "bf16" / "fp16" (loss-scaled) autocast on CUDA, or "no"
     gradient_checkpointing: bool = False
     # FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun: the policy UNet's
     # weights, gradients and optimizer state are sharded over the ranks (SDXL-sized models).
     fsdp: bool = False
-    attention: str = "sdpa"  # "sdpa" (PyTorch) or "xformers"
+    attention: str = "sdpa"  # "sdpa" (PyTorch picks), "sdpa-<kernel>" (pinned) or "xformers"
+    channels_last: bool = False  # UNets (policy and reference) in NHWC memory layout
     # Speed and measurement.
     compile: bool = False
     cuda_graphs: bool = False
@@ -107,7 +108,7 @@ class TrainConfig:
     profile_steps: str | None = None
     log_every: int = 1
     on_nonfinite: str = "stop"  # "stop" or "skip"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: sdpo.train.data.default_num_workers
     progress: bool = True
     # Trainer knobs of issue 16 (see FIELDS): schedule, epochs, augmentation, trackers,
     # validation images.
@@ -144,6 +145,14 @@ class TrainConfig:
             )
         check_flow_settings(self)
         check_timestep_weighting(self)
+        if self.cuda_graphs and self.gradient_accumulation > 1:
+            # The graphs' static output pool holds the gradients: the next micro-batch's replay
+            # overwrites what the previous one accumulated (a known torch.compile limitation).
+            raise UsageError(
+                "cuda_graphs: CUDA graphs do not work with gradient accumulation (a replay "
+                "overwrites the gradients held in the graph pool); use --gradient-accumulation 1 "
+                "or --compile without --cuda-graphs"
+            )
         if self.model != "tiny" and self.pretrained is None:
             raise UsageError(
                 f"pretrained: model {self.model!r} needs --pretrained PATH (a local diffusers folder "
@@ -496,12 +505,18 @@ FIELDS: dict[str, FieldSpec] = {
     "adam_epsilon": FieldSpec(float, "AdamW epsilon, > 0", _OPTIM, low=0, low_open=True),
     "weight_decay": FieldSpec(float, "decoupled weight decay, >= 0", _OPTIM, low=0),
     "max_grad_norm": FieldSpec(float, "gradient-norm clip, > 0", _OPTIM, low=0, low_open=True),
-    "mixed_precision": FieldSpec(str, "bf16 autocast on CUDA, or no (the CPU runs fp32)", _OPTIM,
-                                 choices=("bf16", "no")),
+    # perfstep: fp16 autocast with dynamic loss scaling (torch.amp.GradScaler).
+    "mixed_precision": FieldSpec(str, "bf16 or fp16 (loss-scaled) autocast on CUDA, or no (the "
+                                 "CPU runs fp32)", _OPTIM, choices=("bf16", "fp16", "no")),
     "gradient_checkpointing": FieldSpec(bool, "recompute activations (less memory)", _OPTIM),
     "fsdp": FieldSpec(bool, "shard the policy UNet with FSDP2 under torchrun (SDXL-sized)", _OPTIM),
-    "attention": FieldSpec(str, "attention kernels; xformers needs the xformers package", _SPEED,
-                           choices=("sdpa", "xformers")),
+    # perfstep: the attention kernel and the UNets' memory layout (measured by sdpo-profile
+    # overhead's sdpa-* and channels-last variants; the defaults stay until a GPU run says more).
+    "attention": FieldSpec(str, "attention: sdpa (PyTorch picks), sdpa-flash|efficient|cudnn|math "
+                           "(one kernel), xformers (needs the package)", _SPEED,
+                           choices=("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                                    "sdpa-math", "xformers")),
+    "channels_last": FieldSpec(bool, "UNets in channels_last (NHWC) memory layout", _SPEED),
     "compile": FieldSpec(bool, "torch.compile both UNets", _SPEED),
     "cuda_graphs": FieldSpec(bool, "torch.compile with CUDA graphs (needs a GPU)", _SPEED),
     "nvtx": FieldSpec(bool, "NVTX ranges around each phase, for Nsight", _SPEED),
@@ -510,8 +525,11 @@ FIELDS: dict[str, FieldSpec] = {
     "log_every": FieldSpec(int, "optimizer steps between metric reads", _SPEED, low=1),
     "on_nonfinite": FieldSpec(str, "on a non-finite loss or gradient: stop, or skip the step",
                               _SPEED, choices=("stop", "skip")),
-    "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one",
-                             _SPEED, low=0),
+    # perfstep: none picks 0 where nothing is decoded (synthetic pairs, a cache), else
+    # min(8, CPUs per process - 1) (sdpo.train.data.default_num_workers).
+    "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one; "
+                             "none: 0 for synthetic or cached data, else min(8, CPUs/process - 1)",
+                             _SPEED, True, low=0),
     "progress": FieldSpec(bool, "show a progress bar", _SPEED),
     # --- Trainer knobs (issue 16): LR schedule, epochs, augmentation, trackers, validation.
     "lr_scheduler": FieldSpec(str, "LR schedule after --warmup-steps (diffusers' get_scheduler)",
@@ -695,6 +713,10 @@ def check_machine(config: TrainConfig) -> None:
             ) from None
     if config.cuda_graphs and device.type != "cuda":
         raise UsageError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
+    if config.attention in ("sdpa-efficient", "sdpa-cudnn") and device.type != "cuda":
+        raise UsageError(
+            f"attention: {config.attention} needs a CUDA device; use --attention sdpa here"
+        )
     if config.attention == "xformers" and importlib.util.find_spec("xformers") is None:
         raise UsageError(
             "attention: xformers is not installed (pip install xformers); use --attention sdpa"

@@ -25,6 +25,7 @@ import functools
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,6 +394,38 @@ class Batch:
     captions: list[str]
     skipped: int  # pairs replaced because an image could not be read
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (the DataLoader's pin thread calls this): host->device copies from
+        it run asynchronously, overlapping the step."""
+        return pin_batch(self)
+
+
+def pin_batch(batch):
+    """The batch (a dataclass) with every tensor field in page-locked memory."""
+    import dataclasses
+
+    return dataclasses.replace(
+        batch,
+        **{
+            item.name: getattr(batch, item.name).pin_memory()
+            for item in dataclasses.fields(batch)
+            if isinstance(getattr(batch, item.name), Tensor)
+        },
+    )
+
+
+def default_num_workers(
+    data: str | None, is_cached: bool, world_size: int, cpus: int | None = None
+) -> int:
+    """Data-loading workers when ``--num-workers`` is not given: none where nothing is decoded
+    (synthetic pairs, a latent cache), else min(8, CPUs per process - 1), leaving one for the
+    step. Measured on 2 CPUs, tiny preset, 32 pairs of 256 px PNGs: 10.4 pairs/s with 0 workers,
+    15.9 with 1, so even the tiny model gains once real images are decoded."""
+    if data is None or is_cached:
+        return 0
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(0, min(8, cpus // max(1, world_size) - 1))
+
 
 class PairBatches:
     """Deterministic batches of one process: epoch order from (seed, epoch), this rank's share,
@@ -515,6 +548,8 @@ def batch_stream(batches, start: tuple[int, int], num_workers: int, pin_memory: 
     are decoded in worker processes, ahead of the step; the order and content do not change."""
     positions = _BatchPositions(batches, start)
     if num_workers == 0:
+        if pin_memory:
+            return ((epoch, index, pin_batch(batch)) for epoch, index, batch in positions)
         return iter(positions)
     loader = torch.utils.data.DataLoader(
         positions,

@@ -127,6 +127,7 @@ class TextConditioner(nn.Module):
         self.encoders = nn.ModuleList(encoders)
         self.sdxl = sdxl
         self.resolution = resolution
+        self._time_ids: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         for parameter in self.parameters():
             parameter.requires_grad_(False)
 
@@ -142,7 +143,7 @@ class TextConditioner(nn.Module):
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
-            ).input_ids.to(device)
+            ).input_ids.to(device, non_blocking=True)  # no wait for the queued GPU work
             output = encoder(tokens, output_hidden_states=self.sdxl)
             if self.sdxl:
                 hidden_states.append(output.hidden_states[-2])
@@ -161,9 +162,14 @@ class TextConditioner(nn.Module):
         device = encoder_hidden_states.device
         captions = encoder_hidden_states.shape[0]
         size = self.resolution
-        time_ids = torch.tensor(
-            [size, size, 0, 0, size, size], device=device, dtype=encoder_hidden_states.dtype
-        )
+        # Built once per device and dtype: a fresh torch.tensor(list, device=cuda) each step is a
+        # blocking host->device copy.
+        key = (device, encoder_hidden_states.dtype)
+        if key not in self._time_ids:
+            self._time_ids[key] = torch.tensor(
+                [size, size, 0, 0, size, size], device=device, dtype=encoder_hidden_states.dtype
+            )
+        time_ids = self._time_ids[key]
         added = {"text_embeds": pooled, "time_ids": time_ids.expand(captions, 6)}
         return encoder_hidden_states, added
 
@@ -580,11 +586,8 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
         )
     else:
         models = build_tiny(config.resolution, config.seed)
-    reference_dtype = (
-        torch.bfloat16
-        if device.type == "cuda" and config.mixed_precision == "bf16"
-        else torch.float32
-    )
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    reference_dtype = half if device.type == "cuda" and half is not None else torch.float32
     if config.lora_rank > 0:
         # The reference is the same UNet with its adapters disabled: no second copy in memory.
         targets = FLOW_LORA_TARGETS if models.flow is not None else UNET_LORA_TARGETS

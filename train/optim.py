@@ -42,7 +42,9 @@ def make_optimizer(
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
         weight_decay=config.weight_decay,
-        fused=device.type == "cuda",
+        # Fused kernels (CUDA and CPU) take a device ``found_inf`` flag, so a non-finite step is
+        # skipped without a host sync (sdpo.train.step.apply_optimizer_step).
+        fused=device.type in ("cuda", "cpu"),
     )
 
 

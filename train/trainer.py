@@ -27,7 +27,13 @@ from torch import nn
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.cache import CachedPairBatches, is_cache
 from sdpo.train.config import TrainConfig, config_to_json, parse_profile_steps
-from sdpo.train.data import PairBatches, batch_stream, generator_for, load_records
+from sdpo.train.data import (
+    PairBatches,
+    batch_stream,
+    default_num_workers,
+    generator_for,
+    load_records,
+)
 from sdpo.train.distributed import (
     Distributed,
     full_model_state,
@@ -49,12 +55,16 @@ from sdpo.train.runlog import (
     summary_lines,
 )
 from sdpo.train.step import (
+    align_optimizer_state,
     apply_optimizer_step,
+    attention_context,
     autocast,
     clip_and_check_gradients,
     condition_batch,
     family_for,
+    make_grad_scaler,
     preference_step,
+    to_channels_last,
 )
 from sdpo.train.trackers import open_tracker
 from sdpo.train.validation import Validator
@@ -140,6 +150,10 @@ class Trainer:
         self.stop_requests = StopRequests(environment)
         resume = self._prepare_output()
         self.models = build_models(config, device)
+        if config.channels_last:  # before the optimizer exists: its state follows the weights
+            to_channels_last(self.models.unet)
+            if self.models.reference_unet is not None:
+                to_channels_last(self.models.reference_unet)
         self.family = family_for(self.models, config)
         if resume is not None:
             # The full weights, before any sharding; every rank read the checkpoint itself.
@@ -160,6 +174,7 @@ class Trainer:
             config.lr_num_cycles,
             config.lr_power,
         )
+        self.scaler = make_grad_scaler(device, config.mixed_precision)
         self.step, self.position, self.skipped_images, self.skipped_steps = 0, (0, 0), 0, 0
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None  # the step of this output folder's newest checkpoint
@@ -177,6 +192,7 @@ class Trainer:
                 load_full_optimizer_state(self.models.unet, self.optimizer, resume.optimizer)
             else:
                 self.optimizer.load_state_dict(resume.optimizer)
+            align_optimizer_state(self.optimizer)  # saved moments in the weights' layout
             self.lr_schedule.load_state_dict(resume.lr_schedule)
             self.step, self.position = resume.step, resume.position
             self.skipped_images, self.last_checkpoint = resume.skipped_images, resume.path
@@ -305,7 +321,7 @@ class Trainer:
         )
         if self.sharded:
             self.models.unet.set_requires_gradient_sync(last_micro)
-        with sync_context:
+        with sync_context, attention_context(config.attention):
             result = preference_step(
                 self.models,
                 self.policy,
@@ -319,7 +335,10 @@ class Trainer:
                 self.family,
             )
             with ranges("backward"):
-                (result.loss / config.gradient_accumulation).backward()
+                scaled = result.loss / config.gradient_accumulation
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
         stats.add(result, batch.skipped)
         return batch_epoch
 
@@ -427,34 +446,53 @@ class Trainer:
         first_step, started = self.step, time.perf_counter()
         progress = self._progress_bar()
         stream = batch_stream(
-            self.batches, self.position, config.num_workers, self.device.type == "cuda"
+            self.batches, self.position, self.num_workers(), self.device.type == "cuda"
         )
         stats = RunningStats(self.device)
         if self.resumed_stats is not None:
             stats.load_state(self.resumed_stats)
         rows: list[dict] = []
         self.stop_requests.install()
+        # One 0-dim device bool per optimizer step since the last read (read with the metrics).
+        self.pending_finite: list[tuple[int, torch.Tensor]] = []
+        logged_norm = torch.zeros((), device=self.device)  # the last finite step's norm
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)
                 for micro in range(config.gradient_accumulation):
                     epoch = self._micro_step(stream, micro, stats)
                 with self.ranges("optimizer"):
+                    if self.scaler is not None:
+                        # Unscaled gradients for the clip; an overflow makes the norm non-finite,
+                        # so the step is skipped on the device like any non-finite step.
+                        self.scaler.unscale_(self.optimizer)
                     grad_norm, finite = clip_and_check_gradients(
                         self.parameters, config.max_grad_norm, stats.loss_sum, self.environment
                     )
-                    if finite:
-                        apply_optimizer_step(self.optimizer, self.lr_schedule)
-                    else:
-                        self._skip_or_stop(progress)
-                stats.end_step(finite)
+                    # With fp16 loss scaling an overflowing gradient (finite loss) is routine: the
+                    # scaler halves its scale and the step is skipped, not reported; only a
+                    # non-finite loss goes to --on-nonfinite. Otherwise any non-finite step does.
+                    healthy = finite if self.scaler is None else torch.isfinite(stats.loss_sum)
+                    finite = apply_optimizer_step(self.optimizer, self.lr_schedule, finite)
+                    if self.scaler is not None:
+                        self.scaler.update()  # halves the scale after an overflow, on the device
+                    logged_norm = torch.where(finite, grad_norm.float(), logged_norm)
+                # A non-finite step's metrics leave the row and it counts as skipped, on the
+                # device; the flag itself is read with the metrics (_read_finite).
+                stats.end_step(healthy)
                 self.step += 1
+                self.pending_finite.append((self.step, healthy))
                 progress.update(1)
                 self._profiler(1, start=False)
-                if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    rows.append(self._log(stats, grad_norm, epoch, writer, progress))
                 every = config.checkpoint_every
-                if every and self.step % every == 0 and self.step < config.max_steps:
+                log_now = self.step % config.log_every == 0 or self.step == config.max_steps
+                save_now = every and self.step % every == 0 and self.step < config.max_steps
+                if log_now or save_now:
+                    # Before any metrics row or checkpoint: a non-finite step stops here.
+                    self._read_finite()
+                if log_now:
+                    rows.append(self._log(stats, logged_norm, epoch, writer, progress))
+                if save_now:
                     self.save(stats)
                 every = config.validation_every
                 if every and self.step % every == 0:
@@ -482,11 +520,22 @@ class Trainer:
     def _stop(self, signal_number: int, stats: RunningStats) -> None:
         """After the optimizer step in flight: a checkpoint (unless this step has one), then
         Preempted (the command line prints where and exits 128 + the signal)."""
+        self._read_finite()
         path = self.last_checkpoint if self.saved_step == self.step else self.save(stats)
         name = signal.Signals(signal_number).name
         raise Preempted(
             signal_number,
             f"stopped by {name} after step {self.step}; checkpoint: {path}; continue with --resume",
+        )
+
+    def num_workers(self) -> int:
+        """``--num-workers``, or the default for this data, model and machine."""
+        if self.config.num_workers is not None:
+            return self.config.num_workers
+        return default_num_workers(
+            self.config.data,
+            isinstance(self.batches, CachedPairBatches),
+            self.environment.world_size,
         )
 
     def _progress_bar(self):
@@ -582,6 +631,7 @@ class Trainer:
     def _finish(self, stats: RunningStats) -> None:
         """The last checkpoint, then (rank 0) the exported UNet; all ranks wait for it. Neither
         is written from non-finite weights."""
+        self._read_finite()
         if self.saved_step != self.step:
             self.save(stats)
         self._check_weights()
@@ -594,16 +644,30 @@ class Trainer:
                 export_flow_lora(self.models, self.output_dir)
         self.environment.barrier()
 
-    def _skip_or_stop(self, progress) -> None:
-        """A non-finite loss or gradient: drop the gradients, then stop (``--on-nonfinite
-        stop``, naming the last good checkpoint) or skip this optimizer step."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _read_finite(self) -> None:
+        """Reads the finite flags of the optimizer steps since the last read (one host sync).
+        A non-finite step's update was already skipped on the device (weights and optimizer
+        state untouched) and its metrics left out of the row (RunningStats.end_step); here ``--on-nonfinite stop`` raises, naming
+        the first such step and the last good checkpoint, and ``skip`` reports and goes on.
+        Called before every metrics row and checkpoint, so a stop comes at most
+        ``--log-every`` - 1 optimizer steps after the bad one, and before anything is written."""
+        if not self.pending_finite:
+            return
+        steps = [step for step, _ in self.pending_finite]
+        flags = torch.stack([flag for _, flag in self.pending_finite]).tolist()
+        self.pending_finite = []
+        bad = [step for step, flag in zip(steps, flags, strict=True) if not flag]
+        if not bad:
+            return
         last = self.last_checkpoint or "none (no checkpoint written yet)"
-        message = f"step {self.step + 1}: the loss or gradient is not finite; last good checkpoint: {last}"
-        if self.config.on_nonfinite == "stop":
-            raise NonFiniteLoss(message)
-        if self.environment.is_main:
-            logger.warning(message + " (skipped)")
+        for step in bad:
+            message = (
+                f"step {step}: the loss or gradient is not finite; last good checkpoint: {last}"
+            )
+            if self.config.on_nonfinite == "stop":
+                raise NonFiniteLoss(message)
+            if self.environment.is_main:
+                logger.warning(message + " (skipped)")
 
 
 def train(config: TrainConfig) -> dict:

@@ -63,6 +63,7 @@ KINDS: dict[str, str] = {
     "attention": "choice",
     "compile": "bool",
     "cuda_graphs": "bool",
+    "channels_last": "bool",
     "nvtx": "bool",
     "profile_steps": "choice",
     "log_every": "int",
@@ -119,7 +120,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "adam_epsilon": ["0", "-1e-8"],
     "weight_decay": ["-0.01"],
     "max_grad_norm": ["0", "-1", "-1.0"],
-    "mixed_precision": ["fp16"],
+    "mixed_precision": ["fp8"],
     "attention": ["flash"],
     "profile_steps": ["8:5", "5"],
     "log_every": ["0"],
@@ -169,7 +170,7 @@ def yaml_cases() -> list[tuple[str, str]]:
         values = WRONG_TYPE_YAML[kind] + OUT_OF_RANGE.get(name, [])
         if name == "mu":  # null and false are "no safeguard" for mu, not errors
             values = [value for value in values if value not in ("null", "false", "off")]
-        if kind == "str" or name in ("preset", "profile_steps", "num_epochs"):
+        if kind == "str" or name in ("preset", "profile_steps", "num_epochs", "num_workers"):
             values = [value for value in values if value != "null"]
         if name == "resume":  # resume: true is the newest checkpoint (as --resume)
             values = [value for value in values if value not in ("true", "false")]

@@ -1,0 +1,149 @@
+"""Speed flags that must not change the maths: channels_last, the SDPA kernel choice, and the
+refusal of CUDA graphs with gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.errors import UsageError
+from sdpo.train.step import align_optimizer_state, attention_context, to_channels_last
+from sdpo.train.trainer import train
+
+
+def tiny(tmp_path: Path, name: str, **overrides) -> TrainConfig:
+    config = config_from_args(
+        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def metric(output_dir: str, key: str) -> list[float]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)[key] for line in lines]
+
+
+def assert_same_training(run: TrainConfig, baseline: TrainConfig) -> None:
+    """fp32 on the CPU, the same maths summed in another order: the model errors agree to
+    fp32 rounding; the loss to 1e-3, because its margin is beta (5000) x a difference of two
+    ~1.1 errors, so a 1-ulp (1.2e-7) error moves the margin by ~6e-4 and the loss by half that."""
+    for key in ("model_mse_w", "model_mse_l"):
+        torch.testing.assert_close(
+            metric(run.output_dir, key), metric(baseline.output_dir, key), rtol=1e-5, atol=0
+        )
+    torch.testing.assert_close(
+        metric(run.output_dir, "grad_norm"),
+        metric(baseline.output_dir, "grad_norm"),
+        rtol=1e-4,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        metric(run.output_dir, "loss"), metric(baseline.output_dir, "loss"), rtol=0, atol=1e-3
+    )
+
+
+def test_cuda_graphs_with_accumulation_is_refused_naming_the_fix():
+    config = config_from_args(["--preset", "tiny"])  # tiny: accumulation 2
+    config.cuda_graphs = True
+    with pytest.raises(UsageError, match=r"--gradient-accumulation 1 or --compile without"):
+        config.validate()
+
+
+def test_cuda_graphs_with_accumulation_is_refused_on_the_command_line(capsys):
+    from sdpo.train.cli import main
+
+    assert main(["--preset", "tiny", "--cuda-graphs", "--gradient-accumulation", "4"]) == 2
+    assert "cuda_graphs: CUDA graphs do not work with gradient accumulation" in (
+        capsys.readouterr().err
+    )
+
+
+def test_channels_last_changes_no_loss(tmp_path, monkeypatch):
+    from sdpo.train import trainer
+
+    converted = []
+
+    def record(module, optimizer=None):
+        to_channels_last(module, optimizer)
+        converted.append(module)
+
+    monkeypatch.setattr(trainer, "to_channels_last", record)
+    plain = tiny(tmp_path, "plain", max_steps=3)
+    train(plain)
+    assert not converted
+    nhwc = tiny(tmp_path, "nhwc", max_steps=3, channels_last=True)
+    train(nhwc)
+    # Not vacuous: the policy's convolutions really ran in NHWC.
+    assert converted and converted[0].conv_in.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert not converted[0].conv_in.weight.is_contiguous()
+    assert_same_training(nhwc, plain)
+
+
+def test_sdpa_math_kernel_changes_no_loss(tmp_path):
+    plain = tiny(tmp_path, "plain", max_steps=2)
+    pinned = tiny(tmp_path, "math", max_steps=2, attention="sdpa-math")
+    train(plain)
+    train(pinned)
+    assert_same_training(pinned, plain)
+
+
+def test_attention_context_pins_the_kernel():
+    query = torch.randn(1, 2, 8, 16)
+    with attention_context("sdpa-math"):
+        torch.nn.functional.scaled_dot_product_attention(query, query, query)
+    # The memory-efficient kernel has no CPU implementation: pinned to it, SDPA cannot run.
+    with attention_context("sdpa-efficient"), pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(query, query, query)
+
+
+def test_gpu_only_attention_kernels_are_refused_on_the_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU sdpa-efficient is valid")
+    with pytest.raises(UsageError, match="attention: sdpa-efficient needs a CUDA device"):
+        config_from_args(["--preset", "tiny", "--attention", "sdpa-efficient"])
+
+
+def adamw_pair():
+    torch.manual_seed(0)
+    moved, kept = torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(4, 8, 3)
+    kept.load_state_dict(moved.state_dict())
+    optimizers = [
+        torch.optim.AdamW(module.parameters(), lr=0.1, fused=True) for module in (moved, kept)
+    ]
+    inputs = torch.randn(2, 4, 9, 9)
+
+    def step():
+        for module, optimizer in zip((moved, kept), optimizers, strict=True):
+            module(inputs).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    return moved, kept, optimizers[0], step
+
+
+def test_channels_last_after_the_first_step_moves_the_optimizer_state_too():
+    moved, kept, optimizer, step = adamw_pair()
+    step()  # the moments exist, in the contiguous layout
+    to_channels_last(moved, optimizer)
+    step()
+    torch.testing.assert_close(moved.weight, kept.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_a_state_loaded_in_another_layout_is_aligned():
+    moved, kept, optimizer, step = adamw_pair()
+    step()
+    saved = optimizer.state_dict()
+    moved.to(memory_format=torch.channels_last)
+    optimizer.load_state_dict(saved)  # as on resume: moments contiguous, weights NHWC
+    align_optimizer_state(optimizer)
+    step()
+    torch.testing.assert_close(moved.weight, kept.weight, rtol=1e-6, atol=1e-6)
