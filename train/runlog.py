@@ -118,10 +118,14 @@ def progress_line(row: dict, max_steps: int) -> str:
             f"step {row['step']}/{max_steps}: every step since the last row was skipped "
             f"(skipped_steps {row.get('skipped_steps')})"
         )
+
+    def shown(key: str, spec: str) -> str:  # null (e.g. no finite step's norm yet): "n/a"
+        return "n/a" if row.get(key) is None else format(row[key], spec)
+
     return (
-        f"step {row['step']}/{max_steps}: loss {row['loss']:.4f} acc {row['implicit_acc']:.2f} "
-        f"lambda {row['lambda']:.3f} lr {row['lr']:.3g} grad_norm {row['grad_norm']:.3g} "
-        f"{row['pairs_per_s']:.1f} pairs/s"
+        f"step {row['step']}/{max_steps}: loss {shown('loss', '.4f')} acc "
+        f"{shown('implicit_acc', '.2f')} lambda {shown('lambda', '.3f')} lr {shown('lr', '.3g')} "
+        f"grad_norm {shown('grad_norm', '.3g')} {shown('pairs_per_s', '.1f')} pairs/s"
     )
 
 

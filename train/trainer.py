@@ -394,9 +394,12 @@ class Trainer:
             "step": self.step,
             **means,
             "lr": self.lr_schedule.get_last_lr()[0],
-            # A skipped step's norm is inf or NaN, which JSON cannot hold: null.
+            # The last finite step's norm; null when every step of the row was skipped (a
+            # skipped step's norm is inf or NaN, which JSON cannot hold).
             "grad_norm": grad_norm_value
-            if grad_norm_value == grad_norm_value and abs(grad_norm_value) != float("inf")
+            if means.get("loss") is not None
+            and grad_norm_value == grad_norm_value
+            and abs(grad_norm_value) != float("inf")
             else None,
             "pairs_per_s": micro_batches * self.config.train_batch_pairs / elapsed,
             "skipped_images": self.skipped_images,
@@ -455,7 +458,8 @@ class Trainer:
         self.stop_requests.install()
         # One 0-dim device bool per optimizer step since the last read (read with the metrics).
         self.pending_finite: list[tuple[int, torch.Tensor]] = []
-        logged_norm = torch.zeros((), device=self.device)  # the last finite step's norm
+        # The last finite step's norm (NaN until one is): a skipped step's norm is not logged.
+        logged_norm = torch.full((), float("nan"), device=self.device)
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)

@@ -377,8 +377,14 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_for_resume(
     crashed = tiny(tmp_path, "crashed", **settings)
     with monkeypatch.context() as patch:
         calls = inject_fault(patch, "checkpoint-3", fail_at, truncate)
-        with pytest.raises(InjectedFault):
+        # The writer's error, as is or as the cause of the trainer's CheckpointError.
+        with pytest.raises((checkpoints.CheckpointError, InjectedFault)) as raised:
             train(crashed)
+    causes, error = [], raised.value
+    while error is not None:
+        causes.append(type(error))
+        error = error.__cause__
+    assert InjectedFault in causes
     assert calls["count"] == fail_at
     assert checkpoints.latest_checkpoint(crashed.output_dir).name == "checkpoint-2"
     resumed = tiny(tmp_path, "crashed", resume=True, **settings)

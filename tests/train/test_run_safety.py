@@ -74,12 +74,13 @@ def test_nonfinite_weights_are_never_checkpointed_or_exported(tmp_path, monkeypa
     real_step = trainer_module.apply_optimizer_step
     steps = {"count": 0}
 
-    def step_that_overflows(optimizer, schedule):
-        real_step(optimizer, schedule)
+    def step_that_overflows(optimizer, schedule, *finite):
+        applied = real_step(optimizer, schedule, *finite)
         steps["count"] += 1
         if steps["count"] == 2:  # the loss and gradient were finite; the update is not
             with torch.no_grad():
                 optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return applied
 
     monkeypatch.setattr(trainer_module, "apply_optimizer_step", step_that_overflows)
     with pytest.raises(NonFiniteLoss, match=r"step 2: the weights are not finite.*checkpoint-1"):
@@ -93,10 +94,11 @@ def test_final_export_is_never_nonfinite(tmp_path, monkeypatch):
     config = tiny(tmp_path, max_steps=1, gradient_accumulation=1)
     real_step = trainer_module.apply_optimizer_step
 
-    def step_that_overflows(optimizer, schedule):
-        real_step(optimizer, schedule)
+    def step_that_overflows(optimizer, schedule, *finite):
+        applied = real_step(optimizer, schedule, *finite)
         with torch.no_grad():
             optimizer.param_groups[0]["params"][-1].view(-1)[0] = float("nan")
+        return applied
 
     monkeypatch.setattr(trainer_module, "apply_optimizer_step", step_that_overflows)
     with pytest.raises(NonFiniteLoss, match="weights are not finite"):
