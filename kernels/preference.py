@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the preference objectives (ALGORITHMS.md, "Fused form").
+"""Fused Triton kernels for the preference objectives (docs/objectives.md, 'The fused form').
 
 Every objective depends on the predictions only through seven per-pair sums:
 
@@ -10,7 +10,7 @@ and its gradient with respect to the predictions is, per pair i,
 
     d loss / d pred_w,i = a_i e_w,i + b_i g_i        d loss / d pred_l,i = c_i e_l,i
 
-where c_i already carries the safeguard's lambda_i (ALGORITHMS.md section 4). So:
+where c_i already carries the safeguard's lambda_i (docs/objectives.md, 'The safeguard'). So:
 
 1. ``pair_sums_kernel`` reads model_pred, ref_pred and target ONCE and writes the sums of each
    (pair, chunk) to a small partials buffer (no atomics: the result is deterministic, which

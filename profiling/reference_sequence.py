@@ -1,9 +1,9 @@
 """The reference trainer's loss sequence, restated for benchmarks and the overhead suite.
 
-This is what AIDC-AI/Diffusion-SDPO's training loop does per micro-step for Diffusion-DPO with
-the safeguard (ALGORITHMS.md sections 0, 1, 4 and 7), kept here so that benchmarks time the same
-work the reference does, and tests can check it computes the same loss and gradient as
-``sdpo.preference_loss`` (it does, up to the reference's reduction order):
+This is what AIDC-AI/Diffusion-SDPO's training loop does per micro-step for Diffusion-DPO with the
+safeguard (docs/objectives.md: 'Diffusion-DPO', 'The safeguard' and the pitfalls), kept here so
+that benchmarks time the same work the reference does, and tests can check it computes the same
+loss and gradient as ``sdpo.preference_loss`` (it does, up to the reference's reduction order):
 
 1. per-sample means of the squared errors (policy, and reference without grad);
 2. a SEPARATE ``torch.autograd.grad`` pass for the output-space gradients of the mean winner

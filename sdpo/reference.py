@@ -1,7 +1,7 @@
 """The objectives in plain PyTorch: the reference every fast path is tested against.
 
-Written for clarity, not speed. The math follows ALGORITHMS.md sections 0-4 (Diffusion-DPO,
-DSPO, DMPO and the Diffusion-SDPO safeguard) and the reference trainer's loss section
+Written for clarity, not speed. The math is stated in docs/objectives.md (Diffusion-DPO,
+DSPO, DMPO and 'The safeguard') and the reference trainer's loss section
 (AIDC-AI/Diffusion-SDPO), with one deliberate change: every mean squared error, the margin u,
 lambda and the loss are computed in fp32 (fp64 for fp64 inputs) whatever the model dtype. The
 reference trainer evaluates the reference model's error in bf16, which moves u by up to ~0.6 at

@@ -3,10 +3,10 @@
 Status, stated plainly: these follow arXiv 2505.21893 ("importance-sampled Diffusion-DPO" /
 DPO-C&M). Version 2 of that paper states that its main theorem contains a critical error and
 version 3 is retitled (SIPO). The paper does not pin down the normalisation of the importance
-weight, its epsilon or the final loss; what is here is our own derivation (ALGORITHMS.md
-section 5, tagged [derived]). Everything is off by default and reaches the objective only through
-``sdpo.preference_loss(..., pair_weights=...)``, so a better reading of the paper can replace
-this module without touching the losses or the kernels.
+weight, its epsilon or the final loss; what is here is our own derivation (docs/objectives.md,
+'Experimental: importance-sampled DPO and DPO-C&M'). Everything is off by default and reaches the
+objective only through ``sdpo.preference_loss(..., pair_weights=...)``, so a better reading of the
+paper can replace this module without touching the losses or the kernels.
 
 The derivation. For DDPM with epsilon prediction, the policy's reverse step and the forward
 posterior share their variance sigma_t^2 and their means differ by

@@ -1,11 +1,12 @@
 """`sdpo-cache`: precompute VAE latent distributions and text embeddings for training.
 
-The reference trainers run the VAE and the text encoders on every step (ALGORITHMS.md, pitfall
-4). The cache stores, per pair, the latent distribution's mean and std of the winner and the
-loser, each both as is and horizontally flipped (the trainer's independent flips stay exact),
-and the caption's text embedding, plus the empty caption's (caption dropout). Training still
-SAMPLES latents (mean + std * noise) from the cached distribution, with the same random draws an
-uncached run makes, so a cached run logs the same losses as an uncached one (fp32 storage).
+The reference trainers run the VAE and the text encoders on every step (docs/objectives.md,
+'Pitfalls of the reference trainers', 4). The cache stores, per pair, the latent distribution's
+mean and std of the winner and the loser, each both as is and horizontally flipped (the trainer's
+independent flips stay exact), and the caption's text embedding, plus the empty caption's (caption
+dropout). Training still SAMPLES latents (mean + std * noise) from the cached distribution, with
+the same random draws an uncached run makes, so a cached run logs the same losses as an uncached
+one (fp32 storage).
 
 Layout: ``cache_index.json`` and ``shard-NNNNN.safetensors`` files of ``--shard-pairs`` pairs with
 ``winner_mean``, ``winner_std``, ``loser_mean``, ``loser_std`` (n, 2, C, h, w; index 1 = flipped),

@@ -169,7 +169,8 @@ class TrainConfig:
         check_machine(self)
 
 
-# The reference scripts (AIDC-AI/Diffusion-SDPO scripts/train/*.sh, ALGORITHMS.md section 4):
+# The reference scripts (AIDC-AI/Diffusion-SDPO scripts/train/*.sh; docs/objectives.md,
+# 'The reference scripts' settings'):
 # 8 pairs per GPU x 32 accumulation steps (x 8 GPUs = 2048 pairs per optimizer step), 2000 steps,
 # constant LR after 500 warmup steps, lr 1e-8 (SD1.5) / 1e-9 (SDXL) scaled by the pairs per step,
 # grad-norm clip 1.0, 20% caption dropout, bf16. "group:8" is their one lambda per 8-pair
