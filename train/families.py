@@ -497,7 +497,7 @@ class WanFamily(FlowFamily):
         )
         return WanPipeline(
             tokenizer=_tiny_tokenizer(TINY_T5_LENGTH),
-            text_encoder=_tiny_umt5(vocabulary, TINY_HIDDEN),
+            text_encoder=_tiny_t5(vocabulary, TINY_HIDDEN, umt5=True),
             vae=vae,
             # What scripts/convert_wan_to_diffusers.py ships for Wan 2.1 T2V.
             scheduler=UniPCMultistepScheduler(
@@ -781,30 +781,15 @@ def _tiny_clip_config(vocab_size: int):
     )
 
 
-def _tiny_t5(vocab_size: int, width: int):
-    from transformers import T5Config, T5EncoderModel
+def _tiny_t5(vocab_size: int, width: int, umt5: bool = False):
+    """A one-layer T5 encoder (SD3, FLUX), or UMT5 (Wan) with the same shape."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size,
-            d_model=width,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=3,
-            decoder_start_token_id=0,
-        )
+    config_class, model_class = (
+        (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     )
-
-
-def _tiny_umt5(vocab_size: int, width: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    return UMT5EncoderModel(
-        UMT5Config(
+    return model_class(
+        config_class(
             vocab_size=vocab_size,
             d_model=width,
             d_kv=8,
