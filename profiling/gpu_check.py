@@ -51,6 +51,9 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 # Modules the check imports that a CUDA PyTorch image may lack; the wheelhouse supplies them.
 IMPORTS = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft", "nvtx", "PIL")
+# Reported when missing, not a failure: nvtx is the optional [profile] extra (only --nvtx runs
+# need it; the wheelhouse carries it for the GPU node, a plain `.[dev]` install does not).
+OPTIONAL_IMPORTS = ("nvtx",)
 # Compiled and CUDA-graphed training against eager, bf16 autocast: per-step loss, model_mse_w
 # and model_mse_l within 2% relative (bf16 has 8 mantissa bits, ~0.4% per rounding), and the
 # final weights' distance from eager's at most 0.2 x the distance eager's last optimizer step
@@ -316,7 +319,12 @@ def phase_environment(context: PhaseContext) -> None:
     context.save()
     for key, value in result.items():
         context.say(f"{key}: {value}")
-    missing = [name for name, info in versions.items() if "error" in info]
+    missing = [
+        name for name, info in versions.items() if "error" in info and name not in OPTIONAL_IMPORTS
+    ]
+    absent_optional = [name for name in OPTIONAL_IMPORTS if "error" in versions.get(name, {})]
+    if absent_optional:
+        context.say(f"optional, absent: {', '.join(absent_optional)} (only --nvtx runs need it)")
     if missing:
         raise SystemExit(f"environment: cannot import {', '.join(missing)} (see the wheelhouse)")
 

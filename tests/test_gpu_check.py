@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -295,3 +296,34 @@ def test_trainer_records_a_failing_variant_and_a_timed_out_one(tmp_path, monkeyp
     context = fake_trainer(tmp_path / "again", outcomes, monkeypatch)
     gpu_check.phase_trainer(context)
     assert context.result["status"] == "ok, but no verdict for compile (timed out)"
+
+
+def test_environment_phase_passes_without_the_optional_nvtx(tmp_path):
+    """nvtx is the optional [profile] extra: a `.[dev]` install (CI's) lacks it, and the
+    environment phase must say so without failing (it failed the first clean-clone dry run)."""
+    blocked = tmp_path / "blocked" / "nvtx"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ModuleNotFoundError("No module named nvtx")\n')
+    command = [
+        sys.executable,
+        "-m",
+        "sdpo.profiling.gpu_check",
+        "--phase",
+        "environment",
+        "--result",
+        str(tmp_path / "environment.json"),
+        "--deadline",
+        str(time.time() + 100),
+        "--scratch",
+        str(tmp_path / "scratch"),
+        "--out",
+        str(tmp_path / "out"),
+        "--dry-run",
+    ]
+    (tmp_path / "scratch").mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(blocked.parent)}
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=environment
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "optional, absent: nvtx" in completed.stdout + completed.stderr
