@@ -22,7 +22,12 @@ def _parser() -> argparse.ArgumentParser:
         "overhead",
         help="step time, peak memory and MFU of plain DPO, DPO + SDPO and the reference's work",
     )
-    overhead.add_argument("--preset", default="tiny", help="tiny, sd15 or sdxl (random weights)")
+    overhead.add_argument(
+        "--preset",
+        default="tiny",
+        help="sd15, sdxl, sd35 (SD3.5 Medium), flux (FLUX.1-dev LoRA), wan (Wan 2.1 1.3B LoRA): "
+        "random weights of the real architecture; tiny, tiny-sd3, tiny-flux: CPU smoke runs",
+    )
     overhead.add_argument(
         "--variants",
         default=None,

@@ -1,12 +1,15 @@
 """``sdpo-profile overhead``: what the safeguard costs, and where our step's speed comes from.
 
-In ONE process, on random-initialised models of the real architecture (``--preset sd15|sdxl``;
-``tiny`` for a CPU smoke run), interleaved rounds time full optimizer steps (one micro-batch of
-B pairs: conditioning, the policy forward over 2B rows, the reference forward, the loss,
-backward, grad-norm clip, optimizer step). The modes, each ``MODE/VARIANT``:
+In ONE process, on random-initialised models of the real architecture (``--preset sd15|sdxl``,
+or the flow-matching ``sd35|flux|wan``; ``tiny``, ``tiny-sd3``, ``tiny-flux`` for a CPU smoke
+run), interleaved rounds time full optimizer steps (one micro-batch of B pairs: conditioning,
+the policy forward over 2B rows, the reference forward, the loss, backward, grad-norm clip,
+optimizer step). The modes, each ``MODE/VARIANT``:
 
 - ``reference/eager``: the reference trainer's per-step work: the VAE and text encoders run on
-  every step, seven ``.item()`` host syncs for logging, eager;
+  every step, seven ``.item()`` host syncs for logging, eager. For a flow model (no reference
+  trainer exists) the same per-step work around the trainer's own flow components (the family's
+  noising, velocity target and transformer call), with the reference's loss sequence;
 - ``ours-online/eager``: our step, encoding the pixels and captions on every step (the work the
   reference does, done our way);
 - ``dpo``, ``sdpo-fused``, ``sdpo-torch``: our step from the cache (latent distributions and
@@ -27,7 +30,9 @@ against the reference; channels-last and the SDPA kernels are alternatives to th
 rung and carry their factor against it.
 
 Peak memory: every module (policy, reference copy, VAE, text encoders) stays on the device in
-every mode, so the modes differ only by what they run.
+every mode, so the modes differ only by what they run. A LoRA preset (``flux``, ``wan``) has no
+reference copy: the reference forward is the policy with its adapters off, uncompiled in the
+compiled variants (as the trainer does: compiling it would retrace on every switch).
 
 Model FLOPs (``torch.utils.flop_counter``): the policy forward + backward and the reference
 forward, counted with gradient checkpointing off (its recompute is not model work), plus the
@@ -62,6 +67,7 @@ from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.cache import CachedBatch
 from sdpo.train.config import TrainConfig, config_from_args
 from sdpo.train.data import Batch
+from sdpo.train.family import FlowMatchingFamily, repeat_pairs
 from sdpo.train.models import Models, build_models, compile_model
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
@@ -73,7 +79,9 @@ from sdpo.train.step import (
     clip_and_check_gradients,
     condition_batch,
     encode_images,
+    flow_pixels,
     preference_step,
+    reference_model,
     reference_prediction,
     to_channels_last,
 )
@@ -111,13 +119,24 @@ def trainer_preset(name: str, *flags: str) -> TrainConfig:
     return config_from_args(["--preset", name, *flags])
 
 
+# The flow smoke presets: the trainer's flow presets on tiny models at 16 px, 2 pairs, with
+# "batch" granularity (the reference loss sequence's), so the reference mode computes our loss.
+_TINY_FLOW = ("--pretrained", "tiny", "--resolution", "16", "--train-batch-pairs", "2")
+_TINY_FLOW += ("--granularity", "batch")
 # Each overhead preset is the trainer's preset for that model (sdpo.train.config: beta, mu,
 # granularity "group:8", 8 pairs per micro-batch, AdamW for SD1.5, Adafactor + gradient
-# checkpointing for SDXL), on random weights of the real architecture.
+# checkpointing for SDXL; the flow presets as documented there), on random weights of the real
+# architecture: sd35 = SD3.5 Medium full fine-tune, flux = FLUX.1-dev LoRA, wan = Wan 2.1 T2V
+# 1.3B LoRA (each preset's --pretrained random, train/config.py PRESET_RANDOM_ARCHITECTURES).
 PRESETS: dict[str, TrainConfig] = {
     "tiny": trainer_preset("tiny"),
     "sd15": trainer_preset("sd15-dpo", "--pretrained", "random"),
     "sdxl": trainer_preset("sdxl-dpo", "--pretrained", "random"),
+    "sd35": trainer_preset("sd35m-dpo", "--pretrained", "random"),
+    "flux": trainer_preset("flux-dpo-lora", "--pretrained", "random"),
+    "wan": trainer_preset("wan-dpo-lora", "--pretrained", "random"),
+    "tiny-sd3": trainer_preset("sd35m-dpo", *_TINY_FLOW),  # full fine-tune: a reference copy
+    "tiny-flux": trainer_preset("flux-dpo-lora", *_TINY_FLOW),  # LoRA: adapters off
 }
 
 
@@ -200,7 +219,10 @@ class Workload:
         ]
         # The cache sdpo-cache would hold: the latent distribution and the text embeddings.
         with torch.no_grad():
-            distribution = models.vae.encode(self.pixels.to(device, self.encoder_dtype)).latent_dist
+            images = self.pixels.to(device, self.encoder_dtype)
+            if models.flow is not None:  # Wan encodes one-frame videos
+                images = flow_pixels(models.flow, images)
+            distribution = models.vae.encode(images).latent_dist
             hidden, added = models.text(self.captions, device)
         self.cached = CachedBatch(
             latent_mean=_host(distribution.mean.float(), cuda),
@@ -236,15 +258,17 @@ class _Policies:
         self.models = models
         self.cache: dict[str, tuple[nn.Module, nn.Module]] = {}
 
-    def get(self, variant: str) -> tuple[nn.Module, nn.Module]:
+    def get(self, variant: str) -> tuple[nn.Module, nn.Module | None]:
+        """(policy, reference copy); the copy is None with LoRA (the policy, adapters off)."""
         if variant not in self.cache:
+            reference = self.models.reference_unet
             if variant not in COMPILED_VARIANTS:
-                pair = (self.models.unet, self.models.reference_unet)
+                pair = (self.models.unet, reference)
             else:
                 cuda_graphs = variant == "cuda-graphs"
                 pair = (
                     compile_model(self.models.unet, cuda_graphs),
-                    compile_model(self.models.reference_unet, cuda_graphs),
+                    None if reference is None else compile_model(reference, cuda_graphs),
                 )
             self.cache[variant] = pair
         return self.cache[variant]
@@ -256,7 +280,11 @@ def variant_context(workload: Workload, variant: str):
     state with them, see ``sdpo.train.step.to_channels_last``) or the pinned SDPA kernel;
     undone on exit, outside the timed steps."""
     if variant == "channels-last":
-        unets = [workload.models.unet, workload.models.reference_unet]
+        unets = [
+            unet
+            for unet in (workload.models.unet, workload.models.reference_unet)
+            if unet is not None
+        ]
         for unet in unets:
             to_channels_last(unet)
         align_optimizer_state(workload.optimizer)
@@ -330,6 +358,8 @@ _NO_RANGES = PhaseRanges(enabled=False)  # free no-op ranges: timing runs withou
 
 def reference_step(workload: Workload, step: int) -> tuple[str, Tensor]:
     """One optimizer step of the reference trainer's work (see the module docstring)."""
+    if workload.models.flow is not None:
+        return reference_flow_step(workload, step)
     models, device, preset = workload.models, workload.device, workload.preset
     generator = torch.Generator(device=device).manual_seed(step)
     pixels = workload.pixels.to(device, non_blocking=True)
@@ -358,11 +388,50 @@ def reference_step(workload: Workload, step: int) -> tuple[str, Tensor]:
     loss, _ = reference_trainer_dpo_loss(
         model_pred, ref_pred, noise, beta=preset.beta, mu=preset.mu
     )
+    return _reference_logging_and_update(workload, loss, model_pred, ref_pred, noise)
+
+
+def reference_flow_step(workload: Workload, step: int) -> tuple[str, Tensor]:
+    """The reference trainer's per-step work on a flow model: online encoding, the trainer's
+    flow components (``FlowMatchingFamily``: one noise and sigma per pair, ``x_t``, the velocity
+    target, the transformer call), the reference's loss sequence and its seven host syncs.
+    Draws in our step's order (latent sample, noise, sigmas), so the losses match."""
+    models, device, preset = workload.models, workload.device, workload.preset
+    generator = torch.Generator(device=device).manual_seed(step)
+    pixels = workload.pixels.to(device, non_blocking=True).to(workload.encoder_dtype)
+    latents = models.flow.encode_images(flow_pixels(models.flow, pixels), generator).float()
+    hidden, added = models.text(workload.captions, device)
+    hidden = hidden.float()
+    added = {key: value.float() for key, value in added.items()} if added else None
+    family = FlowMatchingFamily(models.flow, models.flow_density)
+    noise, sigmas = family.sample_noise(latents, generator)
+    noisy, sigma_rows, target = family.noisy_inputs(latents, noise, sigmas)
+    hidden_rows = repeat_pairs(hidden)
+    added_rows = {key: repeat_pairs(value) for key, value in added.items()} if added else None
+    with autocast(device, preset.mixed_precision):
+        model_pred = family.predict(models.unet, noisy, sigma_rows, hidden_rows, added_rows)
+    with torch.no_grad(), reference_model(models) as reference:
+        # A bf16 copy (or the bf16 LoRA base): the family casts the inputs to its dtype.
+        ref_pred = family.predict(reference, noisy, sigma_rows, hidden_rows, added_rows)
+    model_pred, ref_pred, target = family.weighted(model_pred, ref_pred, target, sigmas)
+    loss, _ = reference_trainer_dpo_loss(
+        model_pred, ref_pred, target, beta=preset.beta, mu=preset.mu
+    )
+    return _reference_logging_and_update(workload, loss, model_pred, ref_pred, target)
+
+
+def _reference_logging_and_update(
+    workload: Workload, loss: Tensor, model_pred: Tensor, ref_pred: Tensor, target: Tensor
+) -> tuple[str, Tensor]:
+    """The reference's logging (seven host syncs), backward, clip and optimizer step."""
+    batch_pairs, preset = workload.batch_pairs, workload.preset
+    target = target if target.shape[0] == model_pred.shape[0] else repeat_pairs(target)
+    dims = tuple(range(1, model_pred.dim()))
     # The reference logs loss, model and reference MSEs, gaps, accuracy (gathered and read with
     # .item() every micro-step): seven host syncs.
     with torch.no_grad():
-        errors = (model_pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        reference_errors = (ref_pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        errors = (model_pred.float() - target).pow(2).mean(dim=dims)
+        reference_errors = (ref_pred.float() - target).pow(2).mean(dim=dims)
         for value in (
             loss,
             errors.mean(),

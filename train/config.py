@@ -158,7 +158,12 @@ class TrainConfig:
                 f"pretrained: model {self.model!r} needs --pretrained PATH (a local diffusers folder "
                 "with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
-        if self.data is None and self.model != "tiny" and self.pretrained not in ("random", "tiny"):
+        if (
+            self.data is None
+            and self.model != "tiny"
+            and self.pretrained != "tiny"
+            and not is_random(self.pretrained)
+        ):
             raise UsageError(
                 "data: expected --data PATH (parquet shards, a save_to_disk folder or a JSONL "
                 "manifest); synthetic pairs are only for the tiny model and --pretrained "
@@ -294,6 +299,50 @@ PRESET_HELP: dict[str, str] = {
 
 
 FLOW_MODELS = ("sd3", "flux", "wan")
+# --pretrained random for a flow model builds a released architecture with random weights
+# (sdpo.train.families.PUBLISHED_PIPELINES): "random:NAME" names it; plain "random" builds the
+# flow preset's (below), or the model's only one.
+FLOW_RANDOM_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "sd3": ("sd3.5-medium", "sd3.5-large"),
+    "flux": ("flux.1-dev",),
+    "wan": ("wan2.1-t2v-1.3b",),
+}
+PRESET_RANDOM_ARCHITECTURES: dict[str, str] = {
+    "sd35m-dpo": "sd3.5-medium",
+    "sd35l-dpo-lora": "sd3.5-large",
+    "flux-dpo-lora": "flux.1-dev",
+    "wan-dpo-lora": "wan2.1-t2v-1.3b",
+}
+
+
+def is_random(pretrained: str | None) -> bool:
+    """``--pretrained random`` or ``random:NAME``: architectures built with random weights."""
+    return pretrained == "random" or (pretrained or "").startswith("random:")
+
+
+def random_flow_architecture(config: TrainConfig) -> str:
+    """The released architecture ``--pretrained random[:NAME]`` builds for a flow model."""
+    choices = FLOW_RANDOM_ARCHITECTURES[config.model]
+    named = ", ".join(f"random:{name}" for name in choices)
+    if config.pretrained.startswith("random:"):
+        name = config.pretrained.removeprefix("random:")
+        if name not in choices:
+            raise UsageError(
+                f"pretrained: {config.pretrained!r} is not a {config.model} architecture; "
+                f"expected {named}"
+            )
+        return name
+    from_preset = PRESET_RANDOM_ARCHITECTURES.get(config.preset or "")
+    if from_preset in choices:
+        return from_preset
+    if len(choices) == 1:
+        return choices[0]
+    raise UsageError(
+        f"pretrained: random is ambiguous for {config.model} ({len(choices)} released sizes); "
+        f"use --pretrained {' or '.join(f'random:{name}' for name in choices)}"
+    )
+
+
 _FLOW_FIELDS = ("flow_density", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
 
 
@@ -357,12 +406,20 @@ def check_flow_settings(config: TrainConfig) -> None:
                 "pretrained: tiny builds tiny flow-matching models (--model sd3, flux or wan); "
                 "the tiny UNet is --model tiny without --pretrained"
             )
+        if (config.pretrained or "").startswith("random:"):
+            raise UsageError(
+                f"pretrained: {config.pretrained} names a flow-matching architecture (--model "
+                f"sd3, flux or wan); {config.model} takes --pretrained random"
+            )
         return
     if config.pretrained is None:
         raise UsageError(
             f"pretrained: model {config.model!r} needs --pretrained PATH (a local diffusers "
-            "folder with model_index.json) or --pretrained tiny (tiny random models, tests)"
+            "folder with model_index.json), --pretrained tiny (tiny random models, tests) or "
+            "--pretrained random[:NAME] (a released architecture with random weights, timing)"
         )
+    if is_random(config.pretrained):
+        random_flow_architecture(config)
 
 
 def parse_profile_steps(text: str) -> tuple[int, int]:
@@ -456,8 +513,9 @@ FIELDS: dict[str, FieldSpec] = {
     "model": FieldSpec(str, "architecture: tiny (built in code), sd15, sdxl, or the flow models "
                        "sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan 2.1 T2V)", _DATA,
                        choices=("tiny", "sd15", "sdxl", "sd3", "flux", "wan")),
-    "pretrained": FieldSpec(str, "local diffusers folder, cached model id, random (sd15/sdxl "
-                            "timing), or tiny (tiny flow models)", _DATA, True),
+    "pretrained": FieldSpec(str, "local diffusers folder, cached model id, random (the real "
+                            "architecture, random weights: timing; flow models also random:NAME, "
+                            "e.g. random:sd3.5-large), or tiny (tiny flow models)", _DATA, True),
     "allow_download": FieldSpec(bool, "let --pretrained download from the Hugging Face hub", _DATA),
     "data": FieldSpec(str, "parquet shards, a save_to_disk folder, a JSONL manifest or a cache",
                       _DATA, True),

@@ -96,8 +96,24 @@ class FlowFamily:
             )
 
     # --- the interface --------------------------------------------------------------------
+    # What the pipeline's encode_prompt takes besides the prompt, device and T5 length, and
+    # which of its outputs are ``conditioning_keys``, in that order.
+    encode_prompt_options: ClassVar[dict] = {}
+    encode_prompt_outputs: ClassVar[tuple[int, ...]] = (0, 2)
+
+    @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
-        raise NotImplementedError
+        _check_captions(captions)
+        outputs = self.pipeline.encode_prompt(
+            prompt=list(captions),
+            device=device,
+            max_sequence_length=self.max_sequence_length,
+            **self.encode_prompt_options,
+        )
+        return {
+            key: outputs[index]
+            for key, index in zip(self.conditioning_keys, self.encode_prompt_outputs, strict=True)
+        }
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -130,7 +146,28 @@ class FlowFamily:
         sigma_rows: Tensor,
         conditioning_rows: dict[str, Tensor],
     ) -> Tensor:
-        raise NotImplementedError
+        """The velocity: inputs cast to the model's dtype, then the family's transformer call."""
+        dtype = base_module(model).dtype
+        rows = _cast(conditioning_rows, dtype)
+        return self.transformer_call(model, noisy_rows.to(dtype), sigma_rows, rows)
+
+    def transformer_call(
+        self, model: nn.Module, noisy: Tensor, sigma_rows: Tensor, rows: dict[str, Tensor]
+    ) -> Tensor:
+        """SD3 and Wan: timestep ``sigma * 1000``, the text states (and SD3's pooled
+        projection) by name."""
+        pooled = (
+            {"pooled_projections": rows["pooled_projections"]}
+            if "pooled_projections" in self.conditioning_keys
+            else {}
+        )
+        return model(
+            hidden_states=noisy,
+            timestep=sigma_rows * self.timestep_scale(),
+            encoder_hidden_states=rows["prompt_embeds"],
+            **pooled,
+            return_dict=False,
+        )[0]
 
     # What encode_text returns, and the pixel tensor rank encode_images takes.
     conditioning_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_projections")
@@ -168,6 +205,20 @@ class FlowFamily:
     def tiny_pipeline(cls, resolution: int):
         raise NotImplementedError
 
+    # --- what the released folders ship (the tiny and random pipelines use the same) -------
+    published_vae: ClassVar[str] = ""  # a PUBLISHED_VAES key
+
+    @staticmethod
+    def shipped_scheduler():
+        """The scheduler a released folder ships (scheduler/scheduler_config.json)."""
+        raise NotImplementedError
+
+    @classmethod
+    def vae_shift_and_scale(cls) -> tuple[float, float]:
+        """The released VAE's (shift_factor, scaling_factor)."""
+        config = PUBLISHED_VAES[cls.published_vae][1]
+        return config["shift_factor"], config["scaling_factor"]
+
 
 def base_module(model: nn.Module) -> nn.Module:
     """The diffusers model inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers:
@@ -200,44 +251,25 @@ class SD3Family(FlowFamily):
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
     default_max_sequence_length = 256
+    # encode_prompt -> (prompt_embeds, negative, pooled, negative pooled).
+    encode_prompt_options: ClassVar[dict] = {
+        "prompt_2": None,
+        "prompt_3": None,
+        "do_classifier_free_guidance": False,
+    }
+    encode_prompt_outputs = (0, 2)
+    published_vae = "sd3"
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
-        _check_captions(captions)
-        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=list(captions),
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return {"prompt_embeds": prompt_embeds, "pooled_projections": pooled}
+    @staticmethod
+    def shipped_scheduler():
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    def prediction(
-        self,
-        model: nn.Module,
-        noisy_rows: Tensor,
-        sigma_rows: Tensor,
-        conditioning_rows: dict[str, Tensor],
-    ) -> Tensor:
-        dtype = base_module(model).dtype
-        rows = _cast(conditioning_rows, dtype)
-        return model(
-            hidden_states=noisy_rows.to(dtype),
-            timestep=sigma_rows * self.timestep_scale(),
-            encoder_hidden_states=rows["prompt_embeds"],
-            pooled_projections=rows["pooled_projections"],
-            return_dict=False,
-        )[0]
+        # The SD3/SD3.5 folders ship FlowMatchEulerDiscreteScheduler with shift 3.0.
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
     @classmethod
     def tiny_pipeline(cls, resolution: int):
-        from diffusers import (
-            FlowMatchEulerDiscreteScheduler,
-            SD3Transformer2DModel,
-            StableDiffusion3Pipeline,
-        )
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
         from transformers import CLIPTextModelWithProjection
 
         vocabulary = _tiny_vocab_size()
@@ -259,10 +291,8 @@ class SD3Family(FlowFamily):
         )
         return StableDiffusion3Pipeline(
             transformer=transformer,
-            # The SD3/SD3.5 folders ship FlowMatchEulerDiscreteScheduler with shift 3.0.
-            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-            # SD3's VAE constants (shift_factor 0.0609, scaling_factor 1.5305).
-            vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+            scheduler=cls.shipped_scheduler(),
+            vae=_tiny_vae(*cls.vae_shift_and_scale()),
             text_encoder=CLIPTextModelWithProjection(_tiny_clip_config(vocabulary)),
             tokenizer=_tiny_tokenizer(TINY_CLIP_LENGTH),
             text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_config(vocabulary)),
@@ -280,20 +310,25 @@ class FluxFamily(FlowFamily):
     pipeline_class_name = "FluxPipeline"
     default_max_sequence_length = 512
     guidance_scale: float = 3.5
+    # encode_prompt -> (prompt_embeds, pooled, text_ids).
+    encode_prompt_options: ClassVar[dict] = {"prompt_2": None}
+    encode_prompt_outputs = (0, 1)
+    published_vae = "flux"
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
-        _check_captions(captions)
-        prompt_embeds, pooled, _text_ids = self.pipeline.encode_prompt(
-            prompt=list(captions),
-            prompt_2=None,
-            device=device,
-            max_sequence_length=self.max_sequence_length,
+    @staticmethod
+    def shipped_scheduler():
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # FLUX.1-dev's scheduler config: shift 3.0 with dynamic shifting by resolution.
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
         )
-        return {"prompt_embeds": prompt_embeds, "pooled_projections": pooled}
-
-    def image_seq_len(self, latents: Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     @staticmethod
     def pack(latents: Tensor) -> Tensor:
@@ -319,20 +354,16 @@ class FluxFamily(FlowFamily):
         zeros = torch.zeros_like(grid_rows)
         return torch.stack([zeros, grid_rows, grid_columns], dim=-1).reshape(-1, 3)
 
-    def prediction(
-        self,
-        model: nn.Module,
-        noisy_rows: Tensor,
-        sigma_rows: Tensor,
-        conditioning_rows: dict[str, Tensor],
+    def transformer_call(
+        self, model: nn.Module, noisy: Tensor, sigma_rows: Tensor, rows: dict[str, Tensor]
     ) -> Tensor:
-        dtype = base_module(model).dtype
-        rows = _cast(conditioning_rows, dtype)
-        height, width = noisy_rows.shape[-2:]
+        """Packs 2x2 patches, builds ids and the guidance value, unpacks the velocity."""
+        dtype = noisy.dtype
+        height, width = noisy.shape[-2:]
         if height % 2 or width % 2:
             raise ValueError(f"latents: FLUX packs 2x2 patches, got odd size {height}x{width}")
-        count = noisy_rows.shape[0]
-        device = noisy_rows.device
+        count = noisy.shape[0]
+        device = noisy.device
         guidance = (
             torch.full((count,), self.guidance_scale, device=device, dtype=torch.float32)
             if base_module(model).config.guidance_embeds
@@ -340,7 +371,7 @@ class FluxFamily(FlowFamily):
         )
         text_length = rows["prompt_embeds"].shape[1]
         tokens = model(
-            hidden_states=self.pack(noisy_rows.to(dtype)),
+            hidden_states=self.pack(noisy),
             # FLUX multiplies timestep (and guidance) by 1000 inside: it takes sigma itself.
             timestep=sigma_rows,
             guidance=guidance,
@@ -354,7 +385,7 @@ class FluxFamily(FlowFamily):
 
     @classmethod
     def tiny_pipeline(cls, resolution: int):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel
 
         vocabulary = _tiny_vocab_size()
@@ -371,18 +402,8 @@ class FluxFamily(FlowFamily):
             axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
         )
         return FluxPipeline(
-            # FLUX.1-dev's scheduler config: shift 3.0 with dynamic shifting by resolution.
-            scheduler=FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000,
-                shift=3.0,
-                use_dynamic_shifting=True,
-                base_shift=0.5,
-                max_shift=1.15,
-                base_image_seq_len=256,
-                max_image_seq_len=4096,
-            ),
-            # FLUX's VAE constants (diffusers' scripts/convert_flux_to_diffusers.py).
-            vae=_tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
+            scheduler=cls.shipped_scheduler(),
+            vae=_tiny_vae(*cls.vae_shift_and_scale()),
             text_encoder=CLIPTextModel(_tiny_clip_config(vocabulary)),
             tokenizer=_tiny_tokenizer(TINY_CLIP_LENGTH),
             text_encoder_2=_tiny_t5(vocabulary, TINY_HIDDEN),
@@ -403,6 +424,22 @@ class WanFamily(FlowFamily):
     default_max_sequence_length = 512
     conditioning_keys = ("prompt_embeds",)
     pixel_dims = 5
+    # encode_prompt -> (prompt_embeds, negative).
+    encode_prompt_options: ClassVar[dict] = {"do_classifier_free_guidance": False}
+    encode_prompt_outputs = (0,)
+    published_vae = "wan2.1"
+
+    @staticmethod
+    def shipped_scheduler():
+        from diffusers import UniPCMultistepScheduler
+
+        # What scripts/convert_wan_to_diffusers.py ships for Wan 2.1 T2V.
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            num_train_timesteps=1000,
+            flow_shift=3.0,
+        )
 
     @staticmethod
     def training_scheduler(shipped):
@@ -428,17 +465,6 @@ class WanFamily(FlowFamily):
     def spatial_factor(self) -> int:
         return 2 ** len(self.vae.config.temperal_downsample)
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
-        _check_captions(captions)
-        prompt_embeds, _ = self.pipeline.encode_prompt(
-            prompt=list(captions),
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-            device=device,
-        )
-        return {"prompt_embeds": prompt_embeds}
-
     def normalize_latents(self, sample: Tensor) -> Tensor:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean, dtype=sample.dtype).view(shape)
@@ -448,27 +474,10 @@ class WanFamily(FlowFamily):
     def image_seq_len(self, latents: Tensor) -> int:
         return latents.shape[2] * (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
-    def prediction(
-        self,
-        model: nn.Module,
-        noisy_rows: Tensor,
-        sigma_rows: Tensor,
-        conditioning_rows: dict[str, Tensor],
-    ) -> Tensor:
-        dtype = base_module(model).dtype
-        rows = _cast(conditioning_rows, dtype)
-        return model(
-            hidden_states=noisy_rows.to(dtype),
-            timestep=sigma_rows * self.timestep_scale(),
-            encoder_hidden_states=rows["prompt_embeds"],
-            return_dict=False,
-        )[0]
-
     @classmethod
     def tiny_pipeline(cls, resolution: int):
         from diffusers import (
             AutoencoderKLWan,
-            UniPCMultistepScheduler,
             WanPipeline,
             WanTransformer3DModel,
         )
@@ -499,19 +508,16 @@ class WanFamily(FlowFamily):
             tokenizer=_tiny_tokenizer(TINY_T5_LENGTH),
             text_encoder=_tiny_t5(vocabulary, TINY_HIDDEN, umt5=True),
             vae=vae,
-            # What scripts/convert_wan_to_diffusers.py ships for Wan 2.1 T2V.
-            scheduler=UniPCMultistepScheduler(
-                prediction_type="flow_prediction",
-                use_flow_sigmas=True,
-                num_train_timesteps=1000,
-                flow_shift=3.0,
-            ),
+            scheduler=cls.shipped_scheduler(),
             transformer=transformer,
         )
 
 
 FAMILIES: dict[str, type[FlowFamily]] = {
     family.pipeline_class_name: family for family in (SD3Family, FluxFamily, WanFamily)
+}
+FAMILIES_BY_NAME: dict[str, type[FlowFamily]] = {
+    family.name: family for family in FAMILIES.values()
 }
 
 
@@ -747,6 +753,177 @@ def build_published_transformer(name: str) -> nn.Module:
         )
     class_name, config = PUBLISHED_TRANSFORMERS[name]
     return getattr(diffusers, class_name)(**config)
+
+
+# The text encoders the pipelines ship, as their config.json files set them: CLIP ViT-L/14's
+# text tower (SD3 text_encoder with its projection, FLUX text_encoder without), OpenCLIP
+# ViT-bigG/14's ("CLIP-G", SD3 text_encoder_2, also SDXL's), the T5 v1.1 XXL encoder (SD3
+# text_encoder_3, FLUX text_encoder_2) and umT5-XXL's (Wan, google/umt5-xxl). Token ids come from
+# the word-level tokenizer built in code (random weights: timing and memory, not meaning).
+_CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "tie_word_embeddings": False,
+}
+PUBLISHED_TEXT_ENCODERS: dict[str, tuple[str, str, dict]] = {
+    # name: (transformers model class, its config class, config)
+    "clip-l": ("CLIPTextModelWithProjection", "CLIPTextConfig", _CLIP_L),
+    "clip-l-unprojected": ("CLIPTextModel", "CLIPTextConfig", _CLIP_L),
+    "clip-g": (
+        "CLIPTextModelWithProjection",
+        "CLIPTextConfig",
+        {
+            **_CLIP_L,
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "hidden_act": "gelu",
+            "projection_dim": 1280,
+        },
+    ),
+    "t5-xxl": ("T5EncoderModel", "T5Config", {**_XXL, "vocab_size": 32128}),
+    "umt5-xxl": ("UMT5EncoderModel", "UMT5Config", {**_XXL, "vocab_size": 256384}),
+}
+# The word-level tokenizer's special ids (sdpo.train.models.build_tiny_tokenizer): CLIP's pooled
+# output reads the hidden state at eos_token_id.
+_SPECIAL_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+# Tokens per caption: CLIP's 77 positions; T5 tokenizers ship model_max_length 512 (the pipelines
+# pass their own max_sequence_length, which wins).
+PUBLISHED_TOKENIZER_LENGTHS = {"clip": 77, "t5": 512}
+
+# The VAEs: 16 latent channels, SD3's and FLUX's AutoencoderKL (vae/config.json: no quant convs,
+# their shift and scale), Wan 2.1's AutoencoderKLWan (scripts/convert_wan_to_diffusers.py).
+_KL16 = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+PUBLISHED_VAES: dict[str, tuple[str, dict]] = {
+    "sd3": ("AutoencoderKL", {**_KL16, "shift_factor": 0.0609, "scaling_factor": 1.5305}),
+    "flux": ("AutoencoderKL", {**_KL16, "shift_factor": 0.1159, "scaling_factor": 0.3611}),
+    "wan2.1": (
+        "AutoencoderKLWan",
+        {
+            "base_dim": 96,
+            "z_dim": 16,
+            # Lists: AutoencoderKLWan concatenates them with lists.
+            "dim_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "attn_scales": [],
+            "temperal_downsample": [False, True, True],
+        },
+    ),
+}
+
+
+class PublishedPipeline(NamedTuple):
+    """One released model: its family, and the names of its parts in the tables above."""
+
+    family: str  # FlowFamily.name
+    transformer: str
+    vae: str
+    text_encoders: tuple[str, ...]  # in the pipeline's text_encoder, _2, _3 order
+
+
+# What ``--pretrained random`` builds (``random:NAME``, or the flow preset's architecture).
+PUBLISHED_PIPELINES: dict[str, PublishedPipeline] = {
+    "sd3.5-medium": PublishedPipeline("sd3", "sd3.5-medium", "sd3", ("clip-l", "clip-g", "t5-xxl")),
+    "sd3.5-large": PublishedPipeline("sd3", "sd3.5-large", "sd3", ("clip-l", "clip-g", "t5-xxl")),
+    "flux.1-dev": PublishedPipeline("flux", "flux.1-dev", "flux", ("clip-l-unprojected", "t5-xxl")),
+    "wan2.1-t2v-1.3b": PublishedPipeline("wan", "wan2.1-t2v-1.3b", "wan2.1", ("umt5-xxl",)),
+}
+
+
+def build_published_text_encoder(name: str) -> nn.Module:
+    """A published text encoder with random weights, on the current default device."""
+    import transformers
+
+    if name not in PUBLISHED_TEXT_ENCODERS:
+        raise ValueError(
+            f"text encoder: unknown {name!r}; expected one of {', '.join(PUBLISHED_TEXT_ENCODERS)}"
+        )
+    model_class, config_class, config = PUBLISHED_TEXT_ENCODERS[name]
+    settings = {**config, **_SPECIAL_TOKEN_IDS}
+    if config_class != "CLIPTextConfig":
+        settings["decoder_start_token_id"] = 0
+    encoder = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings))
+    return encoder.eval()
+
+
+def build_published_vae(name: str) -> nn.Module:
+    """A published VAE with random weights, on the current default device."""
+    import diffusers
+
+    if name not in PUBLISHED_VAES:
+        raise ValueError(f"vae: unknown {name!r}; expected one of {', '.join(PUBLISHED_VAES)}")
+    class_name, config = PUBLISHED_VAES[name]
+    return getattr(diffusers, class_name)(**config)
+
+
+def _published_tokenizer(encoder_name: str):
+    kind = "clip" if encoder_name.startswith("clip") else "t5"
+    return _tiny_tokenizer(PUBLISHED_TOKENIZER_LENGTHS[kind])
+
+
+def build_random(
+    architecture: str, resolution: int, seed: int, text_encoders: bool = True
+) -> FlowFamily:
+    """A released model's whole pipeline with random weights from ``seed``, on the current
+    default device (``with torch.device("cuda"):`` initialises on the GPU: seconds for FLUX's
+    11.9B parameters, where a CPU takes minutes and 48 GB). ``text_encoders=False`` leaves the
+    encoders out (cached embeddings: T5-XXL alone is 4.8B parameters, 19 GB in fp32)."""
+    if architecture not in PUBLISHED_PIPELINES:
+        raise ValueError(
+            f"pretrained: random:{architecture} is not a published architecture here; expected "
+            f"one of {', '.join('random:' + name for name in PUBLISHED_PIPELINES)}"
+        )
+    import diffusers
+
+    spec = PUBLISHED_PIPELINES[architecture]
+    family = FAMILIES_BY_NAME[spec.family]
+    device = torch.get_default_device()
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        parts = {
+            "transformer": build_published_transformer(spec.transformer),
+            "vae": build_published_vae(spec.vae),
+        }
+        for index, encoder_name in enumerate(spec.text_encoders):
+            suffix = f"_{index + 1}" if index else ""
+            parts[f"text_encoder{suffix}"] = (
+                build_published_text_encoder(encoder_name) if text_encoders else None
+            )
+            parts[f"tokenizer{suffix}"] = _published_tokenizer(encoder_name)
+    with torch.device("cpu"):  # its tables on the host, as from_pretrained builds them
+        parts["scheduler"] = family.shipped_scheduler()
+    pipeline = getattr(diffusers, family.pipeline_class_name)(**parts)
+    return family(pipeline, resolution)
 
 
 # --- tiny components (built in code, nothing downloaded) ---------------------------------

@@ -6,6 +6,7 @@ unless ``allow_download`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.train import toy
-from sdpo.train.config import FLOW_MODELS, TrainConfig
+from sdpo.train.config import FLOW_MODELS, TrainConfig, is_random, random_flow_architecture
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -254,26 +255,33 @@ def load_flow_family(
     seed: int,
     allow_download: bool,
     text_encoders: bool = True,
+    random_architecture: str | None = None,
 ):
-    """A flow family: ``tiny`` builds tiny random models in code; otherwise a local diffusers
-    folder whose model_index.json must name the ``model`` family. ``text_encoders=False``
-    (training from an sdpo-cache folder): the text encoders are not loaded at all, so T5-XXL
-    never occupies memory."""
+    """A flow family: ``tiny`` builds tiny random models in code; ``random`` builds the released
+    ``random_architecture`` (``config.random_flow_architecture``) with random weights, on the
+    current default device; otherwise a local diffusers folder whose model_index.json must name
+    the ``model`` family. ``text_encoders=False`` (training from an sdpo-cache folder): the text
+    encoders are not loaded (or built) at all, so T5-XXL never occupies memory."""
     from sdpo.train import families
 
     expected = flow_family_class(model)
-    if pretrained == "tiny":
+    if is_random(pretrained):
+        if random_architecture is None:
+            raise ValueError(
+                f"pretrained: {pretrained} needs the architecture it builds (random_architecture)"
+            )
+        spec = families.PUBLISHED_PIPELINES.get(random_architecture)
+        if spec is not None and spec.family != expected.name:  # checked before billions are built
+            raise ValueError(
+                f"pretrained: random:{random_architecture} is a {spec.family} model, not {model}"
+            )
+        flow = families.build_random(random_architecture, resolution, seed, text_encoders)
+    elif pretrained == "tiny":
         flow = expected.build_tiny(resolution, seed)
         if not text_encoders:
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
                 if getattr(flow.pipeline, name, None) is not None:
                     setattr(flow.pipeline, name, None)
-    elif pretrained == "random":
-        raise ValueError(
-            f"pretrained: random weights for {model} are not built by the trainer (the "
-            "published transformers are 1.4-12B parameters); use --pretrained tiny for a test "
-            "run, or a local diffusers folder"
-        )
     else:
         flow = families.load(
             pretrained,
@@ -290,20 +298,25 @@ def load_flow_family(
     return flow
 
 
-def load_flow_models(config: TrainConfig) -> Models:
+def load_flow_models(config: TrainConfig, device: torch.device | None = None) -> Models:
     """The flow family of ``--model``/``--pretrained`` with the config's sigma density; from an
-    sdpo-cache folder without its text encoders."""
+    sdpo-cache folder without its text encoders. ``--pretrained random`` initialises on
+    ``device`` (FLUX.1-dev's 11.9B parameters: seconds on a GPU, minutes and 48 GB on a CPU)."""
     from sdpo.train.cache import is_cache
     from sdpo.train.flow_matching import FlowDensity
 
-    flow = load_flow_family(
-        config.model,
-        config.pretrained,
-        config.resolution,
-        config.seed,
-        config.allow_download,
-        text_encoders=not is_cache(config.data),
-    )
+    random = is_random(config.pretrained)
+    place = torch.device(device) if random and device is not None else contextlib.nullcontext()
+    with place:
+        flow = load_flow_family(
+            config.model,
+            config.pretrained,
+            config.resolution,
+            config.seed,
+            config.allow_download,
+            text_encoders=not is_cache(config.data),
+            random_architecture=random_flow_architecture(config) if random else None,
+        )
     density = FlowDensity(
         density=config.flow_density,
         logit_mean=config.logit_mean,
@@ -577,7 +590,7 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     reference (a copy in bf16 on CUDA with bf16 mixed precision, or the policy with LoRA
     adapters off), the VAE and the text encoders (frozen)."""
     if config.model in FLOW_MODELS:
-        models = load_flow_models(config)
+        models = load_flow_models(config, device)
     elif config.pretrained == "random":
         models = build_random(config.model, config.resolution, config.seed)
     elif config.pretrained is not None:
