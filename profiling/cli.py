@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         default="tiny",
         help="sd15, sdxl, sd35 (SD3.5 Medium), flux (FLUX.1-dev LoRA), wan (Wan 2.1 1.3B LoRA): "
-        "random weights of the real architecture; tiny, tiny-sd3, tiny-flux: CPU smoke runs",
+        "random weights of the real architecture; tiny, tiny-sd3, tiny-flux, tiny-wan: CPU smoke "
+        "runs",
     )
     overhead.add_argument(
         "--variants",

@@ -19,7 +19,8 @@ runs; the results are rewritten after every phase.
    accumulation; the refusal is recorded); losses and final weights (tolerances below);
 5. overhead: ``sdpo-profile overhead --preset sd15`` with every variant in one interleaved run
    (the attribution ladder: reference -> online -> cached -> compiled -> CUDA graphs, plus
-   channels-last and the SDPA kernels), then sdxl eager-only while time is left;
+   channels-last and the SDPA kernels), then (``--flow-overhead sd35,flux,wan``, optional) the
+   flow presets eager-only at 2 pairs, then sdxl eager-only while time is left;
 6. ncu: Nsight Compute over the fused kernels, when ``ncu`` is on PATH.
 
 OUT receives at most four files: gpu_check.json, gpu_check.md, gpu_check.log and (phase 6)
@@ -100,8 +101,16 @@ PHASES = (
 
 
 class Driver:
-    def __init__(self, out: Path, budget_s: float, dry_run: bool, env: dict[str, str]):
+    def __init__(
+        self,
+        out: Path,
+        budget_s: float,
+        dry_run: bool,
+        env: dict[str, str],
+        flow_overhead: tuple[str, ...] = (),
+    ):
         self.out = out
+        self.flow_overhead = flow_overhead
         self.budget_s = budget_s
         self.dry_run = dry_run
         self.env = env
@@ -195,6 +204,8 @@ class Driver:
                 "--out",
                 str(self.out),
             ] + (["--dry-run"] if self.dry_run else [])
+            if self.flow_overhead:
+                command += ["--flow-overhead", ",".join(self.flow_overhead)]
             # The phase watches its own deadline; 10 s grace for it to write what it has.
             run = self.run_command(command, share_s + 10)
             record = read_json(result_path)
@@ -232,6 +243,7 @@ class PhaseContext:
         self.scratch = Path(arguments.scratch)
         self.out = Path(arguments.out)
         self.dry_run = arguments.dry_run
+        self.flow_overhead = parse_flow_overhead(arguments.flow_overhead)
         self.result: dict = {}
 
     def left_s(self) -> float:
@@ -746,15 +758,42 @@ def _distance(tensors: dict, reference: dict) -> float | None:
     return math.sqrt(total) if shared else None
 
 
+# --flow-overhead: the flow presets' overhead runs, eager at 2 pairs: at the sd35 preset's 8 pairs
+# one SD3.5 Medium step at 1024 px is ~1.3e15 FLOP (2 x 2.24e9 parameters x ~4400 tokens per row,
+# x4 for forward + backward + reference, x16 rows), ~3 s at 40% of an H100's bf16 peak, and five
+# modes x 11 steps would take the whole phase. A dry run times the tiny preset of each family.
+# The seconds each needs at least: placing the random transformer and T5-XXL / umT5-XXL
+# (4.8-5.7B parameters) on the GPU, then the timed steps.
+FLOW_OVERHEAD_PRESETS = {"sd35": "tiny-sd3", "flux": "tiny-flux", "wan": "tiny-wan"}
+FLOW_OVERHEAD_NEEDED_S = {"sd35": 90, "flux": 120, "wan": 90}
+
+
+def parse_flow_overhead(text: str | None) -> tuple[str, ...]:
+    """``--flow-overhead sd35,flux`` -> ("sd35", "flux"); SystemExit naming an unknown one."""
+    names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
+    unknown = [name for name in names if name not in FLOW_OVERHEAD_PRESETS]
+    if unknown:
+        raise SystemExit(
+            f"gpu_check: --flow-overhead: unknown {', '.join(unknown)}; expected some of "
+            f"{', '.join(FLOW_OVERHEAD_PRESETS)}"
+        )
+    return names
+
+
 def phase_overhead(context: PhaseContext) -> None:
     # One variant per run, eager first: each run files its results when it ends, so a share that
     # runs out during a compile still leaves the variants before it measured.
+    flow_settings: list[str] = []
     if context.dry_run:
         runs = [("tiny", "eager,channels-last,sdpa-flash")]
+        runs += [(FLOW_OVERHEAD_PRESETS[name], "eager") for name in context.flow_overhead]
         settings = ["--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "1"]
     else:
-        runs = [("sd15", ",".join(OVERHEAD_VARIANTS)), ("sdxl", "eager")]
+        runs = [("sd15", ",".join(OVERHEAD_VARIANTS))]
+        runs += [(name, "eager") for name in context.flow_overhead]
+        runs += [("sdxl", "eager")]
         settings = ["--rounds", "3", "--steps", "3", "--warmup", "2"]
+        flow_settings = ["--rounds", "2", "--steps", "2", "--warmup", "1", "--batch-pairs", "2"]
     reports: dict = {}
     context.result["runs"] = reports
     failed = []
@@ -762,13 +801,17 @@ def phase_overhead(context: PhaseContext) -> None:
         key = f"{preset}/{variant}"
         # sdxl (2.6B-parameter UNet) needs ~60 s just to build and place its random weights.
         needed_s = 60 if preset == "sdxl" else 20  # sd15's ladder compiles twice: give it most
+        needed_s = FLOW_OVERHEAD_NEEDED_S.get(preset, needed_s)
         if context.left_s() < needed_s:
             reports[key] = {"skipped": f"{context.left_s():.0f}s left, needs >= {needed_s}s"}
             context.save()
             continue
         output = context.scratch / f"overhead-{preset}.json"
         command = [sys.executable, "-m", "sdpo.profiling.cli", "overhead", "--preset", preset]
-        command += ["--variants", variant, *settings, "--output", str(output)]
+        run_settings = (
+            flow_settings if preset in FLOW_OVERHEAD_PRESETS and flow_settings else settings
+        )
+        command += ["--variants", variant, *run_settings, "--output", str(output)]
         run = context.command(command, context.left_s() - 2)
         run["results"] = read_json(output)
         markdown_path = output.with_suffix(".md")
@@ -950,6 +993,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget, s")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, ~1 minute")
     parser.add_argument("--phases", default=None, help="comma list, default all, in order")
+    parser.add_argument(
+        "--flow-overhead",
+        default=None,
+        help="comma list of sd35, flux, wan: also time these flow presets' overhead (eager, "
+        "2 pairs, random weights; 90-120 s each); the dry run times tiny-sd3/-flux/-wan",
+    )
     # Internal: run one phase (the driver starts these).
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -990,7 +1039,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("gpu_check.json", "gpu_check.md", "gpu_check.log", "ncu.csv"):
         (out / name).unlink(missing_ok=True)
     env = os.environ.copy()
-    driver = Driver(out, arguments.budget_s, arguments.dry_run, env)
+    try:
+        flow_overhead = parse_flow_overhead(arguments.flow_overhead)
+    except SystemExit as error:
+        print(error, file=sys.stderr)
+        return 2
+    driver = Driver(out, arguments.budget_s, arguments.dry_run, env, flow_overhead)
     python_path = [str(REPOSITORY)]
     inherited = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
     if arguments.wheels:

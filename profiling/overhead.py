@@ -1,10 +1,10 @@
 """``sdpo-profile overhead``: what the safeguard costs, and where our step's speed comes from.
 
 In ONE process, on random-initialised models of the real architecture (``--preset sd15|sdxl``,
-or the flow-matching ``sd35|flux|wan``; ``tiny``, ``tiny-sd3``, ``tiny-flux`` for a CPU smoke
-run), interleaved rounds time full optimizer steps (one micro-batch of B pairs: conditioning,
-the policy forward over 2B rows, the reference forward, the loss, backward, grad-norm clip,
-optimizer step). The modes, each ``MODE/VARIANT``:
+or the flow-matching ``sd35|flux|wan``; ``tiny``, ``tiny-sd3``, ``tiny-flux``, ``tiny-wan`` for
+a CPU smoke run), interleaved rounds time full optimizer steps (one micro-batch of B pairs:
+conditioning, the policy forward over 2B rows, the reference forward, the loss, backward,
+grad-norm clip, optimizer step). The modes, each ``MODE/VARIANT``:
 
 - ``reference/eager``: the reference trainer's per-step work: the VAE and text encoders run on
   every step, seven ``.item()`` host syncs for logging, eager. For a flow model (no reference
@@ -137,6 +137,7 @@ PRESETS: dict[str, TrainConfig] = {
     "wan": trainer_preset("wan-dpo-lora", "--pretrained", "random"),
     "tiny-sd3": trainer_preset("sd35m-dpo", *_TINY_FLOW),  # full fine-tune: a reference copy
     "tiny-flux": trainer_preset("flux-dpo-lora", *_TINY_FLOW),  # LoRA: adapters off
+    "tiny-wan": trainer_preset("wan-dpo-lora", *_TINY_FLOW),  # images as one-frame videos
 }
 
 

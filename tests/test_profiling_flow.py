@@ -16,7 +16,7 @@ from sdpo.train.config import PRESET_RANDOM_ARCHITECTURES, random_flow_architect
 from sdpo.train.config import PRESETS as TRAINER_PRESETS
 
 CPU = torch.device("cpu")
-TINY_FLOW = ("tiny-sd3", "tiny-flux")
+TINY_FLOW = ("tiny-sd3", "tiny-flux", "tiny-wan")
 
 
 def frozen_workload(preset: str) -> overhead.Workload:
@@ -37,8 +37,8 @@ def frozen_workload(preset: str) -> overhead.Workload:
 def test_flow_modes_compute_the_same_loss_on_the_same_batch(preset):
     workload = frozen_workload(preset)
     assert workload.models.flow is not None
-    # tiny-sd3 is the full fine-tune (a frozen copy), tiny-flux LoRA (the policy, adapters off).
-    assert (workload.models.reference_unet is None) == (preset == "tiny-flux")
+    # tiny-sd3 is the full fine-tune (a frozen copy), the others LoRA (the policy, adapters off).
+    assert (workload.models.reference_unet is None) == (preset != "tiny-sd3")
     policies = overhead._Policies(workload.models)
     backend, torch_loss = overhead.our_step(workload, policies, "sdpo-torch", "eager", step=7)
     assert backend == "torch"
@@ -137,6 +137,7 @@ def test_flow_overhead_presets_are_the_trainers_on_the_released_architectures():
         ("wan", "wan-dpo-lora"),
         ("tiny-sd3", "sd35m-dpo"),
         ("tiny-flux", "flux-dpo-lora"),
+        ("tiny-wan", "wan-dpo-lora"),
     ):
         preset = overhead.PRESETS[name]
         for key, value in TRAINER_PRESETS[trainer_name].items():

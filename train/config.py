@@ -322,23 +322,28 @@ def is_random(pretrained: str | None) -> bool:
 
 def random_flow_architecture(config: TrainConfig) -> str:
     """The released architecture ``--pretrained random[:NAME]`` builds for a flow model."""
-    choices = FLOW_RANDOM_ARCHITECTURES[config.model]
+    return resolve_random_architecture(config.model, config.pretrained, config.preset)
+
+
+def resolve_random_architecture(model: str, pretrained: str, preset: str | None = None) -> str:
+    """``random:NAME`` -> NAME (one of the model's); ``random`` -> the flow preset's, or the
+    model's only one; UsageError otherwise."""
+    choices = FLOW_RANDOM_ARCHITECTURES[model]
     named = ", ".join(f"random:{name}" for name in choices)
-    if config.pretrained.startswith("random:"):
-        name = config.pretrained.removeprefix("random:")
+    if pretrained.startswith("random:"):
+        name = pretrained.removeprefix("random:")
         if name not in choices:
             raise UsageError(
-                f"pretrained: {config.pretrained!r} is not a {config.model} architecture; "
-                f"expected {named}"
+                f"pretrained: {pretrained!r} is not a {model} architecture; expected {named}"
             )
         return name
-    from_preset = PRESET_RANDOM_ARCHITECTURES.get(config.preset or "")
+    from_preset = PRESET_RANDOM_ARCHITECTURES.get(preset or "")
     if from_preset in choices:
         return from_preset
     if len(choices) == 1:
         return choices[0]
     raise UsageError(
-        f"pretrained: random is ambiguous for {config.model} ({len(choices)} released sizes); "
+        f"pretrained: random is ambiguous for {model} ({len(choices)} released sizes); "
         f"use --pretrained {' or '.join(f'random:{name}' for name in choices)}"
     )
 

@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.train import toy
-from sdpo.train.config import FLOW_MODELS, TrainConfig, is_random, random_flow_architecture
+from sdpo.train.config import (
+    FLOW_MODELS,
+    TrainConfig,
+    is_random,
+    random_flow_architecture,
+    resolve_random_architecture,
+)
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -257,19 +263,16 @@ def load_flow_family(
     text_encoders: bool = True,
     random_architecture: str | None = None,
 ):
-    """A flow family: ``tiny`` builds tiny random models in code; ``random`` builds the released
-    ``random_architecture`` (``config.random_flow_architecture``) with random weights, on the
-    current default device; otherwise a local diffusers folder whose model_index.json must name
+    """A flow family: ``tiny`` builds tiny random models in code; ``random[:NAME]`` builds the
+    released ``random_architecture`` (default: ``config.resolve_random_architecture``) with
+    random weights, on the current default device; otherwise a local diffusers folder whose model_index.json must name
     the ``model`` family. ``text_encoders=False`` (training from an sdpo-cache folder): the text
     encoders are not loaded (or built) at all, so T5-XXL never occupies memory."""
     from sdpo.train import families
 
     expected = flow_family_class(model)
     if is_random(pretrained):
-        if random_architecture is None:
-            raise ValueError(
-                f"pretrained: {pretrained} needs the architecture it builds (random_architecture)"
-            )
+        random_architecture = random_architecture or resolve_random_architecture(model, pretrained)
         spec = families.PUBLISHED_PIPELINES.get(random_architecture)
         if spec is not None and spec.family != expected.name:  # checked before billions are built
             raise ValueError(

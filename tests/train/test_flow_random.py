@@ -127,8 +127,14 @@ def test_random_architecture_choices_and_errors():
         config_from_args(["--model", "flux", "--pretrained", "random:sd3.5-large"])
     with pytest.raises(UsageError, match="sd15 takes --pretrained random"):
         config_from_args(["--model", "sd15", "--pretrained", "random:flux.1-dev"])
+    # Checked before anything is built (FLUX.1-dev would be 48 GB here).
     with pytest.raises(ValueError, match="not sd3"):
         load_flow_family("sd3", "random", 64, 0, False, random_architecture="flux.1-dev")
+    # Callers without a config (sdpo-cache) get the same resolution and errors.
+    with pytest.raises(UsageError, match="ambiguous for sd3"):
+        load_flow_family("sd3", "random", 64, 0, False)
+    with pytest.raises(UsageError, match="not a wan architecture"):
+        load_flow_family("wan", "random:flux.1-dev", 64, 0, False)
 
 
 # --- end to end on the real code path, with the tables shrunk -------------------------------
