@@ -243,7 +243,7 @@ class PhaseContext:
         self.scratch = Path(arguments.scratch)
         self.out = Path(arguments.out)
         self.dry_run = arguments.dry_run
-        self.flow_overhead = parse_flow_overhead(arguments.flow_overhead)
+        self.flow_overhead = parse_flow_overhead(getattr(arguments, "flow_overhead", None))
         self.result: dict = {}
 
     def left_s(self) -> float:

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from sdpo import cuda_backend, objectives, ops
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.cache import CachedBatch
-from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.config import TrainConfig, config_from_args, random_flow_architecture
 from sdpo.train.data import Batch
 from sdpo.train.family import FlowMatchingFamily, repeat_pairs
 from sdpo.train.models import Models, build_models, compile_model
@@ -139,6 +139,10 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny-flux": trainer_preset("flux-dpo-lora", *_TINY_FLOW),  # LoRA: adapters off
     "tiny-wan": trainer_preset("wan-dpo-lora", *_TINY_FLOW),  # images as one-frame videos
 }
+
+
+# The flow presets on released architectures, and the tiny preset that smoke-tests each on a CPU.
+CPU_SMOKE_PRESETS_OF = {"sd35": "tiny-sd3", "flux": "tiny-flux", "wan": "tiny-wan"}
 
 
 def dense_bf16_peak(name: str) -> float | None:
@@ -634,6 +638,13 @@ def run_overhead(
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}")
     preset = PRESETS[preset_name]
+    if device.type != "cuda" and preset_name in CPU_SMOKE_PRESETS_OF:
+        # SD3.5 Medium with T5-XXL is 7.8B parameters; full fine-tuning state on top: > 60 GB.
+        raise ValueError(
+            f"preset: {preset_name} builds the released {random_flow_architecture(preset)} "
+            f"pipeline (billions of parameters with its text encoders) and needs a CUDA device; "
+            f"on this machine use --preset {CPU_SMOKE_PRESETS_OF[preset_name]}"
+        )
     batch_pairs = batch_pairs or preset.train_batch_pairs
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

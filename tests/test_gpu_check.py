@@ -101,11 +101,55 @@ def test_unused_time_goes_to_the_later_phases(tmp_path, monkeypatch):
         (["--budget-s", "nan"], "--budget-s must be >= 30"),
         (["--phases", "environment,bogus"], "unknown bogus"),
         (["--wheels", "/nonexistent/wheels"], "is not a folder"),
+        (["--flow-overhead", "sd35,sdxl"], "--flow-overhead: unknown sdxl"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, arguments, message):
     assert gpu_check.main(["--out", str(tmp_path / "out"), *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_flow_overhead_reaches_the_overhead_phase(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    driver = gpu_check.Driver(out, 60, True, {"PATH": "/usr/bin:/bin"}, ("sd35", "flux"))
+    commands = []
+
+    def fake_run(command, timeout_s, env=None):
+        commands.append(command)
+        return {"rc": 0, "timed_out": False, "seconds": 0.0, "output_tail": ""}
+
+    monkeypatch.setattr(driver, "run_command", fake_run)
+    driver.run_phases((gpu_check.Phase("overhead", 1.0, 1, 1),))
+    assert commands[0][commands[0].index("--flow-overhead") + 1] == "sd35,flux"
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_overhead_phase_runs_the_requested_flow_presets(tmp_path, monkeypatch, dry_run):
+    arguments = gpu_check._parser().parse_args(
+        ["--out", str(tmp_path), "--result", str(tmp_path / "r.json"), "--scratch", str(tmp_path)]
+        + ["--deadline", str(time.time() + 3600), "--flow-overhead", "flux,sd35"]
+        + (["--dry-run"] if dry_run else [])
+    )
+    context = gpu_check.PhaseContext(arguments)
+    commands = []
+
+    def fake_command(command, timeout_s, env=None):
+        commands.append(command)
+        return {"rc": 0}
+
+    monkeypatch.setattr(context, "command", fake_command)
+    gpu_check.phase_overhead(context)
+    presets = [command[command.index("--preset") + 1] for command in commands]
+    if dry_run:
+        assert presets == ["tiny", "tiny-flux", "tiny-sd3"]
+        return
+    # After sd15's ladder, before sdxl; eager at 2 pairs.
+    assert presets == ["sd15", "flux", "sd35", "sdxl"]
+    for command in commands[1:3]:
+        assert command[command.index("--variants") + 1] == "eager"
+        assert command[command.index("--batch-pairs") + 1] == "2"
+    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[3]
 
 
 def test_empty_wheel_folder_is_refused(tmp_path):

@@ -158,3 +158,11 @@ def test_flow_overhead_presets_are_the_trainers_on_the_released_architectures():
     }
     assert built["sd35"] == PRESET_RANDOM_ARCHITECTURES["sd35m-dpo"]
     assert overhead.PRESETS["tiny-flux"].pretrained == "tiny"
+
+
+def test_released_flow_presets_need_a_gpu(tmp_path, capsys):
+    # Refused before anything is built: sd35 on a CPU would allocate > 60 GB.
+    arguments = ["overhead", "--preset", "sd35", "--device", "cpu"]
+    assert profile_main([*arguments, "--output", str(tmp_path / "x.json")]) == 2
+    error = capsys.readouterr().err
+    assert "sd3.5-medium" in error and "use --preset tiny-sd3" in error
