@@ -920,10 +920,11 @@ def build_random(
                 build_published_text_encoder(encoder_name) if text_encoders else None
             )
             parts[f"tokenizer{suffix}"] = _published_tokenizer(encoder_name)
-    with torch.device("cpu"):  # its tables on the host, as from_pretrained builds them
+    # The schedulers' tables on the host, as from_pretrained builds them (the training copy too).
+    with torch.device("cpu"):
         parts["scheduler"] = family.shipped_scheduler()
-    pipeline = getattr(diffusers, family.pipeline_class_name)(**parts)
-    return family(pipeline, resolution)
+        pipeline = getattr(diffusers, family.pipeline_class_name)(**parts)
+        return family(pipeline, resolution)
 
 
 # --- tiny components (built in code, nothing downloaded) ---------------------------------

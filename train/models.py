@@ -265,9 +265,10 @@ def load_flow_family(
 ):
     """A flow family: ``tiny`` builds tiny random models in code; ``random[:NAME]`` builds the
     released ``random_architecture`` (default: ``config.resolve_random_architecture``) with
-    random weights, on the current default device; otherwise a local diffusers folder whose model_index.json must name
-    the ``model`` family. ``text_encoders=False`` (training from an sdpo-cache folder): the text
-    encoders are not loaded (or built) at all, so T5-XXL never occupies memory."""
+    random weights, on the current default device; otherwise a local diffusers folder whose
+    model_index.json must name the ``model`` family. ``text_encoders=False`` (training from an
+    sdpo-cache folder): the text encoders are not loaded (or built) at all, so T5-XXL never
+    occupies memory."""
     from sdpo.train import families
 
     expected = flow_family_class(model)
