@@ -13,6 +13,7 @@ arrays; the CPU tests use it through :func:`host_library`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -25,12 +26,15 @@ from sdpo.settings import LossSettings
 
 LIBRARY_NAME = "libsdpo_cuda.so"
 HOST_LIBRARY_NAME = "libsdpo_cuda_host.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 METHOD_CODES = reference.METHOD_CODES
 NUM_STATS = ops.NUM_FUSED_STATS
 SUMS_THREADS = 256
+# Elements per thread and loop step of the kernels (one 16-byte load of a 16-bit input, two of
+# fp32): chunks are whole multiples of it.
+VECTOR_ELEMENTS = 8
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
@@ -70,14 +74,16 @@ def _declare(library: ctypes.CDLL, name: str) -> None:
         library.sdpo_cuda_last_error.restype = ctypes.c_char_p
         library.sdpo_cuda_workspace_floats.restype = _i64
         library.sdpo_cuda_workspace_floats.argtypes = [_i64, _i64]
+        library.sdpo_cuda_vector_loads.restype = _int
+        library.sdpo_cuda_vector_loads.argtypes = [_int, _int, _int, _ptr, _ptr, _ptr, _i64]
         library.sdpo_cuda_forward.restype = _int
         library.sdpo_cuda_forward.argtypes = [
-            _int, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64, _int,
+            _int, _int, _int, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64, _int,
             _f32, _f32, _int, _i64, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
         ]  # fmt: skip
         library.sdpo_cuda_gradient.restype = _int
         library.sdpo_cuda_gradient.argtypes = [
-            _int, _ptr, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr, _ptr,
+            _int, _int, _int, _ptr, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr, _ptr,
         ]  # fmt: skip
         version = library.sdpo_cuda_abi_version()
         if version != ABI_VERSION:
@@ -153,19 +159,38 @@ def _check(status: int, what: str) -> None:
 # device's SM count: the reduction order, and so every bit of the result, depends on the shapes
 # alone, so a run resumed on another GPU model continues bit-identically.
 SUMS_PROGRAMS = 512
+# Elements one pass of a pair_sums_kernel block covers (256 threads x 8).
+SUMS_STEP = SUMS_THREADS * VECTOR_ELEMENTS
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
 
 
 def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
-    """(chunk_elements, num_chunks): a function of the shapes only (see SUMS_PROGRAMS)."""
-    blocks = -(-elements // SUMS_THREADS)
-    pairs_pow2 = 1 << max(0, (batch_pairs - 1).bit_length())
-    num_chunks = max(1, min(blocks, SUMS_PROGRAMS // pairs_pow2, 65535))
-    chunk_elements = -(-elements // num_chunks)
+    """(chunk_elements, num_chunks): a function of the shapes only (see SUMS_PROGRAMS).
+
+    A chunk is a power of two of SUMS_STEPs and there are at most SUMS_PROGRAMS /
+    next_power_of_2(B) chunks per pair, so the finalize kernel loads all partials into one
+    shared (pairs, chunks, 8) tile of <= 4096 floats while B <= 512 (as the Triton plan). The
+    video size (B = 2, 2.1M elements per sample) becomes 2 x 256 blocks of 8192 elements.
+    """
+    steps = -(-elements // SUMS_STEP)
+    max_chunks = max(1, SUMS_PROGRAMS // _next_power_of_2(batch_pairs))
+    chunk_elements = _next_power_of_2(-(-steps // max_chunks)) * SUMS_STEP
     return chunk_elements, -(-elements // chunk_elements)
 
 
-@torch.library.custom_op("sdpo::cuda_preference_forward", mutates_args=())
-def cuda_preference_forward(
+def _launch_context(tensor: Tensor) -> tuple[contextlib.AbstractContextManager, int | None]:
+    """(device context, stream) for a launch on ``tensor``'s device. A CPU tensor reaches the
+    library only from the CPU tests, whose emulated build of it takes host pointers and no
+    stream (backend="cuda" itself refuses CPU inputs in require_cuda)."""
+    if not tensor.is_cuda:
+        return contextlib.nullcontext(), None
+    return torch.cuda.device(tensor.device), torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def cuda_forward(
     model_pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
@@ -177,7 +202,9 @@ def cuda_preference_forward(
     group_size: int,
     dmpo_alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
+    """The forward kernels (sdpo::cuda_preference_forward's body and the eager path):
+    (loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
+    Each contiguous input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
     library = cuda_library()
     device = model_pred.device
     rows = model_pred.shape[0]
@@ -193,10 +220,12 @@ def cuda_preference_forward(
     scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
     coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
+    context, stream = _launch_context(model_pred)
+    with context:
         status = library.sdpo_cuda_forward(
             DTYPE_CODES[model_pred.dtype],
+            DTYPE_CODES[ref_pred.dtype],
+            DTYPE_CODES[target.dtype],
             model_pred.data_ptr(),
             ref_pred.data_ptr(),
             target.data_ptr(),
@@ -224,6 +253,64 @@ def cuda_preference_forward(
     return loss, stats, scale, coefficients
 
 
+def cuda_backward(
+    grad_loss: Tensor,
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    coefficients: Tensor,
+    with_gap: bool,
+) -> Tensor:
+    """The gradient kernel (sdpo::cuda_preference_backward's body and the eager path):
+    d loss / d model_pred in model_pred's dtype."""
+    library = cuda_library()
+    rows = model_pred.shape[0]
+    batch_pairs, elements = rows // 2, model_pred[0].numel()
+    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
+    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
+    context, stream = _launch_context(model_pred)
+    with context:
+        status = library.sdpo_cuda_gradient(
+            DTYPE_CODES[model_pred.dtype],
+            DTYPE_CODES[ref_pred.dtype],
+            DTYPE_CODES[target.dtype],
+            grad_output.data_ptr(),
+            model_pred.data_ptr(),
+            ref_pred.data_ptr(),
+            target.data_ptr(),
+            int(target.shape[0] == batch_pairs),
+            int(with_gap),
+            batch_pairs,
+            elements,
+            coefficients.data_ptr(),
+            grad.data_ptr(),
+            stream,
+        )
+    _check(status, "the gradient kernel")
+    return grad
+
+
+@torch.library.custom_op("sdpo::cuda_preference_forward", mutates_args=())
+def cuda_preference_forward(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
+    return cuda_forward(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha,
+    )  # fmt: skip
+
+
 @cuda_preference_forward.register_fake
 def _forward_fake(
     model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard, group_size,
@@ -242,29 +329,7 @@ def cuda_preference_backward(
     with_gap: bool,
 ) -> Tensor:
     """d loss / d model_pred: winners g0 (a e_w + b (pred_w - ref_w)), losers g0 c e_l."""
-    library = cuda_library()
-    rows = model_pred.shape[0]
-    batch_pairs, elements = rows // 2, model_pred[0].numel()
-    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
-    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
-    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
-    with torch.cuda.device(model_pred.device):
-        status = library.sdpo_cuda_gradient(
-            DTYPE_CODES[model_pred.dtype],
-            grad_output.data_ptr(),
-            model_pred.data_ptr(),
-            ref_pred.data_ptr(),
-            target.data_ptr(),
-            int(target.shape[0] == batch_pairs),
-            int(with_gap),
-            batch_pairs,
-            elements,
-            coefficients.data_ptr(),
-            grad.data_ptr(),
-            torch.cuda.current_stream(model_pred.device).cuda_stream,
-        )
-    _check(status, "the gradient kernel")
-    return grad
+    return cuda_backward(grad_loss, model_pred, ref_pred, target, coefficients, with_gap)
 
 
 @cuda_preference_backward.register_fake
@@ -272,7 +337,11 @@ def _backward_fake(grad_loss, model_pred, ref_pred, target, coefficients, with_g
     return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
 
 
-ops.register_fused_autograd(cuda_preference_forward, cuda_preference_backward)
+# Eager calls take the plain functions through one autograd.Function (as backend="triton"
+# does), not the custom-op dispatcher; torch.compile traces the custom ops.
+ops.register_fused_autograd(
+    cuda_preference_forward, cuda_preference_backward, cuda_forward, cuda_backward
+)
 
 
 def preference_loss_cuda(
@@ -282,15 +351,13 @@ def preference_loss_cuda(
     settings: LossSettings,
     pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """backend="cuda": fp32, bf16 and fp16. The kernels read one dtype for all three inputs, so
-    mixed inputs are promoted to the widest of them (a bf16 prediction against an fp32 target is
-    read as fp32); fp64 is read as fp32, as the Triton backend does."""
+    """backend="cuda": each input read in its own dtype, fp32, bf16 or fp16, mixed as they come
+    (a bf16 prediction against an fp32 target: no copies); any other dtype (fp64) is read as
+    fp32, as the Triton backend reads fp64."""
+    model_pred, ref_pred, target = (
+        tensor if tensor.dtype in DTYPE_CODES else tensor.to(torch.float32)
+        for tensor in (model_pred, ref_pred, target)
+    )
     return ops.preference_loss_fused(
-        cuda_preference_forward,
-        model_pred,
-        ref_pred,
-        target,
-        settings,
-        pair_weights,
-        read_dtypes=tuple(DTYPE_CODES),
+        cuda_preference_forward, model_pred, ref_pred, target, settings, pair_weights
     )

@@ -192,13 +192,16 @@ def test_fullgraph_compile_traces_the_library_check(build_dir, monkeypatch):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"dtype": 3}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
+        ({"pred_dtype": 3}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
+        ({"ref_dtype": -1}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
+        ({"target_dtype": 3}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
         ({"batch_pairs": 0}, "batch_pairs: expected 1 to 32767 pairs"),
         ({"batch_pairs": 32768}, "batch_pairs: expected 1 to 32767 pairs"),  # 2B rows > 65535
         ({"elements": 0}, "elements: expected >= 1"),
         ({"method": 4}, "method: expected 0 to 3"),
         ({"chunk_elements": 4, "num_chunks": 2}, "chunks: expected 1 to 65535 chunks covering"),
         ({"num_chunks": 65536}, "chunks: expected 1 to 65535 chunks covering"),
+        ({"chunk_elements": 12}, "chunk_elements: expected a multiple of 8"),
         ({"group_size": -1}, "group_size: expected >= 0"),
     ],
 )
@@ -215,10 +218,12 @@ def test_library_errors_become_exceptions(build_dir, monkeypatch, arguments, mes
     assert library.sdpo_cuda_abi_version() == cuda_backend.ABI_VERSION
     # partials (B, chunks, 8) + pair sums (B, 8) + per-pair outputs (B, 8)
     assert library.sdpo_cuda_workspace_floats(3, 5) == 3 * 5 * 8 + 3 * 8 + 3 * 8
-    forward = {"dtype": 0, "batch_pairs": 2, "elements": 10, "chunk_elements": 10}
-    forward |= {"num_chunks": 1, "method": 0, "group_size": 0} | arguments
+    forward = {"pred_dtype": 0, "ref_dtype": 1, "target_dtype": 2, "batch_pairs": 2}
+    forward |= {"elements": 10, "chunk_elements": 16, "num_chunks": 1, "method": 0}
+    forward |= {"group_size": 0} | arguments
+    dtypes = (forward["pred_dtype"], forward["ref_dtype"], forward["target_dtype"])
     status = library.sdpo_cuda_forward(
-        forward["dtype"], None, None, None, 1, None, forward["batch_pairs"], forward["elements"],
+        *dtypes, None, None, None, 1, None, forward["batch_pairs"], forward["elements"],
         forward["chunk_elements"], forward["num_chunks"], forward["method"], 1.0, 0.0, 0,
         forward["group_size"], 0.0, 0.0, None, None, None, None, None, None,
     )  # fmt: skip
@@ -226,15 +231,36 @@ def test_library_errors_become_exceptions(build_dir, monkeypatch, arguments, mes
     expected = re.escape(f'backend="cuda": the forward kernels failed ({message}')
     with pytest.raises(RuntimeError, match=expected):
         cuda_backend._check(status, "the forward kernels")
-    if set(arguments) <= {"dtype", "batch_pairs", "elements"}:  # the gradient's own checks
+    gradient_checks = {"pred_dtype", "ref_dtype", "target_dtype", "batch_pairs", "elements"}
+    if set(arguments) <= gradient_checks:  # the gradient's own checks
         status = library.sdpo_cuda_gradient(
-            forward["dtype"], None, None, None, None, 1, 0, forward["batch_pairs"],
-            forward["elements"], None, None, None,
+            *dtypes, None, None, None, None, 1, 0, forward["batch_pairs"], forward["elements"],
+            None, None, None,
         )  # fmt: skip
         assert status == 1
         expected = re.escape(f'backend="cuda": the gradient kernel failed ({message}')
         with pytest.raises(RuntimeError, match=expected):
             cuda_backend._check(status, "the gradient kernel")
+
+
+def test_vector_path_condition(build_dir, monkeypatch):
+    # The real library's host-side choice of the 16-byte path: every pointer 16-byte aligned
+    # and a row of every input a multiple of 16 bytes (8 bf16/fp16 or 4 fp32 elements).
+    path = build_dir / cuda_backend.LIBRARY_NAME
+    if not path.is_file():
+        pytest.skip("nvcc is not installed: only the host library was built")
+    monkeypatch.setenv("SDPO_CUDA_LIBRARY", str(path))
+    monkeypatch.setattr(cuda_backend, "_LIBRARIES", {})
+    library = cuda_backend.cuda_library()
+    aligned, off = 1 << 20, (1 << 20) + 8
+    fp32, bf16, fp16 = 0, 1, 2
+    assert library.sdpo_cuda_vector_loads(bf16, bf16, fp32, aligned, aligned, aligned, 16)
+    assert library.sdpo_cuda_vector_loads(fp32, fp32, fp32, aligned, aligned, aligned, 12)
+    assert not library.sdpo_cuda_vector_loads(bf16, bf16, fp32, aligned, aligned, aligned, 12)
+    assert not library.sdpo_cuda_vector_loads(fp16, fp16, fp16, aligned, aligned, aligned, 9)
+    assert not library.sdpo_cuda_vector_loads(fp32, fp32, fp32, aligned, aligned, off, 16)
+    assert not library.sdpo_cuda_vector_loads(bf16, bf16, fp32, off, aligned, aligned, 16)
+    assert not library.sdpo_cuda_vector_loads(bf16, bf16, fp32, aligned, off, aligned, 16)
 
 
 # GPU ---------------------------------------------------------------------------------------
