@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,6 +82,8 @@ def _declare(library: ctypes.CDLL, name: str) -> None:
             _int, _int, _int, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64, _int,
             _f32, _f32, _int, _i64, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
         ]  # fmt: skip
+        library.sdpo_cuda_forward_phases.restype = _int
+        library.sdpo_cuda_forward_phases.argtypes = [_int, *library.sdpo_cuda_forward.argtypes]
         library.sdpo_cuda_gradient.restype = _int
         library.sdpo_cuda_gradient.argtypes = [
             _int, _int, _int, _ptr, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr, _ptr,
@@ -190,7 +193,7 @@ def _launch_context(tensor: Tensor) -> tuple[contextlib.AbstractContextManager, 
     return torch.cuda.device(tensor.device), torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-def cuda_forward(
+def _forward_arguments(
     model_pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
@@ -201,10 +204,9 @@ def cuda_forward(
     safeguard: bool,
     group_size: int,
     dmpo_alpha: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward kernels (sdpo::cuda_preference_forward's body and the eager path):
-    (loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
-    Each contiguous input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
+) -> tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """sdpo_cuda_forward's arguments for these inputs (new output buffers, the current stream),
+    and the outputs (loss, stats, lambda, coefficients) the kernels will write."""
     library = cuda_library()
     device = model_pred.device
     rows = model_pred.shape[0]
@@ -220,37 +222,92 @@ def cuda_forward(
     scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
     coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
-    context, stream = _launch_context(model_pred)
-    with context:
-        status = library.sdpo_cuda_forward(
-            DTYPE_CODES[model_pred.dtype],
-            DTYPE_CODES[ref_pred.dtype],
-            DTYPE_CODES[target.dtype],
-            model_pred.data_ptr(),
-            ref_pred.data_ptr(),
-            target.data_ptr(),
-            int(target.shape[0] == batch_pairs),
-            pair_weights.data_ptr() if pair_weights is not None else None,
-            batch_pairs,
-            elements,
-            chunk_elements,
-            num_chunks,
-            method_code,
-            beta,
-            mu,
-            int(safeguard),
-            group_size,
-            log_q,
-            log_one_minus_q,
-            workspace.data_ptr(),
-            loss.data_ptr(),
-            stats.data_ptr(),
-            scale.data_ptr(),
-            coefficients.data_ptr(),
-            stream,
-        )
+    stream = _launch_context(model_pred)[1]
+    arguments = (
+        DTYPE_CODES[model_pred.dtype],
+        DTYPE_CODES[ref_pred.dtype],
+        DTYPE_CODES[target.dtype],
+        model_pred.data_ptr(),
+        ref_pred.data_ptr(),
+        target.data_ptr(),
+        int(target.shape[0] == batch_pairs),
+        pair_weights.data_ptr() if pair_weights is not None else None,
+        batch_pairs,
+        elements,
+        chunk_elements,
+        num_chunks,
+        method_code,
+        beta,
+        mu,
+        int(safeguard),
+        group_size,
+        log_q,
+        log_one_minus_q,
+        workspace.data_ptr(),
+        loss.data_ptr(),
+        stats.data_ptr(),
+        scale.data_ptr(),
+        coefficients.data_ptr(),
+        stream,
+    )
+    # The workspace rides along: the kernels use it after this function returns.
+    return (*arguments, workspace), (loss, stats, scale, coefficients)
+
+
+def cuda_forward(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernels (sdpo::cuda_preference_forward's body and the eager path):
+    (loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
+    Each contiguous input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
+    arguments, outputs = _forward_arguments(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha,
+    )  # fmt: skip
+    with _launch_context(model_pred)[0]:
+        status = cuda_library().sdpo_cuda_forward(*arguments[:-1])
     _check(status, "the forward kernels")
-    return loss, stats, scale, coefficients
+    return outputs
+
+
+def forward_launches(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The two forward kernels as separate launches, for the benchmarks (as the Triton
+    backend's forward_launches): ((sums launch, finalize launch), (loss, stats, lambda,
+    coefficients)); each launch reruns one kernel on the same buffers."""
+    arguments, outputs = _forward_arguments(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha,
+    )  # fmt: skip
+
+    def launch(phase: int, what: str) -> Callable[[], None]:
+        def run() -> None:
+            with _launch_context(model_pred)[0]:
+                status = cuda_library().sdpo_cuda_forward_phases(phase, *arguments[:-1])
+            _check(status, what)
+
+        return run
+
+    return (launch(1, "pair_sums_kernel"), launch(2, "finalize_kernel")), outputs
 
 
 def cuda_backward(

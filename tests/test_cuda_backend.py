@@ -199,8 +199,8 @@ def test_fullgraph_compile_traces_the_library_check(build_dir, monkeypatch):
         ({"batch_pairs": 32768}, "batch_pairs: expected 1 to 32767 pairs"),  # 2B rows > 65535
         ({"elements": 0}, "elements: expected >= 1"),
         ({"method": 4}, "method: expected 0 to 3"),
-        ({"chunk_elements": 4, "num_chunks": 2}, "chunks: expected 1 to 65535 chunks covering"),
-        ({"num_chunks": 65536}, "chunks: expected 1 to 65535 chunks covering"),
+        ({"chunk_elements": 4, "num_chunks": 2}, "chunks: expected 1 to 512 chunks covering"),
+        ({"num_chunks": 513}, "chunks: expected 1 to 512 chunks covering"),
         ({"chunk_elements": 12}, "chunk_elements: expected a multiple of 8"),
         ({"group_size": -1}, "group_size: expected >= 0"),
     ],

@@ -82,7 +82,7 @@ def codes(*tensors: torch.Tensor) -> list[int]:
 
 
 def emulated_loss(library, model_pred, ref_pred, target, *, method, beta, mu, granularity,
-                  weights, chunk_elements, workspace=None):  # fmt: skip
+                  weights, chunk_elements, workspace=None, split_phases=False):  # fmt: skip
     """Loss, stats, lambda and d loss / d model_pred from the emulated CUDA library."""
     group_size = sdpo.parse_granularity(granularity)
     batch_pairs, elements = model_pred.shape[0] // 2, model_pred[0].numel()
@@ -95,7 +95,7 @@ def emulated_loss(library, model_pred, ref_pred, target, *, method, beta, mu, gr
     coefficients = torch.zeros(2, 2 * batch_pairs)
     log_q, log_one_minus_q = reference.dmpo_log_q(0.01)
     dtype_codes = codes(model_pred, ref_pred, target)
-    status = library.sdpo_cuda_forward(
+    arguments = (
         *dtype_codes, model_pred.data_ptr(), ref_pred.data_ptr(), target.data_ptr(),
         int(target.shape[0] == batch_pairs),
         None if weights is None else weights.data_ptr(),
@@ -105,7 +105,13 @@ def emulated_loss(library, model_pred, ref_pred, target, *, method, beta, mu, gr
         workspace.data_ptr(), loss.data_ptr(), stats.data_ptr(), scale.data_ptr(),
         coefficients.data_ptr(), None,
     )  # fmt: skip
-    assert status == 0, library.sdpo_cuda_last_error()
+    if split_phases:  # the benchmarks' way: the sums kernel, then the finalize kernel alone
+        for phase in (1, 2):
+            status = library.sdpo_cuda_forward_phases(phase, *arguments)
+            assert status == 0, library.sdpo_cuda_last_error()
+    else:
+        status = library.sdpo_cuda_forward(*arguments)
+        assert status == 0, library.sdpo_cuda_last_error()
     grad = torch.empty_like(model_pred)
     grad_output = torch.ones(1)
     status = library.sdpo_cuda_gradient(
@@ -241,8 +247,9 @@ def test_vector_path_tail_and_scalar_fallback_agree_bitwise(emulated, dtypes, sa
             assert torch.equal(expected, actual), moved
 
 
-def test_results_do_not_depend_on_block_order(emulated):
+def test_results_do_not_depend_on_block_order_or_split_launches(emulated):
     # A GPU runs blocks in no fixed order: the partials and every output must not depend on it.
+    # The last run launches the sums and the finalize kernels one call each (the benchmarks').
     model_pred, ref_pred, target = (
         t.to(torch.bfloat16) for t in make_inputs(3, (8, 5, 55), ref_offset=0.5)
     )
@@ -257,25 +264,34 @@ def test_results_do_not_depend_on_block_order(emulated):
             runs.append(outputs)
         finally:
             emulated.cuda_emulation_shuffle_blocks(0)
+    runs.append(
+        emulated_loss(
+            emulated, model_pred, ref_pred, target, weights=None, chunk_elements=512,
+            split_phases=True, **kwargs,
+        )
+    )  # fmt: skip
+    nothing = (None,) * 6  # rejected before a launch: never read
+    bad = (0, 0, 0, 0, None, None, None, 1, None, 1, 8, 8, 1, 0, 1.0, 0.0, 0, 0, 0.0, 0.0)
+    assert emulated.sdpo_cuda_forward_phases(*bad, *nothing) == 1
+    assert "phases: expected 1 (sums), 2 (finalize) or 3 (both)" in str(
+        emulated.sdpo_cuda_last_error()
+    )
     for run in runs[1:]:
         for expected, actual in zip(runs[0], run, strict=True):
             assert torch.equal(expected, actual)
 
 
 def finalize_tree(partials: np.ndarray) -> np.ndarray:
-    """The finalize kernel's documented order, in fp32: slot c (of the next power of two >= the
-    chunks, at most 512) adds chunks c, c + slots, ... in order, then a halving tree over the
-    slots (slot c += slot c + width, width = slots / 2, ..., 1)."""
+    """The finalize kernel's documented order, in fp32: the chunks in slots of the next power
+    of two, zero-padded, then a halving tree (slot c += slot c + width, width = slots / 2 ...
+    1): a function of the chunk count alone."""
     pairs, chunks, sums = partials.shape
-    slots = 1
-    while slots < chunks and slots < 512:
-        slots *= 2
+    slots = 1 << (chunks - 1).bit_length()
     tile = np.zeros((pairs, slots, sums), np.float32)
-    for chunk in range(chunks):
-        tile[:, chunk % slots] += partials[:, chunk]  # fp32 + fp32 in numpy stays fp32
+    tile[:, :chunks] = partials
     width = slots // 2
     while width > 0:
-        tile[:, :width] += tile[:, width : 2 * width]
+        tile[:, :width] += tile[:, width : 2 * width]  # fp32 + fp32 stays fp32 in numpy
         width //= 2
     return tile[:, 0]
 
@@ -284,8 +300,8 @@ def finalize_tree(partials: np.ndarray) -> np.ndarray:
     ("batch_pairs", "sample_shape", "chunk_elements"),
     [
         (3, (8, 5, 55), 512),  # 5 chunks: 8 slots, three of them zero
-        (2, (5000,), 8),  # 625 chunks: slots 0..112 first add chunk c + 512
-        (600, (8,), 8),  # one chunk each, more pairs than one tile (512) holds
+        # 33 chunks: 64 slots, so a tile of 4096 floats holds 8 pairs: two tiles, 8 + 1 pairs
+        (9, (264,), 8),
     ],
 )
 def test_finalize_reduces_partials_in_a_fixed_tree(
@@ -320,6 +336,7 @@ def test_the_plan_fits_one_finalize_tile():
         assert chunk_elements % cuda_backend.VECTOR_ELEMENTS == 0
         assert (num_chunks - 1) * chunk_elements < elements <= num_chunks * chunk_elements
         slots = 1 << (num_chunks - 1).bit_length()
+        assert num_chunks <= 512  # the library's limit (one tile slot per chunk)
         if batch_pairs <= 512:
             assert batch_pairs * slots * 8 <= 4096, (batch_pairs, elements)
         else:

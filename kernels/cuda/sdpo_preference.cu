@@ -6,9 +6,9 @@
 //   fp32, then a fixed-shape shared-memory tree reduces them (deterministic: no atomics, as
 //   exact resume needs). One read of every input.
 // finalize_kernel: one block; one load of all partials into a shared (pairs, chunk slots, 8)
-//   tile (<= 4096 floats for the chunk counts cuda_backend.plan_chunks gives), a tree over the
-//   chunk slots whose shape depends on num_chunks alone, then the math of
-//   sdpo_preference_math.h (the same functions the CPU tests run).
+//   tile (<= 4096 floats for the chunk counts cuda_backend.plan_chunks gives), a halving tree
+//   over the chunk slots whose shape depends on num_chunks alone (never on the GPU model),
+//   then the math of sdpo_preference_math.h (the same functions the CPU tests run).
 // gradient_kernel: grid (blocks of 2048 elements, 2B rows); one group of 8 elements per thread.
 //
 // Loads: each input has its own dtype (fp32, bf16 or fp16; the kernels are templated on all
@@ -35,7 +35,7 @@ constexpr int kVector = 8;  // elements per group: 16 bytes of a 16-bit input, 3
 constexpr int kSumsThreads = 256;
 constexpr int kFinalizeThreads = 512;
 constexpr int kTileFloats = 4096;     // the finalize tile: 16 KB of shared memory
-constexpr int kMaxChunkSlots = 512;   // chunk slots per pair in the tile (a power of two)
+constexpr int kMaxChunks = 512;       // chunks per pair: the finalize tile's slots at most
 constexpr int kGradientThreads = 256;
 
 thread_local std::string last_error;
@@ -199,11 +199,10 @@ __global__ void __launch_bounds__(kSumsThreads)
   }
 }
 
-// Chunk slots of the finalize tile: the next power of two >= num_chunks, at most
-// kMaxChunkSlots (slot c then first adds chunks c, c + slots, ... in order). Shapes only.
-__host__ __device__ __forceinline__ int chunk_slots(int64_t num_chunks) {
+// Chunk slots of the finalize tile: the next power of two >= num_chunks (<= kMaxChunks).
+__device__ __forceinline__ int chunk_slots(int64_t num_chunks) {
   int slots = 1;
-  while (slots < num_chunks && slots < kMaxChunkSlots) slots *= 2;
+  while (slots < num_chunks) slots *= 2;
   return slots;
 }
 
@@ -227,11 +226,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       const int sum = static_cast<int>(index % sdpo::kNumSums);
       const int64_t slot = (index / sdpo::kNumSums) % slots;
       const int64_t pair = first + index / (sdpo::kNumSums * slots);
-      float value = 0.0f;
-      for (int64_t chunk = slot; chunk < num_chunks; chunk += slots) {
-        value += partials[(pair * num_chunks + chunk) * sdpo::kNumSums + sum];
-      }
-      tile[index] = value;
+      tile[index] =
+          slot < num_chunks ? partials[(pair * num_chunks + slot) * sdpo::kNumSums + sum] : 0.0f;
     }
     __syncthreads();
     for (int width = slots / 2; width > 0; width /= 2) {
@@ -374,25 +370,28 @@ extern "C" int sdpo_cuda_vector_loads(int pred_dtype, int ref_dtype, int target_
          vector_rows(ref_pred, ref_dtype, elements) && vector_rows(target, target_dtype, elements);
 }
 
-extern "C" int sdpo_cuda_forward(int pred_dtype, int ref_dtype, int target_dtype,
-                                 const void* model_pred, const void* ref_pred,
-                                 const void* target, int target_shared,
-                                 const float* pair_weights, int64_t batch_pairs,
-                                 int64_t elements, int64_t chunk_elements, int64_t num_chunks,
-                                 int method, float beta, float mu, int safeguard,
-                                 int64_t group_size, float log_q, float log_one_minus_q,
-                                 float* workspace, float* loss, float* stats, float* lambda_out,
-                                 float* coefficients, void* stream) {
+extern "C" int sdpo_cuda_forward_phases(int phases, int pred_dtype, int ref_dtype,
+                                        int target_dtype, const void* model_pred,
+                                        const void* ref_pred, const void* target,
+                                        int target_shared, const float* pair_weights,
+                                        int64_t batch_pairs, int64_t elements,
+                                        int64_t chunk_elements, int64_t num_chunks, int method,
+                                        float beta, float mu, int safeguard, int64_t group_size,
+                                        float log_q, float log_one_minus_q, float* workspace,
+                                        float* loss, float* stats, float* lambda_out,
+                                        float* coefficients, void* stream) {
+  if (phases < 1 || phases > (SDPO_CUDA_SUMS | SDPO_CUDA_FINALIZE)) {
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "phases: expected 1 (sums), 2 (finalize) or 3 (both)");
+  }
   const int dtypes[3] = {pred_dtype, ref_dtype, target_dtype};
   if (const int status = check_dtypes(dtypes, 3)) return status;
   if (const int status = check_sizes(batch_pairs, elements)) return status;
   if (method < 0 || method > 3) {
     return fail(SDPO_CUDA_BAD_ARGUMENT, "method: expected 0 to 3");
   }
-  if (num_chunks < 1 || num_chunks > 65535 || chunk_elements < 1 ||
+  if (num_chunks < 1 || num_chunks > kMaxChunks || chunk_elements < 1 ||
       chunk_elements * num_chunks < elements) {
-    return fail(SDPO_CUDA_BAD_ARGUMENT,
-                "chunks: expected 1 to 65535 chunks covering the elements");
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "chunks: expected 1 to 512 chunks covering the elements");
   }
   if (chunk_elements % kVector != 0) {
     return fail(SDPO_CUDA_BAD_ARGUMENT, "chunk_elements: expected a multiple of 8");
@@ -407,28 +406,50 @@ extern "C" int sdpo_cuda_forward(int pred_dtype, int ref_dtype, int target_dtype
   float* per_pair = pair_sums + batch_pairs * sdpo::kNumSums;
   const bool shared = target_shared != 0;
   const dim3 grid(static_cast<unsigned>(batch_pairs), static_cast<unsigned>(num_chunks));
-  with_dtype(pred_dtype, [&](auto pred_type) {
-    with_dtype(ref_dtype, [&](auto ref_type) {
-      with_dtype(target_dtype, [&](auto target_type) {
-        using TP = typename decltype(pred_type)::type;
-        using TR = typename decltype(ref_type)::type;
-        using TT = typename decltype(target_type)::type;
-        const auto kernel = with_gap ? pair_sums_kernel<TP, TR, TT, true>
-                                     : pair_sums_kernel<TP, TR, TT, false>;
-        kernel<<<grid, kSumsThreads, 0, cuda_stream>>>(
-            static_cast<const TP*>(model_pred), static_cast<const TR*>(ref_pred),
-            static_cast<const TT*>(target), partials, shared, vectorized, batch_pairs, elements,
-            chunk_elements, num_chunks);
+  if (phases & SDPO_CUDA_SUMS) {
+    with_dtype(pred_dtype, [&](auto pred_type) {
+      with_dtype(ref_dtype, [&](auto ref_type) {
+        with_dtype(target_dtype, [&](auto target_type) {
+          using TP = typename decltype(pred_type)::type;
+          using TR = typename decltype(ref_type)::type;
+          using TT = typename decltype(target_type)::type;
+          const auto kernel = with_gap ? pair_sums_kernel<TP, TR, TT, true>
+                                       : pair_sums_kernel<TP, TR, TT, false>;
+          kernel<<<grid, kSumsThreads, 0, cuda_stream>>>(
+              static_cast<const TP*>(model_pred), static_cast<const TR*>(ref_pred),
+              static_cast<const TT*>(target), partials, shared, vectorized, batch_pairs, elements,
+              chunk_elements, num_chunks);
+        });
       });
     });
-  });
-  if (const int status = check_launch("pair_sums_kernel")) return status;
-  const sdpo::Params params{method, safeguard, group_size,      batch_pairs,
-                            static_cast<float>(elements), beta, mu, log_q, log_one_minus_q};
-  finalize_kernel<<<1, kFinalizeThreads, 0, cuda_stream>>>(partials, num_chunks, pair_weights,
-                                                            pair_sums, per_pair, params, loss,
-                                                            stats, lambda_out, coefficients);
-  return check_launch("finalize_kernel");
+    if (const int status = check_launch("pair_sums_kernel")) return status;
+  }
+  if (phases & SDPO_CUDA_FINALIZE) {
+    const sdpo::Params params{method, safeguard, group_size,      batch_pairs,
+                              static_cast<float>(elements), beta, mu, log_q, log_one_minus_q};
+    finalize_kernel<<<1, kFinalizeThreads, 0, cuda_stream>>>(partials, num_chunks, pair_weights,
+                                                              pair_sums, per_pair, params, loss,
+                                                              stats, lambda_out, coefficients);
+    if (const int status = check_launch("finalize_kernel")) return status;
+  }
+  return SDPO_CUDA_OK;
+}
+
+extern "C" int sdpo_cuda_forward(int pred_dtype, int ref_dtype, int target_dtype,
+                                 const void* model_pred, const void* ref_pred,
+                                 const void* target, int target_shared,
+                                 const float* pair_weights, int64_t batch_pairs,
+                                 int64_t elements, int64_t chunk_elements, int64_t num_chunks,
+                                 int method, float beta, float mu, int safeguard,
+                                 int64_t group_size, float log_q, float log_one_minus_q,
+                                 float* workspace, float* loss, float* stats, float* lambda_out,
+                                 float* coefficients, void* stream) {
+  return sdpo_cuda_forward_phases(SDPO_CUDA_SUMS | SDPO_CUDA_FINALIZE, pred_dtype, ref_dtype,
+                                  target_dtype, model_pred, ref_pred, target, target_shared,
+                                  pair_weights, batch_pairs, elements, chunk_elements,
+                                  num_chunks, method, beta, mu, safeguard, group_size, log_q,
+                                  log_one_minus_q, workspace, loss, stats, lambda_out,
+                                  coefficients, stream);
 }
 
 extern "C" int sdpo_cuda_gradient(int pred_dtype, int ref_dtype, int target_dtype,

@@ -13,7 +13,7 @@
  *   grad_output (1) fp32; grad (2B, D) in the dtype of model_pred
  * pred_dtype, ref_dtype, target_dtype: SDPO_CUDA_FLOAT32, SDPO_CUDA_BFLOAT16 or
  *   SDPO_CUDA_FLOAT16, one per input (each is read in its own dtype; mixed is fine).
- * chunk_elements: a multiple of 8 (the kernels' element groups).
+ * chunk_elements: a multiple of 8 (the kernels' element groups); num_chunks: 1 to 512.
  * Any alignment works: the kernels use 16-byte vector loads when every pointer is 16-byte
  * aligned and a row of every input is a multiple of 16 bytes (sdpo_cuda_vector_loads), and
  * scalar loads otherwise, with the same summation order (the same bits either way).
@@ -54,6 +54,19 @@ SDPO_API int sdpo_cuda_vector_loads(int pred_dtype, int ref_dtype, int target_dt
                                     const void* target, int64_t elements);
 
 SDPO_API int sdpo_cuda_forward(int pred_dtype, int ref_dtype, int target_dtype,
+                      const void* model_pred, const void* ref_pred, const void* target,
+                      int target_shared, const float* pair_weights, int64_t batch_pairs,
+                      int64_t elements, int64_t chunk_elements, int64_t num_chunks, int method,
+                      float beta, float mu, int safeguard, int64_t group_size, float log_q,
+                      float log_one_minus_q, float* workspace, float* loss, float* stats,
+                      float* lambda_out, float* coefficients, void* stream);
+
+/* sdpo_cuda_forward's kernels one at a time (the benchmarks time each): phases
+ * SDPO_CUDA_SUMS (pair_sums_kernel: workspace partials), SDPO_CUDA_FINALIZE (finalize_kernel,
+ * from the partials) or both. */
+#define SDPO_CUDA_SUMS 1
+#define SDPO_CUDA_FINALIZE 2
+SDPO_API int sdpo_cuda_forward_phases(int phases, int pred_dtype, int ref_dtype, int target_dtype,
                       const void* model_pred, const void* ref_pred, const void* target,
                       int target_shared, const float* pair_weights, int64_t batch_pairs,
                       int64_t elements, int64_t chunk_elements, int64_t num_chunks, int method,
