@@ -300,9 +300,12 @@ def forward_launches(
     )  # fmt: skip
 
     def launch(phase: int, what: str) -> Callable[[], None]:
-        def run() -> None:
+        # `buffers` keeps the tensors the raw pointers in `arguments` point into (the workspace,
+        # the outputs) alive as long as the launch is: without it the caller's dropping the
+        # outputs freed memory the finalize kernel then wrote (a crash in the CPU test).
+        def run(buffers: tuple = (arguments, outputs)) -> None:
             with _launch_context(model_pred)[0]:
-                status = cuda_library().sdpo_cuda_forward_phases(phase, *arguments[:-1])
+                status = cuda_library().sdpo_cuda_forward_phases(phase, *buffers[0][:-1])
             _check(status, what)
 
         return run

@@ -410,3 +410,26 @@ def test_eager_autograd_path_and_compiled_op(emulated, monkeypatch, dtypes):
     torch._dynamo.reset()
     assert torch.equal(compiled_loss.detach(), loss.detach())
     assert torch.equal(compiled_pred.grad, pred.grad)
+
+
+def test_benchmark_phase_launches(emulated, monkeypatch):
+    # The benchmarks time the CUDA twin's sums, finalize and gradient kernels one at a time
+    # (kernel_bench.fused_phase_steps(..., "cuda")); here with the emulated library: each phase
+    # runs, and the split forward writes the same bits as the one-call forward.
+    from sdpo.profiling import kernel_bench
+
+    monkeypatch.setitem(cuda_backend._LIBRARIES, cuda_backend.LIBRARY_NAME, emulated)
+    batch_pairs, sample_shape = kernel_bench.SMOKE_SIZES["smoke"]
+    cpu = torch.device("cpu")
+    phases = kernel_bench.fused_phase_steps(batch_pairs, sample_shape, torch.bfloat16, cpu, "cuda")
+    assert set(phases) == {"sums", "finalize", "gradient"}
+    for run in phases.values():
+        run()
+    inputs = kernel_bench.make_input_sets(batch_pairs, sample_shape, torch.bfloat16, cpu, 1)[0]
+    arguments = (None, reference.METHOD_CODES["diffusion-dpo"], 5000.0, 0.9, True, 0, 0.0)
+    (sums, finalize), split = cuda_backend.forward_launches(*inputs, *arguments)
+    sums()
+    finalize()
+    whole = cuda_backend.cuda_forward(*inputs, *arguments)
+    for expected, actual in zip(whole, split, strict=True):
+        assert torch.equal(expected, actual)
