@@ -184,6 +184,25 @@ def test_emulated_cuda_kernels_match_torch(
     assert (scale < 1).any(), "the inputs must exercise the safeguard"
 
 
+@pytest.mark.parametrize(
+    "dtypes",
+    list(itertools.product(DTYPES, repeat=3)),
+    ids=lambda dtypes: "-".join(str(dtype).removeprefix("torch.") for dtype in dtypes),
+)
+def test_every_dtype_combination_matches_torch(emulated, dtypes):
+    # Each input in its own dtype, all 27 combinations (the trainer's are fp32, or bf16 / fp16
+    # predictions with an fp32 or same-dtype target), on the vector path (D = 64) with DSPO,
+    # whose gradient also reads ref_pred.
+    model_pred, ref_pred, target = cast(make_inputs(2, (4, 16), ref_offset=0.5), dtypes)
+    kwargs = dict(method="dspo", beta=beta_for("dspo"), mu=0.6, granularity="pair")
+    emulated.cuda_emulation_vector_loads()  # reset
+    outputs = emulated_loss(
+        emulated, model_pred, ref_pred, target, weights=None, chunk_elements=64, **kwargs
+    )
+    assert emulated.cuda_emulation_vector_loads() > 0
+    assert_matches_torch(outputs, model_pred, ref_pred, target, None, **kwargs)
+
+
 def vector_count(dtype: torch.dtype) -> int:
     """16-byte accesses per group of 8 elements: one for 16-bit values, two for fp32."""
     return 2 if dtype == torch.float32 else 1
