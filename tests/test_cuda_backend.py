@@ -327,20 +327,22 @@ def test_gpu_matches_torch(method, mu, granularity, dtype):
 @pytest.mark.parametrize(
     ("batch_pairs", "sample_shape"),
     [
+        # Chunks of 2048 as cuda_backend.plan_chunks gives them; odd sizes take the scalar path.
         (1, (97,)),  # one pair; one chunk and one gradient block, both mostly idle threads
-        (3, (3, 17, 19)),  # 969 elements: 4 chunks of 243 (the last 240), a partial block
-        (5, (5, 37, 41)),  # 7585 elements: 30 chunks of 253 (the last 248), 8 gradient blocks
-        (300, (2, 3, 5)),  # more pairs than the finalize block's 256 threads: its loops wrap
+        (3, (3, 17, 19)),  # 969 elements: one partial chunk, a partial gradient block
+        (5, (5, 37, 41)),  # 7585 elements: 4 chunks (the last 1441), 4 gradient blocks
+        (2, (4, 61, 64)),  # 15616 = 8 x 1952: the 16-byte path, 8 chunks (the last 1280)
+        (3, (4, 9, 61)),  # 2196: fp32 on the 16-byte path with a 4-element tail; bf16 scalar
+        (600, (2, 3, 5)),  # more pairs than a finalize tile (512) and its 512 threads
     ],
 )
 @pytest.mark.parametrize("method", sdpo.METHODS)
 @pytest.mark.parametrize("granularity", ["batch", "group:7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_odd_shapes_match_torch(batch_pairs, sample_shape, method, granularity, dtype):
-    # (4, 16, 16) above is 1024 elements: four whole chunks of 256 and one whole gradient block.
-    # Chunk counts as cuda_backend.plan_chunks gives them (a function of the shapes only). (One element
-    # per sample was tried and dropped: u saturates near 12 and fp32's 1 - sigmoid(u) alone
-    # differs by 0.5% from fp64 there.)
+    # (4, 16, 16) above is 1024 elements: one chunk, half a gradient block, the 16-byte path.
+    # (One element per sample was tried and dropped: u saturates near 12 and fp32's
+    # 1 - sigmoid(u) alone differs by 0.5% from fp64 there.)
     _require_gpu_library()
     results = _gpu_pair(
         method, 0.6, granularity, dtype, shared_target=batch_pairs % 2 == 1,
@@ -394,3 +396,53 @@ def test_gpu_layouts_weights_compile_and_graph_capture(monkeypatch):
     replay_loss, replay_grad = loss_and_grad(model_pred * 1.01)
     torch.testing.assert_close(graph_loss, replay_loss)
     torch.testing.assert_close(graph_grad, replay_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # the trainer under bf16 autocast
+        (torch.float16, torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32, torch.float16),
+    ],
+)
+def test_gpu_mixed_dtypes_and_misaligned_views(dtypes):
+    # Each input read in its own dtype (no fp32 copies); the same values in views one element
+    # off 16-byte alignment take the scalar path and give the same bits (same summation order).
+    _require_gpu_library()
+    model_pred, ref_pred, target = (
+        tensor.to("cuda", dtype)
+        for tensor, dtype in zip(
+            make_inputs(3, (4, 16, 64), ref_offset=0.5, shared_target=False), dtypes, strict=True
+        )
+    )
+
+    def misaligned(tensor):
+        storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+        view = storage[1:].view(tensor.shape)
+        view.copy_(tensor)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    library = cuda_backend.cuda_library()
+    codes = [cuda_backend.DTYPE_CODES[dtype] for dtype in dtypes]
+    inputs = (model_pred, ref_pred, target)
+    elements = model_pred[0].numel()
+    assert library.sdpo_cuda_vector_loads(*codes, *(t.data_ptr() for t in inputs), elements)
+    runs = []
+    for pred, ref, tgt in (inputs, tuple(misaligned(t) for t in inputs)):
+        kwargs = dict(method="dspo", beta=beta_for("dspo"), mu=0.6, granularity="pair")
+        results = {}
+        for backend in ("torch", "cuda"):
+            leaf = pred.detach().requires_grad_(True)  # the same storage: still misaligned
+            result = sdpo.preference_loss(leaf, ref, tgt, backend=backend, **kwargs)
+            result.loss.backward()
+            results[backend] = (result, leaf.grad)
+        _assert_cuda_matches_torch(results, "dspo", dtypes[0])
+        runs.append(results["cuda"])
+    (aligned, aligned_grad), (shifted, shifted_grad) = runs
+    assert torch.equal(aligned.loss, shifted.loss)
+    assert torch.equal(aligned_grad, shifted_grad)
+    for name in aligned.stats:
+        assert torch.equal(aligned.stats[name], shifted.stats[name]), name
