@@ -204,9 +204,10 @@ def _forward_arguments(
     safeguard: bool,
     group_size: int,
     dmpo_alpha: float,
+    stream: int | None,
 ) -> tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """sdpo_cuda_forward's arguments for these inputs (new output buffers, the current stream),
-    and the outputs (loss, stats, lambda, coefficients) the kernels will write."""
+    """sdpo_cuda_forward's arguments for these inputs (new output buffers, ``stream``), then the
+    workspace tensor, and the outputs (loss, stats, lambda, coefficients) the kernels write."""
     library = cuda_library()
     device = model_pred.device
     rows = model_pred.shape[0]
@@ -222,7 +223,6 @@ def _forward_arguments(
     scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
     coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
-    stream = _launch_context(model_pred)[1]
     arguments = (
         DTYPE_CODES[model_pred.dtype],
         DTYPE_CODES[ref_pred.dtype],
@@ -269,11 +269,12 @@ def cuda_forward(
     """The forward kernels (sdpo::cuda_preference_forward's body and the eager path):
     (loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
     Each contiguous input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
+    context, stream = _launch_context(model_pred)
     arguments, outputs = _forward_arguments(
         model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, dmpo_alpha,
+        group_size, dmpo_alpha, stream,
     )  # fmt: skip
-    with _launch_context(model_pred)[0]:
+    with context:
         status = cuda_library().sdpo_cuda_forward(*arguments[:-1])
     _check(status, "the forward kernels")
     return outputs
@@ -296,7 +297,7 @@ def forward_launches(
     coefficients)); each launch reruns one kernel on the same buffers."""
     arguments, outputs = _forward_arguments(
         model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, dmpo_alpha,
+        group_size, dmpo_alpha, _launch_context(model_pred)[1],
     )  # fmt: skip
 
     def launch(phase: int, what: str) -> Callable[[], None]:
