@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import sdpo
+from sdpo import reference
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 
 SIZES = {
@@ -172,29 +173,50 @@ def time_cuda(step: Callable[[], object], inner: int, rounds: int) -> float:
 
 
 def fused_phase_steps(
-    batch_pairs: int, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    batch_pairs: int,
+    sample_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str = "fused",
 ) -> dict[str, Callable[[], None]]:
-    """The fused backend's three kernels as separate steps ({"sums", "finalize", "gradient"}),
-    each relaunching one kernel on the same inputs, so the finalize kernel (one program, the
-    partials of all pairs and chunks) is timed apart from the two passes over the data."""
-    from sdpo.kernels import preference
-
+    """A fused backend's three kernels as separate steps ({"sums", "finalize", "gradient"}),
+    each relaunching one kernel on the same inputs, so the finalize kernel (one block, the
+    partials of all pairs and chunks) is timed apart from the two passes over the data.
+    ``name``: "fused" (the Triton kernels) or "cuda" (their CUDA C++ twin)."""
     model_pred, ref_pred, target = make_input_sets(batch_pairs, sample_shape, dtype, device, 1)[0]
-    (launch_sums, launch_finalize), (_loss, _stats, _scale, coefficients) = (
-        preference.forward_launches(
-            model_pred, ref_pred, target, None, method_code=preference.METHOD_DPO, beta=BETA,
-            mu=MU, safeguard=True, group_size=0, log_q=0.0, log_one_minus_q=0.0,
+    grad_output = torch.ones((), dtype=torch.float32, device=device)
+    if name == "cuda":
+        from sdpo import cuda_backend
+
+        method = reference.METHOD_CODES["diffusion-dpo"]
+        (launch_sums, launch_finalize), (_loss, _stats, _scale, coefficients) = (
+            cuda_backend.forward_launches(
+                model_pred, ref_pred, target, None, method, BETA, MU, True, 0, 0.0
+            )
         )
-    )  # fmt: skip
+
+        def gradient() -> None:
+            cuda_backend.cuda_backward(
+                grad_output, model_pred, ref_pred, target, coefficients, False
+            )
+
+    else:
+        from sdpo.kernels import preference
+
+        (launch_sums, launch_finalize), (_loss, _stats, _scale, coefficients) = (
+            preference.forward_launches(
+                model_pred, ref_pred, target, None, method_code=preference.METHOD_DPO,
+                beta=BETA, mu=MU, safeguard=True, group_size=0, log_q=0.0, log_one_minus_q=0.0,
+            )
+        )  # fmt: skip
+
+        def gradient() -> None:
+            preference.launch_gradient(
+                grad_output, model_pred, ref_pred, target, coefficients, with_gap=False
+            )
+
     launch_sums()
     launch_finalize()
-    grad_output = torch.ones((), dtype=torch.float32, device=device)
-
-    def gradient() -> None:
-        preference.launch_gradient(
-            grad_output, model_pred, ref_pred, target, coefficients, with_gap=False
-        )
-
     return {"sums": launch_sums, "finalize": launch_finalize, "gradient": gradient}
 
 

@@ -13,8 +13,10 @@ arrays; the CPU tests use it through :func:`host_library`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,12 +27,15 @@ from sdpo.settings import LossSettings
 
 LIBRARY_NAME = "libsdpo_cuda.so"
 HOST_LIBRARY_NAME = "libsdpo_cuda_host.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 METHOD_CODES = reference.METHOD_CODES
 NUM_STATS = ops.NUM_FUSED_STATS
 SUMS_THREADS = 256
+# Elements per thread and loop step of the kernels (one 16-byte load of a 16-bit input, two of
+# fp32): chunks are whole multiples of it.
+VECTOR_ELEMENTS = 8
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
@@ -70,14 +75,18 @@ def _declare(library: ctypes.CDLL, name: str) -> None:
         library.sdpo_cuda_last_error.restype = ctypes.c_char_p
         library.sdpo_cuda_workspace_floats.restype = _i64
         library.sdpo_cuda_workspace_floats.argtypes = [_i64, _i64]
+        library.sdpo_cuda_vector_loads.restype = _int
+        library.sdpo_cuda_vector_loads.argtypes = [_int, _int, _int, _ptr, _ptr, _ptr, _i64]
         library.sdpo_cuda_forward.restype = _int
         library.sdpo_cuda_forward.argtypes = [
-            _int, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64, _int,
+            _int, _int, _int, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64, _int,
             _f32, _f32, _int, _i64, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
         ]  # fmt: skip
+        library.sdpo_cuda_forward_phases.restype = _int
+        library.sdpo_cuda_forward_phases.argtypes = [_int, *library.sdpo_cuda_forward.argtypes]
         library.sdpo_cuda_gradient.restype = _int
         library.sdpo_cuda_gradient.argtypes = [
-            _int, _ptr, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr, _ptr,
+            _int, _int, _int, _ptr, _ptr, _ptr, _ptr, _int, _int, _i64, _i64, _ptr, _ptr, _ptr,
         ]  # fmt: skip
         version = library.sdpo_cuda_abi_version()
         if version != ABI_VERSION:
@@ -153,15 +162,194 @@ def _check(status: int, what: str) -> None:
 # device's SM count: the reduction order, and so every bit of the result, depends on the shapes
 # alone, so a run resumed on another GPU model continues bit-identically.
 SUMS_PROGRAMS = 512
+# Elements one pass of a pair_sums_kernel block covers (256 threads x 8).
+SUMS_STEP = SUMS_THREADS * VECTOR_ELEMENTS
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
 
 
 def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
-    """(chunk_elements, num_chunks): a function of the shapes only (see SUMS_PROGRAMS)."""
-    blocks = -(-elements // SUMS_THREADS)
-    pairs_pow2 = 1 << max(0, (batch_pairs - 1).bit_length())
-    num_chunks = max(1, min(blocks, SUMS_PROGRAMS // pairs_pow2, 65535))
-    chunk_elements = -(-elements // num_chunks)
+    """(chunk_elements, num_chunks): a function of the shapes only (see SUMS_PROGRAMS).
+
+    A chunk is a power of two of SUMS_STEPs and there are at most SUMS_PROGRAMS /
+    next_power_of_2(B) chunks per pair, so the finalize kernel loads all partials into one
+    shared (pairs, chunks, 8) tile of <= 4096 floats while B <= 512 (as the Triton plan). The
+    video size (B = 2, 2.1M elements per sample) becomes 2 x 256 blocks of 8192 elements.
+    """
+    steps = -(-elements // SUMS_STEP)
+    max_chunks = max(1, SUMS_PROGRAMS // _next_power_of_2(batch_pairs))
+    chunk_elements = _next_power_of_2(-(-steps // max_chunks)) * SUMS_STEP
     return chunk_elements, -(-elements // chunk_elements)
+
+
+def _launch_context(tensor: Tensor) -> tuple[contextlib.AbstractContextManager, int | None]:
+    """(device context, stream) for a launch on ``tensor``'s device. A CPU tensor reaches the
+    library only from the CPU tests, whose emulated build of it takes host pointers and no
+    stream (backend="cuda" itself refuses CPU inputs in require_cuda)."""
+    if not tensor.is_cuda:
+        return contextlib.nullcontext(), None
+    return torch.cuda.device(tensor.device), torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def _forward_arguments(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+    stream: int | None,
+) -> tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """sdpo_cuda_forward's arguments for these inputs (new output buffers, ``stream``), then the
+    workspace tensor, and the outputs (loss, stats, lambda, coefficients) the kernels write."""
+    library = cuda_library()
+    device = model_pred.device
+    rows = model_pred.shape[0]
+    batch_pairs, elements = rows // 2, model_pred[0].numel()
+    chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
+    workspace = torch.empty(
+        library.sdpo_cuda_workspace_floats(batch_pairs, num_chunks),
+        dtype=torch.float32,
+        device=device,
+    )
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
+    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
+    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
+    log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
+    arguments = (
+        DTYPE_CODES[model_pred.dtype],
+        DTYPE_CODES[ref_pred.dtype],
+        DTYPE_CODES[target.dtype],
+        model_pred.data_ptr(),
+        ref_pred.data_ptr(),
+        target.data_ptr(),
+        int(target.shape[0] == batch_pairs),
+        pair_weights.data_ptr() if pair_weights is not None else None,
+        batch_pairs,
+        elements,
+        chunk_elements,
+        num_chunks,
+        method_code,
+        beta,
+        mu,
+        int(safeguard),
+        group_size,
+        log_q,
+        log_one_minus_q,
+        workspace.data_ptr(),
+        loss.data_ptr(),
+        stats.data_ptr(),
+        scale.data_ptr(),
+        coefficients.data_ptr(),
+        stream,
+    )
+    # The workspace rides along: the kernels use it after this function returns.
+    return (*arguments, workspace), (loss, stats, scale, coefficients)
+
+
+def cuda_forward(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernels (sdpo::cuda_preference_forward's body and the eager path):
+    (loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
+    Each contiguous input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
+    context, stream = _launch_context(model_pred)
+    arguments, outputs = _forward_arguments(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha, stream,
+    )  # fmt: skip
+    with context:
+        status = cuda_library().sdpo_cuda_forward(*arguments[:-1])
+    _check(status, "the forward kernels")
+    return outputs
+
+
+def forward_launches(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    dmpo_alpha: float,
+) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The two forward kernels as separate launches, for the benchmarks (as the Triton
+    backend's forward_launches): ((sums launch, finalize launch), (loss, stats, lambda,
+    coefficients)); each launch reruns one kernel on the same buffers."""
+    arguments, outputs = _forward_arguments(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha, _launch_context(model_pred)[1],
+    )  # fmt: skip
+
+    def launch(phase: int, what: str) -> Callable[[], None]:
+        # `buffers` keeps the tensors the raw pointers in `arguments` point into (the workspace,
+        # the outputs) alive as long as the launch is: without it the caller's dropping the
+        # outputs freed memory the finalize kernel then wrote (a crash in the CPU test).
+        def run(buffers: tuple = (arguments, outputs)) -> None:
+            with _launch_context(model_pred)[0]:
+                status = cuda_library().sdpo_cuda_forward_phases(phase, *buffers[0][:-1])
+            _check(status, what)
+
+        return run
+
+    return (launch(1, "pair_sums_kernel"), launch(2, "finalize_kernel")), outputs
+
+
+def cuda_backward(
+    grad_loss: Tensor,
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    coefficients: Tensor,
+    with_gap: bool,
+) -> Tensor:
+    """The gradient kernel (sdpo::cuda_preference_backward's body and the eager path):
+    d loss / d model_pred in model_pred's dtype."""
+    library = cuda_library()
+    rows = model_pred.shape[0]
+    batch_pairs, elements = rows // 2, model_pred[0].numel()
+    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
+    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
+    context, stream = _launch_context(model_pred)
+    with context:
+        status = library.sdpo_cuda_gradient(
+            DTYPE_CODES[model_pred.dtype],
+            DTYPE_CODES[ref_pred.dtype],
+            DTYPE_CODES[target.dtype],
+            grad_output.data_ptr(),
+            model_pred.data_ptr(),
+            ref_pred.data_ptr(),
+            target.data_ptr(),
+            int(target.shape[0] == batch_pairs),
+            int(with_gap),
+            batch_pairs,
+            elements,
+            coefficients.data_ptr(),
+            grad.data_ptr(),
+            stream,
+        )
+    _check(status, "the gradient kernel")
+    return grad
 
 
 @torch.library.custom_op("sdpo::cuda_preference_forward", mutates_args=())
@@ -178,50 +366,10 @@ def cuda_preference_forward(
     dmpo_alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
-    library = cuda_library()
-    device = model_pred.device
-    rows = model_pred.shape[0]
-    batch_pairs, elements = rows // 2, model_pred[0].numel()
-    chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
-    workspace = torch.empty(
-        library.sdpo_cuda_workspace_floats(batch_pairs, num_chunks),
-        dtype=torch.float32,
-        device=device,
-    )
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
-    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
-    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
-    log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        status = library.sdpo_cuda_forward(
-            DTYPE_CODES[model_pred.dtype],
-            model_pred.data_ptr(),
-            ref_pred.data_ptr(),
-            target.data_ptr(),
-            int(target.shape[0] == batch_pairs),
-            pair_weights.data_ptr() if pair_weights is not None else None,
-            batch_pairs,
-            elements,
-            chunk_elements,
-            num_chunks,
-            method_code,
-            beta,
-            mu,
-            int(safeguard),
-            group_size,
-            log_q,
-            log_one_minus_q,
-            workspace.data_ptr(),
-            loss.data_ptr(),
-            stats.data_ptr(),
-            scale.data_ptr(),
-            coefficients.data_ptr(),
-            stream,
-        )
-    _check(status, "the forward kernels")
-    return loss, stats, scale, coefficients
+    return cuda_forward(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha,
+    )  # fmt: skip
 
 
 @cuda_preference_forward.register_fake
@@ -242,29 +390,7 @@ def cuda_preference_backward(
     with_gap: bool,
 ) -> Tensor:
     """d loss / d model_pred: winners g0 (a e_w + b (pred_w - ref_w)), losers g0 c e_l."""
-    library = cuda_library()
-    rows = model_pred.shape[0]
-    batch_pairs, elements = rows // 2, model_pred[0].numel()
-    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
-    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
-    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
-    with torch.cuda.device(model_pred.device):
-        status = library.sdpo_cuda_gradient(
-            DTYPE_CODES[model_pred.dtype],
-            grad_output.data_ptr(),
-            model_pred.data_ptr(),
-            ref_pred.data_ptr(),
-            target.data_ptr(),
-            int(target.shape[0] == batch_pairs),
-            int(with_gap),
-            batch_pairs,
-            elements,
-            coefficients.data_ptr(),
-            grad.data_ptr(),
-            torch.cuda.current_stream(model_pred.device).cuda_stream,
-        )
-    _check(status, "the gradient kernel")
-    return grad
+    return cuda_backward(grad_loss, model_pred, ref_pred, target, coefficients, with_gap)
 
 
 @cuda_preference_backward.register_fake
@@ -272,7 +398,11 @@ def _backward_fake(grad_loss, model_pred, ref_pred, target, coefficients, with_g
     return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
 
 
-ops.register_fused_autograd(cuda_preference_forward, cuda_preference_backward)
+# Eager calls take the plain functions through one autograd.Function (as backend="triton"
+# does), not the custom-op dispatcher; torch.compile traces the custom ops.
+ops.register_fused_autograd(
+    cuda_preference_forward, cuda_preference_backward, cuda_forward, cuda_backward
+)
 
 
 def preference_loss_cuda(
@@ -282,15 +412,13 @@ def preference_loss_cuda(
     settings: LossSettings,
     pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """backend="cuda": fp32, bf16 and fp16. The kernels read one dtype for all three inputs, so
-    mixed inputs are promoted to the widest of them (a bf16 prediction against an fp32 target is
-    read as fp32); fp64 is read as fp32, as the Triton backend does."""
+    """backend="cuda": each input read in its own dtype, fp32, bf16 or fp16, mixed as they come
+    (a bf16 prediction against an fp32 target: no copies); any other dtype (fp64) is read as
+    fp32, as the Triton backend reads fp64."""
+    model_pred, ref_pred, target = (
+        tensor if tensor.dtype in DTYPE_CODES else tensor.to(torch.float32)
+        for tensor in (model_pred, ref_pred, target)
+    )
     return ops.preference_loss_fused(
-        cuda_preference_forward,
-        model_pred,
-        ref_pred,
-        target,
-        settings,
-        pair_weights,
-        read_dtypes=tuple(DTYPE_CODES),
+        cuda_preference_forward, model_pred, ref_pred, target, settings, pair_weights
     )

@@ -192,13 +192,16 @@ def test_fullgraph_compile_traces_the_library_check(build_dir, monkeypatch):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"dtype": 3}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
+        ({"pred_dtype": 3}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
+        ({"ref_dtype": -1}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
+        ({"target_dtype": 3}, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)"),
         ({"batch_pairs": 0}, "batch_pairs: expected 1 to 32767 pairs"),
         ({"batch_pairs": 32768}, "batch_pairs: expected 1 to 32767 pairs"),  # 2B rows > 65535
         ({"elements": 0}, "elements: expected >= 1"),
         ({"method": 4}, "method: expected 0 to 3"),
-        ({"chunk_elements": 4, "num_chunks": 2}, "chunks: expected 1 to 65535 chunks covering"),
-        ({"num_chunks": 65536}, "chunks: expected 1 to 65535 chunks covering"),
+        ({"chunk_elements": 4, "num_chunks": 2}, "chunks: expected 1 to 512 chunks covering"),
+        ({"num_chunks": 513}, "chunks: expected 1 to 512 chunks covering"),
+        ({"chunk_elements": 12}, "chunk_elements: expected a multiple of 8"),
         ({"group_size": -1}, "group_size: expected >= 0"),
     ],
 )
@@ -215,10 +218,12 @@ def test_library_errors_become_exceptions(build_dir, monkeypatch, arguments, mes
     assert library.sdpo_cuda_abi_version() == cuda_backend.ABI_VERSION
     # partials (B, chunks, 8) + pair sums (B, 8) + per-pair outputs (B, 8)
     assert library.sdpo_cuda_workspace_floats(3, 5) == 3 * 5 * 8 + 3 * 8 + 3 * 8
-    forward = {"dtype": 0, "batch_pairs": 2, "elements": 10, "chunk_elements": 10}
-    forward |= {"num_chunks": 1, "method": 0, "group_size": 0} | arguments
+    forward = {"pred_dtype": 0, "ref_dtype": 1, "target_dtype": 2, "batch_pairs": 2}
+    forward |= {"elements": 10, "chunk_elements": 16, "num_chunks": 1, "method": 0}
+    forward |= {"group_size": 0} | arguments
+    dtypes = (forward["pred_dtype"], forward["ref_dtype"], forward["target_dtype"])
     status = library.sdpo_cuda_forward(
-        forward["dtype"], None, None, None, 1, None, forward["batch_pairs"], forward["elements"],
+        *dtypes, None, None, None, 1, None, forward["batch_pairs"], forward["elements"],
         forward["chunk_elements"], forward["num_chunks"], forward["method"], 1.0, 0.0, 0,
         forward["group_size"], 0.0, 0.0, None, None, None, None, None, None,
     )  # fmt: skip
@@ -226,15 +231,36 @@ def test_library_errors_become_exceptions(build_dir, monkeypatch, arguments, mes
     expected = re.escape(f'backend="cuda": the forward kernels failed ({message}')
     with pytest.raises(RuntimeError, match=expected):
         cuda_backend._check(status, "the forward kernels")
-    if set(arguments) <= {"dtype", "batch_pairs", "elements"}:  # the gradient's own checks
+    gradient_checks = {"pred_dtype", "ref_dtype", "target_dtype", "batch_pairs", "elements"}
+    if set(arguments) <= gradient_checks:  # the gradient's own checks
         status = library.sdpo_cuda_gradient(
-            forward["dtype"], None, None, None, None, 1, 0, forward["batch_pairs"],
-            forward["elements"], None, None, None,
+            *dtypes, None, None, None, None, 1, 0, forward["batch_pairs"], forward["elements"],
+            None, None, None,
         )  # fmt: skip
         assert status == 1
         expected = re.escape(f'backend="cuda": the gradient kernel failed ({message}')
         with pytest.raises(RuntimeError, match=expected):
             cuda_backend._check(status, "the gradient kernel")
+
+
+def test_vector_path_condition(build_dir, monkeypatch):
+    # The real library's host-side choice of the 16-byte path: every pointer 16-byte aligned
+    # and a row of every input a multiple of 16 bytes (8 bf16/fp16 or 4 fp32 elements).
+    path = build_dir / cuda_backend.LIBRARY_NAME
+    if not path.is_file():
+        pytest.skip("nvcc is not installed: only the host library was built")
+    monkeypatch.setenv("SDPO_CUDA_LIBRARY", str(path))
+    monkeypatch.setattr(cuda_backend, "_LIBRARIES", {})
+    library = cuda_backend.cuda_library()
+    aligned, off = 1 << 20, (1 << 20) + 8
+    fp32, bf16, fp16 = 0, 1, 2
+    assert library.sdpo_cuda_vector_loads(bf16, bf16, fp32, aligned, aligned, aligned, 16)
+    assert library.sdpo_cuda_vector_loads(fp32, fp32, fp32, aligned, aligned, aligned, 12)
+    assert not library.sdpo_cuda_vector_loads(bf16, bf16, fp32, aligned, aligned, aligned, 12)
+    assert not library.sdpo_cuda_vector_loads(fp16, fp16, fp16, aligned, aligned, aligned, 9)
+    assert not library.sdpo_cuda_vector_loads(fp32, fp32, fp32, aligned, aligned, off, 16)
+    assert not library.sdpo_cuda_vector_loads(bf16, bf16, fp32, off, aligned, aligned, 16)
+    assert not library.sdpo_cuda_vector_loads(bf16, bf16, fp32, aligned, off, aligned, 16)
 
 
 # GPU ---------------------------------------------------------------------------------------
@@ -301,20 +327,22 @@ def test_gpu_matches_torch(method, mu, granularity, dtype):
 @pytest.mark.parametrize(
     ("batch_pairs", "sample_shape"),
     [
+        # Chunks of 2048 as cuda_backend.plan_chunks gives them; odd sizes take the scalar path.
         (1, (97,)),  # one pair; one chunk and one gradient block, both mostly idle threads
-        (3, (3, 17, 19)),  # 969 elements: 4 chunks of 243 (the last 240), a partial block
-        (5, (5, 37, 41)),  # 7585 elements: 30 chunks of 253 (the last 248), 8 gradient blocks
-        (300, (2, 3, 5)),  # more pairs than the finalize block's 256 threads: its loops wrap
+        (3, (3, 17, 19)),  # 969 elements: one partial chunk, a partial gradient block
+        (5, (5, 37, 41)),  # 7585 elements: 4 chunks (the last 1441), 4 gradient blocks
+        (2, (4, 61, 64)),  # 15616 = 8 x 1952: the 16-byte path, 8 chunks (the last 1280)
+        (3, (4, 9, 61)),  # 2196: fp32 on the 16-byte path with a 4-element tail; bf16 scalar
+        (600, (2, 3, 5)),  # more pairs than a finalize tile (512) and its 512 threads
     ],
 )
 @pytest.mark.parametrize("method", sdpo.METHODS)
 @pytest.mark.parametrize("granularity", ["batch", "group:7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_odd_shapes_match_torch(batch_pairs, sample_shape, method, granularity, dtype):
-    # (4, 16, 16) above is 1024 elements: four whole chunks of 256 and one whole gradient block.
-    # Chunk counts as cuda_backend.plan_chunks gives them (a function of the shapes only). (One element
-    # per sample was tried and dropped: u saturates near 12 and fp32's 1 - sigmoid(u) alone
-    # differs by 0.5% from fp64 there.)
+    # (4, 16, 16) above is 1024 elements: one chunk, half a gradient block, the 16-byte path.
+    # (One element per sample was tried and dropped: u saturates near 12 and fp32's
+    # 1 - sigmoid(u) alone differs by 0.5% from fp64 there.)
     _require_gpu_library()
     results = _gpu_pair(
         method, 0.6, granularity, dtype, shared_target=batch_pairs % 2 == 1,
@@ -368,3 +396,53 @@ def test_gpu_layouts_weights_compile_and_graph_capture(monkeypatch):
     replay_loss, replay_grad = loss_and_grad(model_pred * 1.01)
     torch.testing.assert_close(graph_loss, replay_loss)
     torch.testing.assert_close(graph_grad, replay_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # the trainer under bf16 autocast
+        (torch.float16, torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32, torch.float16),
+    ],
+)
+def test_gpu_mixed_dtypes_and_misaligned_views(dtypes):
+    # Each input read in its own dtype (no fp32 copies); the same values in views one element
+    # off 16-byte alignment take the scalar path and give the same bits (same summation order).
+    _require_gpu_library()
+    model_pred, ref_pred, target = (
+        tensor.to("cuda", dtype)
+        for tensor, dtype in zip(
+            make_inputs(3, (4, 16, 64), ref_offset=0.5, shared_target=False), dtypes, strict=True
+        )
+    )
+
+    def misaligned(tensor):
+        storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+        view = storage[1:].view(tensor.shape)
+        view.copy_(tensor)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    library = cuda_backend.cuda_library()
+    codes = [cuda_backend.DTYPE_CODES[dtype] for dtype in dtypes]
+    inputs = (model_pred, ref_pred, target)
+    elements = model_pred[0].numel()
+    assert library.sdpo_cuda_vector_loads(*codes, *(t.data_ptr() for t in inputs), elements)
+    runs = []
+    for pred, ref, tgt in (inputs, tuple(misaligned(t) for t in inputs)):
+        kwargs = dict(method="dspo", beta=beta_for("dspo"), mu=0.6, granularity="pair")
+        results = {}
+        for backend in ("torch", "cuda"):
+            leaf = pred.detach().requires_grad_(True)  # the same storage: still misaligned
+            result = sdpo.preference_loss(leaf, ref, tgt, backend=backend, **kwargs)
+            result.loss.backward()
+            results[backend] = (result, leaf.grad)
+        _assert_cuda_matches_torch(results, "dspo", dtypes[0])
+        runs.append(results["cuda"])
+    (aligned, aligned_grad), (shifted, shifted_grad) = runs
+    assert torch.equal(aligned.loss, shifted.loss)
+    assert torch.equal(aligned_grad, shifted_grad)
+    for name in aligned.stats:
+        assert torch.equal(aligned.stats[name], shifted.stats[name]), name

@@ -1,16 +1,28 @@
 // CUDA C++ twin of the fused Triton kernels in kernels/preference.py (the same three passes:
 // pair sums, finalize, gradient), exported through the C ABI in sdpo_preference.h.
 //
-// pair_sums_kernel: grid (B, num_chunks), 256 threads; each thread accumulates the seven sums
-//   over a strided slice of its chunk in fp32, then a fixed-shape shared-memory tree reduces
-//   them (deterministic: no atomics, as exact resume needs). One read of every input.
-// finalize_kernel: one block; reduces the chunks of each pair, then the math of
-//   sdpo_preference_math.h (the same functions the CPU tests run).
-// gradient_kernel: grid (blocks of 1024 elements, 2B rows); 4 elements per thread.
+// pair_sums_kernel: grid (B, num_chunks), 256 threads; each thread takes groups of kVector = 8
+//   consecutive elements (groups t, t + 256, ... of its chunk) and accumulates the seven sums in
+//   fp32, then a fixed-shape shared-memory tree reduces them (deterministic: no atomics, as
+//   exact resume needs). One read of every input.
+// finalize_kernel: one block; one load of all partials into a shared (pairs, chunk slots, 8)
+//   tile (<= 4096 floats for the chunk counts cuda_backend.plan_chunks gives), a halving tree
+//   over the chunk slots whose shape depends on num_chunks alone (never on the GPU model),
+//   then the math of sdpo_preference_math.h (the same functions the CPU tests run).
+// gradient_kernel: grid (blocks of 2048 elements, 2B rows); one group of 8 elements per thread.
+//
+// Loads: each input has its own dtype (fp32, bf16 or fp16; the kernels are templated on all
+// three), so a bf16 prediction against the trainer's fp32 target is read as it is, no copies.
+// A group is read with 16-byte vector loads (one uint4 for 8 16-bit values, two for 8 fp32)
+// when the host found every pointer 16-byte aligned and every row a whole number of 16 bytes
+// (vector_rows below); otherwise, and for a group cut short by the end of a row or chunk (the
+// tail), element by element. Both paths accumulate a group's elements in the same order, so
+// they give the same bits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -19,10 +31,12 @@
 
 namespace {
 
+constexpr int kVector = 8;  // elements per group: 16 bytes of a 16-bit input, 32 of fp32
 constexpr int kSumsThreads = 256;
-constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeThreads = 512;
+constexpr int kTileFloats = 4096;     // the finalize tile: 16 KB of shared memory
+constexpr int kMaxChunks = 512;       // chunks per pair: the finalize tile's slots at most
 constexpr int kGradientThreads = 256;
-constexpr int kGradientItems = 4;
 
 thread_local std::string last_error;
 
@@ -50,25 +64,125 @@ __device__ __forceinline__ __half from_float<__half>(float value) {
   return __float2half(value);
 }
 
-template <typename T, bool kTargetShared, bool kWithGap>
+// The two 16-bit values of a 32-bit word (the lower address in the low half) as floats.
+__device__ __forceinline__ void unpack_pair(unsigned word, __nv_bfloat16*, float* out) {
+  out[0] = __uint_as_float(word << 16);
+  out[1] = __uint_as_float(word & 0xffff0000u);
+}
+__device__ __forceinline__ void unpack_pair(unsigned word, __half*, float* out) {
+  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
+  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+}
+__device__ __forceinline__ unsigned pack_pair(float low, float high, __nv_bfloat16*) {
+  return static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16(low))) |
+         (static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16(high))) << 16);
+}
+__device__ __forceinline__ unsigned pack_pair(float low, float high, __half*) {
+  return static_cast<unsigned>(__half_as_ushort(__float2half(low))) |
+         (static_cast<unsigned>(__half_as_ushort(__float2half(high))) << 16);
+}
+
+// kVector elements from a 16-byte aligned address: 16 / sizeof(T) per 16-byte load.
+template <typename T>
+__device__ __forceinline__ void load_vector(const T* __restrict__ source, float* out) {
+  const uint4* words = reinterpret_cast<const uint4*>(source);
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int part = 0; part < kVector / 4; ++part) {
+      const uint4 bits = __ldg(words + part);
+      out[4 * part + 0] = __uint_as_float(bits.x);
+      out[4 * part + 1] = __uint_as_float(bits.y);
+      out[4 * part + 2] = __uint_as_float(bits.z);
+      out[4 * part + 3] = __uint_as_float(bits.w);
+    }
+  } else {
+    static_assert(sizeof(T) == 2 && kVector == 8, "one uint4 holds 8 16-bit values");
+    const uint4 bits = __ldg(words);
+    unpack_pair(bits.x, static_cast<T*>(nullptr), out + 0);
+    unpack_pair(bits.y, static_cast<T*>(nullptr), out + 2);
+    unpack_pair(bits.z, static_cast<T*>(nullptr), out + 4);
+    unpack_pair(bits.w, static_cast<T*>(nullptr), out + 6);
+  }
+}
+
+// The first `count` (< kVector at a tail, or any count on the fallback path) elements, one
+// scalar load each; the rest of the group is zero and never accumulated.
+template <typename T>
+__device__ __forceinline__ void load_scalar(const T* __restrict__ source, int count,
+                                            float* out) {
+#pragma unroll
+  for (int j = 0; j < kVector; ++j) out[j] = j < count ? to_float(source[j]) : 0.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_group(const T* __restrict__ source, int count,
+                                           bool vectorized, float* out) {
+  if (vectorized && count == kVector) {
+    load_vector(source, out);
+  } else {
+    load_scalar(source, count, out);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(T* __restrict__ destination, int count,
+                                            bool vectorized, const float* values) {
+  if (vectorized && count == kVector) {
+    uint4* words = reinterpret_cast<uint4*>(destination);
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int part = 0; part < kVector / 4; ++part) {
+        __stwb(words + part, make_uint4(__float_as_uint(values[4 * part + 0]),
+                                        __float_as_uint(values[4 * part + 1]),
+                                        __float_as_uint(values[4 * part + 2]),
+                                        __float_as_uint(values[4 * part + 3])));
+      }
+    } else {
+      T* tag = nullptr;
+      __stwb(words, make_uint4(pack_pair(values[0], values[1], tag),
+                               pack_pair(values[2], values[3], tag),
+                               pack_pair(values[4], values[5], tag),
+                               pack_pair(values[6], values[7], tag)));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) {
+      if (j < count) destination[j] = from_float<T>(values[j]);
+    }
+  }
+}
+
+template <typename TP, typename TR, typename TT, bool kWithGap>
 __global__ void __launch_bounds__(kSumsThreads)
-    pair_sums_kernel(const T* __restrict__ pred, const T* __restrict__ ref,
-                     const T* __restrict__ target, float* __restrict__ partials,
-                     int64_t batch_pairs, int64_t elements, int64_t chunk_elements,
-                     int64_t num_chunks) {
+    pair_sums_kernel(const TP* __restrict__ pred, const TR* __restrict__ ref,
+                     const TT* __restrict__ target, float* __restrict__ partials,
+                     bool target_shared, bool vectorized, int64_t batch_pairs, int64_t elements,
+                     int64_t chunk_elements, int64_t num_chunks) {
   const int64_t pair = blockIdx.x;
   const int64_t chunk = blockIdx.y;
   const int64_t winner = pair * elements;
   const int64_t loser = (pair + batch_pairs) * elements;
-  const int64_t target_loser = kTargetShared ? winner : loser;
+  const int64_t target_loser = target_shared ? winner : loser;
   const int64_t start = chunk * chunk_elements;
   const int64_t stop = min(start + chunk_elements, elements);
   float acc[7] = {0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = start + threadIdx.x; k < stop; k += kSumsThreads) {
-    sdpo::accumulate(to_float(pred[winner + k]), to_float(pred[loser + k]),
-                     to_float(ref[winner + k]), to_float(ref[loser + k]),
-                     to_float(target[winner + k]), to_float(target[target_loser + k]), kWithGap,
-                     acc);
+  for (int64_t k = start + threadIdx.x * kVector; k < stop; k += kSumsThreads * kVector) {
+    const int count = static_cast<int>(min(static_cast<int64_t>(kVector), stop - k));
+    float pred_w[kVector], pred_l[kVector], ref_w[kVector], ref_l[kVector];
+    float target_w[kVector], target_l[kVector];
+    load_group(pred + winner + k, count, vectorized, pred_w);
+    load_group(pred + loser + k, count, vectorized, pred_l);
+    load_group(ref + winner + k, count, vectorized, ref_w);
+    load_group(ref + loser + k, count, vectorized, ref_l);
+    load_group(target + winner + k, count, vectorized, target_w);
+    load_group(target + target_loser + k, count, vectorized, target_l);
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) {
+      if (j < count) {
+        sdpo::accumulate(pred_w[j], pred_l[j], ref_w[j], ref_l[j], target_w[j], target_l[j],
+                         kWithGap, acc);
+      }
+    }
   }
   __shared__ float shared[7][kSumsThreads];
   for (int s = 0; s < 7; ++s) shared[s][threadIdx.x] = acc[s];
@@ -85,6 +199,13 @@ __global__ void __launch_bounds__(kSumsThreads)
   }
 }
 
+// Chunk slots of the finalize tile: the next power of two >= num_chunks (<= kMaxChunks).
+__device__ __forceinline__ int chunk_slots(int64_t num_chunks) {
+  int slots = 1;
+  while (slots < num_chunks) slots *= 2;
+  return slots;
+}
+
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const float* __restrict__ partials, int64_t num_chunks,
                     const float* __restrict__ weights, float* __restrict__ pair_sums,
@@ -92,16 +213,41 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                     float* __restrict__ stats, float* __restrict__ lambda_out,
                     float* __restrict__ coefficients) {
   const int64_t pairs = params.batch_pairs;
-  for (int64_t index = threadIdx.x; index < pairs * sdpo::kNumSums; index += blockDim.x) {
-    const int64_t pair = index / sdpo::kNumSums;
-    const int sum = static_cast<int>(index % sdpo::kNumSums);
-    float total = 0.0f;
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      total += partials[(pair * num_chunks + chunk) * sdpo::kNumSums + sum];
+  // The tile (pairs, slots, 8), laid out as the partials are, so the load and every tree step
+  // walk consecutive addresses. For plan_chunks' shapes (next_power_of_2(B) * chunks <= 512)
+  // all pairs fit at once; more pairs (then one chunk each) take tiles of 512.
+  __shared__ float tile[kTileFloats];
+  const int slots = chunk_slots(num_chunks);
+  const int64_t tile_pairs = kTileFloats / (slots * sdpo::kNumSums);
+  for (int64_t first = 0; first < pairs; first += tile_pairs) {
+    const int64_t count = min(tile_pairs, pairs - first);
+    for (int64_t index = threadIdx.x; index < count * slots * sdpo::kNumSums;
+         index += blockDim.x) {
+      const int sum = static_cast<int>(index % sdpo::kNumSums);
+      const int64_t slot = (index / sdpo::kNumSums) % slots;
+      const int64_t pair = first + index / (sdpo::kNumSums * slots);
+      tile[index] =
+          slot < num_chunks ? partials[(pair * num_chunks + slot) * sdpo::kNumSums + sum] : 0.0f;
     }
-    pair_sums[index] = total;
+    __syncthreads();
+    for (int width = slots / 2; width > 0; width /= 2) {
+      for (int64_t index = threadIdx.x; index < count * width * sdpo::kNumSums;
+           index += blockDim.x) {
+        const int sum = static_cast<int>(index % sdpo::kNumSums);
+        const int64_t slot = (index / sdpo::kNumSums) % width;
+        const int64_t pair = index / (sdpo::kNumSums * width);
+        const int64_t to = (pair * slots + slot) * sdpo::kNumSums + sum;
+        tile[to] += tile[to + width * sdpo::kNumSums];
+      }
+      __syncthreads();
+    }
+    for (int64_t index = threadIdx.x; index < count * sdpo::kNumSums; index += blockDim.x) {
+      const int64_t pair = index / sdpo::kNumSums;
+      pair_sums[(first + pair) * sdpo::kNumSums + index % sdpo::kNumSums] =
+          tile[pair * slots * sdpo::kNumSums + index % sdpo::kNumSums];
+    }
+    __syncthreads();  // the next tile overwrites this one
   }
-  __syncthreads();
   __shared__ sdpo::Totals totals;
   if (threadIdx.x == 0) totals = sdpo::batch_totals(pair_sums, params);
   __syncthreads();
@@ -113,32 +259,40 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (threadIdx.x == 0) sdpo::reduce_outputs(per_pair, totals, params, loss, stats);
 }
 
-template <typename T, bool kTargetShared, bool kWithGap>
+template <typename TP, typename TR, typename TT, bool kWithGap>
 __global__ void __launch_bounds__(kGradientThreads)
-    gradient_kernel(const float* __restrict__ grad_output, const T* __restrict__ pred,
-                    const T* __restrict__ ref, const T* __restrict__ target,
-                    const float* __restrict__ coefficients, T* __restrict__ grad,
-                    int64_t batch_pairs, int64_t elements) {
+    gradient_kernel(const float* __restrict__ grad_output, const TP* __restrict__ pred,
+                    const TR* __restrict__ ref, const TT* __restrict__ target,
+                    const float* __restrict__ coefficients, TP* __restrict__ grad,
+                    bool target_shared, bool vectorized, int64_t batch_pairs,
+                    int64_t elements) {
   const int64_t row = blockIdx.y;
   const int64_t rows = 2 * batch_pairs;
   const bool winner = row < batch_pairs;
+  const int64_t k =
+      (static_cast<int64_t>(blockIdx.x) * kGradientThreads + threadIdx.x) * kVector;
+  if (k >= elements) return;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kVector), elements - k));
   const float g0 = grad_output[0];
   const float coefficient_e = coefficients[row];
   const float coefficient_g = coefficients[rows + row];
   const int64_t row_offset = row * elements;
-  const int64_t target_offset = (kTargetShared ? row % batch_pairs : row) * elements;
-  const int64_t base =
-      static_cast<int64_t>(blockIdx.x) * kGradientThreads * kGradientItems + threadIdx.x;
+  const int64_t target_offset = (target_shared ? row % batch_pairs : row) * elements;
+  float values[kVector], targets[kVector], references[kVector];
+  load_group(pred + row_offset + k, count, vectorized, values);
+  load_group(target + target_offset + k, count, vectorized, targets);
+  if (kWithGap && winner) {
+    load_group(ref + row_offset + k, count, vectorized, references);
+  } else {
 #pragma unroll
-  for (int item = 0; item < kGradientItems; ++item) {
-    const int64_t k = base + item * kGradientThreads;
-    if (k < elements) {
-      const float reference = (kWithGap && winner) ? to_float(ref[row_offset + k]) : 0.0f;
-      grad[row_offset + k] = from_float<T>(sdpo::gradient_element(
-          g0, to_float(pred[row_offset + k]), to_float(target[target_offset + k]), reference,
-          coefficient_e, coefficient_g, winner, kWithGap));
-    }
+    for (int j = 0; j < kVector; ++j) references[j] = 0.0f;
   }
+#pragma unroll
+  for (int j = 0; j < kVector; ++j) {
+    values[j] = sdpo::gradient_element(g0, values[j], targets[j], references[j], coefficient_e,
+                                       coefficient_g, winner, kWithGap);
+  }
+  store_group(grad + row_offset + k, count, vectorized, values);
 }
 
 int check_launch(const char* what) {
@@ -149,76 +303,51 @@ int check_launch(const char* what) {
   return SDPO_CUDA_OK;
 }
 
-template <typename T, bool kTargetShared, bool kWithGap>
-void launch_sums(const void* pred, const void* ref, const void* target, float* partials,
-                 int64_t batch_pairs, int64_t elements, int64_t chunk_elements,
-                 int64_t num_chunks, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(batch_pairs), static_cast<unsigned>(num_chunks));
-  pair_sums_kernel<T, kTargetShared, kWithGap><<<grid, kSumsThreads, 0, stream>>>(
-      static_cast<const T*>(pred), static_cast<const T*>(ref), static_cast<const T*>(target),
-      partials, batch_pairs, elements, chunk_elements, num_chunks);
-}
-
 template <typename T>
-void dispatch_sums(bool target_shared, bool with_gap, const void* pred, const void* ref,
-                   const void* target, float* partials, int64_t batch_pairs, int64_t elements,
-                   int64_t chunk_elements, int64_t num_chunks, cudaStream_t stream) {
-  if (target_shared && with_gap) {
-    launch_sums<T, true, true>(pred, ref, target, partials, batch_pairs, elements,
-                               chunk_elements, num_chunks, stream);
-  } else if (target_shared) {
-    launch_sums<T, true, false>(pred, ref, target, partials, batch_pairs, elements,
-                                chunk_elements, num_chunks, stream);
-  } else if (with_gap) {
-    launch_sums<T, false, true>(pred, ref, target, partials, batch_pairs, elements,
-                                chunk_elements, num_chunks, stream);
+struct Type {
+  using type = T;
+};
+
+// Calls visit(Type<T>{}) for the element type of a dtype code (checked by check_dtypes).
+template <typename Visit>
+void with_dtype(int dtype, Visit&& visit) {
+  if (dtype == SDPO_CUDA_FLOAT32) {
+    visit(Type<float>{});
+  } else if (dtype == SDPO_CUDA_BFLOAT16) {
+    visit(Type<__nv_bfloat16>{});
   } else {
-    launch_sums<T, false, false>(pred, ref, target, partials, batch_pairs, elements,
-                                 chunk_elements, num_chunks, stream);
+    visit(Type<__half>{});
   }
 }
 
-template <typename T, bool kTargetShared, bool kWithGap>
-void launch_gradient(const float* grad_output, const void* pred, const void* ref,
-                     const void* target, const float* coefficients, void* grad,
-                     int64_t batch_pairs, int64_t elements, cudaStream_t stream) {
-  const int64_t per_block = kGradientThreads * kGradientItems;
-  const dim3 grid(static_cast<unsigned>((elements + per_block - 1) / per_block),
-                  static_cast<unsigned>(2 * batch_pairs));
-  gradient_kernel<T, kTargetShared, kWithGap><<<grid, kGradientThreads, 0, stream>>>(
-      grad_output, static_cast<const T*>(pred), static_cast<const T*>(ref),
-      static_cast<const T*>(target), coefficients, static_cast<T*>(grad), batch_pairs, elements);
+int element_bytes(int dtype) { return dtype == SDPO_CUDA_FLOAT32 ? 4 : 2; }
+
+// The vector path's condition, checked on the host before each launch: the pointer 16-byte
+// aligned and every row a whole number of 16 bytes, so every row (and every chunk, whose
+// length is a multiple of kVector) starts 16-byte aligned too.
+bool vector_rows(const void* pointer, int dtype, int64_t elements) {
+  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0 &&
+         (elements * element_bytes(dtype)) % 16 == 0;
 }
 
-template <typename T>
-void dispatch_gradient(bool target_shared, bool with_gap, const float* grad_output,
-                       const void* pred, const void* ref, const void* target,
-                       const float* coefficients, void* grad, int64_t batch_pairs,
-                       int64_t elements, cudaStream_t stream) {
-  if (target_shared && with_gap) {
-    launch_gradient<T, true, true>(grad_output, pred, ref, target, coefficients, grad,
-                                   batch_pairs, elements, stream);
-  } else if (target_shared) {
-    launch_gradient<T, true, false>(grad_output, pred, ref, target, coefficients, grad,
-                                    batch_pairs, elements, stream);
-  } else if (with_gap) {
-    launch_gradient<T, false, true>(grad_output, pred, ref, target, coefficients, grad,
-                                    batch_pairs, elements, stream);
-  } else {
-    launch_gradient<T, false, false>(grad_output, pred, ref, target, coefficients, grad,
-                                     batch_pairs, elements, stream);
+int check_dtypes(const int* dtypes, int count) {
+  for (int i = 0; i < count; ++i) {
+    if (dtypes[i] < SDPO_CUDA_FLOAT32 || dtypes[i] > SDPO_CUDA_FLOAT16) {
+      return fail(SDPO_CUDA_BAD_ARGUMENT, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)");
+    }
   }
+  return SDPO_CUDA_OK;
 }
 
-int check_sizes(int dtype, int64_t batch_pairs, int64_t elements) {
-  if (dtype < SDPO_CUDA_FLOAT32 || dtype > SDPO_CUDA_FLOAT16) {
-    return fail(SDPO_CUDA_BAD_ARGUMENT, "dtype: expected 0 (fp32), 1 (bf16) or 2 (fp16)");
-  }
+int check_sizes(int64_t batch_pairs, int64_t elements) {
   // Grid limits: x up to 2^31 - 1 blocks, y up to 65535 (rows of the gradient kernel).
   if (batch_pairs < 1 || 2 * batch_pairs > 65535) {
     return fail(SDPO_CUDA_BAD_ARGUMENT, "batch_pairs: expected 1 to 32767 pairs");
   }
   if (elements < 1) return fail(SDPO_CUDA_BAD_ARGUMENT, "elements: expected >= 1");
+  if ((elements + kGradientThreads * kVector - 1) / (kGradientThreads * kVector) > 2147483647) {
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "elements: too many for the gradient grid");
+  }
   return SDPO_CUDA_OK;
 }
 
@@ -234,7 +363,80 @@ extern "C" int64_t sdpo_cuda_workspace_floats(int64_t batch_pairs, int64_t num_c
          batch_pairs * sdpo::kPerPair;
 }
 
-extern "C" int sdpo_cuda_forward(int dtype, const void* model_pred, const void* ref_pred,
+extern "C" int sdpo_cuda_vector_loads(int pred_dtype, int ref_dtype, int target_dtype,
+                                      const void* model_pred, const void* ref_pred,
+                                      const void* target, int64_t elements) {
+  return vector_rows(model_pred, pred_dtype, elements) &&
+         vector_rows(ref_pred, ref_dtype, elements) && vector_rows(target, target_dtype, elements);
+}
+
+extern "C" int sdpo_cuda_forward_phases(int phases, int pred_dtype, int ref_dtype,
+                                        int target_dtype, const void* model_pred,
+                                        const void* ref_pred, const void* target,
+                                        int target_shared, const float* pair_weights,
+                                        int64_t batch_pairs, int64_t elements,
+                                        int64_t chunk_elements, int64_t num_chunks, int method,
+                                        float beta, float mu, int safeguard, int64_t group_size,
+                                        float log_q, float log_one_minus_q, float* workspace,
+                                        float* loss, float* stats, float* lambda_out,
+                                        float* coefficients, void* stream) {
+  if (phases < 1 || phases > (SDPO_CUDA_SUMS | SDPO_CUDA_FINALIZE)) {
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "phases: expected 1 (sums), 2 (finalize) or 3 (both)");
+  }
+  const int dtypes[3] = {pred_dtype, ref_dtype, target_dtype};
+  if (const int status = check_dtypes(dtypes, 3)) return status;
+  if (const int status = check_sizes(batch_pairs, elements)) return status;
+  if (method < 0 || method > 3) {
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "method: expected 0 to 3");
+  }
+  if (num_chunks < 1 || num_chunks > kMaxChunks || chunk_elements < 1 ||
+      chunk_elements * num_chunks < elements) {
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "chunks: expected 1 to 512 chunks covering the elements");
+  }
+  if (chunk_elements % kVector != 0) {
+    return fail(SDPO_CUDA_BAD_ARGUMENT, "chunk_elements: expected a multiple of 8");
+  }
+  if (group_size < 0) return fail(SDPO_CUDA_BAD_ARGUMENT, "group_size: expected >= 0");
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  const bool with_gap = method == sdpo::kDspo || method == sdpo::kDspoSdxl;
+  const bool vectorized = sdpo_cuda_vector_loads(pred_dtype, ref_dtype, target_dtype,
+                                                 model_pred, ref_pred, target, elements) != 0;
+  float* partials = workspace;
+  float* pair_sums = partials + batch_pairs * num_chunks * sdpo::kNumSums;
+  float* per_pair = pair_sums + batch_pairs * sdpo::kNumSums;
+  const bool shared = target_shared != 0;
+  const dim3 grid(static_cast<unsigned>(batch_pairs), static_cast<unsigned>(num_chunks));
+  if (phases & SDPO_CUDA_SUMS) {
+    with_dtype(pred_dtype, [&](auto pred_type) {
+      with_dtype(ref_dtype, [&](auto ref_type) {
+        with_dtype(target_dtype, [&](auto target_type) {
+          using TP = typename decltype(pred_type)::type;
+          using TR = typename decltype(ref_type)::type;
+          using TT = typename decltype(target_type)::type;
+          const auto kernel = with_gap ? pair_sums_kernel<TP, TR, TT, true>
+                                       : pair_sums_kernel<TP, TR, TT, false>;
+          kernel<<<grid, kSumsThreads, 0, cuda_stream>>>(
+              static_cast<const TP*>(model_pred), static_cast<const TR*>(ref_pred),
+              static_cast<const TT*>(target), partials, shared, vectorized, batch_pairs, elements,
+              chunk_elements, num_chunks);
+        });
+      });
+    });
+    if (const int status = check_launch("pair_sums_kernel")) return status;
+  }
+  if (phases & SDPO_CUDA_FINALIZE) {
+    const sdpo::Params params{method, safeguard, group_size,      batch_pairs,
+                              static_cast<float>(elements), beta, mu, log_q, log_one_minus_q};
+    finalize_kernel<<<1, kFinalizeThreads, 0, cuda_stream>>>(partials, num_chunks, pair_weights,
+                                                              pair_sums, per_pair, params, loss,
+                                                              stats, lambda_out, coefficients);
+    if (const int status = check_launch("finalize_kernel")) return status;
+  }
+  return SDPO_CUDA_OK;
+}
+
+extern "C" int sdpo_cuda_forward(int pred_dtype, int ref_dtype, int target_dtype,
+                                 const void* model_pred, const void* ref_pred,
                                  const void* target, int target_shared,
                                  const float* pair_weights, int64_t batch_pairs,
                                  int64_t elements, int64_t chunk_elements, int64_t num_chunks,
@@ -242,58 +444,46 @@ extern "C" int sdpo_cuda_forward(int dtype, const void* model_pred, const void* 
                                  int64_t group_size, float log_q, float log_one_minus_q,
                                  float* workspace, float* loss, float* stats, float* lambda_out,
                                  float* coefficients, void* stream) {
-  if (const int status = check_sizes(dtype, batch_pairs, elements)) return status;
-  if (method < 0 || method > 3) {
-    return fail(SDPO_CUDA_BAD_ARGUMENT, "method: expected 0 to 3");
-  }
-  if (num_chunks < 1 || num_chunks > 65535 || chunk_elements < 1 ||
-      chunk_elements * num_chunks < elements) {
-    return fail(SDPO_CUDA_BAD_ARGUMENT,
-                "chunks: expected 1 to 65535 chunks covering the elements");
-  }
-  if (group_size < 0) return fail(SDPO_CUDA_BAD_ARGUMENT, "group_size: expected >= 0");
-  const auto cuda_stream = static_cast<cudaStream_t>(stream);
-  const bool with_gap = method == sdpo::kDspo || method == sdpo::kDspoSdxl;
-  float* partials = workspace;
-  float* pair_sums = partials + batch_pairs * num_chunks * sdpo::kNumSums;
-  float* per_pair = pair_sums + batch_pairs * sdpo::kNumSums;
-  const bool shared = target_shared != 0;
-  if (dtype == SDPO_CUDA_FLOAT32) {
-    dispatch_sums<float>(shared, with_gap, model_pred, ref_pred, target, partials, batch_pairs,
-                         elements, chunk_elements, num_chunks, cuda_stream);
-  } else if (dtype == SDPO_CUDA_BFLOAT16) {
-    dispatch_sums<__nv_bfloat16>(shared, with_gap, model_pred, ref_pred, target, partials,
-                                 batch_pairs, elements, chunk_elements, num_chunks, cuda_stream);
-  } else {
-    dispatch_sums<__half>(shared, with_gap, model_pred, ref_pred, target, partials, batch_pairs,
-                          elements, chunk_elements, num_chunks, cuda_stream);
-  }
-  if (const int status = check_launch("pair_sums_kernel")) return status;
-  const sdpo::Params params{method, safeguard, group_size,      batch_pairs,
-                            static_cast<float>(elements), beta, mu, log_q, log_one_minus_q};
-  finalize_kernel<<<1, kFinalizeThreads, 0, cuda_stream>>>(partials, num_chunks, pair_weights,
-                                                            pair_sums, per_pair, params, loss,
-                                                            stats, lambda_out, coefficients);
-  return check_launch("finalize_kernel");
+  return sdpo_cuda_forward_phases(SDPO_CUDA_SUMS | SDPO_CUDA_FINALIZE, pred_dtype, ref_dtype,
+                                  target_dtype, model_pred, ref_pred, target, target_shared,
+                                  pair_weights, batch_pairs, elements, chunk_elements,
+                                  num_chunks, method, beta, mu, safeguard, group_size, log_q,
+                                  log_one_minus_q, workspace, loss, stats, lambda_out,
+                                  coefficients, stream);
 }
 
-extern "C" int sdpo_cuda_gradient(int dtype, const float* grad_output, const void* model_pred,
+extern "C" int sdpo_cuda_gradient(int pred_dtype, int ref_dtype, int target_dtype,
+                                  const float* grad_output, const void* model_pred,
                                   const void* ref_pred, const void* target, int target_shared,
                                   int with_gap, int64_t batch_pairs, int64_t elements,
                                   const float* coefficients, void* grad, void* stream) {
-  if (const int status = check_sizes(dtype, batch_pairs, elements)) return status;
+  const int dtypes[3] = {pred_dtype, ref_dtype, target_dtype};
+  if (const int status = check_dtypes(dtypes, 3)) return status;
+  if (const int status = check_sizes(batch_pairs, elements)) return status;
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   const bool shared = target_shared != 0;
-  const bool gap = with_gap != 0;
-  if (dtype == SDPO_CUDA_FLOAT32) {
-    dispatch_gradient<float>(shared, gap, grad_output, model_pred, ref_pred, target,
-                             coefficients, grad, batch_pairs, elements, cuda_stream);
-  } else if (dtype == SDPO_CUDA_BFLOAT16) {
-    dispatch_gradient<__nv_bfloat16>(shared, gap, grad_output, model_pred, ref_pred, target,
-                                     coefficients, grad, batch_pairs, elements, cuda_stream);
-  } else {
-    dispatch_gradient<__half>(shared, gap, grad_output, model_pred, ref_pred, target,
-                              coefficients, grad, batch_pairs, elements, cuda_stream);
-  }
+  // ref_pred is read only with the gap term; grad has model_pred's dtype.
+  const bool vectorized =
+      vector_rows(model_pred, pred_dtype, elements) && vector_rows(grad, pred_dtype, elements) &&
+      vector_rows(target, target_dtype, elements) &&
+      (with_gap == 0 || vector_rows(ref_pred, ref_dtype, elements));
+  const int64_t per_block = kGradientThreads * kVector;
+  const dim3 grid(static_cast<unsigned>((elements + per_block - 1) / per_block),
+                  static_cast<unsigned>(2 * batch_pairs));
+  with_dtype(pred_dtype, [&](auto pred_type) {
+    with_dtype(ref_dtype, [&](auto ref_type) {
+      with_dtype(target_dtype, [&](auto target_type) {
+        using TP = typename decltype(pred_type)::type;
+        using TR = typename decltype(ref_type)::type;
+        using TT = typename decltype(target_type)::type;
+        const auto kernel = with_gap != 0 ? gradient_kernel<TP, TR, TT, true>
+                                          : gradient_kernel<TP, TR, TT, false>;
+        kernel<<<grid, kGradientThreads, 0, cuda_stream>>>(
+            grad_output, static_cast<const TP*>(model_pred), static_cast<const TR*>(ref_pred),
+            static_cast<const TT*>(target), coefficients, static_cast<TP*>(grad), shared,
+            vectorized, batch_pairs, elements);
+      });
+    });
+  });
   return check_launch("gradient_kernel");
 }

@@ -79,8 +79,8 @@ def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_na
     step, bytes_moved, error = case.step, case.bytes_moved, case.error
 
     phases = {}
-    if name == "fused":
-        phases = kernel_bench.fused_phase_steps(batch_pairs, sample_shape, dtype, DEVICE)
+    if name in ("fused", "cuda"):
+        phases = kernel_bench.fused_phase_steps(batch_pairs, sample_shape, dtype, DEVICE, name)
     if not ON_GPU:
         benchmark.pedantic(step, rounds=1, iterations=1)
         for phase in phases.values():  # each kernel alone runs (smoke test, no timing)
@@ -97,7 +97,7 @@ def test_loss_forward_backward(benchmark, copy_gbps, kernel_rows, size, dtype_na
 
     benchmark.pedantic(round_of_iterations, rounds=20, warmup_rounds=2, iterations=1)
     ms = kernel_bench.time_cuda(step, inner=inner, rounds=20)
-    # The fused backend's kernels one at a time (ms each): finalize apart from the data passes.
+    # The fused backends' kernels one at a time (ms each): finalize apart from the data passes.
     phase_ms = {
         f"{phase}_ms": kernel_bench.time_cuda(run_phase, inner=inner, rounds=20)
         for phase, run_phase in phases.items()

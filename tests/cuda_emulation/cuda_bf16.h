@@ -22,3 +22,5 @@ inline __nv_bfloat16 __float2bfloat16(float value) {
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
   return {static_cast<uint16_t>(bits >> 16)};
 }
+
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 value) { return value.bits; }

@@ -8,3 +8,13 @@ struct __half {
 
 inline float __half2float(__half value) { return static_cast<float>(value.value); }
 inline __half __float2half(float value) { return {static_cast<_Float16>(value)}; }
+inline unsigned short __half_as_ushort(__half value) {
+  unsigned short bits;
+  __builtin_memcpy(&bits, &value.value, sizeof(bits));
+  return bits;
+}
+inline __half __ushort_as_half(unsigned short bits) {
+  __half value;
+  __builtin_memcpy(&value.value, &bits, sizeof(bits));
+  return value;
+}

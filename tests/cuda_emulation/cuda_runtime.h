@@ -3,15 +3,23 @@
 // - a launch runs its blocks one after another; inside a block, every CUDA thread is a
 //   std::thread, and __syncthreads() is a std::barrier over them;
 // - __shared__ becomes `static`: one copy, shared by the threads of the (single) running block;
-// - blockIdx, threadIdx, blockDim and gridDim are thread-locals set by the launch.
+// - blockIdx, threadIdx, blockDim and gridDim are thread-locals set by the launch;
+// - the 16-byte vector accesses (__ldg / __stwb of a uint4) are counted, and one at an address
+//   that is not 16-byte aligned is a fault, as on a GPU: it is skipped, and the next
+//   cudaGetLastError() returns "misaligned address" (the library turns that into an error);
+// - blocks run in grid order, or in a shuffled order after cuda_emulation_shuffle_blocks(seed)
+//   (a GPU schedules blocks in no fixed order; results must not depend on it).
 // The test rewrites each `kernel<<<grid, block, shared, stream>>>(args)` into
 // `cuda_emulation::launch(grid, block, [&] { kernel(args); })` before compiling with g++.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <random>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -31,9 +39,64 @@ struct dim3 {
 inline thread_local dim3 blockIdx, threadIdx, blockDim, gridDim;
 
 using cudaStream_t = void*;
-enum cudaError_t { cudaSuccess = 0 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "no error (CPU emulation)"; }
+enum cudaError_t { cudaSuccess = 0, cudaErrorMisalignedAddress = 716 };
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+namespace cuda_emulation {
+inline std::atomic<long> vector_loads{0}, vector_stores{0}, misaligned{0};
+inline unsigned block_order_seed = 0;  // 0: grid order
+}  // namespace cuda_emulation
+
+inline cudaError_t cudaGetLastError() {
+  return cuda_emulation::misaligned.exchange(0) ? cudaErrorMisalignedAddress : cudaSuccess;
+}
+inline const char* cudaGetErrorString(cudaError_t status) {
+  return status == cudaErrorMisalignedAddress ? "misaligned address" : "no error";
+}
+
+inline bool cuda_emulation_aligned(const void* address) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 == 0) return true;
+  ++cuda_emulation::misaligned;
+  return false;
+}
+inline uint4 __ldg(const uint4* address) {
+  uint4 value{0, 0, 0, 0};
+  if (!cuda_emulation_aligned(address)) return value;
+  ++cuda_emulation::vector_loads;
+  std::memcpy(&value, address, sizeof(value));
+  return value;
+}
+inline void __stwb(uint4* address, uint4 value) {
+  if (!cuda_emulation_aligned(address)) return;
+  ++cuda_emulation::vector_stores;
+  std::memcpy(address, &value, sizeof(value));
+}
+inline float __uint_as_float(unsigned bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+inline unsigned __float_as_uint(float value) {
+  unsigned bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// The test's window onto the counters and the block order (exported from the test build).
+extern "C" __attribute__((visibility("default"))) long cuda_emulation_vector_loads() {
+  return cuda_emulation::vector_loads.exchange(0);
+}
+extern "C" __attribute__((visibility("default"))) long cuda_emulation_vector_stores() {
+  return cuda_emulation::vector_stores.exchange(0);
+}
+extern "C" __attribute__((visibility("default"))) void cuda_emulation_shuffle_blocks(
+    unsigned seed) {
+  cuda_emulation::block_order_seed = seed;
+}
 
 // CUDA's min overloads for device code (by value: `decltype(a < b ? a : b)` would be a reference).
 template <typename A, typename B>
@@ -50,22 +113,29 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
   const unsigned threads = block.x * block.y * block.z;
   std::barrier<> barrier(threads);
   block_barrier = &barrier;
+  std::vector<dim3> blocks;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::vector<std::thread> workers;
-        workers.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          workers.emplace_back([&, t] {
-            gridDim = grid;
-            blockDim = block;
-            blockIdx = dim3(bx, by, bz);
-            threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            kernel();
-          });
-        }
-        for (auto& worker : workers) worker.join();
-      }
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.emplace_back(bx, by, bz);
+  if (block_order_seed != 0) {
+    std::mt19937 generator(block_order_seed);
+    std::shuffle(blocks.begin(), blocks.end(), generator);
+  }
+  for (const dim3 block_index : blocks) {
+    const unsigned bx = block_index.x, by = block_index.y, bz = block_index.z;
+    std::vector<std::thread> workers;
+    workers.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        gridDim = grid;
+        blockDim = block;
+        blockIdx = dim3(bx, by, bz);
+        threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        kernel();
+      });
+    }
+    for (auto& worker : workers) worker.join();
+  }
   block_barrier = nullptr;
 }
 
