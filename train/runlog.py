@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from sdpo.train.config import FLOW_MODELS
+
 logger = logging.getLogger("sdpo.train")
 
 
@@ -80,6 +82,10 @@ def banner_lines(
     )
     pairs_per_step = config.train_batch_pairs * config.gradient_accumulation * world_size
     mu = "off" if config.mu is None else f"{config.mu:g}"
+    # What the run exports (sdpo.train.models.export_*): flow families their transformer.
+    exported = "transformer/" if config.model in FLOW_MODELS else "unet/"
+    if config.model in FLOW_MODELS and config.lora_rank:
+        exported += ", transformer_lora/"
     lines = [
         f"sdpo-train: {config.method} beta {config.beta:g} mu {mu} granularity "
         f"{config.granularity}; model {config.model}"
@@ -99,7 +105,7 @@ def banner_lines(
             if device.type == "cpu"
             else ""
         ),
-        f"outputs: {config.output_dir} (metrics.jsonl, checkpoints, unet/; tracker "
+        f"outputs: {config.output_dir} (metrics.jsonl, checkpoints, {exported}; tracker "
         f"{config.report_to}"
         + (
             f"; validation/ every {config.validation_every} steps"

@@ -86,7 +86,17 @@ class NonFiniteLoss(RuntimeError):
 SKIPPED_STEPS_MINIMUM = 20
 
 # What --overwrite removes from the output folder before a fresh run.
-RUN_FILES = ("metrics.jsonl", "tensorboard", "unet", "unet.pth")
+# What a run writes besides its checkpoints; --overwrite removes all of them, so a LoRA export
+# (transformer_lora/) of the replaced run cannot outlive it next to a new full fine-tune.
+RUN_FILES = (
+    "metrics.jsonl",
+    "tensorboard",
+    "unet",
+    "unet.pth",
+    "transformer",
+    "transformer.pth",
+    "transformer_lora",
+)
 
 
 def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches | CachedPairBatches:

@@ -356,3 +356,23 @@ def test_cached_flow_run_reproduces_the_uncached_run_without_text_encoders(tmp_p
     other = "flux" if model == "sd3" else "sd3"
     with pytest.raises(ValueError, match=f"built for --model {model}"):
         train(flow_config(tmp_path, "wrong", "--model", other, "--data", str(tmp_path / "cache")))
+
+
+def test_overwrite_removes_the_replaced_runs_exports_and_the_banner_names_them(tmp_path, caplog):
+    """A LoRA run replaced by a full fine-tune with --overwrite: its transformer_lora/ must go (an
+    `sdpo-eval generate --lora` on the folder would apply the old run's adapters), and the start
+    banner names the transformer exports, not unet/."""
+    lora = flow_config(tmp_path, "run", "--model", "flux", "--lora-rank", "4", "--max-steps", "1")
+    with caplog.at_level("INFO", logger="sdpo.train"):
+        train(lora)
+    output = Path(lora.output_dir)
+    assert (output / "transformer_lora").is_dir()
+    assert "checkpoints, transformer/, transformer_lora/;" in caplog.text
+    assert "unet/" not in caplog.text
+    caplog.clear()
+    full = flow_config(tmp_path, "run", "--model", "flux", "--max-steps", "1", overwrite=True)
+    with caplog.at_level("INFO", logger="sdpo.train"):
+        train(full)
+    assert not (output / "transformer_lora").exists()
+    assert (output / "transformer.pth").is_file() and (output / "transformer").is_dir()
+    assert "checkpoints, transformer/;" in caplog.text
