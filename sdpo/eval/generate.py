@@ -77,6 +77,24 @@ FLOW_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 FLUX_GUIDANCE = 3.5
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("size mismatch")), None)
+    return detail or (lines[0] if lines else type(error).__name__)
+
+
+def _load_state_dict(model: torch.nn.Module, state: dict, what: str) -> tuple[list, list]:
+    """``load_state_dict(strict=False)``, whose size mismatches (a state dict of another model,
+    e.g. an SD3 export given to FLUX) raise a many-line RuntimeError: one line instead."""
+    try:
+        return model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{what} does not fit the pipeline's {type(model).__name__} ({_first_line(error)}): "
+            "was it trained from this --pretrained model?"
+        ) from error
+
+
 def load_transformer_into(pipeline, transformer_path: str) -> None:
     """A diffusers transformer folder or a ``transformer.pth`` state dict (sdpo-train's export)."""
     path = Path(transformer_path).expanduser()
@@ -86,7 +104,7 @@ def load_transformer_into(pipeline, transformer_path: str) -> None:
         pipeline.transformer = loaded.to(model.device, model.dtype)
     elif path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = _load_state_dict(model, state, f"transformer: {path}")
         if missing or unexpected:
             raise ValueError(
                 f"transformer: {path} does not fit the pipeline's transformer (missing "
@@ -158,7 +176,7 @@ def load_unet_into(pipeline, unet_path: str) -> None:
         pipeline.unet = unet.to(pipeline.unet.device, pipeline.unet.dtype)
     elif path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = pipeline.unet.load_state_dict(state, strict=False)
+        missing, unexpected = _load_state_dict(pipeline.unet, state, f"unet: {path}")
         if missing or unexpected:
             raise ValueError(
                 f"unet: {path} does not fit the pipeline's UNet (missing {missing[:3]}, "
@@ -278,7 +296,13 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         lora = Path(settings.lora).expanduser()
         if not lora.exists():
             raise FileNotFoundError(f"lora: no such file or folder {lora}")
-        pipeline.load_lora_weights(str(lora))
+        try:
+            pipeline.load_lora_weights(str(lora))
+        except RuntimeError as error:  # peft's load_state_dict: adapters of other shapes
+            raise ValueError(
+                f"lora: {lora} does not fit the pipeline's transformer ({_first_line(error)}): "
+                f"was it trained from this --pretrained model (--model {settings.model})?"
+            ) from error
     if settings.vae:
         from diffusers import AutoencoderKL
 

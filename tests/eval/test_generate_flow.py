@@ -97,3 +97,28 @@ def test_flow_generate_refuses_unet_only_flags(tmp_path):
         generate(GenerateSettings(model="sd15", transformer="x", **common))
     with pytest.raises(ValueError, match=r"FLUX\.1's guidance is embedded"):
         generate(GenerateSettings(model="flux", cfg_formula="reference", **common))
+
+
+def test_weights_of_another_family_are_refused_in_one_line(tmp_path):
+    """An SD3 run's transformer.pth or LoRA given to a FLUX base: the size mismatches were a
+    RuntimeError traceback from load_state_dict / peft; now one line naming the file."""
+    base = tmp_path / "flux"
+    families.FluxFamily.build_tiny(16, 0).pipeline.save_pretrained(base)
+    run = tmp_path / "sd3-run"
+    config = config_from_args(
+        ["--model", "sd3", "--pretrained", "tiny", "--resolution", "16", "--lora-rank", "4",
+         "--max-steps", "1", "--gradient-accumulation", "1", "--synthetic-pairs", "4",
+         "--output-dir", str(run), "--no-progress"]
+    )  # fmt: skip
+    train(config)
+    common = dict(
+        pretrained=str(base), suite=str(write_suite(tmp_path)), steps=1, resolution=16,
+        model="flux", dtype="fp32", output_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    for flag, value in (
+        ("transformer", run / "transformer.pth"),
+        ("lora", run / "transformer_lora"),
+    ):
+        with pytest.raises(ValueError, match=f"^{flag}: .* does not fit .*size mismatch") as error:
+            generate(GenerateSettings(**{flag: str(value)}, **common))
+        assert "\n" not in str(error.value)
