@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from sdpo import ops, reference
+from sdpo.kernels import buffers
 from sdpo.settings import LossSettings
 
 LIBRARY_NAME = "libsdpo_cuda.so"
@@ -183,15 +184,14 @@ def cuda_preference_forward(
     rows = model_pred.shape[0]
     batch_pairs, elements = rows // 2, model_pred[0].numel()
     chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
-    workspace = torch.empty(
+    # The buffers both fused backends share (kernels/buffers.py): separate, a custom op's
+    # outputs must not alias.
+    workspace, loss, stats, scale, coefficients = buffers.forward_buffers(
+        device,
+        batch_pairs,
         library.sdpo_cuda_workspace_floats(batch_pairs, num_chunks),
-        dtype=torch.float32,
-        device=device,
+        one_allocation=False,
     )
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
-    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
-    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -245,9 +245,7 @@ def cuda_preference_backward(
     library = cuda_library()
     rows = model_pred.shape[0]
     batch_pairs, elements = rows // 2, model_pred[0].numel()
-    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
-    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
-    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
+    grad_output, grad = buffers.gradient_buffers(grad_loss, model_pred)
     with torch.cuda.device(model_pred.device):
         status = library.sdpo_cuda_gradient(
             DTYPE_CODES[model_pred.dtype],
