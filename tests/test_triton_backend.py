@@ -128,8 +128,7 @@ def test_several_chunks_and_odd_sizes(monkeypatch):
     monkeypatch.setattr(
         preference, "plan_chunks", lambda pairs, elements: (1024, -(-elements // 1024))
     )
-    # Cached launch plans were made with the real plan_chunks: drop them before and after.
-    preference.clear_plan_cache()
+    # Cached launch plans were made with the real plan_chunks: an empty cache for this test.
     monkeypatch.setattr(preference, "_PLANS", {})
     model_pred, ref_pred, target = make_inputs(3, (2085,), dtype=torch.float32, ref_offset=0.5)
     for method in sdpo.METHODS:
