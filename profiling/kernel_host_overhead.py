@@ -7,6 +7,7 @@ This measures that part alone, on the CPU: the three Triton kernels are replaced
 
     TRITON_INTERPRET=1 python -m profiling.kernel_host_overhead            # B = 8, 4 x 64 x 64
     TRITON_INTERPRET=1 python -m profiling.kernel_host_overhead --repeats 5000 --output R.json
+    TRITON_INTERPRET=1 python -m profiling.kernel_host_overhead --layers   # and each part alone
 
 Prints the median, quartiles and interquartile range of microseconds per forward + backward
 (n timed calls), for the op layer alone (``ops.preference_loss_triton``) and for the public
@@ -65,8 +66,11 @@ def _time(step: Callable[[], None], repeats: int) -> dict[str, float]:
     return summarize(samples)
 
 
-def measure(batch_pairs: int, sample_shape: tuple[int, ...], repeats: int) -> dict[str, dict]:
-    """{"op_layer": summary, "preference_loss": summary} per forward + backward (µs)."""
+def measure(
+    batch_pairs: int, sample_shape: tuple[int, ...], repeats: int, layers: bool = False
+) -> dict[str, dict]:
+    """{"op_layer": summary, "preference_loss": summary} per forward + backward (us); with
+    ``layers``, also {"layers": {part: summary}}, the parts of a call timed one by one."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("kernel_host_overhead: set TRITON_INTERPRET=1 (CPU tensors, no GPU)")
     import sdpo
@@ -99,7 +103,73 @@ def measure(batch_pairs: int, sample_shape: tuple[int, ...], repeats: int) -> di
         result.loss.backward()
 
     torch.set_num_threads(1)
-    return {"op_layer": _time(op_layer, repeats), "preference_loss": _time(public, repeats)}
+    result = {"op_layer": _time(op_layer, repeats), "preference_loss": _time(public, repeats)}
+    if layers:
+        result["layers"] = {
+            name: _time(step, repeats)
+            for name, step in _layer_steps(model_pred, ref_pred, target, settings).items()
+        }
+    return result
+
+
+def _layer_steps(model_pred, ref_pred, target, settings) -> dict[str, Callable[[], None]]:
+    """The parts of one call, each timed alone (the backward is fwd+bwd minus fwd)."""
+    import sdpo
+    from sdpo import objectives, ops
+
+    keywords = dict(method="diffusion-dpo", beta=5000.0, mu=0.5, granularity="batch")
+
+    class _Floor(torch.autograd.Function):
+        # The least any autograd path costs: one input, one output, nothing computed.
+        @staticmethod
+        def forward(ctx, tensor):
+            return tensor.new_empty(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    def floor() -> None:
+        model_pred.grad = None
+        _Floor.apply(model_pred).backward()
+
+    scalar = torch.zeros(())
+    steps = {
+        "one tensor op (x + 0.0)": lambda: scalar + 0.0,
+        "autograd.Function floor, forward + backward": floor,
+        "validate_inputs (with LossSettings)": lambda: objectives.validate_inputs(
+            model_pred,
+            ref_pred,
+            target,
+            **keywords,
+            dmpo_alpha=0.0,
+            pair_weights=None,
+            backend="triton",
+        ),
+        "LossSettings.from_arguments": lambda: type(settings).from_arguments(
+            **keywords, dmpo_alpha=0.0
+        ),
+        "resolve_backend": lambda: objectives.resolve_backend("triton", model_pred.device),
+        "op layer, forward only": lambda: ops.preference_loss_triton(
+            model_pred, ref_pred, target, settings
+        ),
+        "sdpo.preference_loss, forward only": lambda: sdpo.preference_loss(
+            model_pred, ref_pred, target, **keywords, backend="triton"
+        ),
+    }
+    from sdpo.kernels import preference
+
+    if hasattr(preference, "cached_plan"):  # this version's launch-plan cache
+        detached = model_pred.detach()
+        arguments = (None, *settings.op_arguments()[:5], 0.0, 0.0)
+        steps["launch plan (cache hit)"] = lambda: preference.cached_plan(
+            detached, ref_pred, target, *arguments
+        )
+        plan = preference.cached_plan(detached, ref_pred, target, *arguments)
+        steps["eager buffers (one torch.empty, views)"] = lambda: preference.forward_buffers(
+            model_pred.device, plan, one_allocation=True
+        )
+    return steps
 
 
 def _line(label: str, summary: dict) -> str:
@@ -115,17 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=8, help="B, pairs per call (default 8)")
     parser.add_argument("--repeats", type=int, default=1000, help="timed calls (default 1000)")
     parser.add_argument("--output", type=Path, default=None, help="also write the results JSON")
+    parser.add_argument("--layers", action="store_true", help="also time the parts of a call")
     arguments = parser.parse_args(argv)
     if arguments.pairs < 1 or arguments.repeats < 10:
         parser.error("--pairs must be >= 1 and --repeats >= 10")
     sample_shape = (4, 64, 64)
-    result = measure(arguments.pairs, sample_shape, arguments.repeats)
+    result = measure(arguments.pairs, sample_shape, arguments.repeats, arguments.layers)
     print(
         f"host time per eager forward + backward, kernels stubbed (B = {arguments.pairs}):\n"
         + _line("op layer (ops.preference_loss_triton):", result["op_layer"])
         + "\n"
         + _line("sdpo.preference_loss:", result["preference_loss"])
     )
+    for name, summary in result.get("layers", {}).items():
+        print(_line(name, summary))
     if arguments.output is not None:
         record = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
