@@ -4,9 +4,12 @@ Torch only (no Triton import), so the CUDA backend uses it without loading Trito
 
 Forward: a workspace (the per-(pair, chunk) partial sums and the group scratch) and the four
 outputs, loss (), stats (NUM_FUSED_STATS,), lambda (B,) and coefficients (2, 2B), all fp32.
-Eagerly they come from ONE ``torch.empty`` cut into views (each ``torch.empty`` costs ~2-4 us
-of host time on a 2-core CPU, one split ~4 us for all five). A ``torch.library`` custom op may
-not return outputs that alias each other, so the op bodies ask for separate buffers.
+Eagerly the workspace, stats, lambda and coefficients come from ONE ``torch.empty`` cut into
+views (each ``torch.empty`` costs ~2-4 us of host time on a 2-core CPU, one split ~4 us for all
+four). The loss has a buffer of its own: the caller may modify it in place (``loss /= steps``),
+which autograd refuses for a view made inside a ``torch.autograd.Function``. A
+``torch.library`` custom op may not return outputs that alias each other, so the op bodies ask
+for separate buffers throughout.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ def _aligned(floats: int) -> int:
 
 
 def forward_buffer_sizes(batch_pairs: int, workspace_floats: int) -> tuple[int, ...]:
-    """fp32 counts of (workspace, loss, stats, lambda, coefficients) in the one eager buffer,
-    each rounded up to a 16-byte multiple; the views take the unpadded prefix of each."""
+    """fp32 counts of (workspace, stats, lambda, coefficients) in the one eager buffer, each
+    rounded up to a 16-byte multiple; the views take the unpadded prefix of each."""
     return tuple(
         _aligned(floats)
-        for floats in (workspace_floats, 1, NUM_FUSED_STATS, batch_pairs, 4 * batch_pairs)
+        for floats in (workspace_floats, NUM_FUSED_STATS, batch_pairs, 4 * batch_pairs)
     )
 
 
@@ -47,9 +50,9 @@ def forward_buffers(
     """(workspace (workspace_floats,), loss (), stats (NUM_FUSED_STATS,), lambda (B,),
     coefficients (2, 2B)), fp32 on ``device``, uninitialised.
 
-    ``one_allocation``: one ``torch.empty`` and views of it (the eager path); False gives five
-    separate tensors (custom-op bodies: their outputs must not alias). ``sizes``: a cached
-    :func:`forward_buffer_sizes` of the same arguments (saves recomputing it per call).
+    ``one_allocation``: the loss alone, the rest views of one ``torch.empty`` (the eager path);
+    False gives five separate tensors (custom-op bodies: their outputs must not alias).
+    ``sizes``: a cached :func:`forward_buffer_sizes` of the same arguments.
     """
     rows = 2 * batch_pairs
     if not one_allocation:
@@ -62,16 +65,17 @@ def forward_buffers(
         )
     if sizes is None:
         sizes = forward_buffer_sizes(batch_pairs, workspace_floats)
+    loss = torch.empty((), dtype=torch.float32, device=device)
     buffer = torch.empty((sum(sizes),), dtype=torch.float32, device=device)
-    workspace, loss, stats, scale, coefficients = buffer.split_with_sizes(sizes)
-    # Padded segments: narrow each to its length (stats and lambda only when padded).
-    if sizes[2] != NUM_FUSED_STATS:
+    workspace, stats, scale, coefficients = buffer.split_with_sizes(sizes)
+    # Padded segments: narrow each to its length (stats always; the others only when padded).
+    if sizes[1] != NUM_FUSED_STATS:
         stats = stats[:NUM_FUSED_STATS]
-    if sizes[3] != batch_pairs:
+    if sizes[2] != batch_pairs:
         scale = scale[:batch_pairs]
     if sizes[0] != workspace_floats:
         workspace = workspace[:workspace_floats]
-    return workspace, loss[0], stats, scale, coefficients.view(2, rows)
+    return workspace, loss, stats, scale, coefficients.view(2, rows)
 
 
 def gradient_buffers(grad_loss: Tensor, model_pred: Tensor) -> tuple[Tensor, Tensor]:

@@ -138,9 +138,14 @@ def test_one_allocation_views_match_separate_buffers(batch_pairs):
         assert view.shape == tensor.shape and view.dtype == tensor.dtype == torch.float32
         assert view.is_contiguous()
         assert view.data_ptr() % 16 == 0  # the alignment of a buffer of its own
-    # The views share one storage and do not overlap.
-    assert len({view.untyped_storage().data_ptr() for view in one}) == 1
-    spans = sorted((view.data_ptr(), view.data_ptr() + 4 * view.numel()) for view in one)
+    # The loss is a tensor of its own (callers may modify it in place); the other four are
+    # views of one storage that do not overlap.
+    workspace, loss, *rest = one
+    assert not loss._is_view()
+    views = [workspace, *rest]
+    assert len({view.untyped_storage().data_ptr() for view in views}) == 1
+    assert loss.untyped_storage().data_ptr() != workspace.untyped_storage().data_ptr()
+    spans = sorted((view.data_ptr(), view.data_ptr() + 4 * view.numel()) for view in views)
     assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
     # Separate buffers: a custom op's outputs may not alias.
     assert len({tensor.untyped_storage().data_ptr() for tensor in separate}) == 5

@@ -232,6 +232,22 @@ def test_inputs_are_not_modified_and_grad_is_a_new_buffer():
     assert pred.grad.data_ptr() not in (pred.data_ptr(), ref_pred.data_ptr(), target.data_ptr())
 
 
+def test_loss_can_be_modified_in_place():
+    # `loss /= accumulation_steps` works on every backend's loss: the fused eager loss is not a
+    # view made inside the autograd Function (autograd refuses in-place changes to those).
+    model_pred, ref_pred, target = (
+        t.to(DEVICE) for t in make_inputs(2, (3, 4), dtype=torch.float32)
+    )
+    grads = {}
+    for backend in ("torch", "triton"):
+        pred = model_pred.clone().requires_grad_(True)
+        loss = sdpo.preference_loss(pred, ref_pred, target, beta=50.0, mu=0.5, backend=backend).loss
+        loss /= 4.0
+        loss.backward()
+        grads[backend] = pred.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=2e-5, atol=1e-9)
+
+
 def test_opcheck():
     model_pred, ref_pred, target = (
         t.to(DEVICE) for t in make_inputs(2, (3, 4), dtype=torch.float32)
