@@ -33,11 +33,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_TRITON_INSTALLED: list[bool] = []  # the answer, once known
+
+
 def _triton_installed() -> bool:
-    # Cached: an installation does not change within a process (find_spec walks sys.path when
-    # triton is not imported yet: ~200 us).
-    return importlib.util.find_spec("triton") is not None
+    # Kept: an installation does not change within a process, and find_spec walks sys.path
+    # while triton is not imported yet (~200 us). A list, not functools.cache: dynamo warns
+    # about tracing through an lru_cache wrapper.
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
 
 
 def triton_available(device: torch.device) -> bool:
