@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
@@ -25,20 +26,6 @@ from sdpo.train.errors import UsageError
 from sdpo.train.trainer import NonFiniteLoss, train
 
 TIMING_KEYS = ("pairs_per_s",)
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
-
-
-def read_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
