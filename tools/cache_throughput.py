@@ -5,8 +5,9 @@
 Writes ``--pairs`` pairs of random JPEGs (``--source-size`` px) and a JSONL manifest to a
 temporary folder, then times, for ``--num-workers`` 0 and 1: decoding alone (the cache's
 DataLoader over the images), the VAE encoder alone (every view of every pair, ``--encode-batch``
-images per call) and the whole ``build_cache``. Prints images per second (source images: 2 per
-pair; the encoder encodes 4 views per pair, as is and flipped) and the best of ``--repeats``.
+images per call) and the whole ``build_cache`` (model build included). Prints, the best of
+``--repeats``, items per wall second and CPU milliseconds per item (this process and its
+workers): source images (2 per pair) or encoder views (4 per pair, as is and flipped).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,13 +45,28 @@ def write_pairs(folder: Path, pairs: int, size: int) -> Path:
     return manifest
 
 
-def best_seconds(function, repeats: int) -> float:
-    times = []
+def best_seconds(function, repeats: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its finished children), each the least of
+    ``repeats`` runs. On a shared machine the CPU seconds are the steadier number: the wall time
+    also counts the time other jobs held the cores."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start, start_cpu = time.perf_counter(), time.process_time()
         function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - start)
+        finished = resource.getrusage(resource.RUSAGE_CHILDREN)
+        child_cpu = sum(
+            getattr(finished, field) - getattr(children, field)
+            for field in ("ru_utime", "ru_stime")
+        )
+        cpus.append(time.process_time() - start_cpu + child_cpu)
+    return min(walls), min(cpus)
+
+
+def rates(count: int, seconds: tuple[float, float]) -> str:
+    wall, cpu = seconds
+    return f"{count / wall:.0f}/s wall, {1000 * cpu / count:.1f} CPU-ms each"
 
 
 def main() -> None:
@@ -82,8 +99,9 @@ def main() -> None:
                 for _ in loader:
                     pass
 
-            seconds = best_seconds(decode, arguments.repeats)
-            print(f"decode only, {workers} workers: {images / seconds:.0f} images/s")
+            print(
+                f"decode only, {workers} workers: images {rates(images, best_seconds(decode, arguments.repeats))}"
+            )
 
         models = build_tiny(arguments.resolution, 0)
         models.vae.eval()
@@ -91,10 +109,7 @@ def main() -> None:
         seconds = best_seconds(
             lambda: cache._encode(models, views, arguments.encode_batch), arguments.repeats
         )
-        print(
-            f"encode only: {len(views) / seconds:.0f} views/s "
-            f"({images / seconds:.0f} source images/s, 2 views each)"
-        )
+        print(f"encode only: views {rates(len(views), seconds)}")
         for workers in (0, 1):
             output = Path(folder) / f"cache-{workers}"
 
@@ -111,7 +126,7 @@ def main() -> None:
                 )
 
             seconds = best_seconds(build, arguments.repeats)
-            print(f"end to end, {workers} workers: {images / seconds:.0f} images/s")
+            print(f"end to end, {workers} workers: source images {rates(images, seconds)}")
 
 
 if __name__ == "__main__":

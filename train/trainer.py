@@ -91,35 +91,25 @@ RUN_FILES = ("metrics.jsonl", "tensorboard", "unet", "unet.pth")
 
 def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches | CachedPairBatches:
     """This rank's share of the preference pairs: a sdpo-cache folder, files, or synthetic."""
+    # What both sources take: the batch size, this rank's share and the random draws.
+    shared = dict(
+        batch_pairs=config.train_batch_pairs,
+        caption_dropout=config.caption_dropout,
+        seed=config.seed,
+        rank=environment.rank,
+        world_size=environment.world_size,
+        resolution=config.resolution,
+        hflip=config.hflip,
+    )
     if is_cache(config.data):
-        return CachedPairBatches(
-            config.data,
-            batch_pairs=config.train_batch_pairs,
-            caption_dropout=config.caption_dropout,
-            seed=config.seed,
-            rank=environment.rank,
-            world_size=environment.world_size,
-            resolution=config.resolution,
-            hflip=config.hflip,
-            model=config.model,
-        )
+        return CachedPairBatches(config.data, model=config.model, **shared)
     records = load_records(
         config.data,
         resolution=config.resolution,
         synthetic_pairs=config.synthetic_pairs,
         seed=config.seed,
     )
-    return PairBatches(
-        records,
-        batch_pairs=config.train_batch_pairs,
-        resolution=config.resolution,
-        caption_dropout=config.caption_dropout,
-        seed=config.seed,
-        rank=environment.rank,
-        world_size=environment.world_size,
-        hflip=config.hflip,
-        random_crop=config.random_crop,
-    )
+    return PairBatches(records, random_crop=config.random_crop, **shared)
 
 
 class Trainer:
