@@ -12,9 +12,11 @@ import dataclasses
 import math
 import numbers
 
-import torch
-
-from sdpo import reference
+# The methods, and the integer codes the fused kernels (Triton and CUDA) take for each. Here, not
+# in sdpo.reference (which re-exports them), so that the trainer's flag table reads the choices
+# without importing torch: `sdpo-train --help` stays fast.
+METHODS = ("diffusion-dpo", "dspo", "dspo-sdxl", "dmpo")
+METHOD_CODES = {method: code for code, method in enumerate(METHODS)}
 
 
 def parse_granularity(granularity: str) -> int | None:
@@ -54,7 +56,7 @@ _MAX_CACHED_SETTINGS = 128
 class LossSettings:
     """What a preference loss computes, validated when built (ValueError naming the field).
 
-    ``method``: one of reference.METHODS. ``beta`` > 0. ``mu``: None (safeguard off) or in
+    ``method``: one of METHODS. ``beta`` > 0. ``mu``: None (safeguard off) or in
     [0, 1]. ``group_size``: None for one lambda per call ("batch"), else the pairs per lambda
     group (1 = "pair"); the groups also carry DSPO-SDXL's switch. ``dmpo_alpha`` in [0, 1].
     """
@@ -66,9 +68,9 @@ class LossSettings:
     dmpo_alpha: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.method not in reference.METHODS:
+        if self.method not in METHODS:
             raise ValueError(
-                f"method: unknown {self.method!r}; expected one of {', '.join(reference.METHODS)}"
+                f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}"
             )
         beta = check_real_number("beta", self.beta)
         if beta <= 0:
@@ -105,6 +107,10 @@ class LossSettings:
         never finds the settings made from 1, and only validated settings are stored: what is
         refused is refused on every call, with the same error.
         """
+        # torch imported here, not at module level: the trainer's flag table imports this module
+        # and `sdpo-train --help` must not pay torch's ~1.5 s import (a cached import: ~0.3 us).
+        import torch
+
         if torch.compiler.is_compiling():
             return cls(method, beta, mu, parse_granularity(granularity), dmpo_alpha)
         key = (
@@ -135,7 +141,7 @@ class LossSettings:
         """(method_code, beta, mu, safeguard, group_size, dmpo_alpha) as the fused custom ops
         take them: mu None -> 0.0 with safeguard False, group_size None -> 0 (one lambda)."""
         return (
-            reference.METHOD_CODES[self.method],
+            METHOD_CODES[self.method],
             self.beta,
             0.0 if self.mu is None else self.mu,
             self.safeguard,

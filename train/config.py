@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from sdpo.objectives import METHODS, parse_granularity
+from sdpo.settings import METHODS, parse_granularity
 from sdpo.train.errors import UsageError
 
 

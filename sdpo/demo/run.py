@@ -9,10 +9,8 @@ before and after. Writes summary.json, report.md and PNG plots to --output-dir.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -25,39 +23,15 @@ import torch
 from torch import Tensor
 
 from sdpo.demo import base
+from sdpo.demo.cli import main
+from sdpo.demo.settings import DEMO_THREADS, DemoSettings  # noqa: F401
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train import toy
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models
 from sdpo.train.runtime import configure_cpu_threads
 
-# The demo's numbers are defined at one CPU thread: with two, torch splits reductions
-# differently and the summary moves in the 4th digit (and the README's table no longer matches).
-DEMO_THREADS = 1
-
 RUNS = (("diffusion-dpo", None), ("diffusion-dpo+sdpo", "mu"))
-
-
-@dataclass
-class DemoSettings:
-    output_dir: str = "runs/demo"
-    seed: int = 0
-    steps: int = 600
-    batch_pairs: int = 8
-    learning_rate: float = 1e-4
-    beta: float = 5000.0
-    mu: float = 0.9
-    train_pairs: int = 512
-    eval_pairs: int = 128
-    eval_every: int = 50
-    # Copies of the 16 toy captions sampled for the reward: 128 images, so that the reward of
-    # the same seeds before and after is compared over enough samples (32 moved it by ~0.02).
-    sample_captions: int = 8
-    base_dir: str | None = None
-    retrain_base: bool = False
-    progress: bool = True
-    threads: int = DEMO_THREADS
-    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -387,55 +361,6 @@ def write_plots(output: Path, curves: dict, images_before: Tensor, captions: lis
     figure.tight_layout()
     figure.savefig(output / "samples.png", dpi=100)
     plt.close(figure)
-
-
-def main(argv: list[str] | None = None) -> int:
-    defaults = DemoSettings()
-    parser = argparse.ArgumentParser(prog="sdpo-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default=defaults.output_dir)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--beta", type=float, default=defaults.beta)
-    parser.add_argument("--mu", type=float, default=defaults.mu)
-    parser.add_argument(
-        "--base-dir", default=None, help="a base model folder (default: the packaged one)"
-    )
-    parser.add_argument(
-        "--retrain-base", action="store_true", help="train the base model from scratch first"
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=defaults.threads,
-        help=f"CPU threads (default {defaults.threads}, whatever OMP_NUM_THREADS says: the "
-        "demo's numbers are defined at 1 thread; another count moves them in the 4th digit)",
-    )
-    parser.add_argument(
-        "--keep-checkpoints",
-        action="store_true",
-        help="keep the trainer's checkpoints (~80 MB at the defaults; deleted once measured)",
-    )
-    arguments = parser.parse_args(argv)
-    settings = DemoSettings(**{key: value for key, value in vars(arguments).items()})
-    if settings.steps < settings.eval_every or settings.steps % settings.eval_every:
-        print(
-            "sdpo-demo: error: --steps must be a positive multiple of --eval-every", file=sys.stderr
-        )
-        return 2
-    if settings.threads < 1:
-        print(f"sdpo-demo: error: --threads must be >= 1, got {settings.threads}", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_initialized():
-        # The demo is a CPU demo: on a machine with a GPU the trainer would pick CUDA, whose
-        # kernels round differently, and the numbers would no longer match the README's.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    summary = run_demo(settings)
-    print((Path(settings.output_dir) / "report.md").read_text())
-    print(json.dumps(summary["runs"], indent=2))
-    return 0
 
 
 if __name__ == "__main__":
