@@ -284,6 +284,10 @@ def test_random_architecture_needs_no_data_and_synthetic_pairs_upsample():
         (["--preset", "tiny", "--profile-steps", "5"], "--profile-steps: expected START:STOP"),
         (["--preset", "tiny", "--profile-steps", "8:5"], "--profile-steps: expected 0 <= START"),
         (["--preset", "tiny", "--fsdp", "--lora-rank", "4"], "fsdp: LoRA adapters"),
+        (
+            ["--preset", "tiny", "--fsdp", "--mixed-precision", "fp16"],
+            "mixed_precision: fp16 loss scaling is per rank under --fsdp",
+        ),
     ],
 )
 def test_bad_settings_fail_before_any_model_loads(argv, pattern):
