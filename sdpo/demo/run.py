@@ -199,8 +199,11 @@ def _run_demo(settings: DemoSettings) -> dict:
     if settings.retrain_base:
         base_dir = output / "base"
         print(f"training the base model into {base_dir} ...", flush=True)
-        pretrain = flow.pretrain_flow_base if is_flow else base.pretrain_base
-        pretrain(base_dir, seed=settings.seed)
+        if is_flow:
+            # fp16 storage as packaged: seed 0 at one thread rebuilds the packaged weights.
+            flow.pretrain_flow_base(base_dir, seed=settings.seed, half=True)
+        else:
+            base.pretrain_base(base_dir, seed=settings.seed)
     models = flow.load_flow_base(base_dir) if is_flow else base.load_base(base_dir)
     data = evaluation_set(settings.eval_pairs, settings.seed)
     base_winner, base_loser = held_out_errors(models, models.unet, data)
