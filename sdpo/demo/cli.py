@@ -12,13 +12,20 @@ import os
 import sys
 from pathlib import Path
 
-from sdpo.demo.settings import DemoSettings
+from sdpo.demo.settings import OBJECTIVES, DemoSettings
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(prog="sdpo-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=defaults.objective,
+        help="ddpm (default): the toy UNet as a DDPM epsilon model; flow: the same toy as a "
+        "rectified flow predicting the velocity, sampled with a flow-match Euler sampler",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -56,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from sdpo.demo.run import run_demo
+    from sdpo.demo.run import check_settings, run_demo
 
+    try:
+        check_settings(settings)  # what needs the model folders (a --base-dir of the wrong kind)
+    except ValueError as error:
+        print(f"sdpo-demo: error: {error}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_initialized():
         # The demo is a CPU demo: on a machine with a GPU the trainer would pick CUDA, whose
         # kernels round differently, and the numbers would no longer match the README's.

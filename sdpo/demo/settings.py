@@ -7,11 +7,15 @@ from dataclasses import dataclass
 # The demo's numbers are defined at one CPU thread: with two, torch splits reductions
 # differently and the summary moves in the 4th digit (and the README's table no longer matches).
 DEMO_THREADS = 1
+# "ddpm": the tiny UNet as an epsilon-prediction DDPM model (the default); "flow": the same UNet
+# as a rectified flow predicting the velocity (sdpo/demo/flow.py).
+OBJECTIVES = ("ddpm", "flow")
 
 
 @dataclass
 class DemoSettings:
     output_dir: str = "runs/demo"
+    objective: str = "ddpm"
     seed: int = 0
     steps: int = 600
     batch_pairs: int = 8
