@@ -85,8 +85,12 @@ class NonFiniteLoss(RuntimeError):
 # bad data, a diverged policy) and its result is not the configured training.
 SKIPPED_STEPS_MINIMUM = 20
 
-# What --overwrite removes from the output folder before a fresh run.
-RUN_FILES = ("metrics.jsonl", "tensorboard", "unet", "unet.pth")
+# What --overwrite removes from the output folder before a fresh run: what a run writes besides its checkpoints (--overwrite clears them): the UNet or, for a flow
+# model, the transformer export (folder + .pth), and a flow LoRA run's adapters.
+RUN_FILES = (
+    "metrics.jsonl", "tensorboard", "unet", "unet.pth", "transformer", "transformer.pth",
+    "transformer_lora",
+)  # fmt: skip
 
 
 def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches | CachedPairBatches:

@@ -247,6 +247,21 @@ def test_a_fresh_run_refuses_a_used_folder_and_overwrite_replaces_it(two_step_ru
     assert [path.name for path in checkpoints.complete_checkpoints(output)] == ["checkpoint-1"]
 
 
+def test_overwrite_removes_every_export_of_the_previous_run(two_step_run, tmp_path):
+    # The old run may have been a flow model's (transformer/, transformer.pth, a LoRA run's
+    # transformer_lora/): none of it may survive next to the new run's UNet.
+    output = copy_run(two_step_run, tmp_path)
+    for folder in ("transformer", "transformer_lora"):
+        (output / folder).mkdir()
+        (output / folder / "weights.safetensors").write_bytes(b"old")
+    (output / "transformer.pth").write_bytes(b"old")
+    (output / "notes.txt").write_text("a user's file")
+    train(tiny(tmp_path, "copy", max_steps=1, synthetic_pairs=6, overwrite=True))
+    for name in ("transformer", "transformer_lora", "transformer.pth"):
+        assert not (output / name).exists(), name
+    assert (output / "unet").is_dir() and (output / "notes.txt").read_text() == "a user's file"
+
+
 def test_resume_from_a_given_checkpoint_folder(tmp_path):
     full = tiny(tmp_path, "full", max_steps=4, checkpoint_every=1, synthetic_pairs=6)
     train(full)
