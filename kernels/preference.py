@@ -27,6 +27,7 @@ Offsets are int64 (a Wan2.1 video latent is 2.1M elements per sample, 8.4M rows 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from sdpo import reference
+from sdpo.kernels import buffers
 
 # Method codes (compile-time switches in the kernels), shared with the CUDA twin.
 METHOD_CODES = reference.METHOD_CODES
@@ -299,8 +301,10 @@ def finalize_kernel(
         direct_g = tl.where(use_gap, 2.0 * s * s / elements_f, 0.0)
 
     weight = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
+    weight_sum = 0.0
     if HAS_WEIGHTS:
         weight = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+        weight_sum = tl.sum(weight, axis=0)
     weight = tl.where(pair_mask, weight / pairs_f, 0.0)
     # dl/dL_w = dl/du * (-beta/2); dl/dL_l = dl/du * (beta/2), times lambda for the gradient;
     # dL/dpred = 2 e / D.
@@ -308,7 +312,18 @@ def finalize_kernel(
     coefficient_g = weight * direct_g
     coefficient_l = weight * dterm_du * (beta / elements_f) * scale
 
-    tl.store(loss_ptr, tl.sum(tl.where(pair_mask, weight * term, 0.0), axis=0))
+    valid = pair_mask.to(tl.float32)
+    stat_mse_w = tl.sum(mse_w * valid, axis=0) / pairs_f
+    stat_mse_l = tl.sum(mse_l * valid, axis=0) / pairs_f
+    stat_ref_mse_w = tl.sum(ref_mse_w * valid, axis=0) / pairs_f
+    stat_ref_mse_l = tl.sum(ref_mse_l * valid, axis=0) / pairs_f
+    # objectives.poison_nonfinite's term, here so that the eager path spends no host time on it
+    # (~40 us of tensor ops per call on a 2-core CPU): the four MSE statistics (>= 0, inf or
+    # NaN exactly when an input element is) plus the weights' sum, times 0, leave a finite loss
+    # bit for bit and make it NaN otherwise. 0 * x is not folded (x may be inf or NaN).
+    poison = stat_mse_w + stat_mse_l + stat_ref_mse_w + stat_ref_mse_l + weight_sum
+    loss_value = tl.sum(tl.where(pair_mask, weight * term, 0.0), axis=0)
+    tl.store(loss_ptr, loss_value + 0.0 * poison)
     tl.store(lambda_ptr + pairs, scale, mask=pair_mask)
     rows = 2 * batch_pairs
     tl.store(coefficients_ptr + pairs, coefficient_w, mask=pair_mask)
@@ -316,13 +331,12 @@ def finalize_kernel(
     tl.store(coefficients_ptr + rows + pairs, coefficient_g, mask=pair_mask)
     tl.store(coefficients_ptr + rows + batch_pairs + pairs, zeros, mask=pair_mask)
 
-    valid = pair_mask.to(tl.float32)
     tl.store(stats_ptr + 0, tl.sum(tl.where(margin > 0, valid, 0.0), axis=0) / pairs_f)
     tl.store(stats_ptr + 1, tl.sum(margin * valid, axis=0) / pairs_f)
-    tl.store(stats_ptr + 2, tl.sum(mse_w * valid, axis=0) / pairs_f)
-    tl.store(stats_ptr + 3, tl.sum(mse_l * valid, axis=0) / pairs_f)
-    tl.store(stats_ptr + 4, tl.sum(ref_mse_w * valid, axis=0) / pairs_f)
-    tl.store(stats_ptr + 5, tl.sum(ref_mse_l * valid, axis=0) / pairs_f)
+    tl.store(stats_ptr + 2, stat_mse_w)
+    tl.store(stats_ptr + 3, stat_mse_l)
+    tl.store(stats_ptr + 4, stat_ref_mse_w)
+    tl.store(stats_ptr + 5, stat_ref_mse_l)
     tl.store(stats_ptr + 6, tl.sum((mse_w - ref_mse_w) * valid, axis=0) / pairs_f)
     tl.store(stats_ptr + 7, tl.sum((mse_l - ref_mse_l) * valid, axis=0) / pairs_f)
     tl.store(stats_ptr + 8, gap_mean)
@@ -403,6 +417,155 @@ def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
     return chunk_elements, cdiv(elements, chunk_elements)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """Everything the three launches need that follows from the shapes and the settings alone:
+    grids, chunking, tile sizes, the finalize kernel's scalars and the workspace size. Built
+    once per (shapes, strides, dtypes, device, settings) and reused (:func:`cached_plan`)."""
+
+    batch_pairs: int
+    elements: int
+    target_shared: bool
+    with_gap: bool
+    sums_grid: tuple[int, int]
+    gradient_grid: tuple[int, int]
+    num_chunks: int
+    blocks_per_chunk: int
+    block_pairs: int
+    block_chunks: int
+    group_size: int  # >= 1: finalize_kernel's group size (unread when batch_lambda)
+    group_block: int
+    batch_lambda: bool
+    has_weights: bool
+    method_code: int
+    safeguard: bool
+    # finalize_kernel's float scalars: (B, elements, beta, mu, log_q, log_one_minus_q)
+    finalize_scalars: tuple[float, float, float, float, float, float]
+    workspace_floats: int  # partials (B, chunks, NUM_SUMS), then the group scratch (3 x B')
+    buffer_sizes: tuple[int, ...]  # buffers.forward_buffer_sizes of this plan
+
+
+def plan_launches(
+    batch_pairs: int,
+    elements: int,
+    *,
+    target_shared: bool,
+    has_weights: bool,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    log_q: float,
+    log_one_minus_q: float,
+) -> LaunchPlan:
+    """The launch plan of B pairs of ``elements`` per row, computed afresh (no cache)."""
+    chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
+    blocks_per_chunk = chunk_elements // SUMS_BLOCK
+    assert chunk_elements == blocks_per_chunk * SUMS_BLOCK, "plan_chunks: whole SUMS_BLOCKs"
+    block_pairs = next_power_of_2(batch_pairs)
+    # Three group reductions (S_ww, S_wl, the DSPO-SDXL gap) park their values in the scratch.
+    workspace_floats = batch_pairs * num_chunks * NUM_SUMS + 3 * block_pairs
+    return LaunchPlan(
+        batch_pairs=batch_pairs,
+        elements=elements,
+        target_shared=target_shared,
+        with_gap=method_code in (METHOD_DSPO, METHOD_DSPO_SDXL),
+        sums_grid=(batch_pairs, num_chunks),
+        gradient_grid=(2 * batch_pairs, cdiv(elements, GRADIENT_BLOCK)),
+        num_chunks=num_chunks,
+        blocks_per_chunk=blocks_per_chunk,
+        block_pairs=block_pairs,
+        block_chunks=next_power_of_2(num_chunks),
+        group_size=max(group_size, 1),
+        group_block=next_power_of_2(max(group_size, 1)),
+        batch_lambda=group_size == 0,
+        has_weights=has_weights,
+        method_code=method_code,
+        safeguard=bool(safeguard),
+        finalize_scalars=tuple(
+            float(value) for value in (batch_pairs, elements, beta, mu, log_q, log_one_minus_q)
+        ),
+        workspace_floats=workspace_floats,
+        buffer_sizes=buffers.forward_buffer_sizes(batch_pairs, workspace_floats),
+    )
+
+
+# (shapes, strides, dtypes, device, weights?, settings) -> LaunchPlan. Computing a plan costs
+# ~15 us of host time per call on a 2-core CPU (a row view for its size, plan_chunks, the
+# dataclass); a lookup ~4 us. A training run meets one or two keys; the bound only stops a
+# sweep over many shapes from growing it without end.
+_PLANS: dict[tuple, LaunchPlan] = {}
+MAX_CACHED_PLANS = 256
+
+
+def plan_key(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    pair_weights: torch.Tensor | None,
+    settings: tuple,
+) -> tuple:
+    """What a launch plan depends on (and what :func:`cached_plan` checks on a miss)."""
+    return (
+        model_pred.shape, model_pred.stride(), model_pred.dtype,
+        ref_pred.shape, ref_pred.stride(), ref_pred.dtype,
+        target.shape, target.stride(), target.dtype,
+        model_pred.device, pair_weights is None, settings,
+    )  # fmt: skip
+
+
+def cached_plan(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    pair_weights: torch.Tensor | None,
+    method_code: int,
+    beta: float,
+    mu: float,
+    safeguard: bool,
+    group_size: int,
+    log_q: float,
+    log_one_minus_q: float,
+) -> LaunchPlan:
+    """The launch plan of these inputs and settings, from the cache when seen before.
+
+    The key holds the shapes and strides, so a hit means the inputs are laid out as when the
+    plan was made, and the contiguity the kernels index by was checked then.
+    """
+    settings = (method_code, beta, mu, safeguard, group_size, log_q, log_one_minus_q)
+    key = plan_key(model_pred, ref_pred, target, pair_weights, settings)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    assert model_pred.is_contiguous() and ref_pred.is_contiguous() and target.is_contiguous(), (
+        "launch_forward needs contiguous inputs; the op layer copies non-contiguous ones"
+    )
+    batch_pairs = model_pred.shape[0] // 2
+    plan = plan_launches(
+        batch_pairs,
+        model_pred[0].numel(),
+        target_shared=target.shape[0] == batch_pairs,
+        has_weights=pair_weights is not None,
+        method_code=method_code,
+        beta=beta,
+        mu=mu,
+        safeguard=safeguard,
+        group_size=group_size,
+        log_q=log_q,
+        log_one_minus_q=log_one_minus_q,
+    )
+    if len(_PLANS) >= MAX_CACHED_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Forgets every cached plan (tests that patch plan_chunks call it)."""
+    _PLANS.clear()
+
+
 def forward_launches(
     model_pred: torch.Tensor,
     ref_pred: torch.Tensor,
@@ -416,81 +579,96 @@ def forward_launches(
     group_size: int,
     log_q: float,
     log_one_minus_q: float,
+    one_allocation: bool = False,
 ) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[torch.Tensor, ...]]:
     """The two forward kernels as separate launches (the benchmarks time each), with the outputs
     they write: ((sums launch, finalize launch), (loss (), stats (9,), lambda (B,),
     coefficients (2, 2B))). ``group_size`` 0 means one lambda for the whole call. Inputs must be
-    contiguous.
+    contiguous. ``one_allocation``: the outputs are views of one buffer (not for custom ops).
     """
-    assert model_pred.is_contiguous() and ref_pred.is_contiguous() and target.is_contiguous(), (
-        "launch_forward needs contiguous inputs; the op layer copies non-contiguous ones"
+    plan = cached_plan(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, log_q, log_one_minus_q,
+    )  # fmt: skip
+    buffers_ = forward_buffers(model_pred.device, plan, one_allocation=one_allocation)
+    return (
+        lambda: launch_sums(plan, model_pred, ref_pred, target, buffers_[0]),
+        lambda: launch_finalize(plan, pair_weights, buffers_),
+    ), buffers_[1:]
+
+
+def forward_buffers(
+    device: torch.device, plan: LaunchPlan, *, one_allocation: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(workspace, loss, stats, lambda, coefficients) of ``plan`` (see kernels.buffers)."""
+    return buffers.forward_buffers(
+        device,
+        plan.batch_pairs,
+        plan.workspace_floats,
+        one_allocation=one_allocation,
+        sizes=plan.buffer_sizes,
     )
-    rows = model_pred.shape[0]
-    batch_pairs = rows // 2
-    elements = model_pred[0].numel()
-    target_shared = target.shape[0] == batch_pairs
-    with_gap = method_code in (METHOD_DSPO, METHOD_DSPO_SDXL)
-    device = model_pred.device
-    chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
-    blocks_per_chunk = chunk_elements // SUMS_BLOCK
-    assert chunk_elements == blocks_per_chunk * SUMS_BLOCK, "plan_chunks: whole SUMS_BLOCKs"
-    block_pairs = next_power_of_2(batch_pairs)
-    block_chunks = next_power_of_2(num_chunks)
 
-    partials = torch.empty((batch_pairs, num_chunks, NUM_SUMS), dtype=torch.float32, device=device)
-    # Three group reductions (S_ww, S_wl, the DSPO-SDXL gap) park their values here.
-    scratch = torch.empty((3 * block_pairs,), dtype=torch.float32, device=device)
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
-    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
-    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
-    weights = pair_weights if pair_weights is not None else scale  # unread when HAS_WEIGHTS=False
 
-    def launch_sums() -> None:
-        pair_sums_kernel[(batch_pairs, num_chunks)](
-            model_pred,
-            ref_pred,
-            target,
-            partials,
-            batch_pairs,
-            elements,
-            num_chunks,
-            TARGET_SHARED=target_shared,
-            WITH_GAP=with_gap,
-            BLOCK=SUMS_BLOCK,
-            BLOCKS_PER_CHUNK=blocks_per_chunk,
-            num_warps=4,
-        )
+def launch_sums(
+    plan: LaunchPlan,
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    workspace: torch.Tensor,
+) -> None:
+    """pair_sums_kernel: the partial sums of every (pair, chunk) into the workspace's head."""
+    pair_sums_kernel[plan.sums_grid](
+        model_pred,
+        ref_pred,
+        target,
+        workspace,
+        plan.batch_pairs,
+        plan.elements,
+        plan.num_chunks,
+        TARGET_SHARED=plan.target_shared,
+        WITH_GAP=plan.with_gap,
+        BLOCK=SUMS_BLOCK,
+        BLOCKS_PER_CHUNK=plan.blocks_per_chunk,
+        num_warps=4,
+    )
 
-    def launch_finalize() -> None:
-        finalize_kernel[(1,)](
-            partials,
-            weights,
-            scratch,
-            loss,
-            stats,
-            scale,
-            coefficients,
-            batch_pairs,
-            num_chunks,
-            max(group_size, 1),
-            float(batch_pairs),
-            float(elements),
-            float(beta),
-            float(mu),
-            float(log_q),
-            float(log_one_minus_q),
-            METHOD=method_code,
-            SAFEGUARD=safeguard,
-            BATCH_LAMBDA=group_size == 0,
-            HAS_WEIGHTS=pair_weights is not None,
-            BLOCK_B=block_pairs,
-            BLOCK_C=block_chunks,
-            GROUP_BLOCK=next_power_of_2(max(group_size, 1)),
-            num_warps=4,
-        )
 
-    return (launch_sums, launch_finalize), (loss, stats, scale, coefficients)
+def launch_finalize(
+    plan: LaunchPlan,
+    pair_weights: torch.Tensor | None,
+    forward_buffers_: tuple[torch.Tensor, ...],
+) -> None:
+    """finalize_kernel: partials -> loss, stats, lambda, coefficients (one program)."""
+    workspace, loss, stats, scale, coefficients = forward_buffers_
+    partials_floats = plan.workspace_floats - 3 * plan.block_pairs
+    batch_pairs_f, elements_f, beta, mu, log_q, log_one_minus_q = plan.finalize_scalars
+    finalize_kernel[(1,)](
+        workspace,
+        pair_weights if pair_weights is not None else scale,  # unread when HAS_WEIGHTS=False
+        workspace[partials_floats:],
+        loss,
+        stats,
+        scale,
+        coefficients,
+        plan.batch_pairs,
+        plan.num_chunks,
+        plan.group_size,
+        batch_pairs_f,
+        elements_f,
+        beta,
+        mu,
+        log_q,
+        log_one_minus_q,
+        METHOD=plan.method_code,
+        SAFEGUARD=plan.safeguard,
+        BATCH_LAMBDA=plan.batch_lambda,
+        HAS_WEIGHTS=plan.has_weights,
+        BLOCK_B=plan.block_pairs,
+        BLOCK_C=plan.block_chunks,
+        GROUP_BLOCK=plan.group_block,
+        num_warps=4,
+    )
 
 
 def launch_forward(
@@ -502,12 +680,29 @@ def launch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the two forward kernels (keywords: forward_launches'). Returns (loss (), stats (9,),
     lambda (B,), coefficients (2, 2B))."""
-    (launch_sums, launch_finalize), outputs = forward_launches(
+    (launch_sums_, launch_finalize_), outputs = forward_launches(
         model_pred, ref_pred, target, pair_weights, **settings
     )
-    launch_sums()
-    launch_finalize()
+    launch_sums_()
+    launch_finalize_()
     return outputs
+
+
+def run_forward(
+    plan: LaunchPlan,
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    pair_weights: torch.Tensor | None,
+    *,
+    one_allocation: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two forward kernels of a ready plan (the op layer's path: no closures, no lookup).
+    Returns (loss (), stats (9,), lambda (B,), coefficients (2, 2B))."""
+    buffers_ = forward_buffers(model_pred.device, plan, one_allocation=one_allocation)
+    launch_sums(plan, model_pred, ref_pred, target, buffers_[0])
+    launch_finalize(plan, pair_weights, buffers_)
+    return buffers_[1:]
 
 
 def launch_gradient(
@@ -518,15 +713,23 @@ def launch_gradient(
     coefficients: torch.Tensor,
     *,
     with_gap: bool,
+    plan: LaunchPlan | None = None,
 ) -> torch.Tensor:
-    """d loss / d model_pred into a new buffer of model_pred's dtype (one elementwise pass)."""
-    rows = model_pred.shape[0]
-    batch_pairs = rows // 2
-    elements = model_pred[0].numel()
-    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
-    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
-    grad_output = grad_output.reshape(1).to(torch.float32).contiguous()
-    gradient_kernel[(rows, cdiv(elements, GRADIENT_BLOCK))](
+    """d loss / d model_pred into a new buffer of model_pred's dtype (one elementwise pass).
+
+    ``plan``: the forward's plan of these inputs (the eager path keeps it), else the grid comes
+    from the shapes."""
+    if plan is None:
+        rows = model_pred.shape[0]
+        batch_pairs = rows // 2
+        elements = model_pred[0].numel()
+        grid = (rows, cdiv(elements, GRADIENT_BLOCK))
+        target_shared = target.shape[0] == batch_pairs
+    else:
+        batch_pairs, elements, grid = plan.batch_pairs, plan.elements, plan.gradient_grid
+        target_shared = plan.target_shared
+    grad_output, grad = buffers.gradient_buffers(grad_output, model_pred)
+    gradient_kernel[grid](
         grad_output,
         model_pred,
         ref_pred,
@@ -535,7 +738,7 @@ def launch_gradient(
         grad,
         batch_pairs,
         elements,
-        TARGET_SHARED=target.shape[0] == batch_pairs,
+        TARGET_SHARED=target_shared,
         WITH_GAP=with_gap,
         BLOCK=GRADIENT_BLOCK,
         num_warps=4,

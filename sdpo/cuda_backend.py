@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sdpo import ops, reference
+from sdpo.kernels import buffers
 from sdpo.settings import LossSettings
 
 LIBRARY_NAME = "libsdpo_cuda.so"
@@ -213,15 +214,14 @@ def _forward_arguments(
     rows = model_pred.shape[0]
     batch_pairs, elements = rows // 2, model_pred[0].numel()
     chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
-    workspace = torch.empty(
+    # The buffers both fused backends share (kernels/buffers.py): separate tensors, since a
+    # custom op's outputs must not alias (this body also serves the op).
+    workspace, loss, stats, scale, coefficients = buffers.forward_buffers(
+        device,
+        batch_pairs,
         library.sdpo_cuda_workspace_floats(batch_pairs, num_chunks),
-        dtype=torch.float32,
-        device=device,
+        one_allocation=False,
     )
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=device)
-    scale = torch.empty((batch_pairs,), dtype=torch.float32, device=device)
-    coefficients = torch.empty((2, rows), dtype=torch.float32, device=device)
     log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
     arguments = (
         DTYPE_CODES[model_pred.dtype],
@@ -327,9 +327,7 @@ def cuda_backward(
     library = cuda_library()
     rows = model_pred.shape[0]
     batch_pairs, elements = rows // 2, model_pred[0].numel()
-    grad = torch.empty_like(model_pred, memory_format=torch.contiguous_format)
-    # A 0-dim grad_output may arrive expanded from `.sum().backward()`: copy its one value.
-    grad_output = grad_loss.reshape(1).to(torch.float32).contiguous()
+    grad_output, grad = buffers.gradient_buffers(grad_loss, model_pred)
     context, stream = _launch_context(model_pred)
     with context:
         status = library.sdpo_cuda_gradient(
@@ -400,8 +398,29 @@ def _backward_fake(grad_loss, model_pred, ref_pred, target, coefficients, with_g
 
 # Eager calls take the plain functions through one autograd.Function (as backend="triton"
 # does), not the custom-op dispatcher; torch.compile traces the custom ops.
+def cuda_forward_eager(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    op_arguments: tuple,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    """cuda_forward in the eager path's calling convention (ops.register_fused_autograd): the
+    outputs, then what the backward needs besides them (whether the gap term is in)."""
+    outputs = cuda_forward(model_pred, ref_pred, target, pair_weights, *op_arguments)
+    return (*outputs, op_arguments[0] in ops.GAP_METHOD_CODES)
+
+
+def cuda_backward_eager(
+    grad_loss: Tensor, model_pred: Tensor, ref_pred: Tensor, target: Tensor,
+    coefficients: Tensor, with_gap: bool,
+) -> Tensor:  # fmt: skip
+    """cuda_backward with the forward's state (with_gap)."""
+    return cuda_backward(grad_loss, model_pred, ref_pred, target, coefficients, with_gap)
+
+
 ops.register_fused_autograd(
-    cuda_preference_forward, cuda_preference_backward, cuda_forward, cuda_backward
+    cuda_preference_forward, cuda_preference_backward, cuda_forward_eager, cuda_backward_eager
 )
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sdpo import reference
+from sdpo.kernels import buffers
 from sdpo.settings import LossSettings
 
 
@@ -32,8 +33,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TRITON_INSTALLED: list[bool] = []  # the answer, once known
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # Kept: an installation does not change within a process, and find_spec walks sys.path
+    # while triton is not imported yet (~200 us). A list, not functools.cache: dynamo warns
+    # about tracing through an lru_cache wrapper.
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
 
 
 def triton_available(device: torch.device) -> bool:
@@ -62,7 +71,7 @@ def require_triton(device: torch.device) -> None:
 
 
 # The fused forward's statistics: reference.STAT_NAMES in order, then the DSPO-SDXL gap mean.
-NUM_FUSED_STATS = len(reference.STAT_NAMES) + 1
+NUM_FUSED_STATS = buffers.NUM_FUSED_STATS
 # Methods whose winners' gradient has a (pred - ref) term, so the backward reads ref_pred.
 GAP_METHOD_CODES = (reference.METHOD_CODES["dspo"], reference.METHOD_CODES["dspo-sdxl"])
 
@@ -90,9 +99,12 @@ def register_fused_autograd(forward_op, backward_op, eager_forward=None, eager_b
     (grad_loss, model_pred, ref_pred, target, coefficients, with_gap) to d loss / d model_pred.
     ref_pred and target are constants of the objective (the reference has no gradient).
 
-    ``eager_forward`` / ``eager_backward``: the ops' bodies as plain functions; eager calls run
-    them through one ``torch.autograd.Function`` instead of the custom-op dispatcher (which costs
-    ~100 us of host time per forward + backward), traced code keeps the custom ops.
+    ``eager_forward(model_pred, ref_pred, target, pair_weights, op_arguments)`` returns (loss,
+    stats, lambda, coefficients, state) and ``eager_backward(grad_loss, model_pred, ref_pred,
+    target, coefficients, state)`` the gradient, ``state`` being whatever the forward hands
+    its backward (the launch plan): eager calls run them through one
+    ``torch.autograd.Function`` instead of the custom-op dispatcher (which costs ~100 us of
+    host time per forward + backward); traced code keeps the custom ops.
     """
     if eager_forward is not None and eager_backward is not None:
         _EAGER_IMPLEMENTATIONS[forward_op] = (eager_forward, eager_backward)
@@ -138,6 +150,15 @@ def _dmpo_log_q(dmpo_alpha: float) -> tuple[float, float]:
     return reference.dmpo_log_q(dmpo_alpha)
 
 
+def _triton_plan(model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+                 group_size, dmpo_alpha):  # fmt: skip
+    log_q, log_one_minus_q = _dmpo_log_q(dmpo_alpha)
+    return _kernels().cached_plan(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, log_q, log_one_minus_q,
+    )  # fmt: skip
+
+
 def triton_forward(
     model_pred: Tensor,
     ref_pred: Tensor,
@@ -150,22 +171,15 @@ def triton_forward(
     group_size: int,
     dmpo_alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
-    kernels = _kernels()
-    log_q, log_one_minus_q = _dmpo_log_q(dmpo_alpha)
+    """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
+    Four separate output buffers (a custom op's outputs must not alias)."""
+    plan = _triton_plan(
+        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
+        group_size, dmpo_alpha,
+    )  # fmt: skip
     with _device_context(model_pred):
-        return kernels.launch_forward(
-            model_pred,
-            ref_pred,
-            target,
-            pair_weights,
-            method_code=method_code,
-            beta=beta,
-            mu=mu,
-            safeguard=safeguard,
-            group_size=group_size,
-            log_q=log_q,
-            log_one_minus_q=log_one_minus_q,
+        return _kernels().run_forward(
+            plan, model_pred, ref_pred, target, pair_weights, one_allocation=False
         )
 
 
@@ -178,11 +192,49 @@ def triton_backward(
     with_gap: bool,
 ) -> Tensor:
     """d loss / d model_pred: winners g0 (a e_w + b (pred_w - ref_w)), losers g0 c e_l."""
-    kernels = _kernels()
     with _device_context(model_pred):
-        return kernels.launch_gradient(
+        return _kernels().launch_gradient(
             grad_loss, model_pred, ref_pred, target, coefficients, with_gap=with_gap
         )
+
+
+def triton_forward_eager(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    pair_weights: Tensor | None,
+    op_arguments: tuple,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, object]:
+    """triton_forward for the eager path: the outputs are views of one buffer, and the launch
+    plan comes back too (the backward reuses its grid)."""
+    plan = _triton_plan(model_pred, ref_pred, target, pair_weights, *op_arguments)
+    if model_pred.is_cuda:
+        with torch.cuda.device(model_pred.device):
+            outputs = _kernels().run_forward(
+                plan, model_pred, ref_pred, target, pair_weights, one_allocation=True
+            )
+    else:
+        outputs = _kernels().run_forward(
+            plan, model_pred, ref_pred, target, pair_weights, one_allocation=True
+        )
+    return (*outputs, plan)
+
+
+def triton_backward_eager(
+    grad_loss: Tensor, model_pred: Tensor, ref_pred: Tensor, target: Tensor,
+    coefficients: Tensor, plan,
+) -> Tensor:  # fmt: skip
+    """triton_backward with the forward's launch plan."""
+    kernels = _kernels()
+    if model_pred.is_cuda:
+        with torch.cuda.device(model_pred.device):
+            return kernels.launch_gradient(
+                grad_loss, model_pred, ref_pred, target, coefficients, with_gap=plan.with_gap,
+                plan=plan,
+            )  # fmt: skip
+    return kernels.launch_gradient(
+        grad_loss, model_pred, ref_pred, target, coefficients, with_gap=plan.with_gap, plan=plan
+    )
 
 
 @torch.library.custom_op("sdpo::fused_preference_forward", mutates_args=())
@@ -242,35 +294,40 @@ def _fused_preference_backward_fake(
 
 
 register_fused_autograd(
-    fused_preference_forward, fused_preference_backward, triton_forward, triton_backward
-)
+    fused_preference_forward, fused_preference_backward, triton_forward_eager,
+    triton_backward_eager,
+)  # fmt: skip
 
 
 class _EagerFused(torch.autograd.Function):
     """The eager path of a fused op pair: the same kernels and the same autograd contract as
     register_fused_autograd, without the custom-op dispatcher. Only differentiable output:
-    the loss; only differentiable input: model_pred."""
+    the loss; only differentiable input: model_pred. Four arguments (the ones that are not
+    saved for the backward travel as one tuple): apply() inspects each one, ~1-2 us apiece on
+    a 2-core CPU."""
 
     @staticmethod
-    def forward(ctx, forward, backward, model_pred, ref_pred, target, pair_weights, *arguments):
-        loss, stats, scale, coefficients = forward(
-            model_pred, ref_pred, target, pair_weights, *arguments
+    def forward(ctx, model_pred, ref_pred, target, rest):
+        pair_weights, (forward, ctx.backward_function), op_arguments = rest
+        loss, stats, scale, coefficients, ctx.state = forward(
+            model_pred, ref_pred, target, pair_weights, op_arguments
         )
         ctx.save_for_backward(model_pred, ref_pred, target, coefficients)
-        ctx.backward_function = backward
-        ctx.with_gap = arguments[0] in GAP_METHOD_CODES
         ctx.mark_non_differentiable(stats, scale, coefficients)
+        # The three non-differentiable outputs get no gradient: leave theirs None instead of
+        # three zero tensors allocated every backward.
+        ctx.set_materialize_grads(False)
         return loss, stats, scale, coefficients
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_scale, _grad_coefficients):
-        model_pred, ref_pred, target, coefficients = ctx.saved_tensors
         grad_pred = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[0]:
+            model_pred, ref_pred, target, coefficients = ctx.saved_tensors
             grad_pred = ctx.backward_function(
-                grad_loss, model_pred, ref_pred, target, coefficients, ctx.with_gap
+                grad_loss, model_pred, ref_pred, target, coefficients, ctx.state
             )
-        return (None, None, grad_pred) + (None,) * 10
+        return grad_pred, None, None, None
 
 
 def preference_loss_fused(
@@ -280,28 +337,18 @@ def preference_loss_fused(
     target: Tensor,
     settings: LossSettings,
     pair_weights: Tensor | None,
-    *,
-    read_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The fused counterpart of :func:`sdpo.reference.preference_loss_reference`, for either
     fused forward op (``sdpo::fused_preference_forward`` or ``sdpo::cuda_preference_forward``).
 
-    ``read_dtypes``: None when the op reads each input in its own dtype (Triton); else the one
-    dtype the op reads all three inputs in must be among these: mixed inputs are promoted to the
-    widest of them (never rounding the target down), and to fp32 when that is not among them.
-    Non-contiguous inputs are copied explicitly (the kernels index rows as row * elements).
-    Sums accumulate in fp32 (fp64 inputs are also read into fp32).
+    Each input is handed to the op in its own dtype (the kernels read fp32, bf16 and fp16
+    as they come). Non-contiguous inputs are copied explicitly (the kernels index rows as
+    row * elements). Sums accumulate in fp32.
     """
-    if read_dtypes is not None:
-        dtype = torch.promote_types(
-            torch.promote_types(model_pred.dtype, ref_pred.dtype), target.dtype
-        )
-        if dtype not in read_dtypes:
-            dtype = torch.float32
-        model_pred, ref_pred, target = (t.to(dtype) for t in (model_pred, ref_pred, target))
     model_pred = model_pred.contiguous()
-    ref_pred = ref_pred.detach().contiguous()
-    target = target.detach().contiguous()
+    # detach() only where there is a graph to cut (~1 us each on a 2-core CPU otherwise).
+    ref_pred = (ref_pred.detach() if ref_pred.requires_grad else ref_pred).contiguous()
+    target = (target.detach() if target.requires_grad else target).contiguous()
     if pair_weights is not None:
         pair_weights = pair_weights.detach().to(torch.float32).contiguous()
     eager = _EAGER_IMPLEMENTATIONS.get(forward_op)
@@ -312,7 +359,7 @@ def preference_loss_fused(
         )
     else:
         loss, stats, scale, _coefficients = _EagerFused.apply(
-            *eager, model_pred, ref_pred, target, pair_weights, *settings.op_arguments()
+            model_pred, ref_pred, target, (pair_weights, eager, settings.op_arguments())
         )
     return loss, named_stats(stats, scale)
 

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # sdpo.settings imports this module (for METHODS)
-    from sdpo.settings import LossSettings
+# The methods and the integer codes the fused kernels take for each (defined in sdpo.settings,
+# which imports no torch).
+from sdpo.settings import METHOD_CODES, METHODS  # noqa: F401
 
-METHODS = ("diffusion-dpo", "dspo", "dspo-sdxl", "dmpo")
-# The integer codes the fused kernels (Triton and CUDA) take for each method.
-METHOD_CODES = {method: code for code, method in enumerate(METHODS)}
+if TYPE_CHECKING:
+    from sdpo.settings import LossSettings
 
 # The loss-side statistics every backend returns (besides "lambda"), in this order.
 STAT_NAMES = (

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
@@ -80,3 +83,52 @@ def test_command_lines_parse_help_before_importing_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "overhead" in result.stdout
+
+
+# The console scripts as pyproject.toml declares them (what an install puts on PATH).
+SCRIPTS = dict(
+    (name, (module, function))
+    for name, module, function in re.findall(
+        r'^(sdpo-[a-z]+) = "([\w.]+):(\w+)"$', (ROOT / "pyproject.toml").read_text(), re.M
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "status"),
+    [
+        ("sdpo-train", ["--help"], 0),
+        ("sdpo-train", ["--list-presets"], 0),
+        ("sdpo-train", ["--no-such-flag"], 2),
+        ("sdpo-train", ["--beta", "-1"], 2),
+        ("sdpo-train", ["--max-steps", "2.5"], 2),
+        ("sdpo-eval", ["--help"], 0),
+        ("sdpo-eval", ["generate", "--help"], 0),
+        ("sdpo-eval", ["score", "--help"], 0),
+        ("sdpo-eval", ["no-such-command"], 2),
+        ("sdpo-demo", ["--help"], 0),
+        ("sdpo-demo", ["--no-such-flag"], 2),
+        ("sdpo-demo", ["--steps", "7"], 2),
+        ("sdpo-profile", ["--help"], 0),
+    ],
+)
+def test_help_and_argument_errors_do_not_import_torch(script, argv, status):
+    """Importing torch takes 1.7 s (more on a busy machine): a command line's --help and its
+    argument errors answer without it, through the entry point pyproject.toml installs."""
+    module, function = SCRIPTS[script]
+    code = (
+        "import importlib, sys\n"
+        f"main = getattr(importlib.import_module({module!r}), {function!r})\n"
+        "try:\n"
+        f"    status = main({argv!r})\n"
+        "except SystemExit as stop:\n"
+        "    status = stop.code\n"
+        "print('status', status, 'torch imported', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert f"status {status} torch imported False" in result.stderr, result.stderr
+    if status == 0:  # the help (or the preset list) really printed
+        expected = "sd15-dpo" if "--list-presets" in argv else f"usage: {script}"
+        assert expected in result.stdout, result.stdout

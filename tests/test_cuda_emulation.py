@@ -388,12 +388,11 @@ def test_eager_autograd_path_and_compiled_op(emulated, monkeypatch, dtypes):
         seen.append(tuple(t.dtype for t in arguments[:3]))
         return original(*arguments)
 
+    # The eager twin (cuda_forward_eager) looks cuda_forward up at call time: the spy sees it.
     monkeypatch.setattr(cuda_backend, "cuda_forward", spy)
-    assert ops._EAGER_IMPLEMENTATIONS[cuda_backend.cuda_preference_forward][0] is original
-    monkeypatch.setitem(
-        ops._EAGER_IMPLEMENTATIONS,
-        cuda_backend.cuda_preference_forward,
-        (spy, cuda_backend.cuda_backward),
+    assert ops._EAGER_IMPLEMENTATIONS[cuda_backend.cuda_preference_forward] == (
+        cuda_backend.cuda_forward_eager,
+        cuda_backend.cuda_backward_eager,
     )
     pred = model_pred.clone().requires_grad_(True)
     loss, stats = cuda_backend.preference_loss_cuda(pred, ref_pred, target, settings, weights)

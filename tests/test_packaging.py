@@ -170,6 +170,8 @@ def test_wheel_installs_everything_under_sdpo(wheel):
         "sdpo/objectives.py",
         "sdpo/reference.py",
         "sdpo/demo/base_model/unet/config.json",
+        "sdpo/demo/flow_base_model/unet/diffusion_pytorch_model.safetensors",
+        "sdpo/demo/flow_base_model/scheduler/scheduler_config.json",
     ):
         assert module in names, module
     top_level = {

@@ -55,3 +55,38 @@ def test_the_reference_takes_the_settings_the_api_builds():
     )
     torch.testing.assert_close(loss, result.loss, rtol=0, atol=0)
     torch.testing.assert_close(stats["lambda"], result.stats["lambda"], rtol=0, atol=0)
+
+
+def test_from_arguments_cache_never_changes_what_is_accepted_or_refused(monkeypatch):
+    from sdpo import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "_SETTINGS_CACHE", {})
+    arguments = dict(method="diffusion-dpo", beta=1, mu=0.5, granularity="pair", dmpo_alpha=0.0)
+    first = LossSettings.from_arguments(**arguments)
+    assert LossSettings.from_arguments(**arguments) is first  # a hit
+    assert first == LossSettings("diffusion-dpo", 1.0, 0.5, 1, 0.0)
+    # True == 1 and hash(True) == hash(1), but True is refused, on every call.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="beta: expected a Python float"):
+            LossSettings.from_arguments(**{**arguments, "beta": True})
+        with pytest.raises(ValueError, match=r"mu: expected None .* in \[0, 1\]"):
+            LossSettings.from_arguments(**{**arguments, "mu": 1.5})
+        with pytest.raises(ValueError, match="granularity: unknown"):
+            LossSettings.from_arguments(**{**arguments, "granularity": ["pair"]})  # unhashable
+    # 1 and 1.0 are different keys with equal settings; other values are other settings.
+    assert LossSettings.from_arguments(**{**arguments, "beta": 1.0}) == first
+    assert LossSettings.from_arguments(**{**arguments, "mu": None}).mu is None
+    assert len(settings_module._SETTINGS_CACHE) == 3
+
+
+def test_from_arguments_cache_is_bounded(monkeypatch):
+    from sdpo import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "_SETTINGS_CACHE", {})
+    monkeypatch.setattr(settings_module, "_MAX_CACHED_SETTINGS", 4)
+    for beta in range(1, 20):
+        settings = LossSettings.from_arguments(
+            method="dmpo", beta=float(beta), mu=None, granularity="batch", dmpo_alpha=0.1
+        )
+        assert settings.beta == beta
+        assert len(settings_module._SETTINGS_CACHE) <= 4

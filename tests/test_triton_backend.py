@@ -128,6 +128,8 @@ def test_several_chunks_and_odd_sizes(monkeypatch):
     monkeypatch.setattr(
         preference, "plan_chunks", lambda pairs, elements: (1024, -(-elements // 1024))
     )
+    # Cached launch plans were made with the real plan_chunks: an empty cache for this test.
+    monkeypatch.setattr(preference, "_PLANS", {})
     model_pred, ref_pred, target = make_inputs(3, (2085,), dtype=torch.float32, ref_offset=0.5)
     for method in sdpo.METHODS:
         expected, actual = run_both(
@@ -228,6 +230,22 @@ def test_inputs_are_not_modified_and_grad_is_a_new_buffer():
     for original, copy in zip((pred.detach(), ref_pred, target), copies, strict=True):
         assert torch.equal(original, copy)
     assert pred.grad.data_ptr() not in (pred.data_ptr(), ref_pred.data_ptr(), target.data_ptr())
+
+
+def test_loss_can_be_modified_in_place():
+    # `loss /= accumulation_steps` works on every backend's loss: the fused eager loss is not a
+    # view made inside the autograd Function (autograd refuses in-place changes to those).
+    model_pred, ref_pred, target = (
+        t.to(DEVICE) for t in make_inputs(2, (3, 4), dtype=torch.float32)
+    )
+    grads = {}
+    for backend in ("torch", "triton"):
+        pred = model_pred.clone().requires_grad_(True)
+        loss = sdpo.preference_loss(pred, ref_pred, target, beta=50.0, mu=0.5, backend=backend).loss
+        loss /= 4.0
+        loss.backward()
+        grads[backend] = pred.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=2e-5, atol=1e-9)
 
 
 def test_opcheck():

@@ -76,12 +76,10 @@ def _encode(
     return torch.cat(means), torch.cat(stds)
 
 
-def _as_is(item):
-    return item
-
-
 class _DecodedPairs(torch.utils.data.Dataset):
-    """Records decoded (and resized) in DataLoader workers: (winner, loser, caption) or None."""
+    """A record decoded (and resized) in a DataLoader worker: its four views (winner, flipped
+    winner, loser, flipped loser: the trainer flips each at random) as one (4, 3, H, W) tensor
+    and its caption, or None when an image cannot be read."""
 
     def __init__(self, records: list, resolution: int) -> None:
         self.records, self.resolution = records, resolution
@@ -89,14 +87,115 @@ class _DecodedPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[Tensor, str] | None:
         record = self.records[index]
         try:
             winner = preprocess(record.winner, self.resolution, flip=False)
             loser = preprocess(record.loser, self.resolution, flip=False)
         except UnreadableImage:
             return None
-        return winner, loser, record.caption
+        return torch.stack([winner, winner.flip(-1), loser, loser.flip(-1)]), record.caption
+
+
+def _collate_views(items: list) -> tuple[Tensor | None, list[str], int]:
+    """A worker's batch of pairs as ONE tensor of views (one shared-memory transfer, not one
+    per image), the captions, and how many pairs were unreadable."""
+    kept = [item for item in items if item is not None]
+    views = torch.cat([views for views, _ in kept]) if kept else None
+    return views, [caption for _, caption in kept], len(items) - len(kept)
+
+
+def decoded_pairs(
+    records: list, resolution: int, encode_batch: int, num_workers: int
+) -> torch.utils.data.DataLoader:
+    """(views, captions, unreadable pairs) batches, decoded in ``num_workers`` processes in
+    record order, ahead of the encoder: a worker hands over an encoder call's worth of pairs at
+    a time (4 views each), and up to two such batches per worker wait decoded while the encoder
+    runs."""
+    return torch.utils.data.DataLoader(
+        _DecodedPairs(records, resolution),
+        batch_size=max(1, encode_batch // 4),
+        num_workers=num_workers,
+        collate_fn=_collate_views,
+    )
+
+
+class _ShardEncoder:
+    """Encodes views as they arrive, ``batch_images`` per VAE call, and writes a shard every
+    ``shard_pairs`` pairs. The calls hold exactly the views the whole-shard loop of earlier
+    versions gave them (chunks of ``batch_images`` from each shard's first view), so the cache
+    is bitwise the same; encoding them as they arrive lets the workers decode the next pairs
+    meanwhile instead of waiting for the shard to fill."""
+
+    def __init__(
+        self,
+        models: Models,
+        output: Path,
+        target: torch.device,
+        shard_pairs: int,
+        batch_images: int,
+        encode_dtype: torch.dtype,
+        storage_dtype: torch.dtype,
+    ) -> None:
+        self.models, self.output, self.target = models, output, target
+        self.shard_pairs, self.batch_images = shard_pairs, batch_images
+        self.encode_dtype, self.storage_dtype = encode_dtype, storage_dtype
+        self.shards: list[dict] = []
+        self._start_shard()
+
+    def _start_shard(self) -> None:
+        self.pending: list[Tensor] = []  # views not encoded yet, in order
+        self.pending_count = 0
+        self.means: list[Tensor] = []
+        self.stds: list[Tensor] = []
+        self.captions: list[str] = []
+
+    def add(self, views: Tensor, captions: list[str]) -> None:
+        """Views of ``len(captions)`` pairs, 4 per pair, in order."""
+        for index, caption in enumerate(captions):
+            self.pending.append(views[4 * index : 4 * index + 4])
+            self.pending_count += 4
+            self.captions.append(caption)
+            if self.pending_count >= self.batch_images:
+                self._encode(self.batch_images)
+            if len(self.captions) == self.shard_pairs:
+                self.flush()
+
+    def _encode(self, count: int) -> None:
+        pixels = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        chunk, rest = pixels[:count], pixels[count:]
+        if self.target.type == "cuda":
+            chunk = chunk.pin_memory()  # copied without waiting on the GPU
+        mean, std = _encode(self.models, chunk, count, self.encode_dtype)
+        self.means.append(mean)
+        self.stds.append(std)
+        self.pending = [rest] if len(rest) else []
+        self.pending_count = len(rest)
+
+    def flush(self) -> None:
+        """Encodes what is left and writes the shard (nothing when it holds no pair)."""
+        if not self.captions:
+            return
+        while self.pending_count:
+            self._encode(min(self.pending_count, self.batch_images))
+        pairs, dtype = len(self.captions), self.storage_dtype
+        mean = torch.cat(self.means).view(pairs, 2, 2, *self.means[0].shape[1:])
+        std = torch.cat(self.stds).view(pairs, 2, 2, *self.stds[0].shape[1:])
+        mean, std = mean.cpu().to(dtype), std.cpu().to(dtype)
+        hidden, added = self.models.text(self.captions, self.target)
+        tensors = {
+            "winner_mean": mean[:, 0].contiguous(),
+            "winner_std": std[:, 0].contiguous(),
+            "loser_mean": mean[:, 1].contiguous(),
+            "loser_std": std[:, 1].contiguous(),
+            "hidden": hidden.cpu().to(dtype).contiguous(),
+        }
+        if added is not None:
+            tensors["pooled"] = added["text_embeds"].cpu().to(dtype).contiguous()
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file(tensors, str(self.output / name))
+        self.shards.append({"file": name, "pairs": pairs})
+        self._start_shard()
 
 
 def build_cache(
@@ -155,51 +254,24 @@ def build_cache(
         empty["pooled"] = added["text_embeds"].cpu().to(dtype)
     save_file(empty, str(output / EMPTY_FILE))
 
-    shards, captions, skipped, buffer = [], [], 0, []
-
-    def flush() -> None:
-        if not buffer:
-            return
-        # Per pair: winner, flipped winner, loser, flipped loser (the trainer flips each at random).
-        views = [torch.stack([win, win.flip(-1), lose, lose.flip(-1)]) for win, lose, _ in buffer]
-        pixels = torch.cat(views)
-        if target.type == "cuda":
-            pixels = pixels.pin_memory()  # chunks then copy without waiting on the GPU
-        mean, std = _encode(models, pixels, encode_batch, ENCODE_DTYPES[encode_dtype])
-        mean = mean.view(len(buffer), 2, 2, *mean.shape[1:]).cpu().to(dtype)
-        std = std.view(len(buffer), 2, 2, *std.shape[1:]).cpu().to(dtype)
-        hidden, added = models.text([caption for _, _, caption in buffer], target)
-        tensors = {
-            "winner_mean": mean[:, 0].contiguous(),
-            "winner_std": std[:, 0].contiguous(),
-            "loser_mean": mean[:, 1].contiguous(),
-            "loser_std": std[:, 1].contiguous(),
-            "hidden": hidden.cpu().to(dtype).contiguous(),
-        }
-        if added is not None:
-            tensors["pooled"] = added["text_embeds"].cpu().to(dtype).contiguous()
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(tensors, str(output / name))
-        shards.append({"file": name, "pairs": len(buffer)})
-        buffer.clear()
-
-    # Decoding in worker processes, in record order, ahead of the encoder.
-    decoded = torch.utils.data.DataLoader(
-        _DecodedPairs(records, resolution),
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=_as_is,
+    encoder = _ShardEncoder(
+        models,
+        output,
+        target,
+        shard_pairs,
+        encode_batch,
+        ENCODE_DTYPES[encode_dtype],
+        dtype,
     )
-    for item in decoded:
-        if item is None:
-            skipped += 1
-            continue
-        winner, loser, caption = item
-        buffer.append((winner, loser, caption))
-        captions.append(caption)
-        if len(buffer) == shard_pairs:
-            flush()
-    flush()
+    captions, skipped = [], 0
+    decoded = decoded_pairs(records, resolution, encode_batch, num_workers)
+    for views, batch_captions, unreadable in decoded:
+        skipped += unreadable
+        if views is not None:
+            encoder.add(views, batch_captions)
+            captions += batch_captions
+    encoder.flush()
+    shards = encoder.shards
     if not captions:
         raise ValueError(f"data: {data} has no pair with two readable images")
     index = {

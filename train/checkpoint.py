@@ -248,7 +248,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
 class ResumeState:
     """Where a resumed run continues: the optimizer step done, the next (epoch, batch index) to
     read, the skipped images and steps so far (to the last log row), the running statistics
-    since that row (one row per rank), and the optimizer and LR schedule states."""
+    since that row (one row per rank), the optimizer, LR schedule and fp16 loss scaler states,
+    and the last finite step's gradient norm (the next log row's ``grad_norm`` when every step
+    between the checkpoint and that row is skipped).
+
+    Nothing else carries state between steps: every random draw comes from a generator seeded by
+    the position (``data.generator_for``), never from torch's global generator (tested)."""
 
     path: Path
     step: int
@@ -261,6 +266,8 @@ class ResumeState:
     model_state: dict
     config: dict | None
     world_size: int | None
+    grad_scaler: dict | None = None  # None: not an fp16 run, or written before it was saved
+    last_grad_norm: float = float("nan")
 
 
 def read_checkpoint(path: Path) -> ResumeState:
@@ -277,6 +284,8 @@ def read_checkpoint(path: Path) -> ResumeState:
         model_state=model_state,
         config=state.get("config"),
         world_size=state.get("world_size"),
+        grad_scaler=state.get("grad_scaler"),
+        last_grad_norm=state.get("last_grad_norm", float("nan")),
     )
 
 
@@ -342,11 +351,16 @@ def save_training_state(
     skipped_images: int,
     skipped_steps: int = 0,
     running_stats: Tensor | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    last_grad_norm: float = float("nan"),
 ) -> Path:
     """Checkpoint at an optimizer-step boundary (accumulation position 0); all ranks barrier.
 
     ``position`` is the next (epoch, batch index) to read: a resumed run continues from there.
     ``running_stats``: (world size, n) statistics since the last log row, one row per rank.
+    ``grad_scaler``: fp16's loss scaler (its scale and growth tracker; the same on every rank,
+    which all see the same all-reduced gradients). ``last_grad_norm``: the last finite step's
+    gradient norm, as the trainer carries it to the next log row.
     A failed write raises CheckpointError on every rank (none waits at a barrier forever).
     """
     environment.barrier()
@@ -367,6 +381,8 @@ def save_training_state(
             "running_stats": running_stats,
             "world_size": environment.world_size,
             "config": json.loads(config_to_json(config)),
+            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+            "last_grad_norm": last_grad_norm,
         }
         try:
             save_checkpoint(

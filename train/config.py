@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from sdpo.objectives import METHODS, parse_granularity
+from sdpo.settings import METHODS, parse_granularity
 from sdpo.train.errors import UsageError
 
 
@@ -142,6 +142,14 @@ class TrainConfig:
         if self.fsdp and self.lora_rank > 0:
             raise UsageError(
                 "fsdp: LoRA adapters are small enough to replicate; drop --fsdp (DDP) or --lora-rank"
+            )
+        if self.fsdp and self.mixed_precision == "fp16":
+            # Each rank's GradScaler would see only its own gradient shard's overflows, so the
+            # ranks' loss scales drift apart and the reduce-scatter mixes gradients scaled
+            # differently (DDP ranks hold the same all-reduced gradients: no drift there).
+            raise UsageError(
+                "mixed_precision: fp16 loss scaling is per rank under --fsdp (the ranks' scales "
+                "would drift apart); use --mixed-precision bf16 with --fsdp, or DDP (no --fsdp)"
             )
         check_flow_settings(self)
         check_timestep_weighting(self)

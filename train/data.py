@@ -26,6 +26,8 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -543,6 +545,35 @@ class _BatchPositions(torch.utils.data.IterableDataset):
             position += 1
 
 
+def _exit_on_sigterm_from(main_process: int) -> None:
+    """Waits for SIGTERMs (blocked in this worker): one sent by ``main_process`` ends the worker,
+    one from anyone else (a terminal, a scheduler signalling the process group) is dropped."""
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == main_process:
+            os._exit(128 + signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int, main_process: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the worker outlives a SIGINT or SIGTERM sent to
+    the whole process group (what a terminal's Ctrl-C and some schedulers send), so the main
+    process can finish the step in flight, which may still need batches from it, and write its
+    checkpoint (train/preemption.py); the main process then ends the workers itself.
+
+    SIGINT is ignored. SIGTERM is blocked and taken by a thread that ends the worker when
+    ``main_process`` (the DataLoader's, which may not be the parent under forkserver) sent it: DataLoader's last resort for a worker that does not stop
+    (``terminate()``) keeps working. Without ``sigwaitinfo`` (not Linux) SIGTERM is ignored.
+    A worker whose main process died exits on its own (DataLoader's watchdog, within 5 s)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(
+        target=_exit_on_sigterm_from, args=(main_process,), name="sigterm-from-main", daemon=True
+    ).start()
+
+
 def batch_stream(batches, start: tuple[int, int], num_workers: int, pin_memory: bool = False):
     """(epoch, batch index, batch) from ``start`` on, forever. With ``num_workers`` > 0 the images
     are decoded in worker processes, ahead of the step; the order and content do not change."""
@@ -557,5 +588,6 @@ def batch_stream(batches, start: tuple[int, int], num_workers: int, pin_memory: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=2,
+        worker_init_fn=functools.partial(ignore_stop_signals, main_process=os.getpid()),
     )
     return iter(loader)

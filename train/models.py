@@ -593,10 +593,15 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     """The configured models on ``device``: the policy UNet (training mode), its frozen
     reference (a copy in bf16 on CUDA with bf16 mixed precision, or the policy with LoRA
     adapters off), the VAE and the text encoders (frozen)."""
+    from sdpo.train.toy_flow import is_toy_flow_folder, load_toy_flow_models
+
     if config.model in FLOW_MODELS:
         models = load_flow_models(config, device)
     elif config.pretrained == "random":
         models = build_random(config.model, config.resolution, config.seed)
+    elif config.model == "tiny" and is_toy_flow_folder(config.pretrained):
+        # The tiny UNet trained as a rectified flow (sdpo-demo --objective flow).
+        models = load_toy_flow_models(config)
     elif config.pretrained is not None:
         models = load_pretrained(
             config.pretrained, config.model, config.resolution, config.allow_download

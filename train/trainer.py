@@ -85,51 +85,35 @@ class NonFiniteLoss(RuntimeError):
 # bad data, a diverged policy) and its result is not the configured training.
 SKIPPED_STEPS_MINIMUM = 20
 
-# What --overwrite removes from the output folder before a fresh run.
-# What a run writes besides its checkpoints; --overwrite removes all of them, so a LoRA export
-# (transformer_lora/) of the replaced run cannot outlive it next to a new full fine-tune.
+# What --overwrite removes from the output folder before a fresh run: what a run writes besides its checkpoints (--overwrite clears them): the UNet or, for a flow
+# model, the transformer export (folder + .pth), and a flow LoRA run's adapters.
 RUN_FILES = (
-    "metrics.jsonl",
-    "tensorboard",
-    "unet",
-    "unet.pth",
-    "transformer",
-    "transformer.pth",
+    "metrics.jsonl", "tensorboard", "unet", "unet.pth", "transformer", "transformer.pth",
     "transformer_lora",
-)
+)  # fmt: skip
 
 
 def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches | CachedPairBatches:
     """This rank's share of the preference pairs: a sdpo-cache folder, files, or synthetic."""
+    # What both sources take: the batch size, this rank's share and the random draws.
+    shared = dict(
+        batch_pairs=config.train_batch_pairs,
+        caption_dropout=config.caption_dropout,
+        seed=config.seed,
+        rank=environment.rank,
+        world_size=environment.world_size,
+        resolution=config.resolution,
+        hflip=config.hflip,
+    )
     if is_cache(config.data):
-        return CachedPairBatches(
-            config.data,
-            batch_pairs=config.train_batch_pairs,
-            caption_dropout=config.caption_dropout,
-            seed=config.seed,
-            rank=environment.rank,
-            world_size=environment.world_size,
-            resolution=config.resolution,
-            hflip=config.hflip,
-            model=config.model,
-        )
+        return CachedPairBatches(config.data, model=config.model, **shared)
     records = load_records(
         config.data,
         resolution=config.resolution,
         synthetic_pairs=config.synthetic_pairs,
         seed=config.seed,
     )
-    return PairBatches(
-        records,
-        batch_pairs=config.train_batch_pairs,
-        resolution=config.resolution,
-        caption_dropout=config.caption_dropout,
-        seed=config.seed,
-        rank=environment.rank,
-        world_size=environment.world_size,
-        hflip=config.hflip,
-        random_crop=config.random_crop,
-    )
+    return PairBatches(records, random_crop=config.random_crop, **shared)
 
 
 class Trainer:
@@ -186,6 +170,9 @@ class Trainer:
         )
         self.scaler = make_grad_scaler(device, config.mixed_precision)
         self.step, self.position, self.skipped_images, self.skipped_steps = 0, (0, 0), 0, 0
+        # The last finite step's gradient norm, logged with the next row (NaN until one is; a
+        # skipped step's norm is not logged), on the device: no host sync per step.
+        self.logged_norm = torch.full((), float("nan"), device=device)
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None  # the step of this output folder's newest checkpoint
         self.resumed_stats: torch.Tensor | None = None
@@ -207,6 +194,9 @@ class Trainer:
             self.step, self.position = resume.step, resume.position
             self.skipped_images, self.last_checkpoint = resume.skipped_images, resume.path
             self.skipped_steps = resume.skipped_steps
+            self.logged_norm.fill_(resume.last_grad_norm)
+            if self.scaler is not None:
+                self._load_scaler(resume)
             if resume.running_stats is not None:
                 self.resumed_stats = resume.running_stats[environment.rank]
             if resume.path.resolve().parent == self.output_dir.resolve():
@@ -215,6 +205,18 @@ class Trainer:
         self.ranges = PhaseRanges(config.nvtx)
         window = parse_profile_steps(config.profile_steps) if config.profile_steps else None
         self.profile_window = window if device.type == "cuda" else None
+
+    def _load_scaler(self, resume: checkpoints.ResumeState) -> None:
+        """fp16's loss scale and growth tracker as the checkpoint left them. A checkpoint from
+        before they were saved restarts from the initial scale (said so: not an exact resume)."""
+        if resume.grad_scaler:
+            self.scaler.load_state_dict(resume.grad_scaler)
+        elif self.environment.is_main:
+            checkpoints.warn(
+                f"{resume.path} holds no fp16 loss-scaler state (written by an older version); "
+                f"the scale restarts from {self.scaler.get_scale():g}, so this resume is not "
+                "exact"
+            )
 
     def _prepare_output(self) -> checkpoints.ResumeState | None:
         """Refuses what would mix two runs in one folder, finds and checks the checkpoint to
@@ -385,6 +387,8 @@ class Trainer:
                     self.skipped_images,
                     self.skipped_steps,
                     running,
+                    self.scaler,
+                    float(self.logged_norm),
                 )
             except checkpoints.CheckpointError as error:
                 last = self.last_checkpoint or "none"
@@ -468,8 +472,6 @@ class Trainer:
         self.stop_requests.install()
         # One 0-dim device bool per optimizer step since the last read (read with the metrics).
         self.pending_finite: list[tuple[int, torch.Tensor]] = []
-        # The last finite step's norm (NaN until one is): a skipped step's norm is not logged.
-        logged_norm = torch.full((), float("nan"), device=self.device)
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)
@@ -490,7 +492,7 @@ class Trainer:
                     finite = apply_optimizer_step(self.optimizer, self.lr_schedule, finite)
                     if self.scaler is not None:
                         self.scaler.update()  # halves the scale after an overflow, on the device
-                    logged_norm = torch.where(finite, grad_norm.float(), logged_norm)
+                    self.logged_norm = torch.where(finite, grad_norm.float(), self.logged_norm)
                 # A non-finite step's metrics leave the row and it counts as skipped, on the
                 # device; the flag itself is read with the metrics (_read_finite).
                 stats.end_step(healthy)
@@ -505,7 +507,7 @@ class Trainer:
                     # Before any metrics row or checkpoint: a non-finite step stops here.
                     self._read_finite()
                 if log_now:
-                    rows.append(self._log(stats, logged_norm, epoch, writer, progress))
+                    rows.append(self._log(stats, self.logged_norm, epoch, writer, progress))
                 if save_now:
                     self.save(stats)
                 every = config.validation_every

@@ -1,6 +1,7 @@
 """`sdpo-demo`: the paper's pathology and its fix, measured on a toy, on a CPU, in minutes.
 
-From one base model (sdpo/demo/base.py), two runs of the real trainer (``sdpo.train``) on the
+From one base model (sdpo/demo/base.py; with ``--objective flow`` the same toy as a rectified
+flow, sdpo/demo/flow.py), two runs of the real trainer (``sdpo.train``) on the
 same preference pairs, same data order and seed: plain Diffusion-DPO, and Diffusion-DPO with
 the SDPO safeguard. Then, on held-out pairs with fixed noise and timesteps, the winners' and
 losers' denoising errors and the margin along training, and the reward of images sampled
@@ -9,10 +10,8 @@ before and after. Writes summary.json, report.md and PNG plots to --output-dir.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -24,40 +23,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdpo.demo import base
+from sdpo.demo import base, flow
+from sdpo.demo.cli import main
+from sdpo.demo.settings import DEMO_THREADS, OBJECTIVES, DemoSettings  # noqa: F401
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train import toy
 from sdpo.train.config import TrainConfig
 from sdpo.train.models import Models
 from sdpo.train.runtime import configure_cpu_threads
-
-# The demo's numbers are defined at one CPU thread: with two, torch splits reductions
-# differently and the summary moves in the 4th digit (and the README's table no longer matches).
-DEMO_THREADS = 1
+from sdpo.train.toy_flow import is_toy_flow_folder
 
 RUNS = (("diffusion-dpo", None), ("diffusion-dpo+sdpo", "mu"))
-
-
-@dataclass
-class DemoSettings:
-    output_dir: str = "runs/demo"
-    seed: int = 0
-    steps: int = 600
-    batch_pairs: int = 8
-    learning_rate: float = 1e-4
-    beta: float = 5000.0
-    mu: float = 0.9
-    train_pairs: int = 512
-    eval_pairs: int = 128
-    eval_every: int = 50
-    # Copies of the 16 toy captions sampled for the reward: 128 images, so that the reward of
-    # the same seeds before and after is compared over enough samples (32 moved it by ~0.02).
-    sample_captions: int = 8
-    base_dir: str | None = None
-    retrain_base: bool = False
-    progress: bool = True
-    threads: int = DEMO_THREADS
-    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -101,8 +77,43 @@ def _load_weights(models: Models, state: dict) -> torch.nn.Module:
 def _reward_of_samples(
     models: Models, unet: torch.nn.Module, captions: list[str], seed: int
 ) -> tuple[float, Tensor]:
-    images = base.sample(models, unet, captions, seed=seed)
+    sampler = flow.sample if models.flow is not None else base.sample
+    images = sampler(models, unet, captions, seed=seed)
     return float(toy.reward(images, captions).mean()), images
+
+
+def held_out_errors(
+    models: Models, unet: torch.nn.Module, data: EvaluationSet
+) -> tuple[Tensor, Tensor]:
+    """Per-pair winner and loser errors: of the noise (DDPM) or of the velocity (flow), at the
+    same noise draws and noise levels (flow: sigma = t / 1000)."""
+    if models.flow is None:
+        return denoising_errors(models, unet, data)
+    sigmas = flow.evaluation_sigmas(models, data.timesteps)
+    return flow.velocity_errors(models, unet, data.pixels, data.captions, data.noise, sigmas)
+
+
+def check_settings(settings: DemoSettings) -> None:
+    """Raises ValueError naming the setting for what the demo cannot run."""
+    if settings.objective not in OBJECTIVES:
+        raise ValueError(
+            f"objective: expected one of {', '.join(OBJECTIVES)}, got {settings.objective!r}"
+        )
+    if settings.steps < settings.eval_every or settings.steps % settings.eval_every:
+        raise ValueError("--steps must be a positive multiple of --eval-every")
+    if settings.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {settings.threads}")
+    if settings.base_dir and not settings.retrain_base:
+        flow_folder = is_toy_flow_folder(settings.base_dir)
+        if flow_folder and settings.objective != "flow":
+            raise ValueError(
+                f"--base-dir {settings.base_dir} holds a flow-matching model; add --objective flow"
+            )
+        if not flow_folder and settings.objective == "flow":
+            raise ValueError(
+                f"--base-dir {settings.base_dir} is not a flow-matching model (its scheduler is "
+                "not a FlowMatchEulerDiscreteScheduler); drop --objective flow or give a flow base"
+            )
 
 
 @contextlib.contextmanager
@@ -133,6 +144,7 @@ def reproducible(seed: int, threads: int) -> Iterator[None]:
 
 def run_demo(settings: DemoSettings) -> dict:
     """Both runs, the measurements and the outputs (see the module docstring)."""
+    check_settings(settings)
     with reproducible(settings.seed, settings.threads):
         return _run_demo(settings)
 
@@ -151,14 +163,20 @@ def _run_demo(settings: DemoSettings) -> dict:
 
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    base_dir = Path(settings.base_dir) if settings.base_dir else base.PACKAGED_BASE
+    is_flow = settings.objective == "flow"
+    packaged = flow.PACKAGED_FLOW_BASE if is_flow else base.PACKAGED_BASE
+    base_dir = Path(settings.base_dir) if settings.base_dir else packaged
     if settings.retrain_base:
         base_dir = output / "base"
         print(f"training the base model into {base_dir} ...", flush=True)
-        base.pretrain_base(base_dir, seed=settings.seed)
-    models = base.load_base(base_dir)
+        if is_flow:
+            # fp16 storage as packaged: seed 0 at one thread rebuilds the packaged weights.
+            flow.pretrain_flow_base(base_dir, seed=settings.seed, half=True)
+        else:
+            base.pretrain_base(base_dir, seed=settings.seed)
+    models = flow.load_flow_base(base_dir) if is_flow else base.load_base(base_dir)
     data = evaluation_set(settings.eval_pairs, settings.seed)
-    base_winner, base_loser = denoising_errors(models, models.unet, data)
+    base_winner, base_loser = held_out_errors(models, models.unet, data)
     captions = [spec.caption for spec in toy.all_specs()] * settings.sample_captions
     reward_before, images_before = _reward_of_samples(models, models.unet, captions, settings.seed)
 
@@ -202,7 +220,7 @@ def _run_demo(settings: DemoSettings) -> dict:
         )
         for step in range(settings.eval_every, settings.steps + 1, settings.eval_every):
             state, _ = checkpoints.load_checkpoint(checkpoints.checkpoint_path(run_dir, step))
-            winner_mse, loser_mse = denoising_errors(models, _load_weights(models, state), data)
+            winner_mse, loser_mse = held_out_errors(models, _load_weights(models, state), data)
             steps.append(step)
             winner.append(float(winner_mse.mean()))
             loser.append(float(loser_mse.mean()))
@@ -216,7 +234,7 @@ def _run_demo(settings: DemoSettings) -> dict:
             )
         if not settings.keep_checkpoints:
             _remove_checkpoints(run_dir, steps[1:])
-        final = _load_weights(models, torch.load(run_dir / "unet.pth"))
+        final = _load_weights(models, torch.load(run_dir / f"{models.export_name}.pth"))
         reward_after, images_after = _reward_of_samples(models, final, captions, settings.seed)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves[name] = {
@@ -241,7 +259,7 @@ def _run_demo(settings: DemoSettings) -> dict:
             "mean_lambda": sum(curves[name]["lambda"]) / len(rows),
         }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_plots(output, curves, images_before, captions)
+    write_plots(output, curves, images_before, captions, settings.objective)
     (output / "report.md").write_text(report(summary))
     return summary
 
@@ -253,10 +271,21 @@ def _change(start: float, end: float) -> str:
 
 def report(summary: dict) -> str:
     """The table and a few sentences, each stating what was measured (never a fixed claim)."""
+    flow_objective = summary["settings"].get("objective") == "flow"
+    title = "# sdpo-demo: Diffusion-DPO with and without the SDPO safeguard"
+    error_line = (
+        "Held-out pairs, fixed noise and timesteps; MSE is the denoising error (lower is better);"
+    )
+    if flow_objective:
+        title += " (rectified flow)"
+        error_line = (
+            "Held-out pairs, fixed noise and sigmas; MSE is the velocity error, mean (v_theta - "
+            "(noise - x_0))^2 (lower is better);"
+        )
     lines = [
-        "# sdpo-demo: Diffusion-DPO with and without the SDPO safeguard",
+        title,
         "",
-        "Held-out pairs, fixed noise and timesteps; MSE is the denoising error (lower is better);",
+        error_line,
         "the margin is u averaged over pairs (the preference the model expresses, higher is better);",
         "reward is the pixel reward of images sampled for the 16 toy captions (1 = matches the caption).",
         "",
@@ -326,7 +355,9 @@ def _short_caption(caption: str) -> str:
     return f"{spec.color} {spec.shape}\non {spec.background}"
 
 
-def write_plots(output: Path, curves: dict, images_before: Tensor, captions: list[str]) -> None:
+def write_plots(
+    output: Path, curves: dict, images_before: Tensor, captions: list[str], objective: str = "ddpm"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,8 +381,9 @@ def write_plots(output: Path, curves: dict, images_before: Tensor, captions: lis
             linewidth=2,
             label=f"{name}: {LAMBDA_WINDOW}-step moving average",
         )
+    predicted = "velocity" if objective == "flow" else "noise"
     axes[0].set(
-        title="held-out denoising error", xlabel="step", ylabel="MSE of the noise prediction"
+        title="held-out denoising error", xlabel="step", ylabel=f"MSE of the {predicted} prediction"
     )
     axes[1].set(title="held-out margin", xlabel="step", ylabel="u, mean over held-out pairs")
     axes[2].set(
@@ -387,55 +419,6 @@ def write_plots(output: Path, curves: dict, images_before: Tensor, captions: lis
     figure.tight_layout()
     figure.savefig(output / "samples.png", dpi=100)
     plt.close(figure)
-
-
-def main(argv: list[str] | None = None) -> int:
-    defaults = DemoSettings()
-    parser = argparse.ArgumentParser(prog="sdpo-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default=defaults.output_dir)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--beta", type=float, default=defaults.beta)
-    parser.add_argument("--mu", type=float, default=defaults.mu)
-    parser.add_argument(
-        "--base-dir", default=None, help="a base model folder (default: the packaged one)"
-    )
-    parser.add_argument(
-        "--retrain-base", action="store_true", help="train the base model from scratch first"
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=defaults.threads,
-        help=f"CPU threads (default {defaults.threads}, whatever OMP_NUM_THREADS says: the "
-        "demo's numbers are defined at 1 thread; another count moves them in the 4th digit)",
-    )
-    parser.add_argument(
-        "--keep-checkpoints",
-        action="store_true",
-        help="keep the trainer's checkpoints (~80 MB at the defaults; deleted once measured)",
-    )
-    arguments = parser.parse_args(argv)
-    settings = DemoSettings(**{key: value for key, value in vars(arguments).items()})
-    if settings.steps < settings.eval_every or settings.steps % settings.eval_every:
-        print(
-            "sdpo-demo: error: --steps must be a positive multiple of --eval-every", file=sys.stderr
-        )
-        return 2
-    if settings.threads < 1:
-        print(f"sdpo-demo: error: --threads must be >= 1, got {settings.threads}", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_initialized():
-        # The demo is a CPU demo: on a machine with a GPU the trainer would pick CUDA, whose
-        # kernels round differently, and the numbers would no longer match the README's.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    summary = run_demo(settings)
-    print((Path(settings.output_dir) / "report.md").read_text())
-    print(json.dumps(summary["runs"], indent=2))
-    return 0
 
 
 if __name__ == "__main__":

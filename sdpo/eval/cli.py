@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdpo.eval.generate import PRESETS, SCHEDULERS
+from sdpo.eval.presets import PRESETS, SCHEDULERS
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from sdpo.train.cache import _encode, build_cache
+from sdpo.train.data import UnreadableImage, load_records, preprocess
 from sdpo.train.models import build_tiny
 
 
@@ -74,3 +77,97 @@ def test_decoding_workers_write_the_same_cache(tmp_path):
     for name, tensors in shards[0].items():
         for key, value in tensors.items():
             assert torch.equal(value, shards[2][name][key]), (name, key)
+
+
+def write_pair_images(folder: Path, pairs: int) -> Path:
+    """A JSONL manifest of ``pairs`` pairs of random PNGs of varied sizes; pair 2's loser is a
+    corrupt file (the cache skips that pair)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(1)
+    lines = []
+    for index in range(pairs):
+        names = []
+        for side in ("w", "l"):
+            height, width = 20 + index % 3 * 4, 18 + index % 4 * 5
+            pixels = torch.randint(0, 256, (height, width, 3), generator=generator)
+            name = f"{index}{side}.png"
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / name)
+            names.append(name)
+        lines.append(
+            json.dumps({"caption": f"pair {index}", "winner": names[0], "loser": names[1]})
+        )
+    (folder / "2l.png").write_bytes(b"not a png")
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
+
+
+@torch.no_grad()
+def expected_shards(manifest: Path, resolution: int, shard_pairs: int, encode_batch: int):
+    """The cache's content computed directly: each readable pair's four views (as is and
+    flipped), a shard's views run through diffusers' AutoencoderKL ``encode`` in calls of
+    ``encode_batch`` from the shard's first view (the calls sdpo-cache has always made), the
+    captions through the text encoder."""
+    models = build_tiny(resolution, seed=0)
+    models.vae.eval()
+    records = load_records(str(manifest), resolution=resolution, synthetic_pairs=0, seed=0)
+    readable = []
+    for record in records:
+        try:
+            winner = preprocess(record.winner, resolution, flip=False)
+            loser = preprocess(record.loser, resolution, flip=False)
+        except UnreadableImage:
+            continue
+        readable.append((winner, loser, record.caption))
+    shards = []
+    for start in range(0, len(readable), shard_pairs):
+        pairs = readable[start : start + shard_pairs]
+        views = torch.cat(
+            [torch.stack([win, win.flip(-1), lose, lose.flip(-1)]) for win, lose, _ in pairs]
+        )
+        calls = [
+            models.vae.encode(views[first : first + encode_batch]).latent_dist
+            for first in range(0, len(views), encode_batch)
+        ]
+        mean = torch.cat([call.mean for call in calls]).view(len(pairs), 2, 2, 4, 8, 8)
+        std = torch.cat([call.std for call in calls]).view(len(pairs), 2, 2, 4, 8, 8)
+        hidden, _ = models.text([caption for _, _, caption in pairs], torch.device("cpu"))
+        shards.append(
+            {
+                "winner_mean": mean[:, 0],
+                "winner_std": std[:, 0],
+                "loser_mean": mean[:, 1],
+                "loser_std": std[:, 1],
+                "hidden": hidden,
+            }
+        )
+    return shards, [caption for _, _, caption in readable]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_cache_is_bitwise_the_direct_encoding(tmp_path, workers):
+    """fp32 storage, so every bit of the encoder's output shows. 11 pairs (one unreadable) in
+    shards of 4 and encoder calls of 6 views: calls split a pair's views and cross the
+    decoding batches, and the last shard is short."""
+    manifest = write_pair_images(tmp_path, pairs=11)
+    output = tmp_path / "cache"
+    index = build_cache(
+        data=str(manifest),
+        output_dir=str(output),
+        model="tiny",
+        pretrained=None,
+        resolution=16,
+        shard_pairs=4,
+        storage_dtype="float32",
+        encode_batch=6,
+        num_workers=workers,
+        device="cpu",
+    )
+    shards, captions = expected_shards(manifest, resolution=16, shard_pairs=4, encode_batch=6)
+    assert index["captions"] == captions and index["skipped_pairs"] == 1
+    assert [shard["pairs"] for shard in index["shards"]] == [4, 4, 2]
+    for entry, expected in zip(index["shards"], shards, strict=True):
+        written = load_file(str(output / entry["file"]))
+        assert written.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(written[key], value), (entry["file"], key)

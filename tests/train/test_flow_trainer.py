@@ -3,7 +3,6 @@ presets, the step against preference_loss by hand, LoRA, resume, torchrun."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import read_rows
 
 import sdpo
 from sdpo.train import families
@@ -35,10 +35,6 @@ def flow_config(tmp_path: Path, name: str, *flags: str, **overrides) -> TrainCon
         setattr(config, key, value)
     config.validate()
     return config
-
-
-def read_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("preset", FLOW_PRESETS)

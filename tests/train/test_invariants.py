@@ -20,6 +20,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
+from trainer_helpers import read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
@@ -27,21 +28,6 @@ from sdpo.train.config import TrainConfig, config_from_args
 from sdpo.train.data import generator_for, load_records, preprocess
 from sdpo.train.models import add_lora, build_tiny, save_tiny_pretrained
 from sdpo.train.trainer import train
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
-
-
-def read_rows(output_dir: str | Path) -> list[dict]:
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def checkpoint_weights(output_dir: str | Path, step: int) -> dict[str, torch.Tensor]:

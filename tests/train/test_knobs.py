@@ -14,28 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainer_helpers import read_rows, tiny
 
 from sdpo.train import checkpoint as checkpoints
-from sdpo.train.config import LR_SCHEDULERS, TrainConfig, config_from_args
+from sdpo.train.config import LR_SCHEDULERS, config_from_args
 from sdpo.train.data import PairBatches, PairRecord, load_records, preprocess
 from sdpo.train.errors import UsageError
 from sdpo.train.trainer import train
 
 PROMPTS = ["a red square on a white background", "a blue circle on a white background"]
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
-
-
-def read_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def expected_lrs(name: str, steps: int, warmup: int, learning_rate: float) -> list[float]:

@@ -6,23 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
-from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.config import TrainConfig
 from sdpo.train.optim import make_lr_schedule, make_optimizer
 from sdpo.train.step import apply_optimizer_step, clip_and_check_gradients, skips_on_device
 from sdpo.train.trainer import NonFiniteLoss, train
-
-
-def tiny(tmp_path: Path, **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
 
 
 def optimizer_after_one_step(name: str):

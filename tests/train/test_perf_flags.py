@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import tiny
 
 from sdpo.train.config import TrainConfig, config_from_args
 from sdpo.train.errors import UsageError
 from sdpo.train.step import align_optimizer_state, attention_context, to_channels_last
 from sdpo.train.trainer import train
-
-
-def tiny(tmp_path: Path, name: str, **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
 
 
 def metric(output_dir: str, key: str) -> list[float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -16,29 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train import trainer as trainer_module
 from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.data import ignore_stop_signals
 from sdpo.train.errors import UsageError
 from sdpo.train.trainer import NonFiniteLoss, train
 
 TIMING_KEYS = ("pairs_per_s",)
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
-
-
-def read_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -256,6 +245,21 @@ def test_a_fresh_run_refuses_a_used_folder_and_overwrite_replaces_it(two_step_ru
     train(tiny(tmp_path, "copy", max_steps=1, synthetic_pairs=6, overwrite=True))
     assert [row["step"] for row in read_rows(output)] == [1]
     assert [path.name for path in checkpoints.complete_checkpoints(output)] == ["checkpoint-1"]
+
+
+def test_overwrite_removes_every_export_of_the_previous_run(two_step_run, tmp_path):
+    # The old run may have been a flow model's (transformer/, transformer.pth, a LoRA run's
+    # transformer_lora/): none of it may survive next to the new run's UNet.
+    output = copy_run(two_step_run, tmp_path)
+    for folder in ("transformer", "transformer_lora"):
+        (output / folder).mkdir()
+        (output / folder / "weights.safetensors").write_bytes(b"old")
+    (output / "transformer.pth").write_bytes(b"old")
+    (output / "notes.txt").write_text("a user's file")
+    train(tiny(tmp_path, "copy", max_steps=1, synthetic_pairs=6, overwrite=True))
+    for name in ("transformer", "transformer_lora", "transformer.pth"):
+        assert not (output / name).exists(), name
+    assert (output / "unet").is_dir() and (output / "notes.txt").read_text() == "a user's file"
 
 
 def test_resume_from_a_given_checkpoint_folder(tmp_path):
@@ -497,6 +501,61 @@ def test_a_signal_checkpoints_after_the_step_in_flight_and_resume_is_exact(tmp_p
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert without_timing(read_rows(output)) == without_timing(read_rows(whole))
     assert_same_weights(output, whole)
+
+
+def test_ctrl_c_to_the_process_group_with_data_workers_checkpoints_and_resumes(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, the DataLoader workers too. The
+    workers outlive it, so the step in flight gets its remaining batches (8 micro-batches, more
+    than the 2 the one worker has prefetched) and the checkpoint is written."""
+    output = tmp_path / "stopped"
+    flags = [*RUN_FLAGS, "--num-workers", "1", "--gradient-accumulation", "8", "--log-every", "1"]
+    process = start_training(
+        [*TRAIN, "--output-dir", str(output), "--max-steps", "1000", *flags], output
+    )
+    wait_for_rows(process, output, 1)
+    os.killpg(process.pid, signal.SIGINT)  # the session's group: the trainer and its worker
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("sdpo-train:")]
+    assert len(lines) == 1 and "stopped by SIGINT" in lines[0], err[-3000:]
+    stopped_at = checkpoints.checkpoint_step(checkpoints.latest_checkpoint(output))
+    assert f"after step {stopped_at}; checkpoint: {output / f'checkpoint-{stopped_at}'}" in lines[0]
+    end = str(stopped_at + 2)
+    for folder, extra in ((output, ["--resume"]), (tmp_path / "whole", [])):
+        result = subprocess.run(
+            [*TRAIN, "--output-dir", str(folder), "--max-steps", end, *flags, *extra],
+            capture_output=True, text=True, env=child_environment(), timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert without_timing(read_rows(output)) == without_timing(read_rows(tmp_path / "whole"))
+    assert_same_weights(output, tmp_path / "whole")
+
+
+def _worker_ignoring_stop_signals(main_process: int) -> None:
+    ignore_stop_signals(0, main_process=main_process)
+    while True:
+        time.sleep(0.05)
+
+
+def test_a_data_worker_ignores_stop_signals_but_not_its_main_processs_sigterm():
+    # DataLoader ends a worker that does not stop with terminate() (SIGTERM from the main
+    # process): that must still work, while SIGINT or SIGTERM from anyone else is ignored.
+    context = multiprocessing.get_context("fork")
+    worker = context.Process(target=_worker_ignoring_stop_signals, args=(os.getpid(),))
+    worker.start()
+    try:
+        time.sleep(1.0)  # the worker has installed its handlers
+        for name in ("INT", "TERM"):  # sent by another process, as a terminal or scheduler does
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True, timeout=60)
+        worker.join(timeout=1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from the main process
+        worker.join(timeout=10)
+        assert worker.exitcode == 128 + signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def test_a_second_signal_exits_at_once(tmp_path):

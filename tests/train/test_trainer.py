@@ -11,30 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
-from sdpo.train.config import TrainConfig, config_from_args
+from sdpo.train.config import config_from_args
 from sdpo.train.data import PairBatches, generator_for, load_records
 from sdpo.train.models import build_models
 from sdpo.train.step import encode_images
 from sdpo.train.trainer import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    config = config_from_args(
-        ["--preset", "tiny", "--output-dir", str(tmp_path / name), "--no-progress"]
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
-
-
-def read_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_first_step_loss_equals_preference_loss_by_hand(tmp_path):
@@ -297,6 +284,10 @@ def test_random_architecture_needs_no_data_and_synthetic_pairs_upsample():
         (["--preset", "tiny", "--profile-steps", "5"], "--profile-steps: expected START:STOP"),
         (["--preset", "tiny", "--profile-steps", "8:5"], "--profile-steps: expected 0 <= START"),
         (["--preset", "tiny", "--fsdp", "--lora-rank", "4"], "fsdp: LoRA adapters"),
+        (
+            ["--preset", "tiny", "--fsdp", "--mixed-precision", "fp16"],
+            "mixed_precision: fp16 loss scaling is per rank under --fsdp",
+        ),
     ],
 )
 def test_bad_settings_fail_before_any_model_loads(argv, pattern):
