@@ -544,7 +544,10 @@ FIELDS: dict[str, FieldSpec] = {
     "logit_mean": FieldSpec(float, "flow models: the logit-normal density's mean", _DATA),
     "logit_std": FieldSpec(float, "flow models: the logit-normal density's std, > 0", _DATA,
                            low=0, low_open=True),
-    "mode_scale": FieldSpec(float, "flow models: the mode density's scale", _DATA),
+    # flow_matching.MODE_SCALE_MAX (not imported: this module loads without torch): the SD3
+    # paper's mode density is a monotonic map of [0, 1] only for -1 <= s <= 2/(pi-2) = 1.752.
+    "mode_scale": FieldSpec(float, "flow models: the mode density's scale, in [-1, 2/(pi-2)]",
+                            _DATA, low=-1.0, high=2.0 / (math.pi - 2.0)),
     "flow_loss_weighting": FieldSpec(str, "flow models: w(sigma) inside each pair's margin "
                                      "(compute_loss_weighting_for_sd3); none keeps beta as is",
                                      _DATA, choices=("none", "sigma_sqrt", "cosmap")),

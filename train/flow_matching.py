@@ -53,6 +53,13 @@ DENSITIES = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
+# The mode density's map u -> 1 - u - s (cos^2(pi u / 2) - 1 + u) is a monotonic map of [0, 1]
+# onto itself only for -1 <= s <= 2/(pi-2) (the SD3 paper, arXiv 2403.03206, section 3.1): its
+# slope is -1 - s at u = 0 and -1 - s + s pi/2 at u = 1/2. Below -1 draws leave [0, 1] (s = -3
+# reaches -0.137 and 1.137) and the index clamp would pile them onto the table's two ends.
+MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)
+
+
 def _finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a number, got {type(value).__name__}")
@@ -96,7 +103,11 @@ class FlowDensity:
         _finite("logit_mean", self.logit_mean)
         if _finite("logit_std", self.logit_std) <= 0:
             raise ValueError(f"logit_std: expected > 0, got {self.logit_std}")
-        _finite("mode_scale", self.mode_scale)
+        if not -1.0 <= _finite("mode_scale", self.mode_scale) <= MODE_SCALE_MAX:
+            raise ValueError(
+                f"mode_scale: expected a number in [-1, {MODE_SCALE_MAX:.4f}] (2/(pi-2), where the "
+                f"SD3 paper's mode density is monotonic), got {self.mode_scale}"
+            )
         if not isinstance(self.dynamic_shift, bool):
             raise ValueError(f"dynamic_shift: expected a bool, got {self.dynamic_shift!r}")
 

@@ -510,3 +510,28 @@ def test_bad_inputs_get_one_line_errors(case):
         )
     with pytest.raises(ValueError, match="resolution"):
         type(family).from_pipeline(family.pipeline, family.resolution + 1)
+
+
+@pytest.mark.parametrize("scale", [-1.0001, -3.0, flow_matching.MODE_SCALE_MAX + 1e-6, 5.0])
+def test_mode_scale_outside_the_papers_range_is_refused(tmp_path, scale):
+    """Below -1 diffusers' mode map leaves [0, 1] (draws clamped onto the table's ends); above
+    2/(pi-2) it is no longer monotonic. Both the dataclass and sdpo-train's flag refuse it."""
+    u = torch.linspace(0, 1, 10001)
+    mapped = 1 - u - scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+    leaves = bool((mapped < 0).any() or (mapped > 1).any())
+    not_monotonic = bool((mapped.diff() > 0).any())
+    assert leaves or not_monotonic  # what the bound protects against, at this scale
+    with pytest.raises(ValueError, match=r"mode_scale: expected a number in \[-1, 1\.7519\]"):
+        FlowDensity(density="mode", mode_scale=scale)
+    from sdpo.train.config import FIELDS, config_from_args
+    from sdpo.train.errors import UsageError
+
+    assert FIELDS["mode_scale"].high == flow_matching.MODE_SCALE_MAX
+    argv = ["--model", "sd3", "--pretrained", "tiny", "--flow-density", "mode"]
+    with pytest.raises(
+        UsageError, match=r"--mode-scale: expected a finite number in \[-1, 1\.75"
+    ) as error:
+        config_from_args([*argv, "--mode-scale", str(scale), "--output-dir", str(tmp_path)])
+    assert "\n" not in str(error.value)
+    for inside in (-1.0, 1.29, flow_matching.MODE_SCALE_MAX):  # the bound itself is allowed
+        FlowDensity(density="mode", mode_scale=inside)
