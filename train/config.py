@@ -425,6 +425,13 @@ def check_flow_settings(config: TrainConfig) -> None:
                 f"sd3, flux or wan); {config.model} takes --pretrained random"
             )
         return
+    if config.channels_last:
+        # A UNet convolution layout: the flow transformers are linear layers around one patch
+        # embedding (Wan's a Conv3d, whose 5-D weight channels_last cannot take).
+        raise UsageError(
+            f"channels_last: for UNets (their convolutions); the {config.model} transformer has "
+            "none to speed up: drop --channels-last"
+        )
     if config.pretrained is None:
         raise UsageError(
             f"pretrained: model {config.model!r} needs --pretrained PATH (a local diffusers "

@@ -234,6 +234,9 @@ def test_two_process_torchrun_fsdp_shards_each_transformer_block(tmp_path):
             "logit-std: expected a finite number > 0",
         ),
         (["--model", "flux", "--pretrained", "tiny", "--flow-density", "x"], "unknown 'x'"),
+        # Wan's Conv3d patch embedding crashed in to_channels_last (5-D weight) with a traceback.
+        (["--model", "wan", "--pretrained", "tiny", "--channels-last"], "drop --channels-last"),
+        (["--model", "flux", "--pretrained", "tiny", "--channels-last"], "for UNets"),
     ],
 )
 def test_flow_settings_are_validated_in_one_line(tmp_path, argv, pattern):
