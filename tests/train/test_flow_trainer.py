@@ -174,8 +174,17 @@ def test_lora_reference_is_the_base_transformer(tmp_path, model):
     assert not torch.allclose(lora.model_pred, lora.ref_pred, atol=1e-4)
 
 
-def test_flow_resume_continues_exactly(tmp_path):
-    flags = ("--model", "flux", "--lora-rank", "4", "--learning-rate", "1e-3")
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--model", "flux", "--lora-rank", "4", "--learning-rate", "1e-3"),
+        # Full fine-tunes with the safeguard on (lambda < 1 on Wan's tiny model).
+        ("--model", "sd3", "--learning-rate", "1e-3", "--mu", "0.5"),
+        ("--model", "wan", "--learning-rate", "1e-3", "--mu", "0.5"),
+    ],
+    ids=["flux-lora", "sd3-full", "wan-full-mu"],
+)
+def test_flow_resume_continues_exactly(tmp_path, flags):
     full = flow_config(tmp_path, "full", *flags, "--max-steps", "4")
     train(full)
     first = flow_config(tmp_path, "resumed", *flags, "--max-steps", "2")
@@ -328,7 +337,7 @@ def test_timestep_weighting_settings_are_checked_in_one_line(tmp_path, argv, pat
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("model", ["sd3", "wan"])
+@pytest.mark.parametrize("model", ["sd3", "flux", "wan"])
 def test_cached_flow_run_reproduces_the_uncached_run_without_text_encoders(tmp_path, model):
     from sdpo.train.cache import build_cache
 
