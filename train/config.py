@@ -425,6 +425,15 @@ def check_flow_settings(config: TrainConfig) -> None:
                 f"sd3, flux or wan); {config.model} takes --pretrained random"
             )
         return
+    if config.flow_loss_weighting != "none" and config.mu is not None:
+        if config.granularity != "pair":
+            # docs/flow_matching.md: a pooled lambda sums w_i S_ww,i / w_i S_wl,i, while the
+            # winner-loss bound under w needs w_i^2 in both sums; only per-pair lambda is exact.
+            raise UsageError(
+                f"granularity: the safeguard's bound holds with --flow-loss-weighting "
+                f"{config.flow_loss_weighting} only per pair (a pooled lambda would need w^2 "
+                f"weights); give --granularity pair (got {config.granularity})"
+            )
     if config.channels_last:
         # A UNet convolution layout: the flow transformers are linear layers around one patch
         # embedding (Wan's a Conv3d, whose 5-D weight channels_last cannot take).

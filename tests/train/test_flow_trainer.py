@@ -243,6 +243,20 @@ def test_two_process_torchrun_fsdp_shards_each_transformer_block(tmp_path):
             "logit-std: expected a finite number > 0",
         ),
         (["--model", "flux", "--pretrained", "tiny", "--flow-density", "x"], "unknown 'x'"),
+        # docs/flow_matching.md: under w(sigma) only the per-pair lambda keeps the bound.
+        (
+            [
+                "--model",
+                "sd3",
+                "--pretrained",
+                "tiny",
+                "--flow-loss-weighting",
+                "cosmap",
+                "--mu",
+                "0.5",
+            ],
+            "give --granularity pair",
+        ),
         # Wan's Conv3d patch embedding crashed in to_channels_last (5-D weight) with a traceback.
         (["--model", "wan", "--pretrained", "tiny", "--channels-last"], "drop --channels-last"),
         (["--model", "flux", "--pretrained", "tiny", "--channels-last"], "for UNets"),
