@@ -108,6 +108,7 @@ RESUME_RULES: dict[str, str] = {
     "logit_std": "same",
     "mode_scale": "same",
     "flow_loss_weighting": "same",
+    "flow_dynamic_shift": "same",
     "timestep_weighting": "same",
     "timestep_mask_threshold": "same",
     "timestep_clip": "same",

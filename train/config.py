@@ -74,6 +74,9 @@ class TrainConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     flow_loss_weighting: str = "none"
+    # FLUX only: shift the training sigmas by the training resolution's token count, as the
+    # pipeline shifts them at inference (off: the diffusers FLUX script's unshifted table).
+    flow_dynamic_shift: bool = False
     # EXPERIMENTAL timestep weighting (sdpo.timesteps; DDPM models only): per-pair weights
     # outside the sigmoid, from arXiv 2505.21893, whose v2 reports an error in its main theorem.
     timestep_weighting: str = "none"
@@ -356,7 +359,10 @@ def resolve_random_architecture(model: str, pretrained: str, preset: str | None 
     )
 
 
-_FLOW_FIELDS = ("flow_density", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
+_FLOW_FIELDS = (
+    "flow_density", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting",
+    "flow_dynamic_shift",
+)  # fmt: skip
 
 
 def parse_timestep_range(text: str) -> tuple[int, int]:
@@ -425,6 +431,13 @@ def check_flow_settings(config: TrainConfig) -> None:
                 f"sd3, flux or wan); {config.model} takes --pretrained random"
             )
         return
+    if config.flow_dynamic_shift and config.model != "flux":
+        # SD3/SD3.5 schedulers carry a static shift (3.0) already in their table, Wan's too.
+        raise UsageError(
+            f"flow_dynamic_shift: only FLUX's scheduler shifts by resolution "
+            f"(use_dynamic_shifting); {config.model}'s table is already shifted; drop "
+            "--flow-dynamic-shift"
+        )
     if config.flow_loss_weighting != "none" and config.mu is not None:
         if config.granularity != "pair":
             # docs/flow_matching.md: a pooled lambda sums w_i S_ww,i / w_i S_wl,i, while the
@@ -567,6 +580,9 @@ FIELDS: dict[str, FieldSpec] = {
     "flow_loss_weighting": FieldSpec(str, "flow models: w(sigma) inside each pair's margin "
                                      "(compute_loss_weighting_for_sd3); none keeps beta as is",
                                      _DATA, choices=("none", "sigma_sqrt", "cosmap")),
+    "flow_dynamic_shift": FieldSpec(bool, "FLUX: shift training sigmas by the resolution's token "
+                                    "count as the pipeline does at inference (default: the "
+                                    "FLUX script's unshifted table)", _DATA),
     "timestep_weighting": FieldSpec(str, "EXPERIMENTAL per-pair timestep weights (sdpo.timesteps"
                                     "; arXiv 2505.21893, whose v2 states its main theorem has a "
                                     "critical error; our own derivation): dpo-cm masks pairs with"

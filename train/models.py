@@ -327,6 +327,7 @@ def load_flow_models(config: TrainConfig, device: torch.device | None = None) ->
         logit_std=config.logit_std,
         mode_scale=config.mode_scale,
         loss_weighting=config.flow_loss_weighting,
+        dynamic_shift=config.flow_dynamic_shift,
     )
     return Models(
         unet=flow.transformer,

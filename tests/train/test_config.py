@@ -42,6 +42,7 @@ KINDS: dict[str, str] = {
     "logit_std": "float",
     "mode_scale": "float",
     "flow_loss_weighting": "choice",
+    "flow_dynamic_shift": "bool",
     "timestep_weighting": "choice",
     "timestep_mask_threshold": "float",
     "timestep_clip": "float",
@@ -343,6 +344,8 @@ def test_every_flag_accepts_underscores(tmp_path):
         # The flow settings need a flow model, the timestep knobs their weighting mode.
         if name in ("logit_mean", "logit_std", "mode_scale"):
             argv = ["--model", "sd3", "--pretrained", "tiny", *argv]
+        if name == "flow_dynamic_shift":
+            argv = ["--model", "flux", "--pretrained", "tiny", *argv]
         if name in ("timestep_mask_threshold", "timestep_clip"):
             argv = ["--timestep_weighting", "importance", *argv]
         config = config_from_args([*base_argv(tmp_path), *argv])

@@ -71,16 +71,27 @@ def by_hand_batch(config: TrainConfig):
 
 
 @pytest.mark.parametrize(
-    ("model", "weighting"), [("sd3", "none"), ("flux", "none"), ("wan", "cosmap")]
+    ("model", "weighting", "extra"),
+    [
+        ("sd3", "none", ()),
+        ("flux", "none", ()),
+        ("flux", "none", ("--flow-dynamic-shift",)),
+        ("wan", "cosmap", ()),
+    ],
 )
-def test_first_step_equals_flow_preference_inputs_and_preference_loss(tmp_path, model, weighting):
+def test_first_step_equals_flow_preference_inputs_and_preference_loss(
+    tmp_path, model, weighting, extra
+):
     config = flow_config(
         tmp_path, model, "--model", model, "--max-steps", "1", "--mu", "0.9",
-        "--granularity", "pair", "--flow-loss-weighting", weighting,
+        "--granularity", "pair", "--flow-loss-weighting", weighting, *extra,
     )  # fmt: skip
     logged = train(config)["rows"][0]
 
     models = build_models(config, CPU)  # the same seeded initial weights
+    # The flag reaches the sigma draws (flow_matching shifts them as FluxPipeline does: tested
+    # against the pipeline's own set_timesteps in test_flow_matching.py).
+    assert models.flow_density.dynamic_shift is ("--flow-dynamic-shift" in extra)
     flow = models.flow
     batch = by_hand_batch(config)
     generator = generator_for(config.seed, 3, 0, 0)
@@ -260,6 +271,11 @@ def test_two_process_torchrun_fsdp_shards_each_transformer_block(tmp_path):
         # Wan's Conv3d patch embedding crashed in to_channels_last (5-D weight) with a traceback.
         (["--model", "wan", "--pretrained", "tiny", "--channels-last"], "drop --channels-last"),
         (["--model", "flux", "--pretrained", "tiny", "--channels-last"], "for UNets"),
+        (
+            ["--model", "sd3", "--pretrained", "tiny", "--flow-dynamic-shift"],
+            "only FLUX's scheduler shifts by resolution",
+        ),
+        (["--preset", "tiny", "--flow-dynamic-shift"], "flow_dynamic_shift: applies to flow"),
     ],
 )
 def test_flow_settings_are_validated_in_one_line(tmp_path, argv, pattern):
