@@ -888,6 +888,57 @@ def _published_tokenizer(encoder_name: str):
     return _tiny_tokenizer(PUBLISHED_TOKENIZER_LENGTHS[kind])
 
 
+def random_build_bytes(architecture: str, text_encoders: bool = True) -> int:
+    """The fp32 weights of :func:`build_random`'s parts (counted on the meta device)."""
+    spec = PUBLISHED_PIPELINES[architecture]
+    with torch.device("meta"):
+        modules = [build_published_transformer(spec.transformer), build_published_vae(spec.vae)]
+        if text_encoders:
+            modules += [build_published_text_encoder(name) for name in spec.text_encoders]
+    return 4 * sum(p.numel() for module in modules for p in module.parameters())
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory where ``device``'s weights would live (None when it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory_for_random_build(
+    architecture: str, text_encoders: bool, device: torch.device
+) -> None:
+    """A random build that cannot fit is refused in one line before anything is allocated
+    (Wan 2.1 1.3B with its umT5-XXL is ~29 GB in fp32: on a 24 GB machine the kernel's OOM
+    killer would end the process with no message)."""
+    available = available_memory_bytes(device)
+    if available is None:
+        return
+    needed = random_build_bytes(architecture, text_encoders)
+    if needed > available:
+        advice = (
+            "train from an sdpo-cache folder (--data CACHE: no text encoders), "
+            if text_encoders
+            else ""
+        )
+        from sdpo.train.errors import UsageError
+
+        raise UsageError(
+            f"pretrained: random:{architecture} needs {needed / 2**30:.1f} GiB for its fp32 "
+            f"weights{' (text encoders included)' if text_encoders else ''}, but {device} has "
+            f"{available / 2**30:.1f} GiB free; {advice}use a larger machine, or --pretrained "
+            "tiny for a test run"
+        )
+
+
 def build_random(
     architecture: str, resolution: int, seed: int, text_encoders: bool = True
 ) -> FlowFamily:
@@ -905,6 +956,7 @@ def build_random(
     spec = PUBLISHED_PIPELINES[architecture]
     family = FAMILIES_BY_NAME[spec.family]
     device = torch.get_default_device()
+    check_memory_for_random_build(architecture, text_encoders, device)
     cuda = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]

@@ -235,3 +235,20 @@ def test_random_seed_decides_the_weights(monkeypatch):
     name, weight = next(iter(first.transformer.state_dict().items()))
     assert torch.equal(weight, again.transformer.state_dict()[name])
     assert not torch.equal(weight, other.transformer.state_dict()[name])
+
+
+def test_a_random_build_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    # Wan 2.1 1.3B with umT5-XXL: ~29 GB of fp32 weights, more than the 24 GB CI machine has;
+    # the OOM killer would end the process with no message. Refused from the meta-device count.
+    needed = families.random_build_bytes("wan2.1-t2v-1.3b")
+    without_encoders = families.random_build_bytes("wan2.1-t2v-1.3b", text_encoders=False)
+    assert 25 * 2**30 < needed < 32 * 2**30
+    assert 5 * 2**30 < without_encoders < 7 * 2**30  # 1.4B transformer + VAE: fits without T5
+    monkeypatch.setattr(families, "available_memory_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(families, "random_build_bytes", lambda *arguments: needed)
+    built = []
+    monkeypatch.setattr(families, "build_published_transformer", lambda *a: built.append(a))
+    pattern = r"random:wan2.1-t2v-1.3b needs 2\d\.\d GiB .* 8\.0 GiB free; train from an sdpo-cache"
+    with pytest.raises(UsageError, match=pattern):
+        families.build_random("wan2.1-t2v-1.3b", 16, 0)
+    assert built == []
