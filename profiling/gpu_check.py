@@ -13,10 +13,9 @@ runs; the results are rewritten after every phase.
 3. kernels: fused Triton, CUDA twin, torch eager and compiled, the reference trainer's sequence
    at the SD1.5 / SDXL / video sizes in bf16 and fp32; device time from CUDA-graph replay of a
    captured loop (events around the replay), the host time of one eager call separately;
-4. trainer: ``python -m sdpo.train --model sd15 --pretrained random`` eager, ``--compile`` and
-   ``--channels-last`` with gradient accumulation 2, compared with eager; ``--cuda-graphs`` with
-   accumulation 1, compared with eager at accumulation 1 (the trainer refuses graphs with
-   accumulation; the refusal is recorded); losses and final weights (tolerances below);
+4. trainer: ``python -m sdpo.train --model sd15 --pretrained random`` eager, then ``--compile``,
+   ``--channels-last`` and ``--cuda-graphs``, all with gradient accumulation 2, compared with
+   eager; losses and final weights (tolerances below); fp16 runs to the end finite;
 5. overhead: ``sdpo-profile overhead --preset sd15`` with every variant in one interleaved run
    (the attribution ladder: reference -> online -> cached -> compiled -> CUDA graphs, plus
    channels-last and the SDPA kernels), then (``--flow-overhead sd35,flux,wan``, optional) the
@@ -565,31 +564,19 @@ def _graph_ms(step: Callable[[], object], calls: int) -> float:
     return statistics.median(samples)
 
 
-# name: (flags after the common ones, the run it is compared with; None: a baseline). CUDA graphs
-# cannot run with gradient accumulation (the trainer refuses it: a replay overwrites the
-# gradients held in the graph pool), so they are compared with an eager run at accumulation 1.
+# name: (flags after the common ones, the run it is compared with; None: a baseline). Every
+# variant runs at the common gradient accumulation (2): CUDA graphs included, whose gradients
+# the trainer keeps in buffers outside the graph pool (train.step.PersistentGradients); a lost
+# or doubled micro-batch moves the weights by about half the last step, 2.5x the tolerance.
 TRAIN_VARIANTS: dict[str, tuple[list[str], str | None]] = {
     "eager": ([], None),
     "compile": (["--compile"], "eager"),
     "channels-last": (["--channels-last"], "eager"),
-    "eager-accumulation-1": (["--gradient-accumulation", "1"], None),
-    "cuda-graphs": (["--cuda-graphs", "--gradient-accumulation", "1"], "eager-accumulation-1"),
+    "cuda-graphs": (["--cuda-graphs"], "eager"),
     # fp16 with loss scaling: must run to the end with finite losses (a baseline of its own: its
     # rounding differs from bf16's, so no 2% comparison is claimed).
     "fp16": (["--mixed-precision", "fp16"], None),
 }
-
-
-def graphs_with_accumulation_refusal() -> str:
-    """The trainer's one-line refusal of --cuda-graphs with accumulation 2 ("" if accepted)."""
-    from sdpo.train.config import config_from_args
-    from sdpo.train.errors import UsageError
-
-    try:
-        config_from_args(["--preset", "tiny", "--cuda-graphs", "--gradient-accumulation", "2"])
-    except UsageError as error:
-        return str(error)
-    return ""
 
 
 def phase_trainer(context: PhaseContext) -> None:
@@ -615,8 +602,6 @@ def phase_trainer(context: PhaseContext) -> None:
     max_steps = int(base[base.index("--max-steps") + 1])
     runs: dict = {}
     context.result["runs"] = runs
-    refusal = graphs_with_accumulation_refusal()
-    context.result["cuda_graphs_with_accumulation"] = refusal or "ACCEPTED (expected a refusal)"
     context.result["tolerance"] = (
         f"{', '.join(COMPARED_METRICS)} within {METRIC_RTOL:g} relative of the baseline's at "
         f"every step; final weights closer to the baseline's than {WEIGHT_STEP_FRACTION:g} x "
@@ -639,8 +624,6 @@ def phase_trainer(context: PhaseContext) -> None:
         runs[name] = run
         context.save()
     failures, unfinished = [], []
-    if not refusal:
-        failures.append("--cuda-graphs with accumulation 2 was accepted")
     eager = runs[names[0]]
     if eager["rc"] is None:
         context.result["status"] = "skipped: the eager run did not finish in the phase's share"

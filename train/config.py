@@ -156,13 +156,14 @@ class TrainConfig:
             )
         check_flow_settings(self)
         check_timestep_weighting(self)
-        if self.cuda_graphs and self.gradient_accumulation > 1:
-            # The graphs' static output pool holds the gradients: the next micro-batch's replay
-            # overwrites what the previous one accumulated (a known torch.compile limitation).
+        if self.cuda_graphs and self.gradient_accumulation > 1 and self.fsdp:
+            # With accumulation the trainer keeps the gradients in buffers outside the graph pool
+            # (step.PersistentGradients); under FSDP2 the gradients are FSDP's own sharded
+            # buffers, which that mechanism does not cover.
             raise UsageError(
-                "cuda_graphs: CUDA graphs do not work with gradient accumulation (a replay "
-                "overwrites the gradients held in the graph pool); use --gradient-accumulation 1 "
-                "or --compile without --cuda-graphs"
+                "cuda_graphs: with --fsdp, CUDA graphs cannot keep accumulated gradients outside "
+                "the graph pool; use --gradient-accumulation 1, DDP (no --fsdp), or --compile "
+                "without --cuda-graphs"
             )
         if self.model != "tiny" and self.pretrained is None:
             raise UsageError(

@@ -55,6 +55,7 @@ from sdpo.train.runlog import (
     summary_lines,
 )
 from sdpo.train.step import (
+    PersistentGradients,
     align_optimizer_state,
     apply_optimizer_step,
     attention_context,
@@ -65,6 +66,7 @@ from sdpo.train.step import (
     make_grad_scaler,
     preference_step,
     to_channels_last,
+    uses_persistent_gradients,
 )
 from sdpo.train.trackers import open_tracker
 from sdpo.train.validation import Validator
@@ -169,6 +171,10 @@ class Trainer:
             config.lr_power,
         )
         self.scaler = make_grad_scaler(device, config.mixed_precision)
+        # Last, after every layout change of the weights (channels_last), so the buffers match.
+        self.persistent_gradients = (
+            PersistentGradients(self.parameters) if uses_persistent_gradients(config) else None
+        )
         self.step, self.position, self.skipped_images, self.skipped_steps = 0, (0, 0), 0, 0
         # The last finite step's gradient norm, logged with the next row (NaN until one is; a
         # skipped step's norm is not logged), on the device: no host sync per step.
@@ -478,6 +484,8 @@ class Trainer:
                 for micro in range(config.gradient_accumulation):
                     epoch = self._micro_step(stream, micro, stats)
                 with self.ranges("optimizer"):
+                    if self.persistent_gradients is not None:
+                        self.persistent_gradients.release_unused()
                     if self.scaler is not None:
                         # Unscaled gradients for the clip; an overflow makes the norm non-finite,
                         # so the step is skipped on the device like any non-finite step.
@@ -489,7 +497,9 @@ class Trainer:
                     # scaler halves its scale and the step is skipped, not reported; only a
                     # non-finite loss goes to --on-nonfinite. Otherwise any non-finite step does.
                     healthy = finite if self.scaler is None else torch.isfinite(stats.loss_sum)
-                    finite = apply_optimizer_step(self.optimizer, self.lr_schedule, finite)
+                    finite = apply_optimizer_step(
+                        self.optimizer, self.lr_schedule, finite, self.persistent_gradients
+                    )
                     if self.scaler is not None:
                         self.scaler.update()  # halves the scale after an overflow, on the device
                     self.logged_norm = torch.where(finite, grad_norm.float(), self.logged_norm)

@@ -1,5 +1,5 @@
-"""Speed flags that must not change the maths: channels_last, the SDPA kernel choice, and the
-refusal of CUDA graphs with gradient accumulation."""
+"""Speed flags that must not change the maths: channels_last and the SDPA kernel choice (CUDA
+graphs with gradient accumulation: test_cuda_graphs_accumulation.py)."""
 
 from __future__ import annotations
 
@@ -37,22 +37,6 @@ def assert_same_training(run: TrainConfig, baseline: TrainConfig) -> None:
     )
     torch.testing.assert_close(
         metric(run.output_dir, "loss"), metric(baseline.output_dir, "loss"), rtol=0, atol=1e-3
-    )
-
-
-def test_cuda_graphs_with_accumulation_is_refused_naming_the_fix():
-    config = config_from_args(["--preset", "tiny"])  # tiny: accumulation 2
-    config.cuda_graphs = True
-    with pytest.raises(UsageError, match=r"--gradient-accumulation 1 or --compile without"):
-        config.validate()
-
-
-def test_cuda_graphs_with_accumulation_is_refused_on_the_command_line(capsys):
-    from sdpo.train.cli import main
-
-    assert main(["--preset", "tiny", "--cuda-graphs", "--gradient-accumulation", "4"]) == 2
-    assert "cuda_graphs: CUDA graphs do not work with gradient accumulation" in (
-        capsys.readouterr().err
     )
 
 
