@@ -182,6 +182,33 @@ def test_the_trainer_with_persistent_gradients_equals_its_eager_path(
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_persistent_gradients_through_skipped_fp16_steps_and_a_resume(tmp_path, monkeypatch):
+    # A loss scale near fp32's limit makes some steps overflow (skipped on the device, the
+    # buffers zeroed all the same); a run resumed halfway must still equal the ordinary run.
+    from test_resume_state import INITIAL_SCALE, comparable, near_overflow_scaler, training_state
+
+    monkeypatch.setattr(trainer_module, "make_grad_scaler", near_overflow_scaler)
+    settings = dict(max_steps=4, log_every=1, mixed_precision="fp16", synthetic_pairs=8)
+    ordinary = tiny(tmp_path, "ordinary", checkpoint_every=2, **settings)
+    train(ordinary)
+    monkeypatch.setattr(trainer_module, "uses_persistent_gradients", lambda config: True)
+    persistent = tiny(tmp_path, "persistent", checkpoint_every=2, **settings)
+    train(persistent)
+    resumed = tiny(
+        tmp_path, "resumed", resume=str(Path(persistent.output_dir) / "checkpoint-2"), **settings
+    )
+    train(resumed)
+    rows = comparable(read_rows(ordinary.output_dir))
+    scale = training_state(Path(ordinary.output_dir) / "checkpoint-2")["grad_scaler"]["scale"]
+    assert scale < INITIAL_SCALE, "no step overflowed: the test lost its point"
+    assert comparable(read_rows(persistent.output_dir)) == rows
+    assert comparable(read_rows(resumed.output_dir)) == [row for row in rows if row["step"] > 2]
+    expected = torch.load(Path(ordinary.output_dir) / "unet.pth")
+    for run in (persistent, resumed):
+        got = torch.load(Path(run.output_dir) / "unet.pth")
+        assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
 def test_cuda_graphs_with_accumulation_is_accepted_and_with_fsdp_refused(monkeypatch):
     # The machine check refuses --cuda-graphs without a GPU: pretend there is one.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
