@@ -569,10 +569,10 @@ def test_benchmark_phase_launches(emulated, monkeypatch):
     for run in phases.values():
         run()
     inputs = kernel_bench.make_input_sets(batch_pairs, sample_shape, torch.bfloat16, cpu, 1)[0]
-    arguments = (None, reference.METHOD_CODES["diffusion-dpo"], 5000.0, 0.9, True, 0, 0.0)
-    (sums, finalize), split = cuda_backend.forward_launches(*inputs, *arguments)
+    op_arguments = (reference.METHOD_CODES["diffusion-dpo"], 5000.0, 0.9, True, 0, 0.0)
+    (sums, finalize), split = cuda_backend.forward_launches(*inputs, None, op_arguments)
     sums()
     finalize()
-    whole = cuda_backend.cuda_forward(*inputs, *arguments)
+    whole = cuda_backend.cuda_forward(*inputs, None, op_arguments)
     for expected, actual in zip(whole, split, strict=True):
         assert torch.equal(expected, actual)
