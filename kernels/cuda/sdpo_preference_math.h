@@ -87,8 +87,9 @@ SDPO_HD float safeguard_scale(float group_ww, float group_wl, float group_count,
 // kFinalizeLanes, ... in pair order; then a halving tree adds the lanes (lane l += lane
 // l + width for width = kFinalizeLanes / 2, ..., 1; 9 steps). The order is a function of the
 // pair count alone (the lane count is a compile-time constant, never the GPU's SM count), so
-// every GPU model, and the host build (host_reference.cpp runs the same lanes and tree one
-// after another), gives the same bits. The lanes' values live in a [value][lane] scratch.
+// from the same pair sums every GPU model gives the same bits, run after run; the host build
+// (host_reference.cpp) runs the same lanes and tree one after another, in the same order. The
+// lanes' values live in a [value][lane] scratch.
 constexpr int kFinalizeLanes = 512;
 constexpr int kTotals = 3;  // the Totals' values in the scratch: S_ww, S_wl, S_gg / D
 
