@@ -191,7 +191,7 @@ def fused_phase_steps(
         method = reference.METHOD_CODES["diffusion-dpo"]
         (launch_sums, launch_finalize), (_loss, _stats, _scale, coefficients) = (
             cuda_backend.forward_launches(
-                model_pred, ref_pred, target, None, method, BETA, MU, True, 0, 0.0
+                model_pred, ref_pred, target, None, (method, BETA, MU, True, 0, 0.0)
             )
         )
 

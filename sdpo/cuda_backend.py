@@ -199,16 +199,14 @@ def _forward_arguments(
     ref_pred: Tensor,
     target: Tensor,
     pair_weights: Tensor | None,
-    method_code: int,
-    beta: float,
-    mu: float,
-    safeguard: bool,
-    group_size: int,
-    dmpo_alpha: float,
+    op_arguments: tuple,
     stream: int | None,
 ) -> tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """sdpo_cuda_forward's arguments for these inputs (new output buffers, ``stream``), then the
-    workspace tensor, and the outputs (loss, stats, lambda, coefficients) the kernels write."""
+    workspace tensor, and the outputs (loss, stats, lambda, coefficients) the kernels write.
+    ``op_arguments``: (method_code, beta, mu, safeguard, group_size, dmpo_alpha), the custom
+    op's scalar arguments in its order (LossSettings.op_arguments())."""
+    method_code, beta, mu, safeguard, group_size, dmpo_alpha = op_arguments
     library = cuda_library()
     device = model_pred.device
     rows = model_pred.shape[0]
@@ -259,21 +257,16 @@ def cuda_forward(
     ref_pred: Tensor,
     target: Tensor,
     pair_weights: Tensor | None,
-    method_code: int,
-    beta: float,
-    mu: float,
-    safeguard: bool,
-    group_size: int,
-    dmpo_alpha: float,
+    op_arguments: tuple,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward kernels (sdpo::cuda_preference_forward's body and the eager path):
-    (loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
-    Each contiguous input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
+    (loss (), stats (9,), lambda (B,), coefficients (2, 2B)). ``op_arguments``: (method_code,
+    beta, mu, safeguard, group_size, dmpo_alpha), group_size 0 = one lambda. Each contiguous
+    input is read in its own dtype (fp32, bf16 or fp16), at any alignment."""
     context, stream = _launch_context(model_pred)
     arguments, outputs = _forward_arguments(
-        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, dmpo_alpha, stream,
-    )  # fmt: skip
+        model_pred, ref_pred, target, pair_weights, op_arguments, stream
+    )
     with context:
         status = cuda_library().sdpo_cuda_forward(*arguments[:-1])
     _check(status, "the forward kernels")
@@ -285,20 +278,15 @@ def forward_launches(
     ref_pred: Tensor,
     target: Tensor,
     pair_weights: Tensor | None,
-    method_code: int,
-    beta: float,
-    mu: float,
-    safeguard: bool,
-    group_size: int,
-    dmpo_alpha: float,
+    op_arguments: tuple,
 ) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The two forward kernels as separate launches, for the benchmarks (as the Triton
     backend's forward_launches): ((sums launch, finalize launch), (loss, stats, lambda,
-    coefficients)); each launch reruns one kernel on the same buffers."""
+    coefficients)); each launch reruns one kernel on the same buffers. ``op_arguments`` as
+    cuda_forward's."""
     arguments, outputs = _forward_arguments(
-        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, dmpo_alpha, _launch_context(model_pred)[1],
-    )  # fmt: skip
+        model_pred, ref_pred, target, pair_weights, op_arguments, _launch_context(model_pred)[1]
+    )
 
     def launch(phase: int, what: str) -> Callable[[], None]:
         # `buffers` keeps the tensors the raw pointers in `arguments` point into (the workspace,
@@ -364,10 +352,8 @@ def cuda_preference_forward(
     dmpo_alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda."""
-    return cuda_forward(
-        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, dmpo_alpha,
-    )  # fmt: skip
+    op_arguments = (method_code, beta, mu, safeguard, group_size, dmpo_alpha)
+    return cuda_forward(model_pred, ref_pred, target, pair_weights, op_arguments)
 
 
 @cuda_preference_forward.register_fake
@@ -407,7 +393,7 @@ def cuda_forward_eager(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
     """cuda_forward in the eager path's calling convention (ops.register_fused_autograd): the
     outputs, then what the backward needs besides them (whether the gap term is in)."""
-    outputs = cuda_forward(model_pred, ref_pred, target, pair_weights, *op_arguments)
+    outputs = cuda_forward(model_pred, ref_pred, target, pair_weights, op_arguments)
     return (*outputs, op_arguments[0] in ops.GAP_METHOD_CODES)
 
 

@@ -111,6 +111,30 @@ def test_kernel_math_with_pair_weights_and_dspo_sdxl_switch(host):
         assert (grad.double() - expected_grad).abs().max() / expected_grad.abs().max() < 2e-5
 
 
+@pytest.mark.parametrize("batch_pairs", [511, 512, 513, 3 * 512 + 5])
+def test_kernel_math_over_more_pairs_than_lanes(host, batch_pairs):
+    # The reductions over pairs run in 512 lanes (lane l: pairs l, l + 512, ...) and a tree,
+    # in the host build one lane after another: batches around and beyond one pair per lane,
+    # with the batch totals in play (batch lambda, the DSPO-SDXL gap mean) and pair weights.
+    model_pred, ref_pred, target = make_inputs(batch_pairs, (2, 3, 5), ref_offset=0.5)
+    weights = torch.rand(batch_pairs, generator=torch.Generator().manual_seed(0)) + 0.5
+    kwargs = dict(method="dspo-sdxl", beta=20.0, mu=0.6, granularity="batch")
+    expected, expected_grad = torch_loss(
+        model_pred, ref_pred, target, pair_weights=weights, **kwargs
+    )
+    loss, stats, scale, grad = host_loss(
+        host, model_pred, ref_pred, target, weights=weights, **kwargs
+    )
+    assert loss == pytest.approx(float(expected.loss), rel=2e-5, abs=1e-6)
+    for index, name in enumerate(reference.STAT_NAMES):
+        assert stats[index] == pytest.approx(float(expected.stats[name]), rel=2e-5, abs=1e-6), name
+    gap_mean = ((model_pred[:batch_pairs] - ref_pred[:batch_pairs]) ** 2).mean()
+    assert stats[8] == pytest.approx(float(gap_mean), rel=1e-5)
+    np.testing.assert_allclose(scale, float(expected.stats["lambda"]), rtol=2e-5)
+    assert (scale < 1).all(), "the inputs must exercise the safeguard"
+    assert (grad.double() - expected_grad).abs().max() / expected_grad.abs().max() < 2e-5
+
+
 def test_header_constants_match_the_reference():
     text = HEADER.read_text()
 

@@ -5,7 +5,8 @@ time (ld.global.nc.v4) and stores the gradient the same way (st.global.wb.v4). N
 The CMake build (tests/test_cuda_backend.py) checks that the library builds for both targets;
 this file reads the PTX of every kernel instantiation (27 dtype combinations x with/without the
 gap term, for the sums and the gradient kernel) and counts the vector accesses one group of 8
-elements needs: per input, one 16-byte access for 16-bit values, two for fp32.
+elements needs: per input, one 16-byte access for 16-bit values, two for fp32; and checks that
+the finalize kernel reduces over the pairs through its shared tile on all its threads.
 """
 
 from __future__ import annotations
@@ -81,3 +82,21 @@ def test_every_streaming_kernel_loads_16_bytes_at_a_time(ptx, arch):
             assert stores >= ACCESSES[pred], (name, stores)
     # every dtype combination, with and without the gap term
     assert found == {"pair_sums_kernel": 54, "gradient_kernel": 54}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_finalize_reduces_over_pairs_through_its_tile(ptx, arch):
+    # The batch totals and the outputs are reduced by all 512 threads in lanes, then a
+    # shared-memory tree (sdpo_preference_math.h). Its scratch is the 16 KB tile of the
+    # partials: that tile stays the kernel's only shared memory (the one-thread version also
+    # kept the totals in shared scalars for the other threads). The block size is a
+    # compile-time constant, so the tree is unrolled: lane + width is read at a constant byte
+    # offset 4 x width for every width 256, 128, ..., 1 (no such offsets in the one-thread
+    # version, whose only tree, over the chunks, has a runtime width).
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt is not installed")
+    [body] = [body for name, body in kernels(ptx[arch]).items() if "finalize_kernel" in name]
+    shared = re.findall(r"\.shared \.align \d+ \.\w+ ([\w$]+?)(?:\[(\d+)\])?;", body)
+    assert [(name.endswith("E4tile"), size) for name, size in shared] == [(True, "16384")]
+    offsets = {int(x) for x in re.findall(r"ld\.shared\.f32\s+%f\d+, \[%r\d+\+(\d+)\]", body)}
+    assert {4 * (256 >> step) for step in range(9)} <= offsets, sorted(offsets)

@@ -8,8 +8,10 @@ source is `kernel<<<grid, block, shared, stream>>>(args)` into a call of the emu
 The library then runs through its real C ABI (sdpo_cuda_forward / sdpo_cuda_gradient) with
 host pointers, and is compared with backend="torch" for every method, granularity, target
 layout and dtype combination on small odd shapes; both load paths (16-byte vectors with a
-scalar tail, and the scalar fallback for misaligned views and odd sizes) and the finalize
-tree's order are checked bit for bit.
+scalar tail, and the scalar fallback for misaligned views and odd sizes), the finalize
+tree's order over the chunks and its reductions over the pairs (strided lanes, one per thread,
+then a fixed tree) are checked bit for bit, and so is the independence of every result from
+the order of the blocks and from the timing of a block's threads (jittered by the emulation).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sdpo.settings import LossSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "kernels" / "cuda" / "sdpo_preference.cu"
+MATH_HEADER = SOURCE.parent / "sdpo_preference_math.h"
 SHIM = Path(__file__).resolve().parent / "cuda_emulation"
 LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<([^;]*?)>>>\((.*?)\);", re.DOTALL)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,6 +73,7 @@ def emulated(tmp_path_factory) -> ctypes.CDLL:
     handle.cuda_emulation_vector_loads.restype = ctypes.c_long
     handle.cuda_emulation_vector_stores.restype = ctypes.c_long
     handle.cuda_emulation_shuffle_blocks.argtypes = [ctypes.c_uint]
+    handle.cuda_emulation_jitter_threads.argtypes = [ctypes.c_uint]
     return handle
 
 
@@ -81,9 +85,10 @@ def codes(*tensors: torch.Tensor) -> list[int]:
     return [cuda_backend.DTYPE_CODES[tensor.dtype] for tensor in tensors]
 
 
-def emulated_loss(library, model_pred, ref_pred, target, *, method, beta, mu, granularity,
-                  weights, chunk_elements, workspace=None, split_phases=False):  # fmt: skip
-    """Loss, stats, lambda and d loss / d model_pred from the emulated CUDA library."""
+def forward_call(library, model_pred, ref_pred, target, *, method, beta, mu, granularity,
+                 weights, chunk_elements, workspace=None):  # fmt: skip
+    """sdpo_cuda_forward's arguments for these inputs, the workspace (new when None) and the
+    outputs (loss, stats, lambda, coefficients) they point into: keep all three alive."""
     group_size = sdpo.parse_granularity(granularity)
     batch_pairs, elements = model_pred.shape[0] // 2, model_pred[0].numel()
     num_chunks = -(-elements // chunk_elements)
@@ -105,6 +110,19 @@ def emulated_loss(library, model_pred, ref_pred, target, *, method, beta, mu, gr
         workspace.data_ptr(), loss.data_ptr(), stats.data_ptr(), scale.data_ptr(),
         coefficients.data_ptr(), None,
     )  # fmt: skip
+    return arguments, workspace, (loss, stats, scale, coefficients)
+
+
+def emulated_loss(library, model_pred, ref_pred, target, *, method, beta, mu, granularity,
+                  weights, chunk_elements, workspace=None, split_phases=False):  # fmt: skip
+    """Loss, stats, lambda and d loss / d model_pred from the emulated CUDA library."""
+    arguments, workspace, (loss, stats, scale, coefficients) = forward_call(
+        library, model_pred, ref_pred, target, method=method, beta=beta, mu=mu,
+        granularity=granularity, weights=weights, chunk_elements=chunk_elements,
+        workspace=workspace,
+    )  # fmt: skip
+    batch_pairs, elements = model_pred.shape[0] // 2, model_pred[0].numel()
+    dtype_codes = codes(model_pred, ref_pred, target)
     if split_phases:  # the benchmarks' way: the sums kernel, then the finalize kernel alone
         for phase in (1, 2):
             status = library.sdpo_cuda_forward_phases(phase, *arguments)
@@ -362,6 +380,113 @@ def test_the_plan_fits_one_finalize_tile():
             assert num_chunks == 1
 
 
+def finalize_lanes() -> int:
+    """sdpo::kFinalizeLanes, the finalize kernel's threads, read out of the math header."""
+    match = re.search(r"constexpr int kFinalizeLanes = (\d+);", MATH_HEADER.read_text())
+    assert match, "kFinalizeLanes"
+    return int(match.group(1))
+
+
+def lane_tree(values: np.ndarray) -> np.ndarray:
+    """The finalize kernel's documented order of a reduction over pairs (the rows of
+    ``values``), in fp32: lane l of kFinalizeLanes adds rows l, l + lanes, l + 2 lanes ... in
+    order, then a halving tree over the lanes (lane l += lane l + width, width = lanes / 2 ...
+    1): a function of the pair count alone."""
+    lanes = finalize_lanes()
+    sums = np.zeros((lanes, *values.shape[1:]), np.float32)
+    for start in range(0, values.shape[0], lanes):
+        rows = values[start : start + lanes]
+        sums[: len(rows)] += rows  # fp32 + fp32 stays fp32 in numpy
+    width = lanes // 2
+    while width > 0:
+        sums[:width] += sums[width : 2 * width]
+        width //= 2
+    return sums[0]
+
+
+def test_finalize_lanes_are_its_threads():
+    # The lane count is the block size, a compile-time constant (never the SM count).
+    assert finalize_lanes() == 512
+    assert "constexpr int kFinalizeThreads = sdpo::kFinalizeLanes;" in SOURCE.read_text()
+
+
+# B = 1; one pair short of a pair per thread (511), one each (512), one over (513: lane 0 adds
+# two); 3 x 512 + 5: three rounds of the lanes and a partial fourth.
+FINALIZE_BATCHES = (1, 511, 512, 513, 3 * 512 + 5)
+
+
+@pytest.mark.parametrize("batch_pairs", FINALIZE_BATCHES)
+def test_finalize_reduces_pairs_in_lanes_then_a_fixed_tree(emulated, batch_pairs):
+    # The finalize kernel's reductions over the pairs run on all its threads: the batch totals
+    # (lambda under batch granularity; the DSPO-SDXL gap mean) and the loss and statistics.
+    # Every output against backend="torch"; the reductions bit for bit against their documented
+    # order (lane_tree), from the pair sums and per-pair outputs the kernel left in its
+    # workspace. D = 8: one chunk and one group of 8 per sample (the sums kernel is not the
+    # subject here, and the emulation starts a thread per CUDA thread).
+    model_pred, ref_pred, target = make_inputs(
+        batch_pairs, (8,), dtype=torch.float32, ref_offset=0.5, seed=batch_pairs
+    )
+    weights = torch.rand(batch_pairs, generator=torch.Generator().manual_seed(1)) + 0.5
+    kwargs = dict(method="dspo-sdxl", beta=beta_for("dspo-sdxl"), mu=0.6, granularity="batch")
+    workspace = torch.zeros(emulated.sdpo_cuda_workspace_floats(batch_pairs, 1))
+    outputs = emulated_loss(
+        emulated, model_pred, ref_pred, target, weights=weights, chunk_elements=8,
+        workspace=workspace, **kwargs,
+    )  # fmt: skip
+    scale = assert_matches_torch(outputs, model_pred, ref_pred, target, weights, **kwargs)
+    assert (scale < 1).all(), "the inputs must exercise the safeguard"
+    loss, stats = outputs[0], outputs[1]
+
+    # workspace: partials (B, 1 chunk, 8), pair sums (B, 8), per-pair outputs (B, 8)
+    pair_sums = workspace[8 * batch_pairs : 16 * batch_pairs].numpy().reshape(batch_pairs, 8)
+    per_pair = workspace[16 * batch_pairs :].numpy().reshape(batch_pairs, 8)
+    elements, pairs = np.float32(8), np.float32(batch_pairs)
+    ww, wl, gap_sum = lane_tree(pair_sums[:, [0, 2, 6]] / np.array([1, 1, elements], np.float32))
+    assert stats[8].item() == gap_sum / pairs  # the DSPO-SDXL gap mean
+    # lambda = clip((1 - mu) S_ww / (S_wl + eps)) from the totals (fp32, up to contraction)
+    group_elements = pairs * elements
+    epsilon = np.float32(reference.SAFEGUARD_EPSILON) * group_elements * group_elements / 4
+    lam = np.clip(np.float32(1 - 0.6) * ww / (wl + epsilon), 0, 1)
+    np.testing.assert_allclose(scale.numpy(), np.full(batch_pairs, lam), rtol=1e-6, atol=0)
+    sums = lane_tree(per_pair)
+    assert loss.item() == sums[0]
+    means = np.array([*sums[1:7], sums[3] - sums[5], sums[4] - sums[6]], np.float32) / pairs
+    np.testing.assert_array_equal(stats[:8].numpy(), means)
+
+
+def test_finalize_does_not_depend_on_thread_timing(emulated):
+    # The finalize kernel's threads share its tile (partials, then the lanes' sums): with every
+    # thread waiting a pseudo-random 0-63 us after each barrier (another seed, another order of
+    # the shared-memory reads and writes), every output and the workspace keep their bits.
+    # Only the finalize kernel runs, on random positive partials (B = 3 x 512 + 5, one chunk);
+    # the NaN-filled outputs must all be written again.
+    batch_pairs = FINALIZE_BATCHES[-1]
+    model_pred, ref_pred, target = make_inputs(batch_pairs, (8,), dtype=torch.float32)
+    kwargs = dict(method="dspo-sdxl", beta=beta_for("dspo-sdxl"), mu=0.6, granularity="batch")
+    arguments, workspace, outputs = forward_call(
+        emulated, model_pred, ref_pred, target, weights=None, chunk_elements=8, **kwargs
+    )
+    partials = torch.rand(batch_pairs, 8, generator=torch.Generator().manual_seed(0)) * 8
+    partials[:, 7] = 0  # the padding sum
+    runs = []
+    for seed in (0, 1, 2):
+        workspace.fill_(float("nan"))
+        workspace[: 8 * batch_pairs] = partials.reshape(-1)
+        for output in outputs:
+            output.fill_(float("nan"))
+        emulated.cuda_emulation_jitter_threads(seed)
+        try:
+            status = emulated.sdpo_cuda_forward_phases(2, *arguments)
+        finally:
+            emulated.cuda_emulation_jitter_threads(0)
+        assert status == 0, emulated.sdpo_cuda_last_error()
+        runs.append([tensor.clone() for tensor in (*outputs, workspace)])
+    assert not any(tensor.isnan().any() for tensor in runs[0])
+    for run in runs[1:]:
+        for expected, actual in zip(runs[0], run, strict=True):
+            assert torch.equal(expected, actual)
+
+
 @pytest.mark.parametrize(
     "dtypes",
     [
@@ -444,10 +569,10 @@ def test_benchmark_phase_launches(emulated, monkeypatch):
     for run in phases.values():
         run()
     inputs = kernel_bench.make_input_sets(batch_pairs, sample_shape, torch.bfloat16, cpu, 1)[0]
-    arguments = (None, reference.METHOD_CODES["diffusion-dpo"], 5000.0, 0.9, True, 0, 0.0)
-    (sums, finalize), split = cuda_backend.forward_launches(*inputs, *arguments)
+    op_arguments = (reference.METHOD_CODES["diffusion-dpo"], 5000.0, 0.9, True, 0, 0.0)
+    (sums, finalize), split = cuda_backend.forward_launches(*inputs, None, op_arguments)
     sums()
     finalize()
-    whole = cuda_backend.cuda_forward(*inputs, *arguments)
+    whole = cuda_backend.cuda_forward(*inputs, None, op_arguments)
     for expected, actual in zip(whole, split, strict=True):
         assert torch.equal(expected, actual)

@@ -6,6 +6,18 @@
 #include "sdpo_preference.h"
 #include "sdpo_preference_math.h"
 
+namespace {
+
+// The halving tree of sdpo_preference_math.h, one step after another (each step's lanes are
+// independent: a lane reads only lanes that no lane of its step writes).
+void reduce_lanes(float* scratch, int values) {
+  for (int width = sdpo::kFinalizeLanes / 2; width > 0; width /= 2) {
+    for (int lane = 0; lane < width; ++lane) sdpo::tree_step(scratch, values, lane, width);
+  }
+}
+
+}  // namespace
+
 extern "C" int sdpo_host_forward(const float* model_pred, const float* ref_pred,
                                  const float* target, int target_shared,
                                  const float* pair_weights, int64_t batch_pairs, int64_t elements,
@@ -31,13 +43,24 @@ extern "C" int sdpo_host_forward(const float* model_pred, const float* ref_pred,
   }
   sdpo::Params params{method, safeguard,  group_size, batch_pairs,    static_cast<float>(elements),
                       beta,   mu,         log_q,      log_one_minus_q};
-  const sdpo::Totals totals = sdpo::batch_totals(pair_sums.data(), params);
+  // The finalize kernel's reductions over pairs, lane after lane and tree step after tree step
+  // (in the kernel, one thread per lane): the same order, so the same bits.
+  std::vector<float> scratch(sdpo::kPerPair * sdpo::kFinalizeLanes, 0.0f);
+  for (int lane = 0; lane < sdpo::kFinalizeLanes; ++lane) {
+    sdpo::totals_lane(pair_sums.data(), params, lane, scratch.data());
+  }
+  reduce_lanes(scratch.data(), sdpo::kTotals);
+  const sdpo::Totals totals = sdpo::totals_from_lanes(scratch.data(), params);
   std::vector<float> per_pair(batch_pairs * sdpo::kPerPair, 0.0f);
   for (int64_t pair = 0; pair < batch_pairs; ++pair) {
     sdpo::finalize_pair(pair, pair_sums.data(), totals, params, pair_weights, lambda_out,
                         coefficients, per_pair.data());
   }
-  sdpo::reduce_outputs(per_pair.data(), totals, params, loss, stats);
+  for (int lane = 0; lane < sdpo::kFinalizeLanes; ++lane) {
+    sdpo::outputs_lane(per_pair.data(), params, lane, scratch.data());
+  }
+  reduce_lanes(scratch.data(), sdpo::kPerPair);
+  sdpo::outputs_from_lanes(scratch.data(), totals, params, loss, stats);
   return SDPO_CUDA_OK;
 }
 

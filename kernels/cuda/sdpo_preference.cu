@@ -8,7 +8,10 @@
 // finalize_kernel: one block; one load of all partials into a shared (pairs, chunk slots, 8)
 //   tile (<= 4096 floats for the chunk counts cuda_backend.plan_chunks gives), a halving tree
 //   over the chunk slots whose shape depends on num_chunks alone (never on the GPU model),
-//   then the math of sdpo_preference_math.h (the same functions the CPU tests run).
+//   then the math of sdpo_preference_math.h (the same functions the CPU tests run): the batch
+//   totals and the outputs are reduced over the pairs by all 512 threads (each a strided set of
+//   pairs, then a fixed shared-memory tree: the order depends on the pair count alone), and
+//   each thread finalizes pairs t, t + 512, ...
 // gradient_kernel: grid (blocks of 2048 elements, 2B rows); one group of 8 elements per thread.
 //
 // Loads: each input has its own dtype (fp32, bf16 or fp16; the kernels are templated on all
@@ -33,8 +36,12 @@ namespace {
 
 constexpr int kVector = 8;  // elements per group: 16 bytes of a 16-bit input, 32 of fp32
 constexpr int kSumsThreads = 256;
-constexpr int kFinalizeThreads = 512;
+constexpr int kFinalizeThreads = sdpo::kFinalizeLanes;  // one thread per lane: 512
 constexpr int kTileFloats = 4096;     // the finalize tile: 16 KB of shared memory
+// After the partials, the tile is the scratch of the reductions over pairs ([value][lane]).
+static_assert(kTileFloats >= sdpo::kPerPair * kFinalizeThreads &&
+                  kTileFloats >= sdpo::kTotals * kFinalizeThreads,
+              "the finalize tile holds the lanes' values");
 constexpr int kMaxChunks = 512;       // chunks per pair: the finalize tile's slots at most
 constexpr int kGradientThreads = 256;
 
@@ -206,6 +213,16 @@ __device__ __forceinline__ int chunk_slots(int64_t num_chunks) {
   return slots;
 }
 
+// The halving tree of sdpo_preference_math.h over the lanes' `values` rows of `scratch`, one
+// lane per thread: a barrier before (the lanes' own sums) and after every step.
+__device__ __forceinline__ void reduce_lanes(float* scratch, int values) {
+  __syncthreads();
+  for (int width = kFinalizeThreads / 2; width > 0; width /= 2) {
+    sdpo::tree_step(scratch, values, static_cast<int>(threadIdx.x), width);
+    __syncthreads();
+  }
+}
+
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const float* __restrict__ partials, int64_t num_chunks,
                     const float* __restrict__ weights, float* __restrict__ pair_sums,
@@ -248,15 +265,21 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     }
     __syncthreads();  // the next tile overwrites this one
   }
-  __shared__ sdpo::Totals totals;
-  if (threadIdx.x == 0) totals = sdpo::batch_totals(pair_sums, params);
-  __syncthreads();
-  for (int64_t pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+  // The batch totals and then the outputs, each reduced over the pairs by all the threads in
+  // the lanes of sdpo_preference_math.h (thread = lane), in the free tile as the scratch. The
+  // __syncthreads above made every pair's sums visible to every thread.
+  const int lane = static_cast<int>(threadIdx.x);
+  sdpo::totals_lane(pair_sums, params, lane, tile);
+  reduce_lanes(tile, sdpo::kTotals);
+  const sdpo::Totals totals = sdpo::totals_from_lanes(tile, params);
+  for (int64_t pair = lane; pair < pairs; pair += kFinalizeThreads) {
     sdpo::finalize_pair(pair, pair_sums, totals, params, weights, lambda_out, coefficients,
                         per_pair);
   }
-  __syncthreads();
-  if (threadIdx.x == 0) sdpo::reduce_outputs(per_pair, totals, params, loss, stats);
+  __syncthreads();  // every pair's outputs written, and every thread done reading the totals
+  sdpo::outputs_lane(per_pair, params, lane, tile);
+  reduce_lanes(tile, sdpo::kPerPair);
+  if (lane == 0) sdpo::outputs_from_lanes(tile, totals, params, loss, stats);
 }
 
 template <typename TP, typename TR, typename TT, bool kWithGap>

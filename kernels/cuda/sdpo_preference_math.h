@@ -82,16 +82,53 @@ SDPO_HD float safeguard_scale(float group_ww, float group_wl, float group_count,
   return group_wl > 0.0f ? fminf(fmaxf(ratio, 0.0f), 1.0f) : 1.0f;
 }
 
-// Batch-wide totals (one thread; B is small next to the elements).
-SDPO_HD Totals batch_totals(const float* pair_sums, const Params& p) {
-  Totals totals{0.0f, 0.0f, 0.0f};
-  for (int64_t i = 0; i < p.batch_pairs; ++i) {
-    totals.ww += pair_sums[i * kNumSums + kWW];
-    totals.wl += pair_sums[i * kNumSums + kWL];
-    totals.gap_mean += pair_sums[i * kNumSums + kGG] / p.elements;
+// Reductions over pairs (the batch totals and the outputs) run in kFinalizeLanes lanes, one per
+// thread of the finalize kernel: lane l first adds pairs l, l + kFinalizeLanes, l + 2 *
+// kFinalizeLanes, ... in pair order; then a halving tree adds the lanes (lane l += lane
+// l + width for width = kFinalizeLanes / 2, ..., 1; 9 steps). The order is a function of the
+// pair count alone (the lane count is a compile-time constant, never the GPU's SM count), so
+// from the same pair sums every GPU model gives the same bits, run after run; the host build
+// (host_reference.cpp) runs the same lanes and tree one after another, in the same order. The
+// lanes' values live in a [value][lane] scratch.
+constexpr int kFinalizeLanes = 512;
+constexpr int kTotals = 3;  // the Totals' values in the scratch: S_ww, S_wl, S_gg / D
+
+// Lane `lane`'s share of the batch totals: its pairs' S_ww, S_wl and S_gg / D.
+SDPO_HD void totals_lane(const float* pair_sums, const Params& p, int lane, float* scratch) {
+  float ww = 0.0f, wl = 0.0f, gap = 0.0f;
+  for (int64_t i = lane; i < p.batch_pairs; i += kFinalizeLanes) {
+    ww += pair_sums[i * kNumSums + kWW];
+    wl += pair_sums[i * kNumSums + kWL];
+    gap += pair_sums[i * kNumSums + kGG] / p.elements;
   }
-  totals.gap_mean /= static_cast<float>(p.batch_pairs);
-  return totals;
+  scratch[0 * kFinalizeLanes + lane] = ww;
+  scratch[1 * kFinalizeLanes + lane] = wl;
+  scratch[2 * kFinalizeLanes + lane] = gap;
+}
+
+// Lane `lane`'s share of the outputs: its pairs' per-pair outputs (see finalize_pair).
+SDPO_HD void outputs_lane(const float* per_pair, const Params& p, int lane, float* scratch) {
+  float sums[kPerPair] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = lane; i < p.batch_pairs; i += kFinalizeLanes) {
+    for (int k = 0; k < kPerPair; ++k) sums[k] += per_pair[i * kPerPair + k];
+  }
+  for (int k = 0; k < kPerPair; ++k) scratch[k * kFinalizeLanes + lane] = sums[k];
+}
+
+// One step of the tree over the first `values` rows of the scratch: lanes below `width` add
+// the lane `width` above them (which no lane writes in this step).
+SDPO_HD void tree_step(float* scratch, int values, int lane, int width) {
+  if (lane < width) {
+    for (int v = 0; v < values; ++v) {
+      scratch[v * kFinalizeLanes + lane] += scratch[v * kFinalizeLanes + lane + width];
+    }
+  }
+}
+
+// The batch totals from the reduced scratch (lane 0 of each value).
+SDPO_HD Totals totals_from_lanes(const float* scratch, const Params& p) {
+  return Totals{scratch[0 * kFinalizeLanes], scratch[1 * kFinalizeLanes],
+                scratch[2 * kFinalizeLanes] / static_cast<float>(p.batch_pairs)};
 }
 
 // Pair i: lambda, the gradient coefficients (2, 2B) and its per-pair outputs (kPerPair values:
@@ -185,13 +222,11 @@ SDPO_HD void finalize_pair(int64_t i, const float* pair_sums, const Totals& tota
   out[7] = 0.0f;
 }
 
-// The loss and the statistics from the per-pair outputs, in pair order (deterministic).
-SDPO_HD void reduce_outputs(const float* per_pair, const Totals& totals, const Params& p,
-                            float* loss, float* stats) {
-  float sums[kPerPair] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t i = 0; i < p.batch_pairs; ++i) {
-    for (int k = 0; k < kPerPair; ++k) sums[k] += per_pair[i * kPerPair + k];
-  }
+// The loss and the statistics from the reduced scratch of the per-pair outputs.
+SDPO_HD void outputs_from_lanes(const float* scratch, const Totals& totals, const Params& p,
+                                float* loss, float* stats) {
+  float sums[kPerPair];
+  for (int k = 0; k < kPerPair; ++k) sums[k] = scratch[k * kFinalizeLanes];
   const float pairs = static_cast<float>(p.batch_pairs);
   *loss = sums[0];
   stats[0] = sums[1] / pairs;                 // implicit_acc

@@ -1,14 +1,20 @@
 // A CPU emulation of the CUDA features kernels/cuda/sdpo_preference.cu uses, so that the CPU
 // tests can execute its kernels (tests/test_cuda_emulation.py). Not a general CUDA emulator:
 // - a launch runs its blocks one after another; inside a block, every CUDA thread is a
-//   std::thread, and __syncthreads() is a std::barrier over them;
+//   std::thread, and __syncthreads() is a std::barrier over them (the launch starts one
+//   std::thread per thread of a block, and they run the blocks in turn: starting 256 new ones
+//   per block made a 297-block launch take 8 s on 2 cores, 2 s this way);
 // - __shared__ becomes `static`: one copy, shared by the threads of the (single) running block;
 // - blockIdx, threadIdx, blockDim and gridDim are thread-locals set by the launch;
 // - the 16-byte vector accesses (__ldg / __stwb of a uint4) are counted, and one at an address
 //   that is not 16-byte aligned is a fault, as on a GPU: it is skipped, and the next
 //   cudaGetLastError() returns "misaligned address" (the library turns that into an error);
 // - blocks run in grid order, or in a shuffled order after cuda_emulation_shuffle_blocks(seed)
-//   (a GPU schedules blocks in no fixed order; results must not depend on it).
+//   (a GPU schedules blocks in no fixed order; results must not depend on it);
+// - after cuda_emulation_jitter_threads(seed), every thread waits a pseudo-random 0 to 63 us
+//   (a yield below 16) before each block and after each __syncthreads(), so the threads of a
+//   block reach their shared-memory reads and writes in another order per seed: a result
+//   that depends on timing (a missing barrier) changes with it.
 // The test rewrites each `kernel<<<grid, block, shared, stream>>>(args)` into
 // `cuda_emulation::launch(grid, block, [&] { kernel(args); })` before compiling with g++.
 #pragma once
@@ -16,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -49,6 +56,22 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 namespace cuda_emulation {
 inline std::atomic<long> vector_loads{0}, vector_stores{0}, misaligned{0};
 inline unsigned block_order_seed = 0;  // 0: grid order
+inline unsigned thread_jitter_seed = 0;  // 0: no waits
+inline thread_local unsigned jitter_state = 0;
+
+// The thread's next wait (xorshift32 on a per-thread state seeded by the launch).
+inline void jitter() {
+  if (thread_jitter_seed == 0) return;
+  jitter_state ^= jitter_state << 13;
+  jitter_state ^= jitter_state >> 17;
+  jitter_state ^= jitter_state << 5;
+  const unsigned micros = jitter_state % 64;
+  if (micros < 16) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(micros));
+  }
+}
 }  // namespace cuda_emulation
 
 inline cudaError_t cudaGetLastError() {
@@ -97,6 +120,10 @@ extern "C" __attribute__((visibility("default"))) void cuda_emulation_shuffle_bl
     unsigned seed) {
   cuda_emulation::block_order_seed = seed;
 }
+extern "C" __attribute__((visibility("default"))) void cuda_emulation_jitter_threads(
+    unsigned seed) {
+  cuda_emulation::thread_jitter_seed = seed;
+}
 
 // CUDA's min overloads for device code (by value: `decltype(a < b ? a : b)` would be a reference).
 template <typename A, typename B>
@@ -121,24 +148,31 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
     std::mt19937 generator(block_order_seed);
     std::shuffle(blocks.begin(), blocks.end(), generator);
   }
-  for (const dim3 block_index : blocks) {
-    const unsigned bx = block_index.x, by = block_index.y, bz = block_index.z;
-    std::vector<std::thread> workers;
-    workers.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-      workers.emplace_back([&, t] {
-        gridDim = grid;
-        blockDim = block;
-        blockIdx = dim3(bx, by, bz);
-        threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+  std::vector<std::thread> workers;
+  workers.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      gridDim = grid;
+      blockDim = block;
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      jitter_state = ((thread_jitter_seed * 2654435761u) ^ ((t + 1) * 40503u)) | 1u;
+      for (const dim3 block_index : blocks) {
+        blockIdx = block_index;
+        jitter();
         kernel();
-      });
-    }
-    for (auto& worker : workers) worker.join();
+        // The end of the block: no thread starts the next one (whose __shared__ statics are
+        // this one's) before all have left this one.
+        barrier.arrive_and_wait();
+      }
+    });
   }
+  for (auto& worker : workers) worker.join();
   block_barrier = nullptr;
 }
 
 }  // namespace cuda_emulation
 
-inline void __syncthreads() { cuda_emulation::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() {
+  cuda_emulation::block_barrier->arrive_and_wait();
+  cuda_emulation::jitter();
+}
