@@ -226,7 +226,10 @@ def build_cache(
                 f"sdpo-cache: --model {model} needs --pretrained PATH (a local diffusers folder) "
                 "or --pretrained tiny"
             )
-        flow = load_flow_family(model, pretrained, resolution, seed, allow_download)
+        # The cache runs only the VAE and the text encoders: no transformer is built or loaded.
+        flow = load_flow_family(
+            model, pretrained, resolution, seed, allow_download, transformer=False
+        )
         models = Models(
             unet=flow.transformer,
             reference_unet=None,
