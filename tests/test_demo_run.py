@@ -199,7 +199,8 @@ def test_moving_average_is_the_trailing_mean():
 
 def test_a_base_batch_draws_indices_then_caption_drops_then_noise():
     """Both bases (DDPM and flow) train on draw_base_batch. The packaged ones were trained with
-    its generator draws in this order, so --retrain-base reproduces them only while it holds."""
+    its generator draws in this order: the flow base's --retrain-base reproduces the packaged
+    one bit for bit only while it holds."""
     from sdpo.train.models import build_tiny
 
     data = toy.captioned_images(32, base.IMAGE_SIZE, base.BASE_LABEL_NOISE, seed=1)

@@ -48,8 +48,9 @@ def draw_base_batch(
 ) -> BaseBatch:
     """Images drawn with replacement, their captions (10% emptied) encoded, and the noise. The
     draws from ``generator`` come in this order: the indices, the caption drops, the noise; the
-    callers draw their timesteps after it. The packaged bases were trained with this order, so
-    ``--retrain-base`` reproduces them bit for bit only while it stays."""
+    callers draw their timesteps after it. The packaged bases were trained with this order:
+    ``--objective flow --retrain-base`` reproduces the packaged flow base bit for bit at one
+    thread only while it stays."""
     index = torch.randint(len(data.captions), (batch_size,), generator=generator)
     pixels = data.images[index]
     # 10% empty captions: the unconditional model that classifier-free guidance needs.
