@@ -23,6 +23,9 @@ Variants: ``eager``; ``compile`` (torch.compile of both UNets); ``cuda-graphs``
 ``torch.nn.attention.sdpa_kernel``). The safeguard trio runs in eager, compile and cuda-graphs;
 the layout and attention variants time only our SDPO step (the ladder's rung). A variant that
 cannot run here (a kernel this GPU lacks) is recorded under ``not_run``, not fatal.
+``channels-last`` is a UNet layout: a flow preset refuses it when named in ``variants`` (as the
+trainer refuses ``--channels-last``) and lists it under ``not_run`` when it comes from the
+default list.
 
 The attribution ladder reads the modes in order: reference -> ours-online (eager) -> ours
 cached (eager) -> compiled -> CUDA-graphed, each with its factor against the rung before it and
@@ -65,7 +68,12 @@ from torch import Tensor, nn
 from sdpo import cuda_backend, objectives, ops
 from sdpo.profiling.reference_sequence import reference_trainer_dpo_loss
 from sdpo.train.cache import CachedBatch
-from sdpo.train.config import TrainConfig, config_from_args, random_flow_architecture
+from sdpo.train.config import (
+    TrainConfig,
+    channels_last_refusal,
+    config_from_args,
+    random_flow_architecture,
+)
 from sdpo.train.data import Batch
 from sdpo.train.family import FlowMatchingFamily, repeat_pairs
 from sdpo.train.models import Models, build_models, compile_model
@@ -547,8 +555,17 @@ def versions() -> dict:
     return info
 
 
-def plan_modes(variants: list[str], device: torch.device) -> tuple[list[tuple[str, str]], dict]:
-    """(the (mode, variant) schedule, {mode: why it does not run here})."""
+def default_variants(device: torch.device) -> list[str]:
+    """The variants a run without ``--variants`` times: all of them on a GPU, eager on a CPU."""
+    return list(VARIANTS) if device.type == "cuda" else ["eager"]
+
+
+def plan_modes(
+    variants: list[str], device: torch.device, unavailable: dict[str, str] | None = None
+) -> tuple[list[tuple[str, str]], dict]:
+    """(the (mode, variant) schedule, {mode: why it does not run here}); ``unavailable``: the
+    variants of the list that this model cannot run, with the reason (not scheduled)."""
+    unavailable = unavailable or {}
     not_run: dict[str, str] = {}
     trio = list(MODES)
     if not fused_available(device):
@@ -558,6 +575,9 @@ def plan_modes(variants: list[str], device: torch.device) -> tuple[list[tuple[st
     schedule = [(REFERENCE_MODE, "eager"), (ONLINE_MODE, "eager")]
     for variant in variants:
         modes = [ours] if variant in LADDER_ONLY_VARIANTS else trio
+        if variant in unavailable:
+            not_run.update({f"{mode}/{variant}": unavailable[variant] for mode in modes})
+            continue
         schedule += [(mode, variant) for mode in modes]
     return schedule, not_run
 
@@ -612,16 +632,30 @@ def run_overhead(
     preset_name: str,
     *,
     device: torch.device,
-    variants: list[str],
+    variants: list[str] | None,
     rounds: int,
     steps_per_round: int,
     warmup_steps: int,
     batch_pairs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Measures every mode (see the module docstring); returns the ``overhead`` JSON object."""
+    """Measures every mode (see the module docstring); returns the ``overhead`` JSON object.
+    ``variants`` None: :func:`default_variants`, less those the preset's model cannot run (listed
+    under ``not_run`` with the reason); a variant named explicitly that it cannot run is refused."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset: unknown {preset_name!r}; expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    # As the trainer refuses --channels-last for a flow model (a UNet convolution layout).
+    unavailable = {}
+    channels_last_reason = channels_last_refusal(preset.model)
+    if channels_last_reason is not None:
+        unavailable["channels-last"] = f"channels-last is {channels_last_reason}; not timed"
+    if variants is None:
+        variants = default_variants(device)
+    elif "channels-last" in variants and channels_last_reason is not None:
+        raise ValueError(
+            f"variants: channels-last is {channels_last_reason}; drop it for --preset {preset_name}"
+        )
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         raise ValueError(
@@ -637,7 +671,6 @@ def run_overhead(
     for name, value in (("rounds", rounds), ("steps", steps_per_round)):
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}")
-    preset = PRESETS[preset_name]
     if device.type != "cuda" and preset_name in CPU_SMOKE_PRESETS_OF:
         # SD3.5 Medium with T5-XXL is 7.8B parameters; full fine-tuning state on top: > 60 GB.
         raise ValueError(
@@ -653,7 +686,7 @@ def run_overhead(
     workload = Workload(preset, batch_pairs, device)
     policies = _Policies(workload.models)
     timer = _Timer(device)
-    schedule, not_run = plan_modes(variants, device)
+    schedule, not_run = plan_modes(variants, device, unavailable)
     results = {key: ModeResult() for key in schedule}
     counter = {"step": 0}
 

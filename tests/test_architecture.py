@@ -110,6 +110,9 @@ SCRIPTS = dict(
         ("sdpo-demo", ["--no-such-flag"], 2),
         ("sdpo-demo", ["--steps", "7"], 2),
         ("sdpo-profile", ["--help"], 0),
+        ("sdpo-cache", ["--help"], 0),
+        ("sdpo-cache", ["--output-dir", "unused", "--encode-batch", "0"], 2),
+        ("sdpo-cache", ["--output-dir", "unused", "--storage-dtype", "float8"], 2),
     ],
 )
 def test_help_and_argument_errors_do_not_import_torch(script, argv, status):

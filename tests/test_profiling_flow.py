@@ -171,3 +171,35 @@ def test_released_flow_presets_need_a_gpu(tmp_path, capsys):
     assert profile_main([*arguments, "--output", str(tmp_path / "x.json")]) == 2
     error = capsys.readouterr().err
     assert "sd3.5-medium" in error and "use --preset tiny-sd3" in error
+
+
+@pytest.mark.parametrize("preset", TINY_FLOW)
+def test_channels_last_named_for_a_flow_preset_is_refused_in_one_line(tmp_path, capsys, preset):
+    # As sdpo-train refuses --channels-last for a flow model; Wan's Conv3d patch embedding used to
+    # be recorded as torch's "required rank 4 tensor to use channels_last format".
+    output = tmp_path / "x.json"
+    arguments = ["overhead", "--preset", preset, "--variants", "eager,channels-last"]
+    assert profile_main([*arguments, "--device", "cpu", "--output", str(output)]) == 2
+    error = capsys.readouterr().err.strip()
+    model = overhead.PRESETS[preset].model
+    assert error == (
+        f"sdpo-profile: error: variants: channels-last is for UNets (their convolutions); the "
+        f"{model} transformer has none to speed up; drop it for --preset {preset}"
+    )
+    assert not output.exists()
+
+
+def test_channels_last_in_the_default_variants_is_listed_not_run_for_a_flow_preset(monkeypatch):
+    # The default list (every variant on a GPU) keeps the other variants and says why
+    # channels-last was not timed; on a CPU the default is eager alone, so the list is set here.
+    monkeypatch.setattr(overhead, "default_variants", lambda device: ["eager", "channels-last"])
+    result = overhead.run_overhead(
+        "tiny-wan", device=CPU, variants=None, rounds=1, steps_per_round=1, warmup_steps=1,
+        log=lambda message: None,
+    )  # fmt: skip
+    assert result["not_run"]["sdpo-torch/channels-last"] == (
+        "channels-last is for UNets (their convolutions); the wan transformer has none to speed "
+        "up; not timed"
+    )
+    assert "sdpo-torch/eager" in result["modes"]
+    assert not any(key.endswith("/channels-last") for key in result["modes"])

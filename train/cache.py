@@ -1,5 +1,7 @@
 """`sdpo-cache`: precompute VAE latent distributions and text embeddings for training.
 
+The command line is sdpo/train/cache_cli.py (it imports this module once its flags parse).
+
 The reference trainers run the VAE and the text encoders on every step (docs/objectives.md,
 'Pitfalls of the reference trainers', 4). The cache stores, per pair, the latent distribution's
 mean and std of the winner and the loser, each both as is and horizontally flipped (the trainer's
@@ -15,11 +17,9 @@ Layout: ``cache_index.json`` and ``shard-NNNNN.safetensors`` files of ``--shard-
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sdpo.train.cache_cli import ENCODE_DTYPE_NAMES, STORAGE_DTYPE_NAMES
 from sdpo.train.config import FLOW_MODELS
 from sdpo.train.data import UnreadableImage, generator_for, load_records, pin_batch, preprocess
 from sdpo.train.models import (
@@ -39,14 +40,15 @@ from sdpo.train.models import (
 
 INDEX_FILE = "cache_index.json"
 EMPTY_FILE = "empty.safetensors"
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The names come from sdpo.train.cache_cli (the command line offers them without importing torch).
+STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
 
 
 def is_cache(path: str | None) -> bool:
     return path is not None and (Path(path).expanduser() / INDEX_FILE).is_file()
 
 
-ENCODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ENCODE_DTYPES = {name: getattr(torch, name) for name in ENCODE_DTYPE_NAMES}
 
 
 @torch.no_grad()
@@ -224,7 +226,10 @@ def build_cache(
                 f"sdpo-cache: --model {model} needs --pretrained PATH (a local diffusers folder) "
                 "or --pretrained tiny"
             )
-        flow = load_flow_family(model, pretrained, resolution, seed, allow_download)
+        # The cache runs only the VAE and the text encoders: no transformer is built or loaded.
+        flow = load_flow_family(
+            model, pretrained, resolution, seed, allow_download, transformer=False
+        )
         models = Models(
             unet=flow.transformer,
             reference_unet=None,
@@ -395,65 +400,3 @@ class CachedPairBatches:
         std = torch.cat([torch.stack(parts["ws"]), torch.stack(parts["ls"])]).float()
         pooled = torch.stack(parts["pooled"]).float() if parts["pooled"] else None
         return CachedBatch(mean, std, torch.stack(parts["hidden"]).float(), pooled, captions)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sdpo-cache", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data", default=None, help="pairs as for sdpo-train --data (none: synthetic tiny pairs)"
-    )
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl", *FLOW_MODELS))
-    parser.add_argument(
-        "--pretrained",
-        default=None,
-        help="a local diffusers folder; tiny: tiny flow models (sd3, flux, wan) built in code",
-    )
-    parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--synthetic-pairs", type=int, default=64)
-    parser.add_argument("--shard-pairs", type=int, default=256)
-    parser.add_argument("--storage-dtype", default="float16", choices=tuple(STORAGE_DTYPES))
-    parser.add_argument("--allow-download", action="store_true")
-    parser.add_argument(
-        "--encode-batch", type=_positive, default=32, help="images per VAE encoder call"
-    )
-    parser.add_argument(
-        "--encode-dtype",
-        default="float32",
-        choices=tuple(ENCODE_DTYPES),
-        help="VAE encoder precision on CUDA (bfloat16 autocast: see README for its error)",
-    )
-    parser.add_argument(
-        "--num-workers", type=_non_negative, default=0, help="image-decoding worker processes"
-    )
-    arguments = parser.parse_args(argv)
-    try:
-        index = build_cache(**vars(arguments))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"sdpo-cache: error: {error}", file=sys.stderr)
-        return 1
-    print(
-        json.dumps(
-            {key: index[key] for key in ("pairs", "skipped_pairs", "resolution", "storage_dtype")}
-        )
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

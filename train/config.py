@@ -405,6 +405,15 @@ def check_timestep_weighting(config: TrainConfig) -> None:
             )
 
 
+def channels_last_refusal(model: str) -> str | None:
+    """Why the channels-last layout does not apply to ``model`` (None for a UNet): it is a UNet
+    convolution layout, and the flow transformers are linear layers around one patch embedding
+    (Wan's a Conv3d, whose 5-D weight channels_last cannot take). sdpo-profile says the same."""
+    if model not in FLOW_MODELS:
+        return None
+    return f"for UNets (their convolutions); the {model} transformer has none to speed up"
+
+
 def check_flow_settings(config: TrainConfig) -> None:
     """Flow settings only with a flow model; ``--pretrained tiny`` only for flow models (the
     tiny UNet preset is ``--model tiny``); a flow model needs ``--pretrained``."""
@@ -449,11 +458,8 @@ def check_flow_settings(config: TrainConfig) -> None:
                 f"weights); give --granularity pair (got {config.granularity})"
             )
     if config.channels_last:
-        # A UNet convolution layout: the flow transformers are linear layers around one patch
-        # embedding (Wan's a Conv3d, whose 5-D weight channels_last cannot take).
         raise UsageError(
-            f"channels_last: for UNets (their convolutions); the {config.model} transformer has "
-            "none to speed up: drop --channels-last"
+            f"channels_last: {channels_last_refusal(config.model)}: drop --channels-last"
         )
     if config.pretrained is None:
         raise UsageError(

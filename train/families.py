@@ -565,23 +565,21 @@ def load(
     dtype: torch.dtype = torch.float32,
     max_sequence_length: int | None = None,
     text_encoders: bool = True,
+    transformer: bool = True,
 ) -> FlowFamily:
     """A flow family from a local diffusers folder (or a cached model id), no download unless
     ``allow_download``; the family comes from ``model_index.json``. ``text_encoders=False``
-    skips loading the text encoders (cached embeddings; ``encode_text`` is then unusable)."""
+    skips loading the text encoders (cached embeddings; ``encode_text`` is then unusable),
+    ``transformer=False`` the transformer (sdpo-cache: ``prediction`` is then unusable)."""
     folder = _resolve_folder(path, allow_download)
     family = family_class_for(folder)
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline_class_name)
-    skipped = {}
-    if not text_encoders:
-        names = json.loads((folder / "model_index.json").read_text())
-        skipped = {
-            name: None
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-            if name in names
-        }
+    left_out = () if text_encoders else ("text_encoder", "text_encoder_2", "text_encoder_3")
+    left_out += () if transformer else ("transformer",)
+    names = json.loads((folder / "model_index.json").read_text())
+    skipped = {name: None for name in left_out if name in names}
     try:
         pipeline = pipeline_class.from_pretrained(
             str(folder), local_files_only=not allow_download, dtype=dtype, **skipped
@@ -888,11 +886,15 @@ def _published_tokenizer(encoder_name: str):
     return _tiny_tokenizer(PUBLISHED_TOKENIZER_LENGTHS[kind])
 
 
-def random_build_bytes(architecture: str, text_encoders: bool = True) -> int:
+def random_build_bytes(
+    architecture: str, text_encoders: bool = True, transformer: bool = True
+) -> int:
     """The fp32 weights of :func:`build_random`'s parts (counted on the meta device)."""
     spec = PUBLISHED_PIPELINES[architecture]
     with torch.device("meta"):
-        modules = [build_published_transformer(spec.transformer), build_published_vae(spec.vae)]
+        modules = [build_published_vae(spec.vae)]
+        if transformer:
+            modules.append(build_published_transformer(spec.transformer))
         if text_encoders:
             modules += [build_published_text_encoder(name) for name in spec.text_encoders]
     return 4 * sum(p.numel() for module in modules for p in module.parameters())
@@ -914,7 +916,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 
 def check_memory_for_random_build(
-    architecture: str, text_encoders: bool, device: torch.device
+    architecture: str, text_encoders: bool, device: torch.device, transformer: bool = True
 ) -> None:
     """A random build that cannot fit is refused in one line before anything is allocated
     (Wan 2.1 1.3B with its umT5-XXL is ~29 GB in fp32: on a 24 GB machine the kernel's OOM
@@ -922,11 +924,11 @@ def check_memory_for_random_build(
     available = available_memory_bytes(device)
     if available is None:
         return
-    needed = random_build_bytes(architecture, text_encoders)
+    needed = random_build_bytes(architecture, text_encoders, transformer)
     if needed > available:
         advice = (
             "train from an sdpo-cache folder (--data CACHE: no text encoders), "
-            if text_encoders
+            if text_encoders and transformer
             else ""
         )
         from sdpo.train.errors import UsageError
@@ -940,12 +942,19 @@ def check_memory_for_random_build(
 
 
 def build_random(
-    architecture: str, resolution: int, seed: int, text_encoders: bool = True
+    architecture: str,
+    resolution: int,
+    seed: int,
+    text_encoders: bool = True,
+    transformer: bool = True,
 ) -> FlowFamily:
     """A released model's whole pipeline with random weights from ``seed``, on the current
     default device (``with torch.device("cuda"):`` initialises on the GPU: seconds for FLUX's
     11.9B parameters, where a CPU takes minutes and 48 GB). ``text_encoders=False`` leaves the
-    encoders out (cached embeddings: T5-XXL alone is 4.8B parameters, 19 GB in fp32)."""
+    encoders out (cached embeddings: T5-XXL alone is 4.8B parameters, 19 GB in fp32);
+    ``transformer=False`` leaves the transformer out (sdpo-cache uses only the VAE and the
+    encoders). Each part has its own seed, so a part's weights are the same whichever others
+    are built: a cache's VAE and encoders are those of the run that trains the transformer."""
     if architecture not in PUBLISHED_PIPELINES:
         raise ValueError(
             f"pretrained: random:{architecture} is not a published architecture here; expected "
@@ -956,21 +965,33 @@ def build_random(
     spec = PUBLISHED_PIPELINES[architecture]
     family = FAMILIES_BY_NAME[spec.family]
     device = torch.get_default_device()
-    check_memory_for_random_build(architecture, text_encoders, device)
+    check_memory_for_random_build(architecture, text_encoders, device, transformer)
     cuda = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    # The transformer draws from ``seed`` itself (its weights are those of earlier versions);
+    # the VAE and each encoder from seeds drawn from it on the host (whatever the default device:
+    # the meta device has no values), one per part in the pipeline's order.
+    vae_seed, *encoder_seeds = torch.randint(
+        2**62,
+        (1 + len(spec.text_encoders),),
+        generator=torch.Generator().manual_seed(seed),
+        device="cpu",
+    ).tolist()
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         parts = {
-            "transformer": build_published_transformer(spec.transformer),
-            "vae": build_published_vae(spec.vae),
+            "transformer": build_published_transformer(spec.transformer) if transformer else None
         }
+        torch.manual_seed(vae_seed)
+        parts["vae"] = build_published_vae(spec.vae)
         for index, encoder_name in enumerate(spec.text_encoders):
             suffix = f"_{index + 1}" if index else ""
-            parts[f"text_encoder{suffix}"] = (
-                build_published_text_encoder(encoder_name) if text_encoders else None
-            )
+            encoder = None
+            if text_encoders:
+                torch.manual_seed(encoder_seeds[index])
+                encoder = build_published_text_encoder(encoder_name)
+            parts[f"text_encoder{suffix}"] = encoder
             parts[f"tokenizer{suffix}"] = _published_tokenizer(encoder_name)
     # The schedulers' tables on the host, as from_pretrained builds them (the training copy too).
     with torch.device("cpu"):

@@ -262,13 +262,16 @@ def load_flow_family(
     allow_download: bool,
     text_encoders: bool = True,
     random_architecture: str | None = None,
+    transformer: bool = True,
 ):
     """A flow family: ``tiny`` builds tiny random models in code; ``random[:NAME]`` builds the
     released ``random_architecture`` (default: ``config.resolve_random_architecture``) with
     random weights, on the current default device; otherwise a local diffusers folder whose
     model_index.json must name the ``model`` family. ``text_encoders=False`` (training from an
     sdpo-cache folder): the text encoders are not loaded (or built) at all, so T5-XXL never
-    occupies memory."""
+    occupies memory. ``transformer=False`` (sdpo-cache, which runs only the VAE and the text
+    encoders): the released transformer is not loaded or built (FLUX.1-dev's is 11.9B
+    parameters); the tiny one is built (a few thousand parameters) and dropped."""
     from sdpo.train import families
 
     expected = flow_family_class(model)
@@ -279,13 +282,17 @@ def load_flow_family(
             raise ValueError(
                 f"pretrained: random:{random_architecture} is a {spec.family} model, not {model}"
             )
-        flow = families.build_random(random_architecture, resolution, seed, text_encoders)
+        flow = families.build_random(
+            random_architecture, resolution, seed, text_encoders, transformer
+        )
     elif pretrained == "tiny":
         flow = expected.build_tiny(resolution, seed)
         if not text_encoders:
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
                 if getattr(flow.pipeline, name, None) is not None:
                     setattr(flow.pipeline, name, None)
+        if not transformer:
+            flow.pipeline.transformer = flow.transformer = None
     else:
         flow = families.load(
             pretrained,
@@ -293,6 +300,7 @@ def load_flow_family(
             allow_download,
             dtype=torch.float32,
             text_encoders=text_encoders,
+            transformer=transformer,
         )
         if not isinstance(flow, expected):
             raise ValueError(

@@ -16,7 +16,9 @@ model draws before and after preference training.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,6 +29,92 @@ from sdpo.train.models import Models, build_tiny, load_pretrained, save_tiny_pre
 IMAGE_SIZE = 16
 BASE_LABEL_NOISE = 0.0
 PACKAGED_BASE = Path(__file__).resolve().parent / "base_model"
+
+
+class BaseBatch(NamedTuple):
+    """One base-training batch."""
+
+    pixels: Tensor  # (B, 3, S, S) toy images in [-1, 1]
+    hidden: Tensor  # (B, L, D) the frozen text encoder's states of their captions ("" for ~10%)
+    noise: Tensor  # (B, 3, S, S) standard normal, one per image
+
+
+def draw_base_batch(
+    data: toy.CaptionedImages,
+    tokenizer,
+    encoder: torch.nn.Module,
+    batch_size: int,
+    generator: torch.Generator,
+) -> BaseBatch:
+    """Images drawn with replacement, their captions (10% emptied) encoded, and the noise. The
+    draws from ``generator`` come in this order: the indices, the caption drops, the noise; the
+    callers draw their timesteps after it. The packaged bases were trained with this order:
+    ``--objective flow --retrain-base`` reproduces the packaged flow base bit for bit at one
+    thread only while it stays."""
+    index = torch.randint(len(data.captions), (batch_size,), generator=generator)
+    pixels = data.images[index]
+    # 10% empty captions: the unconditional model that classifier-free guidance needs.
+    captions = [
+        "" if draw < 0.1 else data.captions[i]
+        for i, draw in zip(
+            index.tolist(), torch.rand(batch_size, generator=generator).tolist(), strict=True
+        )
+    ]
+    tokens = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+    hidden = encoder(tokens).last_hidden_state
+    noise = torch.randn(pixels.shape, generator=generator)
+    return BaseBatch(pixels, hidden, noise)
+
+
+def train_base_unet(
+    unet: torch.nn.Module,
+    tokenizer,
+    encoder: torch.nn.Module,
+    data: toy.CaptionedImages,
+    denoising_loss: Callable[[BaseBatch, torch.Generator], Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    log_every: int,
+    label: str,
+) -> None:
+    """The bases' training loop (the DDPM base's and the flow base's): AdamW and a one-cycle
+    schedule (5% warm-up), a batch per step from :func:`draw_base_batch` on a generator seeded
+    ``seed + 2``, ``denoising_loss(batch, generator)`` (which draws the timesteps), the gradient
+    norm clipped to 1. Leaves ``unet`` in eval mode."""
+    unet.train()
+    parameters = list(unet.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05
+    )
+    generator = torch.Generator().manual_seed(seed + 2)
+    start = time.perf_counter()
+    running = 0.0
+    for step in range(1, steps + 1):
+        batch = draw_base_batch(data, tokenizer, encoder, batch_size, generator)
+        loss = denoising_loss(batch, generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.item()
+        if step % log_every == 0:
+            print(
+                f"{label} step {step}/{steps}: loss {running / log_every:.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+            running = 0.0
+    unet.eval()
 
 
 def pretrain_base(
@@ -45,53 +133,20 @@ def pretrain_base(
     data = toy.captioned_images(images, IMAGE_SIZE, BASE_LABEL_NOISE, seed=seed + 1)
     # The text encoder stays as built, random and frozen (the trainer's TextConditioner freezes
     # it): 16 captions of 7 words only need distinct embeddings, which a random encoder gives.
-    unet, encoder = models.unet, models.text.encoders[0]
-    unet.train()
-    parameters = list(unet.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05
-    )
-    tokenizer = models.text.tokenizers[0]
-    generator = torch.Generator().manual_seed(seed + 2)
-    start = time.perf_counter()
-    running = 0.0
-    for step in range(1, steps + 1):
-        index = torch.randint(len(data.captions), (batch_size,), generator=generator)
-        pixels = data.images[index]
-        # 10% empty captions: the unconditional model that classifier-free guidance needs.
-        captions = [
-            "" if draw < 0.1 else data.captions[i]
-            for i, draw in zip(
-                index.tolist(), torch.rand(batch_size, generator=generator).tolist(), strict=True
-            )
-        ]
-        tokens = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        hidden = encoder(tokens).last_hidden_state
-        noise = torch.randn(pixels.shape, generator=generator)
+    unet, scheduler = models.unet, models.scheduler
+
+    def denoising_loss(batch: BaseBatch, generator: torch.Generator) -> Tensor:
         timesteps = torch.randint(
-            0, models.scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
         )
-        noisy = models.scheduler.add_noise(pixels, noise, timesteps)
-        loss = (unet(noisy, timesteps, hidden).sample - noise).square().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.item()
-        if step % log_every == 0:
-            print(
-                f"base step {step}/{steps}: loss {running / log_every:.4f} ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-            running = 0.0
-    unet.eval()
+        noisy = scheduler.add_noise(batch.pixels, batch.noise, timesteps)
+        return (unet(noisy, timesteps, batch.hidden).sample - batch.noise).square().mean()
+
+    train_base_unet(
+        unet, models.text.tokenizers[0], models.text.encoders[0], data, denoising_loss,
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        log_every=log_every, label="base",
+    )  # fmt: skip
     save_tiny_pretrained(models, str(output))
     return models
 

@@ -20,13 +20,12 @@ The same tiny text-conditional UNet in pixel space and the same toy world as the
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from sdpo.demo.base import BASE_LABEL_NOISE, IMAGE_SIZE
+from sdpo.demo.base import BASE_LABEL_NOISE, IMAGE_SIZE, BaseBatch, train_base_unet
 from sdpo.train import toy, toy_flow
 from sdpo.train.family import FlowMatchingFamily
 from sdpo.train.flow_matching import FlowDensity, sample_pair_sigmas
@@ -56,53 +55,21 @@ def pretrain_flow_base(
     scheduler = toy_flow.build_flow_scheduler()
     density = FlowDensity()  # the trainer's default: logit-normal(0, 1), no loss weighting
     data = toy.captioned_images(images, IMAGE_SIZE, BASE_LABEL_NOISE, seed=seed + 1)
-    unet.train()
-    parameters = list(unet.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05
-    )
-    generator = torch.Generator().manual_seed(seed + 2)
     sigma_table: dict = {}
-    start = time.perf_counter()
-    running = 0.0
-    for step in range(1, steps + 1):
-        index = torch.randint(len(data.captions), (batch_size,), generator=generator)
-        pixels = data.images[index]
-        # 10% empty captions: the unconditional model that classifier-free guidance needs.
-        captions = [
-            "" if draw < 0.1 else data.captions[i]
-            for i, draw in zip(
-                index.tolist(), torch.rand(batch_size, generator=generator).tolist(), strict=True
-            )
-        ]
-        tokens = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        hidden = encoder(tokens).last_hidden_state
-        noise = torch.randn(pixels.shape, generator=generator)
+
+    def velocity_loss(batch: BaseBatch, generator: torch.Generator) -> Tensor:
         _, timesteps = sample_pair_sigmas(
-            scheduler, batch_size, density, generator, pixels.device, table_cache=sigma_table
+            scheduler, batch_size, density, generator, batch.pixels.device, table_cache=sigma_table
         )
-        noisy = scheduler.scale_noise(pixels, timesteps, noise)
-        loss = (unet(noisy, timesteps, hidden).sample - (noise - pixels)).square().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.item()
-        if step % log_every == 0:
-            print(
-                f"flow base step {step}/{steps}: loss {running / log_every:.4f} "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-            running = 0.0
-    unet.eval()
+        noisy = scheduler.scale_noise(batch.pixels, timesteps, batch.noise)
+        velocity = batch.noise - batch.pixels
+        return (unet(noisy, timesteps, batch.hidden).sample - velocity).square().mean()
+
+    train_base_unet(
+        unet, tokenizer, encoder, data, velocity_loss,
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        log_every=log_every, label="flow base",
+    )  # fmt: skip
     toy_flow.save_toy_flow(unet, tokenizer, encoder, output, half=half)
     return load_flow_base(output)
 

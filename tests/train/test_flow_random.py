@@ -252,3 +252,76 @@ def test_a_random_build_that_cannot_fit_is_refused_before_allocating(monkeypatch
     with pytest.raises(UsageError, match=pattern):
         families.build_random("wan2.1-t2v-1.3b", 16, 0)
     assert built == []
+
+
+def state_dicts_equal(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    one, two = first.state_dict(), second.state_dict()
+    return one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_each_random_part_is_the_same_whichever_others_are_built(monkeypatch):
+    # A cached run builds no text encoders, sdpo-cache no transformer: the parts they do build
+    # are the uncached run's, so a cache of random:NAME feeds the run that trains it.
+    shrunk_tables(monkeypatch)
+    full = families.build_random("sd3.5-medium", 16, seed=5)
+    no_encoders = families.build_random("sd3.5-medium", 16, seed=5, text_encoders=False)
+    no_transformer = families.build_random("sd3.5-medium", 16, seed=5, transformer=False)
+    assert no_transformer.transformer is None and no_encoders.text_encoders() == []
+    assert state_dicts_equal(full.transformer, no_encoders.transformer)
+    for partial in (no_encoders, no_transformer):
+        assert state_dicts_equal(full.vae, partial.vae)
+    assert len(full.text_encoders()) == len(no_transformer.text_encoders()) == 3
+    for built, again in zip(full.text_encoders(), no_transformer.text_encoders(), strict=True):
+        assert state_dicts_equal(built, again)
+    # Distinct seeds per part: the two CLIP encoders do not start from the same draws.
+    clip_l, clip_g = (encoder.state_dict() for encoder in full.text_encoders()[:2])
+    name = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(clip_l[name].flatten()[:16], clip_g[name].flatten()[:16])
+
+
+@pytest.mark.parametrize(
+    ("model", "architecture", "resolution"),
+    [("sd3", "sd3.5-medium", 16), ("flux", "flux.1-dev", 16), ("wan", "wan2.1-t2v-1.3b", 32)],
+)
+def test_sdpo_cache_of_a_random_model_builds_no_transformer(
+    tmp_path, monkeypatch, model, architecture, resolution
+):
+    """The cache runs only the VAE and the text encoders: it is written without building the
+    transformer, and holds exactly what the whole pipeline's VAE and encoders give."""
+    from safetensors.torch import load_file
+
+    from sdpo.train import cache
+
+    shrunk_tables(monkeypatch)
+
+    def build(name: str) -> dict:
+        return cache.build_cache(
+            data=None, output_dir=str(tmp_path / name), model=model,
+            pretrained=f"random:{architecture}", resolution=resolution, seed=3,
+            synthetic_pairs=5, shard_pairs=3, storage_dtype="float32",
+        )  # fmt: skip
+
+    load = cache.load_flow_family
+    with monkeypatch.context() as whole:  # the reference: the whole pipeline built
+        whole.setattr(
+            cache, "load_flow_family", lambda *a, **k: load(*a, **{**k, "transformer": True})
+        )
+        expected = build("whole")
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"sdpo-cache built the {name} transformer")
+
+    monkeypatch.setattr(families, "build_published_transformer", refuse)
+    index = build("cache")
+    assert index == expected and index["pairs"] == 5
+    files = sorted(path.name for path in (tmp_path / "whole").glob("*.safetensors"))
+    assert files == sorted(path.name for path in (tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 3  # empty.safetensors and two shards
+    for file in files:
+        written, reference = (
+            load_file(tmp_path / "cache" / file),
+            load_file(tmp_path / "whole" / file),
+        )
+        assert written.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(written[key], reference[key]), (file, key)

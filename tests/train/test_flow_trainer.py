@@ -300,6 +300,37 @@ def test_a_folder_of_another_family_is_refused(tmp_path):
     assert without.text_encoders() == [] and without.pipeline.text_encoder_3 is None
 
 
+def test_sdpo_cache_of_a_folder_does_not_load_its_transformer(tmp_path, monkeypatch):
+    """The cache runs only the VAE and the text encoders: a folder whose transformer weights are
+    gone still caches, and the cache is the one written with the whole pipeline loaded."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sdpo.train import cache
+
+    families.FluxFamily.build_tiny(16, 0).pipeline.save_pretrained(tmp_path / "flux")
+    settings = dict(data=None, model="flux", resolution=16, seed=0, synthetic_pairs=4)
+    settings |= dict(shard_pairs=4, storage_dtype="float32")
+    load = cache.load_flow_family
+    with monkeypatch.context() as whole:  # the reference: the whole pipeline loaded
+        whole.setattr(
+            cache, "load_flow_family", lambda *a, **k: load(*a, **{**k, "transformer": True})
+        )
+        cache.build_cache(
+            output_dir=str(tmp_path / "whole"), pretrained=str(tmp_path / "flux"), **settings
+        )
+    shutil.rmtree(tmp_path / "flux" / "transformer")
+    cache.build_cache(
+        output_dir=str(tmp_path / "cache"), pretrained=str(tmp_path / "flux"), **settings
+    )
+    for file in ("empty.safetensors", "shard-00000.safetensors"):
+        written = load_file(tmp_path / "cache" / file)
+        expected = load_file(tmp_path / "whole" / file)
+        assert written.keys() == expected.keys()
+        assert all(torch.equal(written[key], expected[key]) for key in expected), file
+
+
 def test_timestep_weighting_reaches_the_loss_on_the_ddpm_path(tmp_path):
     """EXPERIMENTAL --timestep-weighting importance: the step's loss is preference_loss with the
     TimestepWeighting pair weights of the same predictions, and timesteps come from the range."""

@@ -505,7 +505,7 @@ def test_sdxl_conditioning_path_trains(tmp_path):
 
 def test_cache_round_trip_reproduces_the_uncached_run(tmp_path):
     from sdpo.train.cache import build_cache
-    from sdpo.train.cache import main as cache_main
+    from sdpo.train.cache_cli import main as cache_main
 
     # Synthetic tiny pairs, fp32 storage. The cached run samples latents from the cached
     # distributions with the same draws, so it reproduces the uncached run up to fp32 rounding

@@ -1,0 +1,81 @@
+"""`sdpo-cache`: precompute VAE latent distributions and text embeddings for training.
+
+The command line (the cache itself: sdpo/train/cache.py). It parses its flags before importing
+torch, so ``sdpo-cache --help`` and a bad flag answer at once (importing torch takes ~2 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sdpo.train.config import FLOW_MODELS
+
+# The torch dtypes by name (sdpo.train.cache maps them to torch's).
+STORAGE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
+ENCODE_DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdpo-cache", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", default=None, help="pairs as for sdpo-train --data (none: synthetic tiny pairs)"
+    )
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl", *FLOW_MODELS))
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="a local diffusers folder; tiny: tiny flow models (sd3, flux, wan) built in code",
+    )
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-pairs", type=int, default=64)
+    parser.add_argument("--shard-pairs", type=int, default=256)
+    parser.add_argument("--storage-dtype", default="float16", choices=STORAGE_DTYPE_NAMES)
+    parser.add_argument("--allow-download", action="store_true")
+    parser.add_argument(
+        "--encode-batch", type=_positive, default=32, help="images per VAE encoder call"
+    )
+    parser.add_argument(
+        "--encode-dtype",
+        default="float32",
+        choices=ENCODE_DTYPE_NAMES,
+        help="VAE encoder precision on CUDA (bfloat16 autocast: see README for its error)",
+    )
+    parser.add_argument(
+        "--num-workers", type=_non_negative, default=0, help="image-decoding worker processes"
+    )
+    arguments = parser.parse_args(argv)
+    from sdpo.train.cache import build_cache
+
+    try:
+        index = build_cache(**vars(arguments))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sdpo-cache: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {key: index[key] for key in ("pairs", "skipped_pairs", "resolution", "storage_dtype")}
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
