@@ -113,6 +113,7 @@ SCRIPTS = dict(
         ("sdpo-cache", ["--help"], 0),
         ("sdpo-cache", ["--output-dir", "unused", "--encode-batch", "0"], 2),
         ("sdpo-cache", ["--output-dir", "unused", "--storage-dtype", "float8"], 2),
+        ("sdpo-cache", ["--output-dir", "unused", "--resolution", "12"], 2),
     ],
 )
 def test_help_and_argument_errors_do_not_import_torch(script, argv, status):
@@ -135,3 +136,27 @@ def test_help_and_argument_errors_do_not_import_torch(script, argv, status):
     if status == 0:  # the help (or the preset list) really printed
         expected = "sd15-dpo" if "--list-presets" in argv else f"usage: {script}"
         assert expected in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        # Each of these used to be accepted: 12 built a cache sdpo-train cannot use, 0 crashed
+        # deep in torch (resolution: a median over an empty dim; pairs: an empty stack), and
+        # shard 0 or seed -1 were silently taken.
+        ("--resolution", "12", "expected a multiple of 8"),
+        ("--resolution", "0", "expected an integer >= 8, got 0"),
+        ("--seed", "-1", "expected an integer in [0, 2**63), got -1"),
+        ("--synthetic-pairs", "0", "expected an integer >= 1, got 0"),
+        ("--shard-pairs", "0", "expected an integer >= 1, got 0"),
+        ("--resolution", "16.5", "expected an integer, got '16.5'"),
+    ],
+)
+def test_sdpo_cache_refuses_out_of_range_numbers_naming_the_flag(capsys, flag, value, message):
+    from sdpo.train.cache_cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--output-dir", "unused", flag, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in error, error

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from sdpo.train.config import FLOW_MODELS
+from sdpo.train.config import FLOW_MODELS, check_value
+from sdpo.train.errors import UsageError
 
 # The torch dtypes by name (sdpo.train.cache maps them to torch's).
 STORAGE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -31,6 +32,25 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _trainer_field(name: str):
+    """An argparse type for a flag that is also a trainer setting: the trainer's type and range
+    (sdpo-train would refuse a cache made outside them, e.g. at a resolution not a multiple
+    of 8, only after the cache was built)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return check_value(name, value, name)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name}: ")) from None
+
+    parse.__name__ = name  # argparse names the type in "invalid NAME value"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdpo-cache", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -43,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a local diffusers folder; tiny: tiny flow models (sd3, flux, wan) built in code",
     )
-    parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--synthetic-pairs", type=int, default=64)
-    parser.add_argument("--shard-pairs", type=int, default=256)
+    parser.add_argument(
+        "--resolution", type=_trainer_field("resolution"), default=16, help="a multiple of 8"
+    )
+    parser.add_argument("--seed", type=_trainer_field("seed"), default=0)
+    parser.add_argument("--synthetic-pairs", type=_trainer_field("synthetic_pairs"), default=64)
+    parser.add_argument("--shard-pairs", type=_positive, default=256, help="pairs per shard file")
     parser.add_argument("--storage-dtype", default="float16", choices=STORAGE_DTYPE_NAMES)
     parser.add_argument("--allow-download", action="store_true")
     parser.add_argument(
