@@ -371,3 +371,41 @@ def test_environment_phase_passes_without_the_optional_nvtx(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "optional, absent: nvtx" in completed.stdout + completed.stderr
+
+
+def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests(
+    tmp_path, monkeypatch
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    folder, deadline = str(tmp_path), str(time.time() + 3600)
+    arguments = gpu_check._parser().parse_args(
+        [
+            "--out",
+            folder,
+            "--result",
+            f"{folder}/r.json",
+            "--scratch",
+            folder,
+            "--deadline",
+            deadline,
+        ]
+    )
+    context = gpu_check.PhaseContext(arguments)
+    commands = []
+
+    def fake_command(command, timeout_s, env=None):
+        commands.append(command)
+        return {"rc": 0, "output_tail": "3 passed in 1.0s"}
+
+    monkeypatch.setattr(context, "command", fake_command)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
+    gpu_check.phase_build_and_tests(context)
+    configure = next(command for command in commands if command[:2] == ["cmake", "-S"])
+    assert "-DCMAKE_CUDA_ARCHITECTURES=90" in configure
+    assert "-DSDPO_REQUIRE_CUDA=ON" in configure
+    pytest_command = next(command for command in commands if "pytest" in command)
+    assert pytest_command[pytest_command.index("-m", 3) + 1] == "gpu and not slow"
+    assert context.result["cuda_architectures"] == "90"

@@ -220,6 +220,7 @@ def test_cuda_graphs_with_accumulation_is_accepted_and_with_fsdp_refused(monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # four tiny trainings, three compiled: minutes
 def test_cuda_graphs_with_accumulation_match_compile_on_a_gpu(tmp_path):
     """The real graphs: 3 optimizer steps of 4 accumulated micro-batches under --cuda-graphs
     against --compile (the same Inductor kernels, no graphs) and eager. The failure this guards
