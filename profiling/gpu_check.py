@@ -8,7 +8,8 @@ minimum is skipped and says so). A phase that fails or times out is recorded and
 runs; the results are rewritten after every phase.
 
 1. environment: GPU, SM count, driver, CUDA, torch, triton, the wheelhouse imports, measured
-   copy bandwidth and bf16 matmul rate;
+   copy bandwidth and bf16 matmul rate, and the eager fused op's host time with its launches
+   stubbed on this host's CPU (target <= 30 us per forward + backward);
 2. build_and_tests: the CUDA C++ twin (cmake, the image's toolkit, this GPU's architecture) and
    ``pytest -m "gpu and not slow"``;
 3. kernels: fused Triton, CUDA twin, torch eager and compiled, the reference trainer's sequence
@@ -87,7 +88,7 @@ class Phase:
 
 
 PHASES = (
-    Phase("environment", 0.05, 10, 5),
+    Phase("environment", 0.07, 20, 5),
     Phase("build_and_tests", 0.18, 40, 5),
     Phase("kernels", 0.16, 30, 5),
     Phase("trainer", 0.30, 60, 10),
@@ -329,6 +330,8 @@ def phase_environment(context: PhaseContext) -> None:
     result["matmul_tflops"] = round(matmul_tflops(device, matmul_n), 2)
     result["matmul"] = f"{matmul_n}^3, {'bf16' if device.type == 'cuda' else 'fp32 (CPU)'}"
     context.save()
+    result["host_overhead"] = host_overhead(context)
+    context.save()
     for key, value in result.items():
         context.say(f"{key}: {value}")
     missing = [
@@ -339,6 +342,34 @@ def phase_environment(context: PhaseContext) -> None:
         context.say(f"optional, absent: {', '.join(absent_optional)} (only --nvtx runs need it)")
     if missing:
         raise SystemExit(f"environment: cannot import {', '.join(missing)} (see the wheelhouse)")
+
+
+# The eager fused op's host-time target per forward + backward (issue: <= 30 us), measured with
+# the kernel launches stubbed (profiling/kernel_host_overhead.py) on this machine's CPU: the
+# CPU of a GPU host, where the 2-core development machine measured ~90-100 us.
+HOST_OVERHEAD_TARGET_US = 30.0
+
+
+def host_overhead(context: PhaseContext) -> dict:
+    """profiling.kernel_host_overhead in a subprocess (TRITON_INTERPRET=1 lets the Triton path
+    take CPU tensors; no kernel runs): the op layer's and sdpo.preference_loss's medians."""
+    output = context.scratch / "host_overhead.json"
+    repeats = "100" if context.dry_run else "2000"
+    command = [sys.executable, "-m", "sdpo.profiling.kernel_host_overhead", "--repeats", repeats]
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    run = context.command([*command, "--output", str(output)], 90, env=environment)
+    if run["rc"] != 0 or not output.is_file():
+        return {"status": f"not measured (exit {run['rc']})", "run": run}
+    measured = json.loads(output.read_text())
+    op_layer = measured["op_layer"]["median_us"]
+    return {
+        "op_layer_median_us": round(op_layer, 1),
+        "preference_loss_median_us": round(measured["preference_loss"]["median_us"], 1),
+        "target_us": HOST_OVERHEAD_TARGET_US,
+        "op_layer_meets_target": op_layer <= HOST_OVERHEAD_TARGET_US,
+        "n": measured["op_layer"]["n"],
+        "cpu": measured["machine"],
+    }
 
 
 def _distribution_version(module: str) -> str:
@@ -918,11 +949,22 @@ def markdown(results: dict) -> str:
         lines.append(
             f"- matmul {environment.get('matmul')}: {environment.get('matmul_tflops')} TFLOP/s"
         )
+        overhead = environment.get("host_overhead") or {}
+        if "op_layer_median_us" in overhead:
+            verdict = "meets" if overhead["op_layer_meets_target"] else "misses"
+            lines.append(
+                f"- eager fused op, host time with launches stubbed: op layer "
+                f"{overhead['op_layer_median_us']} us, sdpo.preference_loss "
+                f"{overhead['preference_loss_median_us']} us (median of {overhead['n']}; "
+                f"{verdict} the <= {overhead['target_us']:g} us target)"
+            )
+        elif overhead:
+            lines.append(f"- eager fused op host time: {overhead.get('status')}")
     build = results["phases"].get("build_and_tests", {})
     if build:
         lines += ["", "## Build and GPU tests", ""]
         lines.append(f"- CUDA twin build: {build.get('build', {}).get('status')}")
-        lines.append(f"- pytest -m gpu: {build.get('gpu_tests', {}).get('summary')}")
+        lines.append(f"- pytest -m 'gpu and not slow': {build.get('gpu_tests', {}).get('summary')}")
     kernels = results["phases"].get("kernels", {})
     if kernels.get("rows"):
         lines += ["", "## Kernels (forward + backward)", "", kernels.get("timing", ""), ""]

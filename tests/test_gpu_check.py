@@ -371,6 +371,10 @@ def test_environment_phase_passes_without_the_optional_nvtx(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "optional, absent: nvtx" in completed.stdout + completed.stderr
+    # The host-overhead measurement ran (kernels stubbed) and was judged against the target.
+    overhead = json.loads((tmp_path / "environment.json").read_text())["host_overhead"]
+    assert overhead["op_layer_median_us"] > 0 and overhead["target_us"] == 30.0
+    assert overhead["op_layer_meets_target"] == (overhead["op_layer_median_us"] <= 30.0)
 
 
 def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests(
