@@ -197,9 +197,14 @@ def test_channels_last_in_the_default_variants_is_listed_not_run_for_a_flow_pres
         "tiny-wan", device=CPU, variants=None, rounds=1, steps_per_round=1, warmup_steps=1,
         log=lambda message: None,
     )  # fmt: skip
-    assert result["not_run"]["sdpo-torch/channels-last"] == (
+    # The modes' names depend on whether the fused kernels can run here (sdpo-fused under
+    # TRITON_INTERPRET=1, as in CI; sdpo-torch without it): keyed by variant, not by mode.
+    reasons = {
+        reason for key, reason in result["not_run"].items() if key.endswith("/channels-last")
+    }
+    assert reasons == {
         "channels-last is for UNets (their convolutions); the wan transformer has none to speed "
         "up; not timed"
-    )
-    assert "sdpo-torch/eager" in result["modes"]
+    }
+    assert any(key.endswith("/eager") for key in result["modes"])
     assert not any(key.endswith("/channels-last") for key in result["modes"])
