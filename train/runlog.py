@@ -75,6 +75,11 @@ def banner_lines(
     )
     compiled = (
         "torch.compile + CUDA graphs"
+        + (
+            " (accumulated gradients in buffers outside the graph pool)"
+            if config.gradient_accumulation > 1
+            else ""
+        )
         if config.cuda_graphs
         else "torch.compile"
         if config.compile

@@ -255,3 +255,22 @@ def test_cuda_graphs_with_accumulation_match_compile_on_a_gpu(tmp_path):
     compiled_losses = [row["loss"] for row in runs["compile"][1]]
     assert len(graphs_losses) == 3
     torch.testing.assert_close(graphs_losses, compiled_losses, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("accumulation", "said"), [(4, True), (1, False)])
+def test_the_banner_says_where_accumulated_gradients_live(accumulation, said):
+    from sdpo.train.runlog import banner_lines
+
+    config = config_from_args(["--preset", "tiny", "--gradient-accumulation", str(accumulation)])
+    config.cuda_graphs = True
+    lines = banner_lines(
+        config,
+        data_pairs=16,
+        world_size=1,
+        device=torch.device("cuda"),
+        resumed_from=None,
+        epochs_note="",
+    )
+    text = "\n".join(lines)
+    assert "compiled: torch.compile + CUDA graphs" in text
+    assert ("accumulated gradients in buffers outside the graph pool" in text) is said
