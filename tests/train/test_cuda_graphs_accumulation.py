@@ -274,3 +274,38 @@ def test_the_banner_says_where_accumulated_gradients_live(accumulation, said):
     text = "\n".join(lines)
     assert "compiled: torch.compile + CUDA graphs" in text
     assert ("accumulated gradients in buffers outside the graph pool" in text) is said
+
+
+@pytest.mark.slow  # two 2-process torchrun trainings: ~1 min on 2 cores
+def test_persistent_gradients_under_ddp_equal_the_ordinary_ddp_run(tmp_path):
+    # DDP all-reduces on the last micro-batch and copies the result back into each .grad: with
+    # persistent buffers that copy lands in place. Same seed, same processes: bit for bit.
+    import os
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TRITON")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = ["--preset", "tiny", "--max-steps", "2", "--gradient-accumulation", "3"]
+    flags += ["--no-progress", "--log-every", "1"]
+    outputs = {}
+    for name, entry in {
+        "ordinary": ["-m", "sdpo.train"],
+        "persistent": [str(Path(__file__).parent / "persistent_gradients_main.py")],
+    }.items():
+        output = tmp_path / name
+        command = [*launcher, *entry, *flags, "--output-dir", str(output)]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = output
+    untimed = [
+        [{k: v for k, v in row.items() if k != "pairs_per_s"} for row in read_rows(output)]
+        for output in outputs.values()
+    ]
+    assert len(untimed[0]) == 2 and untimed[0] == untimed[1]
+    expected = torch.load(outputs["ordinary"] / "unet.pth")
+    got = torch.load(outputs["persistent"] / "unet.pth")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
