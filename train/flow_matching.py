@@ -111,6 +111,19 @@ class FlowDensity:
         if not isinstance(self.dynamic_shift, bool):
             raise ValueError(f"dynamic_shift: expected a bool, got {self.dynamic_shift!r}")
 
+    @classmethod
+    def from_config(cls, config) -> FlowDensity:
+        """The density a ``TrainConfig``'s flow settings name (the trainer's flow families and
+        the toy flow model both train with it)."""
+        return cls(
+            density=config.flow_density,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            mode_scale=config.mode_scale,
+            loss_weighting=config.flow_loss_weighting,
+            dynamic_shift=config.flow_dynamic_shift,
+        )
+
 
 def sample_density(
     density: FlowDensity, batch_pairs: int, generator: torch.Generator | None

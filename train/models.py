@@ -329,14 +329,7 @@ def load_flow_models(config: TrainConfig, device: torch.device | None = None) ->
             text_encoders=not is_cache(config.data),
             random_architecture=random_flow_architecture(config) if random else None,
         )
-    density = FlowDensity(
-        density=config.flow_density,
-        logit_mean=config.logit_mean,
-        logit_std=config.logit_std,
-        mode_scale=config.mode_scale,
-        loss_weighting=config.flow_loss_weighting,
-        dynamic_shift=config.flow_dynamic_shift,
-    )
+    density = FlowDensity.from_config(config)
     return Models(
         unet=flow.transformer,
         reference_unet=None,

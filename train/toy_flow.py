@@ -138,13 +138,7 @@ def load_toy_flow_models(config):
         )
     unet, tokenizer, encoder, scheduler = load_toy_flow(config.pretrained)
     flow = ToyFlowFamily(unet, scheduler)
-    density = FlowDensity(
-        density=config.flow_density,
-        logit_mean=config.logit_mean,
-        logit_std=config.logit_std,
-        mode_scale=config.mode_scale,
-        loss_weighting=config.flow_loss_weighting,
-    )
+    density = FlowDensity.from_config(config)
     text = TextConditioner([tokenizer], [encoder], sdxl=False, resolution=config.resolution)
     return Models(
         unet=unet,
