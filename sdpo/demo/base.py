@@ -159,6 +159,21 @@ def load_base(path: str | Path = PACKAGED_BASE) -> Models:
     return load_pretrained(str(path), "tiny", IMAGE_SIZE, allow_download=False)
 
 
+def guided_start(
+    models: Models, unet: torch.nn.Module, captions: list[str], seed: int
+) -> tuple[Tensor, Tensor]:
+    """What both demo samplers (DDIM here, flow-match Euler in flow.py) start from, on
+    ``unet``'s device: the hidden states of the empty then the given captions (2N rows, for
+    classifier-free guidance) and the starting noise (N, 3, S, S), drawn from ``seed`` on the
+    CPU so a seed gives the same noise on any device and to either sampler."""
+    device = next(unet.parameters()).device
+    conditional, _ = models.text(captions, device)
+    unconditional, _ = models.text([""] * len(captions), device)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(captions), 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
+    return torch.cat([unconditional, conditional]), noise.to(device)
+
+
 @torch.no_grad()
 def sample(
     models: Models,
@@ -175,12 +190,7 @@ def sample(
 
     scheduler = DDIMScheduler.from_config(models.scheduler.config)
     scheduler.set_timesteps(steps)
-    device = next(unet.parameters()).device
-    conditional, _ = models.text(captions, device)
-    unconditional, _ = models.text([""] * len(captions), device)
-    hidden = torch.cat([unconditional, conditional])
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn((len(captions), 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator).to(device)
+    hidden, images = guided_start(models, unet, captions, seed)
     for timestep in scheduler.timesteps:
         prediction = unet(torch.cat([images, images]), timestep, hidden).sample
         uncond, cond = prediction.chunk(2)

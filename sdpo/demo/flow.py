@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sdpo.demo.base import BASE_LABEL_NOISE, IMAGE_SIZE, BaseBatch, train_base_unet
+from sdpo.demo.base import (
+    BASE_LABEL_NOISE,
+    IMAGE_SIZE,
+    BaseBatch,
+    guided_start,
+    train_base_unet,
+)
 from sdpo.train import toy, toy_flow
 from sdpo.train.family import FlowMatchingFamily
 from sdpo.train.flow_matching import FlowDensity, sample_pair_sigmas
@@ -143,13 +149,8 @@ def sample(
 ) -> Tensor:
     """Images (N, 3, S, S) in [-1, 1] by the flow-match Euler sampler with classifier-free
     guidance (v_u + guidance (v_c - v_u)); the same seed gives the same starting noise."""
-    device = next(unet.parameters()).device
-    conditional, _ = models.text(captions, device)
-    unconditional, _ = models.text([""] * len(captions), device)
-    hidden = torch.cat([unconditional, conditional])
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn((len(captions), 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator).to(device)
-    sigmas = sampling_sigmas(models, steps).to(device)
+    hidden, images = guided_start(models, unet, captions, seed)
+    sigmas = sampling_sigmas(models, steps).to(images.device)
     for sigma, sigma_next in itertools.pairwise(sigmas):
         sigma_rows = sigma.expand(2 * len(captions))
         velocity = models.flow.prediction(
