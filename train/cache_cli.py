@@ -10,8 +10,7 @@ import argparse
 import json
 import sys
 
-from sdpo.train.config import FLOW_MODELS, check_value
-from sdpo.train.errors import UsageError
+from sdpo.train.config import FLOW_MODELS, setting_argument_type
 
 # The torch dtypes by name (sdpo.train.cache maps them to torch's).
 STORAGE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -32,25 +31,6 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _trainer_field(name: str):
-    """An argparse type for a flag that is also a trainer setting: the trainer's type and range
-    (sdpo-train would refuse a cache made outside them, e.g. at a resolution not a multiple
-    of 8, only after the cache was built)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        try:
-            return check_value(name, value, name)
-        except UsageError as error:
-            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name}: ")) from None
-
-    parse.__name__ = name  # argparse names the type in "invalid NAME value"
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdpo-cache", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -63,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a local diffusers folder; tiny: tiny flow models (sd3, flux, wan) built in code",
     )
+    # The trainer's own types and ranges: a cache sdpo-train would refuse (e.g. at a resolution
+    # not a multiple of 8) is refused before it is built.
     parser.add_argument(
-        "--resolution", type=_trainer_field("resolution"), default=16, help="a multiple of 8"
+        "--resolution", type=setting_argument_type("resolution"), default=16, help="a multiple of 8"
     )
-    parser.add_argument("--seed", type=_trainer_field("seed"), default=0)
-    parser.add_argument("--synthetic-pairs", type=_trainer_field("synthetic_pairs"), default=64)
+    parser.add_argument("--seed", type=setting_argument_type("seed"), default=0)
+    parser.add_argument(
+        "--synthetic-pairs", type=setting_argument_type("synthetic_pairs"), default=64
+    )
     parser.add_argument("--shard-pairs", type=_positive, default=256, help="pairs per shard file")
     parser.add_argument("--storage-dtype", default="float16", choices=STORAGE_DTYPE_NAMES)
     parser.add_argument("--allow-download", action="store_true")

@@ -1008,6 +1008,22 @@ def _command_line_type(name: str, spec: FieldSpec) -> Callable[[str], Any]:
     return parse_optional
 
 
+def setting_argument_type(name: str) -> Callable[[str], Any]:
+    """An argparse type for trainer setting ``name`` taken by another command (sdpo-cache): the
+    trainer's command-line parsing, then its type and range check (``check_value``), refused as
+    an argparse error (exit 2) instead of after the command has done its work."""
+    parse = _command_line_type(name, FIELDS[name])
+
+    def parse_and_check(text: str) -> Any:
+        try:
+            return check_value(name, parse(text), name)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name}: ")) from None
+
+    parse_and_check.__name__ = name  # argparse names the type in "invalid NAME value"
+    return parse_and_check
+
+
 def _default_text(name: str) -> str:
     default = TrainConfig.__dataclass_fields__[name].default
     if default is None:
