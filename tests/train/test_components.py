@@ -80,6 +80,29 @@ def test_running_stats_average_over_micro_batches():
     assert stats.micro_batches == 0 and float(stats.loss_sum) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("granularity", ["batch", "pair"])
+def test_running_stats_hold_a_real_results_values_and_count(dtype, granularity):
+    import sdpo
+
+    generator = torch.Generator().manual_seed(3)
+    model_pred, ref_pred, target = (
+        torch.randn(6, 2, 4, 4, generator=generator, dtype=dtype) for _ in range(3)
+    )
+    result = sdpo.preference_loss(
+        model_pred, ref_pred, target, method="diffusion-dpo", beta=500.0, mu=0.5,
+        granularity=granularity, backend="torch",
+    )  # fmt: skip
+    stats = RunningStats(torch.device("cpu"))
+    for _ in range(3):
+        stats.add(result, skipped_images=0)
+    expected = [float(result.loss)] + [float(result.stats[key].mean()) for key in METRIC_KEYS[1:]]
+    # Three micro-batches of the same result: 3x each metric, then the count 3 (fp32 sums).
+    torch.testing.assert_close(
+        stats.step_sums, torch.tensor([3 * value for value in expected] + [3.0])
+    )
+
+
 def test_nvtx_is_optional_with_a_clear_error(monkeypatch):
     assert PhaseRanges(False)("encode") is PhaseRanges(False)("backward")  # free when off
     monkeypatch.setitem(sys.modules, "nvtx", None)
