@@ -69,8 +69,9 @@ def _time(step: Callable[[], None], repeats: int) -> dict[str, float]:
 def measure(
     batch_pairs: int, sample_shape: tuple[int, ...], repeats: int, layers: bool = False
 ) -> dict[str, dict]:
-    """{"op_layer": summary, "preference_loss": summary} per forward + backward (us); with
-    ``layers``, also {"layers": {part: summary}}, the parts of a call timed one by one."""
+    """{"op_layer": summary, "preference_loss": summary, "one_op_loss_backward": summary,
+    "op_layer_beyond_backward_us": float} per forward + backward (us); with ``layers``, also
+    {"layers": {part: summary}}, the parts of a call timed one by one."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("kernel_host_overhead: set TRITON_INTERPRET=1 (CPU tensors, no GPU)")
     import sdpo
@@ -102,8 +103,25 @@ def measure(
         )  # fmt: skip
         result.loss.backward()
 
+    # What every loss pays once per step whatever computes it: a one-op graph's forward and its
+    # loss.backward() call (the autograd engine's fixed cost, ~30 us on a 2-core CPU). A
+    # training step calls backward() once for the whole model, so the op's own overhead in a
+    # step is the op layer's time minus this.
+    leaf = torch.zeros((), requires_grad=True)
+
+    def one_op_loss() -> None:
+        leaf.grad = None
+        (leaf * 1.0).backward()
+
     torch.set_num_threads(1)
-    result = {"op_layer": _time(op_layer, repeats), "preference_loss": _time(public, repeats)}
+    result = {
+        "op_layer": _time(op_layer, repeats),
+        "preference_loss": _time(public, repeats),
+        "one_op_loss_backward": _time(one_op_loss, repeats),
+    }
+    result["op_layer_beyond_backward_us"] = (
+        result["op_layer"]["median_us"] - result["one_op_loss_backward"]["median_us"]
+    )
     if layers:
         result["layers"] = {
             name: _time(step, repeats)
@@ -196,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         + _line("op layer (ops.preference_loss_triton):", result["op_layer"])
         + "\n"
         + _line("sdpo.preference_loss:", result["preference_loss"])
+        + "\n"
+        + _line("a one-op loss, forward + backward():", result["one_op_loss_backward"])
+        + f"\n  op layer beyond the backward() every step pays: "
+        f"{result['op_layer_beyond_backward_us']:.1f} us (difference of the medians)"
     )
     for name, summary in result.get("layers", {}).items():
         print(_line(name, summary))

@@ -372,9 +372,24 @@ def test_environment_phase_passes_without_the_optional_nvtx(tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "optional, absent: nvtx" in completed.stdout + completed.stderr
     # The host-overhead measurement ran (kernels stubbed) and was judged against the target.
-    overhead = json.loads((tmp_path / "environment.json").read_text())["host_overhead"]
+    phase_record = json.loads((tmp_path / "environment.json").read_text())
+    overhead = phase_record["host_overhead"]
     assert overhead["op_layer_median_us"] > 0 and overhead["target_us"] == 30.0
     assert overhead["op_layer_meets_target"] == (overhead["op_layer_median_us"] <= 30.0)
+    # The engine's fixed cost is measured too, and the op layer's share beyond it is the
+    # difference of the medians (each rounded to 0.1 us).
+    assert overhead["one_op_loss_backward_median_us"] > 0
+    beyond = overhead["op_layer_median_us"] - overhead["one_op_loss_backward_median_us"]
+    assert abs(overhead["op_layer_beyond_backward_us"] - beyond) <= 0.11
+    report = gpu_check.markdown(
+        {
+            "dry_run": True,
+            "started": "now",
+            "budget_s": 1,
+            "phases": {"environment": phase_record},
+        }
+    )
+    assert f"op layer adds {overhead['op_layer_beyond_backward_us']} us beyond" in report
 
 
 def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests(

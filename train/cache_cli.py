@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from sdpo.train.config import FLOW_MODELS, setting_argument_type
+from sdpo.train.config import FLOW_MODELS, check_num_workers, setting_argument_type
+from sdpo.train.errors import UsageError
 
 # The torch dtypes by name (sdpo.train.cache maps them to torch's).
 STORAGE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -28,6 +29,16 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _worker_count(text: str) -> int:
+    value = _non_negative(text)
+    try:
+        check_num_workers(value)
+    except UsageError as error:
+        message = str(error).removeprefix(f"--num-workers {value}: ")
+        raise argparse.ArgumentTypeError(message) from None
     return value
 
 
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         help="VAE encoder precision on CUDA (bfloat16 autocast: see README for its error)",
     )
     parser.add_argument(
-        "--num-workers", type=_non_negative, default=0, help="image-decoding worker processes"
+        "--num-workers", type=_worker_count, default=0, help="image-decoding worker processes"
     )
     arguments = parser.parse_args(argv)
     from sdpo.train.cache import build_cache

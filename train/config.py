@@ -641,8 +641,9 @@ FIELDS: dict[str, FieldSpec] = {
                               _SPEED, choices=("stop", "skip")),
     # perfstep: none picks 0 where nothing is decoded (synthetic pairs, a cache), else
     # min(8, CPUs per process - 1) (sdpo.train.data.default_num_workers).
-    "num_workers": FieldSpec(int, "data-loading worker processes; 0 decodes in this one; "
-                             "none: 0 for synthetic or cached data, else min(8, CPUs/process - 1)",
+    "num_workers": FieldSpec(int, "data-loading worker processes, at most the CPUs this "
+                             "process may use; 0 decodes in this one; none: 0 for synthetic or "
+                             "cached data, else min(8, CPUs/process - 1)",
                              _SPEED, True, low=0),
     "progress": FieldSpec(bool, "show a progress bar", _SPEED),
     # --- Trainer knobs (issue 16): LR schedule, epochs, augmentation, trackers, validation.
@@ -1006,6 +1007,29 @@ def _command_line_type(name: str, spec: FieldSpec) -> Callable[[str], Any]:
         return _EXPLICIT_NONE if text.lower() in none_words else parse(text)
 
     return parse_optional
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a SLURM or taskset share, not the
+    machine's count), or os.cpu_count() where the platform has no affinity call."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_num_workers(num_workers: int, default_text: str = "", cpus: int | None = None) -> None:
+    """Refuses a ``--num-workers`` above the CPUs this process may use. Decoding is CPU-bound, so
+    workers beyond that only compete for the same cores, and each one is a process with its own
+    prefetched batches: a typo such as 100000 would fork until the machine stalls (sdpo-train
+    did, before this check: torch only warns). ``default_text``: what leaving the flag out
+    gives, for the message."""
+    cpus = cpus if cpus is not None else available_cpus()
+    if num_workers > cpus:
+        default = f", or leave it out for the default ({default_text})" if default_text else ""
+        raise UsageError(
+            f"--num-workers {num_workers}: this process may use {cpus} CPUs, and more decoding "
+            f"workers than CPUs only compete for them; use --num-workers {cpus} or fewer{default}"
+        )
 
 
 def setting_argument_type(name: str) -> Callable[[str], Any]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdpo.train import toy
+from sdpo.train.config import available_cpus
 from sdpo.train.errors import UsageError
 
 
@@ -425,7 +426,7 @@ def default_num_workers(
     15.9 with 1, so even the tiny model gains once real images are decoded."""
     if data is None or is_cached:
         return 0
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    cpus = cpus if cpus is not None else available_cpus()
     return max(0, min(8, cpus // max(1, world_size) - 1))
 
 

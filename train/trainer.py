@@ -26,7 +26,12 @@ from torch import nn
 
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.cache import CachedPairBatches, is_cache
-from sdpo.train.config import TrainConfig, config_to_json, parse_profile_steps
+from sdpo.train.config import (
+    TrainConfig,
+    check_num_workers,
+    config_to_json,
+    parse_profile_steps,
+)
 from sdpo.train.data import (
     PairBatches,
     batch_stream,
@@ -128,6 +133,11 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         if config.cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs: needs a CUDA device; drop --cuda-graphs on this machine")
+        if config.num_workers is not None:
+            check_num_workers(
+                config.num_workers,
+                "0 for synthetic or cached data, else min(8, CPUs per process - 1)",
+            )
         self.batches = make_batches(config, environment)
         self.epochs_note = ""
         if config.num_epochs is not None:

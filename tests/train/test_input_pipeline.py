@@ -52,6 +52,42 @@ def test_the_trainer_uses_the_default_unless_given(tmp_path, monkeypatch):
         assert seen[-1] == expected
 
 
+def test_more_workers_than_cpus_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """An explicit --num-workers above the CPUs this process may use is a one-line error (a
+    typo such as 100000 had sdpo-train fork until the machine stalled); equal is taken."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from sdpo.train import config as config_module
+    from sdpo.train.errors import UsageError
+
+    config_module.check_num_workers(4, cpus=4)
+    with pytest.raises(UsageError, match=r"--num-workers 5: this process may use 4 CPUs.*or fewer"):
+        config_module.check_num_workers(5, cpus=4)
+
+    too_many = str(config_module.available_cpus() + 1)
+    command = [sys.executable, "-m", "sdpo.train", "--preset", "tiny", "--max-steps", "1"]
+    output = tmp_path / "run"
+    run = subprocess.run(
+        [*command, "--output-dir", str(output), "--num-workers", too_many],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"sdpo-train: error: --num-workers {too_many}: this process may use" in run.stderr
+    assert "leave it out for the default" in run.stderr
+    assert not output.exists()  # refused before the output folder or any model was made
+
+    from sdpo.train.cache_cli import main as cache_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cache_main(["--output-dir", str(tmp_path / "cache"), "--num-workers", too_many])
+    assert exit_info.value.code == 2 and not (tmp_path / "cache").exists()
+
+
 class FakePinned:
     """Records the tensors pinned (a CPU-only build cannot page-lock memory)."""
 
