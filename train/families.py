@@ -466,10 +466,23 @@ class WanFamily(FlowFamily):
         return 2 ** len(self.vae.config.temperal_downsample)
 
     def normalize_latents(self, sample: Tensor) -> Tensor:
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean, dtype=sample.dtype).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, dtype=sample.dtype).view(shape)
-        return (sample - mean.to(sample.device)) / std.to(sample.device)
+        mean, std = self._latent_statistics(sample.device, sample.dtype)
+        return (sample - mean) / std
+
+    def _latent_statistics(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The VAE's per-channel mean and std as (1, C, 1, 1, 1) tensors on ``device``, built once
+        per (device, dtype): made from the config's lists on every call they were two blocking
+        host->device copies from pageable memory per micro-step (the trainer normalises each
+        cached batch's latents)."""
+        cache = self.__dict__.setdefault("_latent_statistics_cache", {})
+        key = (device, dtype)
+        if key not in cache:
+            shape = (1, self.vae.config.z_dim, 1, 1, 1)
+            cache[key] = tuple(
+                torch.tensor(values, dtype=dtype).view(shape).to(device)
+                for values in (self.vae.config.latents_mean, self.vae.config.latents_std)
+            )
+        return cache[key]
 
     def image_seq_len(self, latents: Tensor) -> int:
         return latents.shape[2] * (latents.shape[-2] // 2) * (latents.shape[-1] // 2)

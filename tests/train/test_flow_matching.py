@@ -431,6 +431,28 @@ def test_wan_latents_invert_the_pipelines_denormalisation():
     assert family.scheduler.config.shift == 3.0  # the shipped UniPC scheduler's flow_shift
 
 
+def test_wan_latent_statistics_are_built_once_per_device_and_dtype(monkeypatch):
+    """The per-channel mean and std are made and copied to the device once, not per micro-step
+    (each call had built two CPU tensors and copied them, blocking, to the device)."""
+    family = families.WanFamily.build_tiny(32, seed=0)
+    samples = {
+        dtype: torch.randn(1, 16, 2, 4, 4).to(dtype) for dtype in (torch.float32, torch.bfloat16)
+    }
+    first = {dtype: family.normalize_latents(sample) for dtype, sample in samples.items()}
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a) or real_tensor(*a, **k))
+    for dtype, sample in samples.items():
+        again = family.normalize_latents(sample)
+        assert again.dtype == dtype and torch.equal(again, first[dtype])
+    assert built == []
+    # The bf16 statistics are the config's values rounded to bf16, as before the cache.
+    config = family.vae.config
+    mean = real_tensor(config.latents_mean, dtype=torch.bfloat16).view(1, 16, 1, 1, 1)
+    std = real_tensor(config.latents_std, dtype=torch.bfloat16).view(1, 16, 1, 1, 1)
+    assert torch.equal(first[torch.bfloat16], (samples[torch.bfloat16] - mean) / std)
+
+
 @pytest.mark.parametrize(
     ("name", "parameters"),
     [
