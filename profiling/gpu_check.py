@@ -305,6 +305,7 @@ def phase_environment(context: PhaseContext) -> None:
         except Exception as error:
             versions[module] = {"error": f"{type(error).__name__}: {error}"}
     result["imports"] = versions
+    result["declared_ranges"] = declared_range_check(versions)
     result["torch_cuda"] = torch.version.cuda
     result["cuda_available"] = torch.cuda.is_available()
     nvcc = shutil.which("nvcc")
@@ -338,10 +339,53 @@ def phase_environment(context: PhaseContext) -> None:
         name for name, info in versions.items() if "error" in info and name not in OPTIONAL_IMPORTS
     ]
     absent_optional = [name for name in OPTIONAL_IMPORTS if "error" in versions.get(name, {})]
+    outside = [
+        f"{name} {check['installed']} (pyproject: {name}>={check['minimum']})"
+        for name, check in result["declared_ranges"].items()
+        if check["in_range"] is False
+    ]
+    if outside:
+        context.say(
+            f"outside the range pyproject.toml declares and CI tests: {', '.join(outside)}; the "
+            "check runs on, but its results are from an untested version"
+        )
     if absent_optional:
         context.say(f"optional, absent: {', '.join(absent_optional)} (only --nvtx runs need it)")
     if missing:
         raise SystemExit(f"environment: cannot import {', '.join(missing)} (see the wheelhouse)")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """(2, 11, 0) of "2.11.0+cu130" or "3.6.0": the leading dot-separated integers."""
+    numbers = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in numbers.group(0).split(".")) if numbers else ()
+
+
+def declared_minimums(pyproject: Path | None = None) -> dict[str, str]:
+    """{"torch": "2.13", "triton": "3.6"}: the lower bounds pyproject.toml's dependencies
+    declare (the oldest versions CI runs)."""
+    path = pyproject or Path(__file__).resolve().parent.parent / "pyproject.toml"
+    text = path.read_text()
+    found = {}
+    for name in ("torch", "triton"):
+        match = re.search(rf'"{name}>=([0-9][0-9.]*)', text)
+        if match:
+            found[name] = match.group(1)
+    return found
+
+
+def declared_range_check(versions: dict) -> dict[str, dict]:
+    """Per declared package: the installed version, the declared minimum and whether it is in
+    range (None where it could not be imported). The GPU image's torch may be older than what
+    CI can install and test; the results say so instead of passing for tested ones."""
+    checks = {}
+    for name, minimum in declared_minimums().items():
+        installed = versions.get(name, {}).get("version")
+        in_range = None
+        if installed:
+            in_range = _version_tuple(str(installed)) >= _version_tuple(minimum)
+        checks[name] = {"installed": installed, "minimum": minimum, "in_range": in_range}
+    return checks
 
 
 # The eager fused op's host-time target per forward + backward (issue: <= 30 us), measured with
@@ -950,6 +994,12 @@ def markdown(results: dict) -> str:
             lines.append(f"- {key}: {environment.get(key)}")
         for module, info in environment["imports"].items():
             lines.append(f"- {module}: {info.get('version', info.get('error'))}")
+        for name, check in (environment.get("declared_ranges") or {}).items():
+            if check["in_range"] is False:
+                lines.append(
+                    f"- **{name} {check['installed']} is below pyproject's {name}>="
+                    f"{check['minimum']}**: CI never ran this version; read the results with that"
+                )
         lines.append(f"- copy bandwidth: {environment.get('copy_bandwidth_gbps')} GB/s")
         lines.append(
             f"- matmul {environment.get('matmul')}: {environment.get('matmul_tflops')} TFLOP/s"

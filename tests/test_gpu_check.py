@@ -428,3 +428,41 @@ def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests
     pytest_command = next(command for command in commands if "pytest" in command)
     assert pytest_command[pytest_command.index("-m", 3) + 1] == "gpu and not slow"
     assert context.result["cuda_architectures"] == "90"
+
+
+def test_declared_ranges_come_from_pyproject_and_flag_an_older_torch(tmp_path):
+    """The GPU image's torch (2.11) is older than pyproject's torch>=2.13 (what CI can install):
+    the environment record and the report say so instead of passing it off as tested."""
+    import tomllib
+
+    declared = gpu_check.declared_minimums()
+    pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
+    dependencies = pyproject["project"]["dependencies"]
+    assert f"torch>={declared['torch']}" in dependencies
+    assert any(entry.startswith(f"triton>={declared['triton']}") for entry in dependencies)
+
+    versions = {
+        "torch": {"version": "2.11.0+cu130"},
+        "triton": {"version": declared["triton"] + ".0"},
+    }
+    checks = gpu_check.declared_range_check(versions)
+    assert checks["torch"] == {
+        "installed": "2.11.0+cu130",
+        "minimum": declared["torch"],
+        "in_range": False,
+    }
+    assert checks["triton"]["in_range"] is True
+    assert gpu_check.declared_range_check({"torch": {"error": "x"}})["torch"]["in_range"] is None
+    assert gpu_check._version_tuple("2.13.0+cpu") > gpu_check._version_tuple("2.9")
+    report = gpu_check.markdown(
+        {
+            "dry_run": False,
+            "started": "now",
+            "budget_s": 1,
+            "phases": {
+                "environment": {"status": "ok", "imports": versions, "declared_ranges": checks}
+            },
+        }
+    )
+    assert f"torch 2.11.0+cu130 is below pyproject's torch>={declared['torch']}" in report
+    assert "triton" not in report.split("is below")[-1]  # only the one outside is flagged
