@@ -504,14 +504,14 @@ def plan_key(
     ref_pred: torch.Tensor,
     target: torch.Tensor,
     pair_weights: torch.Tensor | None,
-    settings: tuple,
+    op_arguments: tuple,
 ) -> tuple:
     """What a launch plan depends on (and what :func:`cached_plan` checks on a miss)."""
     return (
         model_pred.shape, model_pred.stride(), model_pred.dtype,
         ref_pred.shape, ref_pred.stride(), ref_pred.dtype,
         target.shape, target.stride(), target.dtype,
-        model_pred.device, pair_weights is None, settings,
+        model_pred.device, pair_weights is None, op_arguments,
     )  # fmt: skip
 
 
@@ -520,27 +520,25 @@ def cached_plan(
     ref_pred: torch.Tensor,
     target: torch.Tensor,
     pair_weights: torch.Tensor | None,
-    method_code: int,
-    beta: float,
-    mu: float,
-    safeguard: bool,
-    group_size: int,
-    log_q: float,
-    log_one_minus_q: float,
+    op_arguments: tuple,
 ) -> LaunchPlan:
     """The launch plan of these inputs and settings, from the cache when seen before.
 
+    ``op_arguments``: (method_code, beta, mu, safeguard, group_size, dmpo_alpha), the tuple
+    ``LossSettings.op_arguments()`` makes and both fused backends take (group_size 0: one
+    lambda for the whole call). DMPO's log q and log(1 - q) are computed on a miss only.
     The key holds the shapes and strides, so a hit means the inputs are laid out as when the
     plan was made, and the contiguity the kernels index by was checked then.
     """
-    settings = (method_code, beta, mu, safeguard, group_size, log_q, log_one_minus_q)
-    key = plan_key(model_pred, ref_pred, target, pair_weights, settings)
+    key = plan_key(model_pred, ref_pred, target, pair_weights, op_arguments)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
     assert model_pred.is_contiguous() and ref_pred.is_contiguous() and target.is_contiguous(), (
-        "launch_forward needs contiguous inputs; the op layer copies non-contiguous ones"
+        "the forward kernels need contiguous inputs; the op layer copies non-contiguous ones"
     )
+    method_code, beta, mu, safeguard, group_size, dmpo_alpha = op_arguments
+    log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
     batch_pairs = model_pred.shape[0] // 2
     plan = plan_launches(
         batch_pairs,
@@ -571,25 +569,17 @@ def forward_launches(
     ref_pred: torch.Tensor,
     target: torch.Tensor,
     pair_weights: torch.Tensor | None,
+    op_arguments: tuple,
     *,
-    method_code: int,
-    beta: float,
-    mu: float,
-    safeguard: bool,
-    group_size: int,
-    log_q: float,
-    log_one_minus_q: float,
     one_allocation: bool = False,
 ) -> tuple[tuple[Callable[[], None], Callable[[], None]], tuple[torch.Tensor, ...]]:
     """The two forward kernels as separate launches (the benchmarks time each), with the outputs
     they write: ((sums launch, finalize launch), (loss (), stats (9,), lambda (B,),
-    coefficients (2, 2B))). ``group_size`` 0 means one lambda for the whole call. Inputs must be
-    contiguous. ``one_allocation``: the outputs are views of one buffer (not for custom ops).
+    coefficients (2, 2B))). ``op_arguments`` as :func:`cached_plan`'s (the CUDA backend's
+    forward_launches takes the same tuple). Inputs must be contiguous. ``one_allocation``: the
+    outputs are views of one buffer (not for custom ops).
     """
-    plan = cached_plan(
-        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, log_q, log_one_minus_q,
-    )  # fmt: skip
+    plan = cached_plan(model_pred, ref_pred, target, pair_weights, op_arguments)
     buffers_ = forward_buffers(model_pred.device, plan, one_allocation=one_allocation)
     return (
         lambda: launch_sums(plan, model_pred, ref_pred, target, buffers_[0]),
@@ -676,12 +666,12 @@ def launch_forward(
     ref_pred: torch.Tensor,
     target: torch.Tensor,
     pair_weights: torch.Tensor | None,
-    **settings,
+    op_arguments: tuple,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs the two forward kernels (keywords: forward_launches'). Returns (loss (), stats (9,),
-    lambda (B,), coefficients (2, 2B))."""
+    """Runs the two forward kernels (``op_arguments`` as :func:`cached_plan`'s). Returns (loss (),
+    stats (9,), lambda (B,), coefficients (2, 2B))."""
     (launch_sums_, launch_finalize_), outputs = forward_launches(
-        model_pred, ref_pred, target, pair_weights, **settings
+        model_pred, ref_pred, target, pair_weights, op_arguments
     )
     launch_sums_()
     launch_finalize_()

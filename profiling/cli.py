@@ -9,10 +9,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _count(least: int):
+    """An argparse type: an integer >= ``least``, refused at parse time (exit 2, no torch import)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {least}, got {text!r}"
+            ) from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N (what the overhead suite can time)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,10 +62,16 @@ def _parser() -> argparse.ArgumentParser:
         "sdpa-efficient, sdpa-cudnn (default: all on a GPU, channels-last listed as not run for "
         "a flow preset; eager on a CPU)",
     )
-    overhead.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    overhead.add_argument("--steps", type=int, default=10, help="timed steps per mode per round")
-    overhead.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
-    overhead.add_argument("--batch-pairs", type=int, default=None, help="pairs per step")
+    overhead.add_argument("--rounds", type=_count(1), default=5, help="interleaved rounds")
+    overhead.add_argument(
+        "--steps", type=_count(1), default=10, help="timed steps per mode per round"
+    )
+    overhead.add_argument(
+        "--warmup", type=_count(0), default=3, help="untimed steps per mode first"
+    )
+    overhead.add_argument(
+        "--batch-pairs", type=_count(1), default=None, help="pairs per step (default: the preset's)"
+    )
     overhead.add_argument(
         "--kernels", action="store_true", help="also time the fused loss at the benchmark sizes"
     )
@@ -49,11 +81,16 @@ def _parser() -> argparse.ArgumentParser:
         help="results JSON (a .md table is written beside it); default "
         "profiling/results/<device>-<date>.json on a GPU, required on a CPU",
     )
-    overhead.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    overhead.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if present)",
+    )
     nsys = commands.add_parser("nsys-summary", help="time per NVTX range and per kernel")
     nsys.add_argument("report", help="the SQLite export of an Nsight Systems report")
     nsys.add_argument("--json", default=None, help="also write the summary here")
-    nsys.add_argument("--top", type=int, default=15, help="kernels to list")
+    nsys.add_argument("--top", type=_count(1), default=15, help="kernels to list")
     ncu = commands.add_parser("ncu-summary", help="duration and DRAM throughput per kernel")
     ncu.add_argument("csv", help="`ncu --import R --csv --page raw --metrics ...` output")
     return parser
@@ -95,6 +132,12 @@ def _run(arguments: argparse.Namespace) -> int:
     device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: {device} requested but {torch.cuda.device_count()} CUDA device(s) are "
+                "visible (numbered from 0)"
+            )
     variants = None  # the defaults for this device and preset (overhead.run_overhead)
     if arguments.variants is not None:
         variants = [variant.strip() for variant in arguments.variants.split(",") if variant.strip()]

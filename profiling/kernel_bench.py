@@ -205,10 +205,9 @@ def fused_phase_steps(
 
         (launch_sums, launch_finalize), (_loss, _stats, _scale, coefficients) = (
             preference.forward_launches(
-                model_pred, ref_pred, target, None, method_code=preference.METHOD_DPO,
-                beta=BETA, mu=MU, safeguard=True, group_size=0, log_q=0.0, log_one_minus_q=0.0,
+                model_pred, ref_pred, target, None, (preference.METHOD_DPO, BETA, MU, True, 0, 0.0)
             )
-        )  # fmt: skip
+        )
 
         def gradient() -> None:
             preference.launch_gradient(

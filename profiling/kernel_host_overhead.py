@@ -179,11 +179,11 @@ def _layer_steps(model_pred, ref_pred, target, settings) -> dict[str, Callable[[
 
     if hasattr(preference, "cached_plan"):  # this version's launch-plan cache
         detached = model_pred.detach()
-        arguments = (None, *settings.op_arguments()[:5], 0.0, 0.0)
+        arguments = settings.op_arguments()
         steps["launch plan (cache hit)"] = lambda: preference.cached_plan(
-            detached, ref_pred, target, *arguments
+            detached, ref_pred, target, None, arguments
         )
-        plan = preference.cached_plan(detached, ref_pred, target, *arguments)
+        plan = preference.cached_plan(detached, ref_pred, target, None, arguments)
         steps["eager buffers (one torch.empty, views)"] = lambda: preference.forward_buffers(
             model_pred.device, plan, one_allocation=True
         )

@@ -668,9 +668,15 @@ def run_overhead(
             raise ValueError(
                 f"variants: {', '.join(gpu_only)} needs a CUDA device; drop it on this machine"
             )
-    for name, value in (("rounds", rounds), ("steps", steps_per_round)):
-        if value < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
+    # Types too: a float or a bool would run (range(2.0) fails late, True counts as 1).
+    counts = (("rounds", rounds, 1), ("steps", steps_per_round, 1), ("warmup", warmup_steps, 0))
+    if batch_pairs is not None:
+        counts += (("batch_pairs", batch_pairs, 1),)
+    for name, value, least in counts:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+        if value < least:
+            raise ValueError(f"{name}: expected >= {least}, got {value}")
     if device.type != "cuda" and preset_name in CPU_SMOKE_PRESETS_OF:
         # SD3.5 Medium with T5-XXL is 7.8B parameters; full fine-tuning state on top: > 60 GB.
         raise ValueError(
@@ -678,7 +684,7 @@ def run_overhead(
             f"pipeline (billions of parameters with its text encoders) and needs a CUDA device; "
             f"on this machine use --preset {CPU_SMOKE_PRESETS_OF[preset_name]}"
         )
-    batch_pairs = batch_pairs or preset.train_batch_pairs
+    batch_pairs = preset.train_batch_pairs if batch_pairs is None else batch_pairs
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

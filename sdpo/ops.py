@@ -16,7 +16,6 @@ the CPU under ``TRITON_INTERPRET=1`` (``triton_op`` would need extra interpreter
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 
@@ -145,20 +144,6 @@ def _device_context(tensor: Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=64)
-def _dmpo_log_q(dmpo_alpha: float) -> tuple[float, float]:
-    return reference.dmpo_log_q(dmpo_alpha)
-
-
-def _triton_plan(model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-                 group_size, dmpo_alpha):  # fmt: skip
-    log_q, log_one_minus_q = _dmpo_log_q(dmpo_alpha)
-    return _kernels().cached_plan(
-        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, log_q, log_one_minus_q,
-    )  # fmt: skip
-
-
 def triton_forward(
     model_pred: Tensor,
     ref_pred: Tensor,
@@ -173,10 +158,8 @@ def triton_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss (), stats (9,), lambda (B,), coefficients (2, 2B)); ``group_size`` 0 = one lambda.
     Four separate output buffers (a custom op's outputs must not alias)."""
-    plan = _triton_plan(
-        model_pred, ref_pred, target, pair_weights, method_code, beta, mu, safeguard,
-        group_size, dmpo_alpha,
-    )  # fmt: skip
+    op_arguments = (method_code, beta, mu, safeguard, group_size, dmpo_alpha)
+    plan = _kernels().cached_plan(model_pred, ref_pred, target, pair_weights, op_arguments)
     with _device_context(model_pred):
         return _kernels().run_forward(
             plan, model_pred, ref_pred, target, pair_weights, one_allocation=False
@@ -207,7 +190,7 @@ def triton_forward_eager(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, object]:
     """triton_forward for the eager path: the outputs are views of one buffer, and the launch
     plan comes back too (the backward reuses its grid)."""
-    plan = _triton_plan(model_pred, ref_pred, target, pair_weights, *op_arguments)
+    plan = _kernels().cached_plan(model_pred, ref_pred, target, pair_weights, op_arguments)
     if model_pred.is_cuda:
         with torch.cuda.device(model_pred.device):
             outputs = _kernels().run_forward(

@@ -11,11 +11,13 @@ import itertools
 import pytest
 import torch
 
+from sdpo import reference
 from sdpo.kernels import buffers, preference
 
+# The op-arguments tuple's fields, in order (sdpo.settings.LossSettings.op_arguments).
 SETTINGS = dict(
     method_code=preference.METHOD_DPO, beta=50.0, mu=0.5, safeguard=True, group_size=0,
-    log_q=0.0, log_one_minus_q=0.0,
+    dmpo_alpha=0.0,
 )  # fmt: skip
 
 
@@ -24,19 +26,23 @@ def empty_cache(monkeypatch):
     monkeypatch.setattr(preference, "_PLANS", {})
 
 
-def fresh_plan(model_pred, target, pair_weights, **settings):
+def fresh_plan(model_pred, target, pair_weights, dmpo_alpha, **settings):
     batch_pairs = model_pred.shape[0] // 2
+    log_q, log_one_minus_q = reference.dmpo_log_q(dmpo_alpha)
     return preference.plan_launches(
         batch_pairs,
         model_pred[0].numel(),
         target_shared=target.shape[0] == batch_pairs,
         has_weights=pair_weights is not None,
+        log_q=log_q,
+        log_one_minus_q=log_one_minus_q,
         **settings,
     )
 
 
 def cached(model_pred, ref_pred, target, pair_weights=None, **settings):
-    return preference.cached_plan(model_pred, ref_pred, target, pair_weights, **settings)
+    op_arguments = tuple(settings[name] for name in SETTINGS)
+    return preference.cached_plan(model_pred, ref_pred, target, pair_weights, op_arguments)
 
 
 CASES = [
@@ -96,7 +102,7 @@ def test_changed_shape_stride_dtype_or_setting_misses_the_cache():
         "mu": dict(mu=0.25),
         "safeguard": dict(safeguard=False),
         "group": dict(group_size=3),
-        "dmpo alpha": dict(log_q=-1.0, log_one_minus_q=-0.5),
+        "dmpo alpha": dict(dmpo_alpha=0.3),
     }.items():
         before = len(preference._PLANS)
         settings = {**SETTINGS, **change}

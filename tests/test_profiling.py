@@ -192,7 +192,6 @@ def test_random_architectures_match_the_public_checkpoints():
         (["overhead", "--preset", "sd14", "--output", "x.json"], "preset: unknown 'sd14'"),
         (["overhead", "--variants", "cuda-graphs", "--output", "x.json"], "needs a CUDA device"),
         (["overhead", "--variants", "fast", "--output", "x.json"], "variants: unknown fast"),
-        (["overhead", "--rounds", "0", "--output", "x.json"], "rounds: expected >= 1"),
         (["overhead"], "pass --output PATH"),
         (["nsys-summary", "missing.sqlite"], "nsys export --type sqlite"),
         (["ncu-summary", "missing.csv"], "no such file"),
@@ -204,6 +203,49 @@ def test_profile_cli_errors(arguments, message, capsys, tmp_path, monkeypatch):
         pytest.skip("on a GPU, overhead without --output is valid")
     assert profile_main(arguments) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--rounds", "0", "--rounds: expected an integer >= 1, got 0"),
+        ("--steps", "-1", "--steps: expected an integer >= 1, got -1"),
+        ("--warmup", "-2", "--warmup: expected an integer >= 0, got -2"),
+        ("--batch-pairs", "0", "--batch-pairs: expected an integer >= 1, got 0"),
+        ("--rounds", "1.5", "--rounds: expected an integer >= 1, got '1.5'"),
+        ("--device", "tpu", "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    ],
+)
+def test_profile_cli_refuses_bad_counts_and_devices_at_parse(flag, value, message, capsys):
+    """Before the check a --warmup of -2 and a --batch-pairs of 0 (read as the preset's) ran, and
+    --device tpu ended in torch's traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        profile_main(["overhead", "--preset", "tiny", "--output", "x.json", flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        (dict(warmup_steps=-1), "warmup: expected >= 0, got -1"),
+        (dict(batch_pairs=0), "batch_pairs: expected >= 1, got 0"),
+        (dict(rounds=2.0), "rounds: expected an integer >= 1, got 2.0"),
+        (dict(steps_per_round=True), "steps: expected an integer >= 1, got True"),
+    ],
+)
+def test_run_overhead_checks_its_counts_before_building_anything(keywords, message, monkeypatch):
+    from sdpo.profiling import overhead
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(overhead, "Workload", no_build)
+    arguments = dict(rounds=1, steps_per_round=1, warmup_steps=0, batch_pairs=None)
+    with pytest.raises(ValueError, match=message):
+        overhead.run_overhead(
+            "tiny", device=torch.device("cpu"), variants=["eager"], **{**arguments, **keywords}
+        )
 
 
 def _nsys_database(path):
