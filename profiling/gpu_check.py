@@ -998,7 +998,8 @@ def markdown(results: dict) -> str:
             if check["in_range"] is False:
                 lines.append(
                     f"- **{name} {check['installed']} is below pyproject's {name}>="
-                    f"{check['minimum']}**: CI never ran this version; read the results with that"
+                    f"{check['minimum']}**: CI never runs this version (`tests/torch_floor.sh` "
+                    "runs the check's tests on it on a CPU); read the results with that"
                 )
         lines.append(f"- copy bandwidth: {environment.get('copy_bandwidth_gbps')} GB/s")
         lines.append(
