@@ -20,7 +20,9 @@ grad-norm clip, optimizer step). The modes, each ``MODE/VARIANT``:
 Variants: ``eager``; ``compile`` (torch.compile of both UNets); ``cuda-graphs``
 (torch.compile "reduce-overhead"); ``channels-last`` (both UNets NHWC, eager); ``sdpa-flash``,
 ``sdpa-efficient``, ``sdpa-cudnn`` (eager, one SDPA kernel pinned with
-``torch.nn.attention.sdpa_kernel``). The safeguard trio runs in eager, compile and cuda-graphs;
+``torch.nn.attention.sdpa_kernel``); ``xformers`` (eager, both UNets' attention through
+xformers, as ``sdpo-train --attention xformers``; GPU only, and listed under ``not_run`` where
+the package is not installed). The safeguard trio runs in eager, compile and cuda-graphs;
 the layout and attention variants time only our SDPO step (the ladder's rung). A variant that
 cannot run here (a kernel this GPU lacks) is recorded under ``not_run``, not fatal.
 ``channels-last`` is a UNet layout: a flow preset refuses it when named in ``variants`` (as the
@@ -53,6 +55,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import importlib.util
 import json
 import platform
 import re
@@ -105,11 +108,13 @@ VARIANTS = (
     "sdpa-flash",
     "sdpa-efficient",
     "sdpa-cudnn",
+    "xformers",
 )
 COMPILED_VARIANTS = ("compile", "cuda-graphs")
 # Variants that time only our SDPO step (alternatives to its eager rung), not the safeguard trio.
-LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
-GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn")
+LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
+GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn", "xformers")
+XFORMERS_MISSING = "xformers is not installed (pip install xformers); not timed"
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets: H100 SXM5 and
 # H200 SXM 989.4 TFLOP/s (H100 datasheet, H200 product brief; "1,979" is with sparsity),
 # H100 PCIe 756 TFLOP/s, A100 312 TFLOP/s (A100 datasheet; 624 with sparsity). Matched on the
@@ -292,6 +297,10 @@ def variant_context(workload: Workload, variant: str):
     """What an eager variant changes around its steps: the UNets' layout (and the optimizer
     state with them, see ``sdpo.train.step.to_channels_last``) or the pinned SDPA kernel;
     undone on exit, outside the timed steps."""
+    if variant == "xformers":
+        with xformers_attention(workload):
+            yield
+        return
     if variant == "channels-last":
         unets = [
             unet
@@ -310,6 +319,33 @@ def variant_context(workload: Workload, variant: str):
         return
     with attention_context(variant if variant.startswith("sdpa-") else "sdpa"):
         yield
+
+
+@contextlib.contextmanager
+def xformers_attention(workload: Workload):
+    """Both UNets' attention through xformers (``enable_xformers_memory_efficient_attention``,
+    what ``sdpo-train --attention xformers`` calls), every attention module's processor put
+    back as it was on exit. A package or GPU xformers cannot serve is a RuntimeError (the
+    warm-up lists it under ``not_run``)."""
+    unets = [
+        unet for unet in (workload.models.unet, workload.models.reference_unet) if unet is not None
+    ]
+    saved = [
+        (module, module.processor)
+        for unet in unets
+        for module in unet.modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    ]
+    try:
+        try:
+            for unet in unets:
+                unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ValueError) as error:
+            raise RuntimeError(f"xformers is not usable here ({error})") from error
+        yield
+    finally:
+        for module, processor in saved:
+            module.set_processor(processor)
 
 
 def fused_available(device: torch.device) -> bool:
@@ -628,6 +664,19 @@ def attribution_ladder(modes: dict[str, dict], ours: str) -> list[dict]:
     return rows
 
 
+def unavailable_variants(preset: TrainConfig) -> dict[str, str]:
+    """{variant: why it is not timed} for the variants this preset's model or this install
+    cannot run: channels-last for a flow model (as the trainer refuses --channels-last: a UNet
+    convolution layout), xformers without the package."""
+    unavailable = {}
+    channels_last_reason = channels_last_refusal(preset.model)
+    if channels_last_reason is not None:
+        unavailable["channels-last"] = f"channels-last is {channels_last_reason}; not timed"
+    if importlib.util.find_spec("xformers") is None:
+        unavailable["xformers"] = XFORMERS_MISSING
+    return unavailable
+
+
 def run_overhead(
     preset_name: str,
     *,
@@ -645,11 +694,8 @@ def run_overhead(
     if preset_name not in PRESETS:
         raise ValueError(f"preset: unknown {preset_name!r}; expected one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    # As the trainer refuses --channels-last for a flow model (a UNet convolution layout).
-    unavailable = {}
+    unavailable = unavailable_variants(preset)
     channels_last_reason = channels_last_refusal(preset.model)
-    if channels_last_reason is not None:
-        unavailable["channels-last"] = f"channels-last is {channels_last_reason}; not timed"
     if variants is None:
         variants = default_variants(device)
     elif "channels-last" in variants and channels_last_reason is not None:

@@ -130,6 +130,67 @@ def test_online_encoding_step_computes_the_cached_steps_loss():
     torch.testing.assert_close(online, cached, rtol=1e-5, atol=1e-6)
 
 
+def test_xformers_variant_is_not_timed_without_the_package(monkeypatch):
+    real_find_spec = overhead.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "xformers" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(overhead.importlib.util, "find_spec", find_spec)
+    reasons = overhead.unavailable_variants(overhead.PRESETS["tiny"])
+    assert reasons == {"xformers": overhead.XFORMERS_MISSING}
+    schedule, not_run = overhead.plan_modes(["eager", "xformers"], torch.device("cpu"), reasons)
+    assert ("sdpo-torch", "xformers") not in schedule
+    assert not_run["sdpo-torch/xformers"] == overhead.XFORMERS_MISSING
+    monkeypatch.setattr(overhead.importlib.util, "find_spec", lambda name, *args: object())
+    assert "xformers" not in overhead.unavailable_variants(overhead.PRESETS["tiny"])
+    # A flow model: channels-last too.
+    assert "channels-last" in overhead.unavailable_variants(overhead.PRESETS["tiny-flux"])
+    schedule, _ = overhead.plan_modes(["eager", "xformers"], torch.device("cpu"), {})
+    assert schedule[-1] == ("sdpo-torch", "xformers")  # our SDPO step only, as an alternative
+
+
+def test_xformers_variant_switches_both_unets_and_puts_every_processor_back(monkeypatch):
+    """What the variant does around its steps on a GPU (xformers' kernels need CUDA, so the
+    switch is stood in for by diffusers' plain AttnProcessor): both UNets switched inside, every
+    attention module's own processor object back after, also when the switch fails."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    workload = overhead.Workload(
+        overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu")
+    )
+    unets = [workload.models.unet, workload.models.reference_unet]
+    before = [
+        [(module, module.processor) for module in unet.modules() if hasattr(module, "processor")]
+        for unet in unets
+    ]
+    assert all(before)
+    switched = []
+
+    def enable(unet, attention_op=None):
+        switched.append(unet)
+        unet.set_attn_processor(AttnProcessor())
+
+    monkeypatch.setattr(type(unets[0]), "enable_xformers_memory_efficient_attention", enable)
+    with overhead.variant_context(workload, "xformers"):
+        assert switched == unets
+        for pairs in before:
+            assert all(isinstance(module.processor, AttnProcessor) for module, _ in pairs)
+    for pairs in before:
+        assert all(module.processor is processor for module, processor in pairs)
+
+    def broken(unet, attention_op=None):
+        unet.set_attn_processor(AttnProcessor())
+        raise ValueError("torch.cuda.is_available() should be True")
+
+    monkeypatch.setattr(type(unets[0]), "enable_xformers_memory_efficient_attention", broken)
+    with pytest.raises(RuntimeError, match="xformers is not usable here"):
+        with overhead.variant_context(workload, "xformers"):
+            pass
+    for pairs in before:
+        assert all(module.processor is processor for module, processor in pairs)
+
+
 def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
     plain = overhead.Workload(overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu"))
     preset = overhead.trainer_preset("tiny", "--gradient-checkpointing")
@@ -191,6 +252,7 @@ def test_random_architectures_match_the_public_checkpoints():
     [
         (["overhead", "--preset", "sd14", "--output", "x.json"], "preset: unknown 'sd14'"),
         (["overhead", "--variants", "cuda-graphs", "--output", "x.json"], "needs a CUDA device"),
+        (["overhead", "--variants", "xformers", "--output", "x.json"], "needs a CUDA device"),
         (["overhead", "--variants", "fast", "--output", "x.json"], "variants: unknown fast"),
         (["overhead"], "pass --output PATH"),
         (["nsys-summary", "missing.sqlite"], "nsys export --type sqlite"),
