@@ -191,6 +191,55 @@ def test_xformers_variant_switches_both_unets_and_puts_every_processor_back(monk
         assert all(module.processor is processor for module, processor in pairs)
 
 
+def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
+    """channels-last converts the weights there and back, so every 4-D weight has new storage
+    after its block; a CUDA graph recorded the old addresses and re-records on its next replay.
+    Each compiled mode's next block starts with one untimed step (the re-record), and only
+    then; the compile here is stood in for by the plain module (no inductor on a CPU)."""
+    monkeypatch.setattr(overhead, "compile_model", lambda module, cuda_graphs: module)
+    calls = []
+    timing = {"on": False}
+    real_measure, real_step = overhead._Timer.measure, overhead.our_step
+
+    def measure(self, function):
+        timing["on"] = True
+        try:
+            return real_measure(self, function)
+        finally:
+            timing["on"] = False
+
+    def step(workload, policies, mode, variant, step):
+        calls.append((mode, variant, timing["on"]))
+        return real_step(workload, policies, mode, variant, step)
+
+    monkeypatch.setattr(overhead._Timer, "measure", measure)
+    monkeypatch.setattr(overhead, "our_step", step)
+    overhead.run_overhead(
+        "tiny",
+        device=torch.device("cpu"),
+        variants=["eager", "compile", "channels-last"],
+        rounds=2,
+        steps_per_round=1,
+        warmup_steps=1,
+        batch_pairs=2,
+        log=lambda message: None,
+    )
+    warmups = 6  # ours-online, dpo and sdpo-torch eager and compile, sdpo-torch channels-last
+    assert all(not timed for _, _, timed in calls[:warmups])
+    one_round = [
+        ("ours-online", "eager", True),
+        ("dpo", "eager", True),
+        ("sdpo-torch", "eager", True),
+        ("dpo", "compile", False),  # the weights moved since its last block: re-recorded here
+        ("dpo", "compile", True),
+        ("sdpo-torch", "compile", False),
+        ("sdpo-torch", "compile", True),
+        ("sdpo-torch", "channels-last", True),
+    ]
+    # Then the model-FLOP count's one untimed step.
+    assert calls[warmups:] == one_round * 2 + [("dpo", "eager", False)]
+
+
 def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
     plain = overhead.Workload(overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu"))
     preset = overhead.trainer_preset("tiny", "--gradient-checkpointing")
