@@ -321,6 +321,9 @@ def variant_context(workload: Workload, variant: str):
         yield
 
 
+_NO_BACKEND = object()  # a processor without diffusers' _attention_backend attribute
+
+
 @contextlib.contextmanager
 def xformers_attention(workload: Workload):
     """Both UNets' attention through xformers (``enable_xformers_memory_efficient_attention``,
@@ -330,8 +333,10 @@ def xformers_attention(workload: Workload):
     unets = [
         unet for unet in (workload.models.unet, workload.models.reference_unet) if unet is not None
     ]
+    # A UNet's Attention swaps its processor; a flow transformer's attention (diffusers'
+    # attention dispatch) keeps it and sets the processor's _attention_backend: both put back.
     saved = [
-        (module, module.processor)
+        (module, module.processor, getattr(module.processor, "_attention_backend", _NO_BACKEND))
         for unet in unets
         for module in unet.modules()
         if hasattr(module, "set_processor") and hasattr(module, "processor")
@@ -344,8 +349,10 @@ def xformers_attention(workload: Workload):
             raise RuntimeError(f"xformers is not usable here ({error})") from error
         yield
     finally:
-        for module, processor in saved:
+        for module, processor, backend in saved:
             module.set_processor(processor)
+            if backend is not _NO_BACKEND:
+                processor._attention_backend = backend
 
 
 def weight_addresses(workload: Workload) -> tuple[int, ...]:

@@ -191,6 +191,32 @@ def test_xformers_variant_switches_both_unets_and_puts_every_processor_back(monk
         assert all(module.processor is processor for module, processor in pairs)
 
 
+def test_xformers_variant_puts_a_flow_transformers_attention_backend_back(monkeypatch):
+    """A flow transformer's attention (diffusers' attention dispatch) is switched by setting
+    its processor's _attention_backend, not by a new processor: that is put back too."""
+    workload = overhead.Workload(
+        overhead.PRESETS["tiny-flux"], batch_pairs=2, device=torch.device("cpu")
+    )
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    transformer = workload.models.unet
+    processors = [
+        module.processor for module in transformer.modules() if hasattr(module, "processor")
+    ]
+    assert processors and all(p._attention_backend is None for p in processors)
+
+    def enable(model, attention_op=None):
+        # What diffusers' set_attention_backend("xformers") sets once xformers' probe passed.
+        for module in model.modules():
+            if hasattr(module, "set_attention_backend") and hasattr(module, "processor"):
+                module.processor._attention_backend = AttentionBackendName("xformers")
+
+    monkeypatch.setattr(type(transformer), "enable_xformers_memory_efficient_attention", enable)
+    with overhead.variant_context(workload, "xformers"):
+        assert all(p._attention_backend == AttentionBackendName.XFORMERS for p in processors)
+    assert all(p._attention_backend is None for p in processors)
+
+
 def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
     """channels-last converts the weights there and back, so every 4-D weight has new storage
     after its block; a CUDA graph recorded the old addresses and re-records on its next replay.
