@@ -31,8 +31,8 @@ default list.
 
 The attribution ladder reads the modes in order: reference -> ours-online (eager) -> ours
 cached (eager) -> compiled -> CUDA-graphed, each with its factor against the rung before it and
-against the reference; channels-last and the SDPA kernels are alternatives to the cached eager
-rung and carry their factor against it.
+against the reference; channels-last, the SDPA kernels and xformers are alternatives to the
+cached eager rung and carry their factor against it.
 
 Peak memory: every module (policy, reference copy, VAE, text encoders) stays on the device in
 every mode, so the modes differ only by what they run. A LoRA preset (``flux``, ``wan``) has no
