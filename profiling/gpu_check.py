@@ -76,6 +76,7 @@ OVERHEAD_VARIANTS = (
     "sdpa-flash",
     "sdpa-efficient",
     "sdpa-cudnn",
+    "xformers",  # listed under not_run where xformers is not installed
 )
 
 

@@ -20,7 +20,9 @@ grad-norm clip, optimizer step). The modes, each ``MODE/VARIANT``:
 Variants: ``eager``; ``compile`` (torch.compile of both UNets); ``cuda-graphs``
 (torch.compile "reduce-overhead"); ``channels-last`` (both UNets NHWC, eager); ``sdpa-flash``,
 ``sdpa-efficient``, ``sdpa-cudnn`` (eager, one SDPA kernel pinned with
-``torch.nn.attention.sdpa_kernel``). The safeguard trio runs in eager, compile and cuda-graphs;
+``torch.nn.attention.sdpa_kernel``); ``xformers`` (eager, both UNets' attention through
+xformers, as ``sdpo-train --attention xformers``; GPU only, and listed under ``not_run`` where
+the package is not installed). The safeguard trio runs in eager, compile and cuda-graphs;
 the layout and attention variants time only our SDPO step (the ladder's rung). A variant that
 cannot run here (a kernel this GPU lacks) is recorded under ``not_run``, not fatal.
 ``channels-last`` is a UNet layout: a flow preset refuses it when named in ``variants`` (as the
@@ -29,8 +31,8 @@ default list.
 
 The attribution ladder reads the modes in order: reference -> ours-online (eager) -> ours
 cached (eager) -> compiled -> CUDA-graphed, each with its factor against the rung before it and
-against the reference; channels-last and the SDPA kernels are alternatives to the cached eager
-rung and carry their factor against it.
+against the reference; channels-last, the SDPA kernels and xformers are alternatives to the
+cached eager rung and carry their factor against it.
 
 Peak memory: every module (policy, reference copy, VAE, text encoders) stays on the device in
 every mode, so the modes differ only by what they run. A LoRA preset (``flux``, ``wan``) has no
@@ -53,6 +55,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import importlib.util
 import json
 import platform
 import re
@@ -105,11 +108,13 @@ VARIANTS = (
     "sdpa-flash",
     "sdpa-efficient",
     "sdpa-cudnn",
+    "xformers",
 )
 COMPILED_VARIANTS = ("compile", "cuda-graphs")
 # Variants that time only our SDPO step (alternatives to its eager rung), not the safeguard trio.
-LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
-GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn")
+LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
+GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn", "xformers")
+XFORMERS_MISSING = "xformers is not installed (pip install xformers); not timed"
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets: H100 SXM5 and
 # H200 SXM 989.4 TFLOP/s (H100 datasheet, H200 product brief; "1,979" is with sparsity),
 # H100 PCIe 756 TFLOP/s, A100 312 TFLOP/s (A100 datasheet; 624 with sparsity). Matched on the
@@ -292,6 +297,10 @@ def variant_context(workload: Workload, variant: str):
     """What an eager variant changes around its steps: the UNets' layout (and the optimizer
     state with them, see ``sdpo.train.step.to_channels_last``) or the pinned SDPA kernel;
     undone on exit, outside the timed steps."""
+    if variant == "xformers":
+        with xformers_attention(workload):
+            yield
+        return
     if variant == "channels-last":
         unets = [
             unet
@@ -310,6 +319,50 @@ def variant_context(workload: Workload, variant: str):
         return
     with attention_context(variant if variant.startswith("sdpa-") else "sdpa"):
         yield
+
+
+_NO_BACKEND = object()  # a processor without diffusers' _attention_backend attribute
+
+
+@contextlib.contextmanager
+def xformers_attention(workload: Workload):
+    """Both UNets' attention through xformers (``enable_xformers_memory_efficient_attention``,
+    what ``sdpo-train --attention xformers`` calls), every attention module's processor put
+    back as it was on exit. A package or GPU xformers cannot serve is a RuntimeError (the
+    warm-up lists it under ``not_run``)."""
+    unets = [
+        unet for unet in (workload.models.unet, workload.models.reference_unet) if unet is not None
+    ]
+    # A UNet's Attention swaps its processor; a flow transformer's attention (diffusers'
+    # attention dispatch) keeps it and sets the processor's _attention_backend: both put back.
+    saved = [
+        (module, module.processor, getattr(module.processor, "_attention_backend", _NO_BACKEND))
+        for unet in unets
+        for module in unet.modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    ]
+    try:
+        try:
+            for unet in unets:
+                unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ValueError) as error:
+            raise RuntimeError(f"xformers is not usable here ({error})") from error
+        yield
+    finally:
+        for module, processor, backend in saved:
+            module.set_processor(processor)
+            if backend is not _NO_BACKEND:
+                processor._attention_backend = backend
+
+
+def weight_addresses(workload: Workload) -> tuple[int, ...]:
+    """The storage address of every weight of both UNets (what a CUDA graph records)."""
+    return tuple(
+        parameter.data_ptr()
+        for unet in (workload.models.unet, workload.models.reference_unet)
+        if unet is not None
+        for parameter in unet.parameters()
+    )
 
 
 def fused_available(device: torch.device) -> bool:
@@ -628,6 +681,19 @@ def attribution_ladder(modes: dict[str, dict], ours: str) -> list[dict]:
     return rows
 
 
+def unavailable_variants(preset: TrainConfig) -> dict[str, str]:
+    """{variant: why it is not timed} for the variants this preset's model or this install
+    cannot run: channels-last for a flow model (as the trainer refuses --channels-last: a UNet
+    convolution layout), xformers without the package."""
+    unavailable = {}
+    channels_last_reason = channels_last_refusal(preset.model)
+    if channels_last_reason is not None:
+        unavailable["channels-last"] = f"channels-last is {channels_last_reason}; not timed"
+    if importlib.util.find_spec("xformers") is None:
+        unavailable["xformers"] = XFORMERS_MISSING
+    return unavailable
+
+
 def run_overhead(
     preset_name: str,
     *,
@@ -645,11 +711,8 @@ def run_overhead(
     if preset_name not in PRESETS:
         raise ValueError(f"preset: unknown {preset_name!r}; expected one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    # As the trainer refuses --channels-last for a flow model (a UNet convolution layout).
-    unavailable = {}
+    unavailable = unavailable_variants(preset)
     channels_last_reason = channels_last_refusal(preset.model)
-    if channels_last_reason is not None:
-        unavailable["channels-last"] = f"channels-last is {channels_last_reason}; not timed"
     if variants is None:
         variants = default_variants(device)
     elif "channels-last" in variants and channels_last_reason is not None:
@@ -703,12 +766,17 @@ def run_overhead(
             return reference_step(workload, counter["step"])
         return our_step(workload, policies, mode, variant, counter["step"])
 
+    # The weights' addresses each compiled mode last ran with. CUDA graphs record them: after
+    # a block that reallocated the weights (channels-last converts them there and back: every
+    # 4-D weight gets new storage) the next replay re-records, which must not be timed.
+    addresses: dict[tuple[str, str], tuple[int, ...]] = {}
     for key in list(schedule):  # warm-up (and compilation) outside the timed rounds
         log(f"warm-up {key[0]}/{key[1]}")
         try:
             with variant_context(workload, key[1]):
                 for _ in range(warmup_steps):
                     results[key].backend = run_one(key)[0]
+                addresses[key] = weight_addresses(workload)
         except RuntimeError as error:
             if key[1] == "eager":
                 raise  # our plain step failing is a bug, not a missing kernel
@@ -721,11 +789,14 @@ def run_overhead(
     for round_index in range(rounds):
         for key in schedule:
             with variant_context(workload, key[1]):
+                if key[1] in COMPILED_VARIANTS and addresses.get(key) != weight_addresses(workload):
+                    run_one(key)  # re-recorded (or re-compiled) here, untimed
                 _peak_reset(device)
                 samples = [
                     timer.measure(lambda key=key: run_one(key)) for _ in range(steps_per_round)
                 ]
                 peak = _peak_read(device)
+                addresses[key] = weight_addresses(workload)
             results[key].samples_ms.extend(samples)
             if peak is not None:
                 results[key].peak_mem_gb = max(results[key].peak_mem_gb or 0.0, peak)

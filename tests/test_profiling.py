@@ -130,6 +130,142 @@ def test_online_encoding_step_computes_the_cached_steps_loss():
     torch.testing.assert_close(online, cached, rtol=1e-5, atol=1e-6)
 
 
+def test_xformers_variant_is_not_timed_without_the_package(monkeypatch):
+    real_find_spec = overhead.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "xformers" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(overhead.importlib.util, "find_spec", find_spec)
+    reasons = overhead.unavailable_variants(overhead.PRESETS["tiny"])
+    assert reasons == {"xformers": overhead.XFORMERS_MISSING}
+    schedule, not_run = overhead.plan_modes(["eager", "xformers"], torch.device("cpu"), reasons)
+    assert ("sdpo-torch", "xformers") not in schedule
+    assert not_run["sdpo-torch/xformers"] == overhead.XFORMERS_MISSING
+    monkeypatch.setattr(overhead.importlib.util, "find_spec", lambda name, *args: object())
+    assert "xformers" not in overhead.unavailable_variants(overhead.PRESETS["tiny"])
+    # A flow model: channels-last too.
+    assert "channels-last" in overhead.unavailable_variants(overhead.PRESETS["tiny-flux"])
+    schedule, _ = overhead.plan_modes(["eager", "xformers"], torch.device("cpu"), {})
+    assert schedule[-1] == ("sdpo-torch", "xformers")  # our SDPO step only, as an alternative
+
+
+def test_xformers_variant_switches_both_unets_and_puts_every_processor_back(monkeypatch):
+    """What the variant does around its steps on a GPU (xformers' kernels need CUDA, so the
+    switch is stood in for by diffusers' plain AttnProcessor): both UNets switched inside, every
+    attention module's own processor object back after, also when the switch fails."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    workload = overhead.Workload(
+        overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu")
+    )
+    unets = [workload.models.unet, workload.models.reference_unet]
+    before = [
+        [(module, module.processor) for module in unet.modules() if hasattr(module, "processor")]
+        for unet in unets
+    ]
+    assert all(before)
+    switched = []
+
+    def enable(unet, attention_op=None):
+        switched.append(unet)
+        unet.set_attn_processor(AttnProcessor())
+
+    monkeypatch.setattr(type(unets[0]), "enable_xformers_memory_efficient_attention", enable)
+    with overhead.variant_context(workload, "xformers"):
+        assert switched == unets
+        for pairs in before:
+            assert all(isinstance(module.processor, AttnProcessor) for module, _ in pairs)
+    for pairs in before:
+        assert all(module.processor is processor for module, processor in pairs)
+
+    def broken(unet, attention_op=None):
+        unet.set_attn_processor(AttnProcessor())
+        raise ValueError("torch.cuda.is_available() should be True")
+
+    monkeypatch.setattr(type(unets[0]), "enable_xformers_memory_efficient_attention", broken)
+    with pytest.raises(RuntimeError, match="xformers is not usable here"):
+        with overhead.variant_context(workload, "xformers"):
+            pass
+    for pairs in before:
+        assert all(module.processor is processor for module, processor in pairs)
+
+
+def test_xformers_variant_puts_a_flow_transformers_attention_backend_back(monkeypatch):
+    """A flow transformer's attention (diffusers' attention dispatch) is switched by setting
+    its processor's _attention_backend, not by a new processor: that is put back too."""
+    workload = overhead.Workload(
+        overhead.PRESETS["tiny-flux"], batch_pairs=2, device=torch.device("cpu")
+    )
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    transformer = workload.models.unet
+    processors = [
+        module.processor for module in transformer.modules() if hasattr(module, "processor")
+    ]
+    assert processors and all(p._attention_backend is None for p in processors)
+
+    def enable(model, attention_op=None):
+        # What diffusers' set_attention_backend("xformers") sets once xformers' probe passed.
+        for module in model.modules():
+            if hasattr(module, "set_attention_backend") and hasattr(module, "processor"):
+                module.processor._attention_backend = AttentionBackendName("xformers")
+
+    monkeypatch.setattr(type(transformer), "enable_xformers_memory_efficient_attention", enable)
+    with overhead.variant_context(workload, "xformers"):
+        assert all(p._attention_backend == AttentionBackendName.XFORMERS for p in processors)
+    assert all(p._attention_backend is None for p in processors)
+
+
+def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
+    """channels-last converts the weights there and back, so every 4-D weight has new storage
+    after its block; a CUDA graph recorded the old addresses and re-records on its next replay.
+    Each compiled mode's next block starts with one untimed step (the re-record), and only
+    then; the compile here is stood in for by the plain module (no inductor on a CPU)."""
+    monkeypatch.setattr(overhead, "compile_model", lambda module, cuda_graphs: module)
+    calls = []
+    timing = {"on": False}
+    real_measure, real_step = overhead._Timer.measure, overhead.our_step
+
+    def measure(self, function):
+        timing["on"] = True
+        try:
+            return real_measure(self, function)
+        finally:
+            timing["on"] = False
+
+    def step(workload, policies, mode, variant, step):
+        calls.append((mode, variant, timing["on"]))
+        return real_step(workload, policies, mode, variant, step)
+
+    monkeypatch.setattr(overhead._Timer, "measure", measure)
+    monkeypatch.setattr(overhead, "our_step", step)
+    overhead.run_overhead(
+        "tiny",
+        device=torch.device("cpu"),
+        variants=["eager", "compile", "channels-last"],
+        rounds=2,
+        steps_per_round=1,
+        warmup_steps=1,
+        batch_pairs=2,
+        log=lambda message: None,
+    )
+    warmups = 6  # ours-online, dpo and sdpo-torch eager and compile, sdpo-torch channels-last
+    assert all(not timed for _, _, timed in calls[:warmups])
+    one_round = [
+        ("ours-online", "eager", True),
+        ("dpo", "eager", True),
+        ("sdpo-torch", "eager", True),
+        ("dpo", "compile", False),  # the weights moved since its last block: re-recorded here
+        ("dpo", "compile", True),
+        ("sdpo-torch", "compile", False),
+        ("sdpo-torch", "compile", True),
+        ("sdpo-torch", "channels-last", True),
+    ]
+    # Then the model-FLOP count's one untimed step.
+    assert calls[warmups:] == one_round * 2 + [("dpo", "eager", False)]
+
+
 def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
     plain = overhead.Workload(overhead.PRESETS["tiny"], batch_pairs=2, device=torch.device("cpu"))
     preset = overhead.trainer_preset("tiny", "--gradient-checkpointing")
@@ -191,6 +327,7 @@ def test_random_architectures_match_the_public_checkpoints():
     [
         (["overhead", "--preset", "sd14", "--output", "x.json"], "preset: unknown 'sd14'"),
         (["overhead", "--variants", "cuda-graphs", "--output", "x.json"], "needs a CUDA device"),
+        (["overhead", "--variants", "xformers", "--output", "x.json"], "needs a CUDA device"),
         (["overhead", "--variants", "fast", "--output", "x.json"], "variants: unknown fast"),
         (["overhead"], "pass --output PATH"),
         (["nsys-summary", "missing.sqlite"], "nsys export --type sqlite"),

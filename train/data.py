@@ -417,6 +417,16 @@ def pin_batch(batch):
     )
 
 
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A non-blocking copy to ``device`` from page-locked memory. CUDA copies a pageable source
+    through a staging buffer on the calling thread, so ``non_blocking`` alone does not make it
+    asynchronous; a source not pinned yet (the tokenizer's ids) is pinned first (a host memcpy
+    into the caching host allocator, no device work)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def default_num_workers(
     data: str | None, is_cached: bool, world_size: int, cpus: int | None = None
 ) -> int:

@@ -23,6 +23,7 @@ from sdpo.train.config import (
     random_flow_architecture,
     resolve_random_architecture,
 )
+from sdpo.train.data import host_to_device
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -150,7 +151,8 @@ class TextConditioner(nn.Module):
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
-            ).input_ids.to(device, non_blocking=True)  # no wait for the queued GPU work
+            ).input_ids
+            tokens = host_to_device(tokens, device)  # pinned: no wait for the queued GPU work
             output = encoder(tokens, output_hidden_states=self.sdxl)
             if self.sdxl:
                 hidden_states.append(output.hidden_states[-2])

@@ -488,6 +488,9 @@ class Trainer:
         self.stop_requests.install()
         # One 0-dim device bool per optimizer step since the last read (read with the metrics).
         self.pending_finite: list[tuple[int, torch.Tensor]] = []
+        # Optimizer steps of this run that updated the weights (fp16 overflow skips included
+        # in what did not), on the device; read once at the end.
+        applied = torch.zeros((), dtype=torch.int64, device=self.device)
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)
@@ -506,10 +509,18 @@ class Trainer:
                     # With fp16 loss scaling an overflowing gradient (finite loss) is routine: the
                     # scaler halves its scale and the step is skipped, not reported; only a
                     # non-finite loss goes to --on-nonfinite. Otherwise any non-finite step does.
-                    healthy = finite if self.scaler is None else torch.isfinite(stats.loss_sum)
+                    # Routine while the scale is above 1: at a scale <= 1 the scaled gradient is no
+                    # larger than the true one, so scaling cannot be what overflowed.
+                    healthy = (
+                        finite
+                        if self.scaler is None
+                        else torch.isfinite(stats.loss_sum)
+                        & (finite | (self.scaler._get_scale_async() > 1.0).reshape(()))
+                    )
                     finite = apply_optimizer_step(
                         self.optimizer, self.lr_schedule, finite, self.persistent_gradients
                     )
+                    applied += finite
                     if self.scaler is not None:
                         self.scaler.update()  # halves the scale after an overflow, on the device
                     self.logged_norm = torch.where(finite, grad_norm.float(), self.logged_norm)
@@ -536,6 +547,8 @@ class Trainer:
                 signal_number = self.stop_requests.agreed()
                 if signal_number and self.step < config.max_steps:
                     self._stop(signal_number, stats)
+            self._read_finite()
+            self._check_some_step_applied(self.step - first_step, applied)
             if self.validator is not None and self.validated_step != self.step:
                 self._validate(writer)  # the trained policy's grid, always
             self._finish(stats)
@@ -552,6 +565,21 @@ class Trainer:
             "skipped_images": self.skipped_images,
             "skipped_steps": self.skipped_steps,
         }
+
+    def _check_some_step_applied(self, steps_run: int, applied: torch.Tensor) -> None:
+        """Stops (nothing exported) when no optimizer step of this run updated the weights:
+        with fp16 every step can be skipped as an overflow before the loss scale falls to 1
+        (16 halvings from 2**16) without counting as non-finite, and untrained weights must not
+        leave as a result."""
+        if steps_run == 0 or int(applied):
+            return
+        last = self.last_checkpoint or "none (no checkpoint written yet)"
+        scale = f" (fp16 loss scale now {self.scaler.get_scale():g})" if self.scaler else ""
+        raise NonFiniteLoss(
+            f"step {self.step}: none of this run's {steps_run} optimizer steps updated the "
+            f"weights: every one was skipped for a non-finite gradient{scale}; nothing exported; "
+            f"last good checkpoint: {last}"
+        )
 
     def _stop(self, signal_number: int, stats: RunningStats) -> None:
         """After the optimizer step in flight: a checkpoint (unless this step has one), then

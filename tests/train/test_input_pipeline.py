@@ -175,3 +175,77 @@ def test_sdxl_time_ids_are_built_once_per_device():
     second = text.conditioning(hidden, torch.randn(2, 8))[1]["time_ids"]
     assert first.data_ptr() == second.data_ptr()  # the same device tensor, not a new copy
     assert first.tolist() == [[text.resolution, text.resolution, 0, 0] + [text.resolution] * 2] * 2
+
+
+class FakeCudaCopies:
+    """Pretends ``cuda`` is a device on a CPU-only build: a copy there is recorded (its source
+    tensor and ``non_blocking``) and stays on the CPU, so the step's code runs as on a GPU."""
+
+    def __init__(self, monkeypatch, fake: FakePinned) -> None:
+        self.copies: list[tuple[torch.Tensor, bool]] = []
+        real_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            target = kwargs.get("device", args[0] if args else None)
+            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
+                self.copies.append((tensor, kwargs.get("non_blocking", False)))
+                args = ("cpu", *args[1:]) if args else args
+                kwargs = {**kwargs, "device": "cpu"} if "device" in kwargs else kwargs
+            return real_to(tensor, *args, **kwargs)
+
+        def is_pinned(tensor, *args, **kwargs):
+            base = tensor if tensor._base is None else tensor._base
+            return any(base is pinned for pinned in fake.pinned)
+
+        real_randn = torch.randn
+
+        def randn(*args, **kwargs):  # the step's draws on "cuda": here on the CPU
+            if torch.device(kwargs.get("device") or "cpu").type == "cuda":
+                kwargs["device"] = "cpu"
+            return real_randn(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", is_pinned)
+        monkeypatch.setattr(torch, "randn", randn)
+
+    def assert_all_async_from_pinned(self) -> None:
+        assert self.copies, "no host->device copy was recorded"
+        for source, non_blocking in self.copies:
+            assert non_blocking, f"a blocking copy of {tuple(source.shape)}"
+            assert source.is_pinned(), f"a copy of {tuple(source.shape)} from pageable memory"
+
+
+def test_online_step_copies_only_pinned_memory_without_blocking(monkeypatch):
+    """Uncached micro-step: the pixels (pinned by the loader) and the token ids go to the device
+    from page-locked memory, non-blocking. A pageable source (a host-side torch.cat of the pinned
+    winners and losers, the tokenizer's fresh tensor) makes CUDA stage it on the host thread."""
+    models = build_tiny(16, seed=0)
+    fake = FakePinned(monkeypatch)
+    batch = Batch(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), ["a red", "b"], 0)
+    pinned = batch.pin_memory()  # what the DataLoader's pin thread hands the step
+    copies = FakeCudaCopies(monkeypatch, fake)
+    latents, hidden, _ = condition_batch(
+        models, pinned, torch.Generator().manual_seed(0), torch.device("cuda")
+    )
+    copies.assert_all_async_from_pinned()
+    monkeypatch.undo()
+    # The same values as the plain CPU step.
+    expected = condition_batch(models, batch, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(latents, expected[0]) and torch.equal(hidden, expected[1])
+
+
+def test_cached_step_copies_only_pinned_memory_without_blocking(monkeypatch):
+    models = build_tiny(16, seed=0)
+    models.text.sdxl = True  # the pooled embedding too
+    fake = FakePinned(monkeypatch)
+    batch = CachedBatch(
+        latent_mean=torch.randn(4, 4, 2, 2),
+        latent_std=torch.rand(4, 4, 2, 2),
+        hidden=torch.randn(2, 77, 32),
+        pooled=torch.randn(2, 8),
+        captions=["a", "b"],
+    ).pin_memory()
+    copies = FakeCudaCopies(monkeypatch, fake)
+    condition_batch(models, batch, torch.Generator().manual_seed(0), torch.device("cuda"))
+    assert len(copies.copies) == 4
+    copies.assert_all_async_from_pinned()

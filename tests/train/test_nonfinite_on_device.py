@@ -137,8 +137,9 @@ def test_fp16_overflow_is_skipped_and_the_scale_halves_without_stopping(tmp_path
     scalers = []
 
     def huge_scale(device, mixed_precision):
-        # 2**126: the scaled gradients overflow fp32 for the first steps, the loss never does.
-        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**126)
+        # 2**120: the scaled gradients overflow fp32 on the first step (measured), the loss never
+        # does; the later steps update (a run of nothing but overflows is an error).
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**120)
         scalers.append(scaler)
         return scaler
 
@@ -146,7 +147,51 @@ def test_fp16_overflow_is_skipped_and_the_scale_halves_without_stopping(tmp_path
     config = tiny(tmp_path, max_steps=4, mixed_precision="fp16", on_nonfinite="stop")
     summary = train(config)  # an overflow is routine: no NonFiniteLoss
     assert summary["steps"] == 4
-    assert scalers[0].get_scale() < 2.0**126  # halved on the device after each overflow
+    assert scalers[0].get_scale() == 2.0**119  # halved on the device after the overflow
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in summary["rows"])
     model_state, _ = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(config.output_dir))
     assert all(torch.isfinite(tensor).all() for tensor in model_state.values())
+
+
+def nan_gradient_scaler(monkeypatch, **scaler_options) -> list[torch.amp.GradScaler]:
+    """fp16 runs whose backward leaves a NaN in the first weight's gradient on every step, the
+    loss finite (a bug in a backward, not an overflow): the scaler meets it when it unscales."""
+    from sdpo.train import trainer as trainer_module
+
+    class NanGradientScaler(torch.amp.GradScaler):
+        def unscale_(self, optimizer):
+            optimizer.param_groups[0]["params"][0].grad.fill_(float("nan"))
+            return super().unscale_(optimizer)
+
+    scalers = []
+
+    def make(device, mixed_precision):
+        scalers.append(NanGradientScaler(device.type, **scaler_options))
+        return scalers[-1]
+
+    monkeypatch.setattr(trainer_module, "make_grad_scaler", make)
+    return scalers
+
+
+def test_fp16_gradient_nonfinite_at_a_scale_of_one_stops_the_run(tmp_path, monkeypatch):
+    """An overflow is routine only while the loss scale is above 1: at a scale <= 1 scaling
+    cannot be what overflowed, so the step is non-finite and --on-nonfinite stop stops."""
+    scalers = nan_gradient_scaler(monkeypatch, init_scale=2.0)
+    config = tiny(tmp_path, max_steps=6, log_every=3, mixed_precision="fp16", on_nonfinite="stop")
+    # Step 1 runs at scale 2 (an overflow, skipped and halved); step 2 at scale 1 is non-finite.
+    with pytest.raises(NonFiniteLoss, match=r"^step 2: the loss or gradient is not finite"):
+        train(config)
+    assert scalers[0].get_scale() == 0.25  # halved after each of the 3 steps run
+    assert checkpoints.latest_checkpoint(Path(config.output_dir)) is None
+
+
+def test_fp16_run_whose_every_step_was_skipped_is_an_error(tmp_path, monkeypatch):
+    """At the default scale (2**16) a NaN gradient on every step skips 16 steps as overflows
+    before the scale reaches 1: a shorter run must still not exit 0 with untrained weights."""
+    nan_gradient_scaler(monkeypatch)
+    config = tiny(tmp_path, max_steps=4, log_every=2, mixed_precision="fp16", on_nonfinite="stop")
+    with pytest.raises(NonFiniteLoss, match=r"none of this run's 4 optimizer steps updated"):
+        train(config)
+    output = Path(config.output_dir)
+    assert checkpoints.latest_checkpoint(output) is None
+    assert not (output / "unet").exists()
