@@ -137,6 +137,9 @@ def test_xformers_variant_is_not_timed_without_the_package(monkeypatch):
         return None if name == "xformers" else real_find_spec(name, *args)
 
     monkeypatch.setattr(overhead.importlib.util, "find_spec", find_spec)
+    # Our step is sdpo-torch here whether or not Triton's interpreter is on (CI sets it, and
+    # then the fused mode runs on the CPU and is the one the ladder variants time).
+    monkeypatch.setattr(overhead, "fused_available", lambda device: False)
     reasons = overhead.unavailable_variants(overhead.PRESETS["tiny"])
     assert reasons == {"xformers": overhead.XFORMERS_MISSING}
     schedule, not_run = overhead.plan_modes(["eager", "xformers"], torch.device("cpu"), reasons)
@@ -223,6 +226,9 @@ def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
     Each compiled mode's next block starts with one untimed step (the re-record), and only
     then; the compile here is stood in for by the plain module (no inductor on a CPU)."""
     monkeypatch.setattr(overhead, "compile_model", lambda module, cuda_graphs: module)
+    # The modes below are the ones without the fused kernels, with or without Triton's
+    # interpreter (CI sets it; the fused mode would then run too).
+    monkeypatch.setattr(overhead, "fused_available", lambda device: False)
     calls = []
     timing = {"on": False}
     real_measure, real_step = overhead._Timer.measure, overhead.our_step
