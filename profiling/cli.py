@@ -13,25 +13,9 @@ import re
 import sys
 from pathlib import Path
 
+from sdpo.train.config import integer_at_least
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def _count(least: int):
-    """An argparse type: an integer >= ``least``, refused at parse time (exit 2, no torch import)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {least}, got {text!r}"
-            ) from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {least}"
-    return parse
 
 
 def _device(text: str) -> str:
@@ -62,15 +46,20 @@ def _parser() -> argparse.ArgumentParser:
         "sdpa-efficient, sdpa-cudnn (default: all on a GPU, channels-last listed as not run for "
         "a flow preset; eager on a CPU)",
     )
-    overhead.add_argument("--rounds", type=_count(1), default=5, help="interleaved rounds")
     overhead.add_argument(
-        "--steps", type=_count(1), default=10, help="timed steps per mode per round"
+        "--rounds", type=integer_at_least(1), default=5, help="interleaved rounds"
     )
     overhead.add_argument(
-        "--warmup", type=_count(0), default=3, help="untimed steps per mode first"
+        "--steps", type=integer_at_least(1), default=10, help="timed steps per mode per round"
     )
     overhead.add_argument(
-        "--batch-pairs", type=_count(1), default=None, help="pairs per step (default: the preset's)"
+        "--warmup", type=integer_at_least(0), default=3, help="untimed steps per mode first"
+    )
+    overhead.add_argument(
+        "--batch-pairs",
+        type=integer_at_least(1),
+        default=None,
+        help="pairs per step (default: the preset's)",
     )
     overhead.add_argument(
         "--kernels", action="store_true", help="also time the fused loss at the benchmark sizes"
@@ -90,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     nsys = commands.add_parser("nsys-summary", help="time per NVTX range and per kernel")
     nsys.add_argument("report", help="the SQLite export of an Nsight Systems report")
     nsys.add_argument("--json", default=None, help="also write the summary here")
-    nsys.add_argument("--top", type=_count(1), default=15, help="kernels to list")
+    nsys.add_argument("--top", type=integer_at_least(1), default=15, help="kernels to list")
     ncu = commands.add_parser("ncu-summary", help="duration and DRAM throughput per kernel")
     ncu.add_argument("csv", help="`ncu --import R --csv --page raw --metrics ...` output")
     return parser
@@ -133,9 +122,9 @@ def _run(arguments: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but no CUDA device is visible")
     if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
+        if device.index >= torch.cuda.deviceinteger_at_least():
             raise ValueError(
-                f"device: {device} requested but {torch.cuda.device_count()} CUDA device(s) are "
+                f"device: {device} requested but {torch.cuda.deviceinteger_at_least()} CUDA device(s) are "
                 "visible (numbered from 0)"
             )
     variants = None  # the defaults for this device and preset (overhead.run_overhead)

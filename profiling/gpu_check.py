@@ -365,7 +365,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def declared_minimums(pyproject: Path | None = None) -> dict[str, str]:
     """{"torch": "2.13", "triton": "3.6"}: the lower bounds pyproject.toml's dependencies
     declare (the oldest versions CI runs)."""
-    path = pyproject or Path(__file__).resolve().parent.parent / "pyproject.toml"
+    path = pyproject or REPOSITORY / "pyproject.toml"
     text = path.read_text()
     found = {}
     for name in ("torch", "triton"):

@@ -10,7 +10,12 @@ import argparse
 import json
 import sys
 
-from sdpo.train.config import FLOW_MODELS, check_num_workers, setting_argument_type
+from sdpo.train.config import (
+    FLOW_MODELS,
+    check_num_workers,
+    integer_at_least,
+    setting_argument_type,
+)
 from sdpo.train.errors import UsageError
 
 # The torch dtypes by name (sdpo.train.cache maps them to torch's).
@@ -18,22 +23,8 @@ STORAGE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 ENCODE_DTYPE_NAMES = ("float32", "bfloat16")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def _worker_count(text: str) -> int:
-    value = _non_negative(text)
+    value = integer_at_least(0)(text)
     try:
         check_num_workers(value)
     except UsageError as error:
@@ -63,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--synthetic-pairs", type=setting_argument_type("synthetic_pairs"), default=64
     )
-    parser.add_argument("--shard-pairs", type=_positive, default=256, help="pairs per shard file")
+    parser.add_argument(
+        "--shard-pairs", type=integer_at_least(1), default=256, help="pairs per shard file"
+    )
     parser.add_argument("--storage-dtype", default="float16", choices=STORAGE_DTYPE_NAMES)
     parser.add_argument("--allow-download", action="store_true")
     parser.add_argument(
-        "--encode-batch", type=_positive, default=32, help="images per VAE encoder call"
+        "--encode-batch", type=integer_at_least(1), default=32, help="images per VAE encoder call"
     )
     parser.add_argument(
         "--encode-dtype",

@@ -1009,6 +1009,25 @@ def _command_line_type(name: str, spec: FieldSpec) -> Callable[[str], Any]:
     return parse_optional
 
 
+def integer_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type for a count flag of a command that is not the trainer (sdpo-cache,
+    sdpo-profile): an integer >= ``least``, refused at parse time (exit 2, before torch loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {least}, got {text!r}"
+            ) from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"  # argparse names the type in its messages
+    return parse
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask: a SLURM or taskset share, not the
     machine's count), or os.cpu_count() where the platform has no affinity call."""
