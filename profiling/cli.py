@@ -122,9 +122,9 @@ def _run(arguments: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but no CUDA device is visible")
     if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.deviceinteger_at_least():
+        if device.index >= torch.cuda.device_count():
             raise ValueError(
-                f"device: {device} requested but {torch.cuda.deviceinteger_at_least()} CUDA device(s) are "
+                f"device: {device} requested but {torch.cuda.device_count()} CUDA device(s) are "
                 "visible (numbered from 0)"
             )
     variants = None  # the defaults for this device and preset (overhead.run_overhead)

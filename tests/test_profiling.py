@@ -368,6 +368,14 @@ def test_profile_cli_refuses_bad_counts_and_devices_at_parse(flag, value, messag
     assert message in capsys.readouterr().err
 
 
+def test_profile_cli_refuses_a_cuda_index_past_the_visible_devices(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    arguments = ["overhead", "--preset", "tiny", "--output", "x.json", "--device", "cuda:3"]
+    assert profile_main(arguments) == 2
+    assert "device: cuda:3 requested but 1 CUDA device(s) are visible" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("keywords", "message"),
     [
