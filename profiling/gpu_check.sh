@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU validation in one time-boxed command (profiling/gpu_check.py does the phases):
+# The GPU validation in one time-boxed command (sdpo/profiling/gpu_check.py does the phases):
 #
 #   bash profiling/gpu_check.sh --wheels DIR --out OUT [--budget-s 480] [--dry-run]
 #
@@ -14,6 +14,6 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
     python=.venv/bin/python
 fi
 # The repository first on the path: `python -m sdpo...` runs this checkout's code, installed or
-# not (sdpo/_source_layout.py maps kernels/, train/, profiling/ onto sdpo.*).
+# not (all Python code is under sdpo/).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m sdpo.profiling.gpu_check "$@"

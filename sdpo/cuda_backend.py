@@ -212,7 +212,7 @@ def _forward_arguments(
     rows = model_pred.shape[0]
     batch_pairs, elements = rows // 2, model_pred[0].numel()
     chunk_elements, num_chunks = plan_chunks(batch_pairs, elements)
-    # The buffers both fused backends share (kernels/buffers.py): separate tensors, since a
+    # The buffers both fused backends share (sdpo/kernels/buffers.py): separate tensors, since a
     # custom op's outputs must not alias (this body also serves the op).
     workspace, loss, stats, scale, coefficients = buffers.forward_buffers(
         device,

@@ -1,4 +1,4 @@
-"""profiling/gpu_check.py: the budget, the timeouts, the offline install and the comparisons.
+"""sdpo/profiling/gpu_check.py: the budget, the timeouts, the offline install and the comparisons.
 
 The whole dry run (every phase on the CPU) runs in the README's test block; these tests pin the
 parts a dry run cannot show failing: a phase that overruns is killed and the next one still runs,

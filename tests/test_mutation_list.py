@@ -2,7 +2,7 @@
 
 The audit itself (tests/mutation/run_mutants.py, ~8 minutes) is not run by CI, so a change that
 rewrites a mutated line would leave that mutant "stale" (never applied, silently untested) until
-someone ran it: a change to the uncached copy in train/step.py did exactly that. This check is
+someone ran it: a change to the uncached copy in sdpo/train/step.py did exactly that. This check is
 cheap: it applies nothing and runs no test, it only reads the files.
 """
 

@@ -1,10 +1,14 @@
-"""One way to import each module: every sdpo.* module comes from the same sdpo/ folder.
+"""One way to import each module, and no shadow of another package from the checkout root.
 
-kernels/, train/ and profiling/ sit beside sdpo/ and are reached through the committed
-symlinks sdpo/kernels, sdpo/train and sdpo/profiling. These tests install a copy of the
-checkout three ways (a wheel, an editable install, and an editable install seen from a second
-checkout) in throwaway venvs that borrow this interpreter's site-packages for the dependencies,
-and resolve every sdpo.* module there with importlib.util.find_spec (no module body runs).
+Every sdpo.* module lives in the sdpo/ folder; the top-level kernels/, train/ and profiling/
+folders hold what is not Python (CUDA sources, launch scripts, shell scripts, results) and have no
+__init__.py, so from the checkout root they are at most namespace portions, which the import
+system passes over for a regular package later on sys.path (Hugging Face's `kernels`, which
+transformers imports). These tests install a copy of the checkout three ways (a wheel, an
+editable install, and an editable install seen from a second checkout) in throwaway venvs that
+borrow this interpreter's site-packages for the dependencies, resolve every sdpo.* module there
+with importlib.util.find_spec (no module body runs), and import look-alike top-level packages
+from the checkout root.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ root = pathlib.Path(sdpo.__file__).parent
 print("sdpo\t" + sdpo.__file__)
 found = [
     pathlib.Path(folder, name)
-    for folder, _, names in os.walk(root, followlinks=True)  # sdpo/train etc. are links
+    for folder, _, names in os.walk(root)
     for name in names
     if name.endswith(".py")
 ]
@@ -47,7 +51,7 @@ for path in sorted(found):
 
 
 def _copy_checkout(destination: Path) -> Path:
-    """The tracked and untracked (not ignored) files of this checkout, symlinks kept as links."""
+    """The tracked and untracked (not ignored) files of this checkout (a symlink stays a link)."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=ROOT,
@@ -200,3 +204,68 @@ def test_editable_install_resolves_every_module_from_the_checkout_it_is_run_in(c
 
 def test_source_tree_resolves_every_module_from_its_own_sdpo_folder():
     _assert_all_under(_resolved(Path(sys.executable), ROOT), ROOT / "sdpo")
+
+
+# Top-level names a dependency imports or might: each folder of the checkout root with such a
+# name must lose to an installed package of that name, whatever the working directory.
+SHADOW_NAMES = ("kernels", "train", "profiling", "tests", "tools", "docs")
+
+
+def test_no_top_level_folder_of_the_checkout_is_a_regular_package():
+    regular = sorted(
+        folder.name
+        for folder in ROOT.iterdir()
+        if folder.is_dir() and folder.name != "sdpo" and (folder / "__init__.py").exists()
+    )
+    assert regular == [], f"top-level folders with __init__.py (they shadow packages): {regular}"
+    links = sorted(str(path) for path in (ROOT / "sdpo").rglob("*") if path.is_symlink())
+    assert links == [], links
+
+
+def test_installed_packages_win_over_the_checkouts_folders_from_its_root(tmp_path):
+    """From the checkout root (sys.path[0] == ''), an installed `kernels` (and every other name
+    above) is the one imported, as Python's path finder takes a regular package found later on
+    the path over a folder without __init__.py it met first."""
+    installed = tmp_path / "site"
+    for name in SHADOW_NAMES:
+        (installed / name).mkdir(parents=True)
+        (installed / name / "__init__.py").write_text("INSTALLED = True\n")
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {SHADOW_NAMES!r}:\n"
+        "    module = importlib.import_module(name)\n"
+        "    print(name, getattr(module, 'INSTALLED', False), module.__file__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(installed)},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    for name, line in zip(SHADOW_NAMES, lines, strict=False):
+        assert line.startswith(f"{name} True {installed}"), result.stdout
+
+
+def test_hugging_face_kernels_is_the_one_imported_from_the_checkout_root():
+    """transformers >= 5.25 imports Hugging Face's `kernels`; where it is installed, the checkout
+    root's kernels/ folder (CUDA sources) must not stand in for it."""
+    spec = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kernels').origin)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if spec.returncode != 0 or spec.stdout.strip() in ("", "None"):
+        pytest.skip("Hugging Face's kernels is not installed here")
+    result = subprocess.run(
+        [sys.executable, "-c", "import kernels; print(kernels.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not Path(result.stdout.strip()).is_relative_to(ROOT / "kernels"), result.stdout
+    assert "site-packages" in result.stdout, result.stdout

@@ -32,13 +32,13 @@ def test_an_api_missing_from_torch_is_found_where_the_gpu_only_path_calls_it(mon
     # cudagraph_mark_step_begin runs only under --cuda-graphs (a GPU): no CPU test calls it.
     monkeypatch.delattr(torch.compiler, "cudagraph_mark_step_begin")
     problems = project_problems()
-    trainer = [problem for problem in problems if problem.startswith("train/trainer.py:")]
+    trainer = [problem for problem in problems if problem.startswith("sdpo/train/trainer.py:")]
     assert trainer and all("cudagraph_mark_step_begin" in problem for problem in trainer)
     assert "torch.compiler has no attribute 'cudagraph_mark_step_begin'" in trainer[0]
 
 
 def test_a_keyword_the_installed_torch_does_not_take_is_found(monkeypatch):
-    # As an older torch.compile without `mode` would be: train/models.py passes mode=.
+    # As an older torch.compile without `mode` would be: sdpo/train/models.py passes mode=.
     real = torch.compile
 
     def compile_without_mode(model=None, *, fullgraph=False, dynamic=None, backend="inductor"):
@@ -47,7 +47,7 @@ def test_a_keyword_the_installed_torch_does_not_take_is_found(monkeypatch):
     monkeypatch.setattr(torch, "compile", compile_without_mode)
     problems = project_problems()
     assert any(
-        problem.startswith("train/models.py:")
+        problem.startswith("sdpo/train/models.py:")
         and "torch.compile() takes no keyword argument 'mode'" in problem
         for problem in problems
     ), problems
@@ -89,7 +89,7 @@ def test_names_reached_through_aliases_and_from_imports_are_checked():
 
 
 def test_a_missing_instance_method_is_found(monkeypatch):
-    # PersistentGradients (train/step.py) hooks each weight; no static chain reaches it.
+    # PersistentGradients (sdpo/train/step.py) hooks each weight; no static chain reaches it.
     monkeypatch.delattr(torch.Tensor, "register_post_accumulate_grad_hook")
     assert torch_api_check.check_instance_methods(torch_api_check.Resolver()) == [
         "INSTANCE_METHODS: torch.Tensor has no method 'register_post_accumulate_grad_hook'"

@@ -1,7 +1,7 @@
 """Checks, from the source, that every torch API the project names exists in the installed torch,
 with the keyword arguments the project passes to it.
 
-Why: the GPU check (profiling/gpu_check.py) runs on an image whose torch (2.11) is older than the
+Why: the GPU check (sdpo/profiling/gpu_check.py) runs on an image whose torch (2.11) is older than the
 one CI runs (2.13), and its GPU-only paths (CUDA graphs, the CUDA twin, fp16 loss scaling,
 cudagraph_mark_step_begin, cudaProfilerStart) never execute on a CPU. A missing name there would
 cost the rare GPU slot; this static check finds it on any machine that can install that torch
@@ -28,16 +28,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATHS = ("sdpo", "kernels", "train", "profiling", "tests")
+DEFAULT_PATHS = ("sdpo", "profiling", "tests", "tools")
 
 # Methods the project calls on instances (a static check cannot see the receiver's type), each
 # on the class that defines it, with where the project calls it.
 INSTANCE_METHODS: dict[str, tuple[str, ...]] = {
-    # train/step.py PersistentGradients (CUDA graphs with gradient accumulation)
+    # sdpo/train/step.py PersistentGradients (CUDA graphs with gradient accumulation)
     "torch.Tensor": ("register_post_accumulate_grad_hook",),
-    # train/trainer.py, FSDP2 runs: no gradient all-reduce before the last micro-batch
+    # sdpo/train/trainer.py, FSDP2 runs: no gradient all-reduce before the last micro-batch
     "torch.distributed.fsdp.FSDPModule": ("set_requires_gradient_sync",),
-    # train/trainer.py, fp16 loss scaling
+    # sdpo/train/trainer.py, fp16 loss scaling
     "torch.amp.GradScaler": (
         "scale",
         "unscale_",
@@ -48,7 +48,7 @@ INSTANCE_METHODS: dict[str, tuple[str, ...]] = {
     ),
     # sdpo/ops.py, sdpo/cuda_backend.py: the custom ops' fake and autograd implementations
     "torch.library.CustomOpDef": ("register_fake", "register_autograd"),
-    # profiling/gpu_check.py, profiling/kernel_bench.py: graph replay and event timing
+    # sdpo/profiling/gpu_check.py, sdpo/profiling/kernel_bench.py: graph replay and event timing
     "torch.cuda.CUDAGraph": ("replay",),
     "torch.cuda.Event": ("record", "elapsed_time", "synchronize"),
     "torch.cuda.Stream": ("wait_stream",),

@@ -1,4 +1,4 @@
-// CUDA C++ twin of the fused Triton kernels in kernels/preference.py (the same three passes:
+// CUDA C++ twin of the fused Triton kernels in sdpo/kernels/preference.py (the same three passes:
 // pair sums, finalize, gradient), exported through the C ABI in sdpo_preference.h.
 //
 // pair_sums_kernel: grid (B, num_chunks), 256 threads; each thread takes groups of kVector = 8

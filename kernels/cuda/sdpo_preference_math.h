@@ -1,6 +1,6 @@
 // The per-element and per-pair math of the fused preference loss, shared by the CUDA kernels
 // (sdpo_preference.cu) and the host build used by the CPU tests (host_reference.cpp), so the
-// arithmetic the GPU runs is the arithmetic the tests check. It restates kernels/preference.py
+// arithmetic the GPU runs is the arithmetic the tests check. It restates sdpo/kernels/preference.py
 // (the Triton kernels) and sdpo/reference.py (the definition); constants must match the latter
 // (tests/test_cuda_backend.py reads them out of this file and compares).
 #pragma once

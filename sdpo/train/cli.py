@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo.train.runlog import configure_logging
     from sdpo.train.trainer import NonFiniteLoss, summary_json, train
 
-    configure_logging(os.environ.get("RANK", "0") == "0")  # torchrun sets RANK
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun sets RANK
+    configure_logging(main_process)
 
     try:
         summary = train(config)
@@ -60,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 1
     except Preempted as stop:
-        if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun rank
+        if main_process:  # one line per run, not per torchrun rank
             print(f"sdpo-train: {stop}", file=sys.stderr, flush=True)
         return stop.exit_status
-    print(summary_json(summary))
+    if main_process:  # one summary per run: the counts in it are already reduced over ranks
+        print(summary_json(summary))
     return 0
 
 

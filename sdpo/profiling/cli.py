@@ -13,9 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from sdpo.profiling import RESULTS_DIR
 from sdpo.train.config import integer_at_least
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _device(text: str) -> str:

@@ -127,7 +127,7 @@ class TrainConfig:
     validation_seed: int = 0
     validation_steps: int = 20
     validation_guidance: float = 7.5
-    # Run safety (resume, checkpoints, skipped steps): see train/checkpoint.py and the README.
+    # Run safety (resume, checkpoints, skipped steps): see sdpo/train/checkpoint.py and the README.
     overwrite: bool = False
     checkpoints_total_limit: int = 0  # keep the N newest complete checkpoints; 0 keeps all
     max_skipped_fraction: float = 0.05
@@ -670,7 +670,7 @@ FIELDS: dict[str, FieldSpec] = {
                                   high=1000),
     "validation_guidance": FieldSpec(float, "classifier-free guidance of validation images",
                                      _RUN, low=0),
-    # Run safety. max_skipped_fraction: see SKIPPED_STEPS_MINIMUM in train/trainer.py.
+    # Run safety. max_skipped_fraction: see SKIPPED_STEPS_MINIMUM in sdpo/train/trainer.py.
     "overwrite": FieldSpec(bool, "start a fresh run in an --output-dir that holds one (removes "
                            "its checkpoints, metrics and export first)", _RUN),
     "checkpoints_total_limit": FieldSpec(int, "keep the N newest complete checkpoints; 0 keeps "

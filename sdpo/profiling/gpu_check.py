@@ -50,12 +50,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+from sdpo.profiling import REPOSITORY
+
 # Modules the check imports that a CUDA PyTorch image may lack; the wheelhouse supplies them.
 IMPORTS = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft", "nvtx", "PIL")
-# Reported when missing, not a failure: nvtx is the optional [profile] extra (only --nvtx runs
-# need it; the wheelhouse carries it for the GPU node, a plain `.[dev]` install does not).
-OPTIONAL_IMPORTS = ("nvtx",)
+# Reported when missing, not a failure, with what needs them: nvtx is the optional [profile]
+# extra (the wheelhouse carries it for the GPU node, a plain `.[dev]` install does not); peft
+# serves LoRA only, which no default phase runs (the GPU image has no peft).
+OPTIONAL_IMPORTS = {
+    "nvtx": "only --nvtx runs need it",
+    "peft": "only LoRA runs need it: the flux and wan presets of --flow-overhead",
+}
 # Compiled and CUDA-graphed training against eager, bf16 autocast: per-step loss, model_mse_w
 # and model_mse_l within 2% relative (bf16 has 8 mantissa bits, ~0.4% per rounding), and the
 # final weights' distance from eager's at most 0.2 x the distance eager's last optimizer step
@@ -351,7 +356,8 @@ def phase_environment(context: PhaseContext) -> None:
             "check runs on, but its results are from an untested version"
         )
     if absent_optional:
-        context.say(f"optional, absent: {', '.join(absent_optional)} (only --nvtx runs need it)")
+        for name in absent_optional:
+            context.say(f"optional, absent: {name} ({OPTIONAL_IMPORTS[name]})")
     if missing:
         raise SystemExit(f"environment: cannot import {', '.join(missing)} (see the wheelhouse)")
 
@@ -390,7 +396,7 @@ def declared_range_check(versions: dict) -> dict[str, dict]:
 
 
 # The eager fused op's host-time target per forward + backward (issue: <= 30 us), measured with
-# the kernel launches stubbed (profiling/kernel_host_overhead.py) on this machine's CPU: the
+# the kernel launches stubbed (sdpo/profiling/kernel_host_overhead.py) on this machine's CPU: the
 # CPU of a GPU host, where the 2-core development machine measured ~90-100 us.
 HOST_OVERHEAD_TARGET_US = 30.0
 

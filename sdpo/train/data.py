@@ -569,7 +569,7 @@ def ignore_stop_signals(worker_id: int, main_process: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: the worker outlives a SIGINT or SIGTERM sent to
     the whole process group (what a terminal's Ctrl-C and some schedulers send), so the main
     process can finish the step in flight, which may still need batches from it, and write its
-    checkpoint (train/preemption.py); the main process then ends the workers itself.
+    checkpoint (sdpo/train/preemption.py); the main process then ends the workers itself.
 
     SIGINT is ignored. SIGTERM is blocked and taken by a thread that ends the worker when
     ``main_process`` (the DataLoader's, which may not be the parent under forkserver) sent it: DataLoader's last resort for a worker that does not stop

@@ -140,7 +140,7 @@ _TINY_FLOW += ("--granularity", "batch")
 # granularity "group:8", 8 pairs per micro-batch, AdamW for SD1.5, Adafactor + gradient
 # checkpointing for SDXL; the flow presets as documented there), on random weights of the real
 # architecture: sd35 = SD3.5 Medium full fine-tune, flux = FLUX.1-dev LoRA, wan = Wan 2.1 T2V
-# 1.3B LoRA (each preset's --pretrained random, train/config.py PRESET_RANDOM_ARCHITECTURES).
+# 1.3B LoRA (each preset's --pretrained random, sdpo/train/config.py PRESET_RANDOM_ARCHITECTURES).
 PRESETS: dict[str, TrainConfig] = {
     "tiny": trainer_preset("tiny"),
     "sd15": trainer_preset("sd15-dpo", "--pretrained", "random"),
