@@ -41,7 +41,10 @@ def check_real_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}: expected a Python float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Not math.isfinite: under torch.compile a float that changed between calls is a symbolic
+    # float, which math.isfinite cannot take; a comparison is traced as a guard, so a new value
+    # recompiles and a non-finite one still fails here (nan and +-inf are not < inf).
+    if not abs(value) < math.inf:
         raise ValueError(f"{name}: expected a finite number, got {value}")
     return value
 
