@@ -258,7 +258,9 @@ def preference_loss_reference(
     margin = margin.detach()
     stats = {
         "lambda": scale.detach(),
-        "implicit_acc": (margin > 0).to(dtype).mean(),
+        # A tie (u = 0, as at step 1 where the policy is the reference) counts one half, as
+        # the official Diffusion-DPO trainer counts it: its first logged accuracy is 0.5.
+        "implicit_acc": ((margin > 0).to(dtype) + 0.5 * (margin == 0).to(dtype)).mean(),
         "margin": margin.mean(),
         "model_mse_w": model_mse_w.detach().mean(),
         "model_mse_l": model_mse_l.detach().mean(),

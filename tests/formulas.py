@@ -214,3 +214,72 @@ def dspo_sdxl_split_inputs(group_size: int, groups: int, sample_shape: tuple[int
             for g in range(groups)
         )
     )
+
+
+def independent_accuracy(model_pred: Tensor, ref_pred: Tensor, target: Tensor, beta: float):
+    """The implicit accuracy as the official Diffusion-DPO trainer writes it: the fraction of
+    pairs whose inside term is positive, plus one half of the fraction that are exactly 0."""
+    full_target = target if target.shape[0] == model_pred.shape[0] else torch.cat([target, target])
+    dims = list(range(1, model_pred.dim()))
+    model_losses_w, model_losses_l = (model_pred - full_target).pow(2).mean(dim=dims).chunk(2)
+    ref_losses_w, ref_losses_l = (ref_pred - full_target).pow(2).mean(dim=dims).chunk(2)
+    inside_term = -0.5 * beta * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
+    implicit_acc = (inside_term > 0).sum().float() / inside_term.size(0)
+    implicit_acc += 0.5 * (inside_term == 0).sum().float() / inside_term.size(0)
+    return implicit_acc
+
+
+def anti_correlated_inputs(batch_pairs: int, sample_shape: tuple[int, ...], *, seed: int = 0):
+    """fp64 inputs whose loser error is about minus the winner's, so S_wl < 0 in every pair
+    (and every group): the safeguard's lambda = 1 branch."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_pairs, *sample_shape)
+    target = torch.randn(shape, generator=generator, dtype=torch.float64)
+    error_w = torch.randn(shape, generator=generator, dtype=torch.float64)
+    error_l = -error_w + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    model_pred = torch.cat([target + 0.5 * error_w, target + 0.5 * error_l])
+    ref_pred = model_pred + 0.1 * torch.randn(
+        model_pred.shape, generator=generator, dtype=torch.float64
+    )
+    return model_pred, ref_pred, target
+
+
+def tie_inputs(batch_pairs: int, sample_shape: tuple[int, ...], *, seed: int = 0):
+    """Each pair's loser is its winner (prediction, reference and shared target): u = 0 exactly
+    and S_wl = S_ww, so lambda = (1 - mu) S_ww / (S_ww + eps)."""
+    model_pred, ref_pred, target = make_inputs(batch_pairs, sample_shape, seed=seed)
+    model_pred = torch.cat([model_pred[:batch_pairs]] * 2)
+    ref_pred = torch.cat([ref_pred[:batch_pairs]] * 2)
+    return model_pred, ref_pred, target
+
+
+def switch_case_table() -> list[tuple[str, tuple[Tensor, Tensor, Tensor], dict]]:
+    """The inputs where the safeguard's and DSPO-SDXL's branches switch, run by every backend:
+    (name, (model_pred, ref_pred, target) in fp64, preference_loss keyword arguments)."""
+    shape = (2, 3, 7)  # D = 42: not a multiple of any vector width
+    correlated = make_inputs(2, shape, seed=3)
+    mixed = concat_pairs(anti_correlated_inputs(2, shape, seed=1), correlated)
+    policy_is_reference = make_inputs(3, shape, seed=4)
+    policy_is_reference = (
+        policy_is_reference[0],
+        policy_is_reference[0].clone(),
+        policy_is_reference[2],
+    )
+    below_above = dspo_sdxl_split_inputs(2, 3, shape)  # groups of 2 alternate around 0.1
+    below_above = tuple(
+        torch.cat([t[:5], t[6:11]]) if t.shape[0] == 12 else t[:5] for t in below_above
+    )  # 5 pairs: groups of 2 below, 2 above, then a short last one (1 pair) below
+    return [
+        ("anti-correlated, one lambda", anti_correlated_inputs(3, shape),
+         dict(method="diffusion-dpo", beta=50.0, mu=0.6, granularity="batch")),
+        ("anti-correlated and correlated pairs", mixed,
+         dict(method="dmpo", beta=20.0, mu=0.6, granularity="pair", dmpo_alpha=0.01)),
+        ("ties: loser = winner", tie_inputs(3, shape),
+         dict(method="diffusion-dpo", beta=50.0, mu=0.5, granularity="pair")),
+        ("policy = reference (u = 0)", policy_is_reference,
+         dict(method="dspo-sdxl", beta=20.0, mu=0.6, granularity="group:2")),
+        ("dspo-sdxl groups across the switch, short last", below_above,
+         dict(method="dspo-sdxl", beta=20.0, mu=0.6, granularity="group:2")),
+        ("dspo, policy = reference", policy_is_reference,
+         dict(method="dspo", beta=0.5, mu=0.6, granularity="batch")),
+    ]  # fmt: skip

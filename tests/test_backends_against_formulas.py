@@ -18,13 +18,15 @@ import pytest
 import torch
 from formulas import (
     dspo_sdxl_split_inputs,
+    independent_accuracy,
     independent_loss,
     micro_batch_average_dspo_sdxl,
+    switch_case_table,
 )
 from host_build import cmake_build_dir, host_loss
 
 import sdpo
-from sdpo import cuda_backend, ops
+from sdpo import cuda_backend, ops, reference
 
 BACKENDS = ("torch", "triton", "host")
 
@@ -36,20 +38,57 @@ def host(tmp_path_factory) -> ctypes.CDLL:
     )
 
 
-def run_backend(request, backend, model_pred, ref_pred, target, **kwargs):
-    """(loss, lambda (B,), d loss / d model_pred) in fp64 from fp32 inputs."""
+def run_backend(request, backend, model_pred, ref_pred, target, with_accuracy=False, **kwargs):
+    """(loss, lambda (B,), d loss / d model_pred) in fp64 from fp32 inputs, and the implicit
+    accuracy after them when ``with_accuracy``."""
     inputs = [t.float() for t in (model_pred, ref_pred, target)]
     batch_pairs = model_pred.shape[0] // 2
     if backend == "host":
-        loss, _stats, scale, grad = host_loss(request.getfixturevalue("host"), *inputs, **kwargs)
-        return torch.tensor(loss).double(), torch.from_numpy(scale).double(), grad.double()
+        kwargs.pop("dmpo_alpha", None)  # host_loss takes the tests' fixed 0.01
+        loss, stats, scale, grad = host_loss(request.getfixturevalue("host"), *inputs, **kwargs)
+        outputs = torch.tensor(loss).double(), torch.from_numpy(scale).double(), grad.double()
+        accuracy = float(stats[reference.STAT_NAMES.index("implicit_acc")])
+        return (*outputs, accuracy) if with_accuracy else outputs
     if backend == "triton" and not ops.triton_available(torch.device("cpu")):
         pytest.skip("the Triton backend needs TRITON_INTERPRET=1 on the CPU")
     pred = inputs[0].clone().requires_grad_(True)
     result = sdpo.preference_loss(pred, inputs[1], inputs[2], backend=backend, **kwargs)
     result.loss.backward()
     scale = result.stats["lambda"].reshape(-1).expand(batch_pairs)
-    return result.loss.detach().double(), scale.double(), pred.grad.double()
+    outputs = result.loss.detach().double(), scale.double(), pred.grad.double()
+    accuracy = float(result.stats["implicit_acc"])
+    return (*outputs, accuracy) if with_accuracy else outputs
+
+
+# Where the branches switch: one case table for every backend ------------------------------------
+
+SWITCH_CASES = switch_case_table()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SWITCH_CASES, ids=[name for name, _, _ in SWITCH_CASES])
+def test_every_backend_where_the_branches_switch(request, backend, case):
+    # Anti-correlated pairs (S_wl <= 0: lambda = 1), ties and policy = reference (u = 0: the
+    # accuracy counts one half, as the official trainer counts it), DSPO-SDXL groups on both
+    # sides of its switch with a short last group.
+    name, (model_pred, ref_pred, target), kwargs = case
+    group_size = sdpo.parse_granularity(kwargs["granularity"])
+    independent = {key: value for key, value in kwargs.items() if key != "granularity"}
+    expected_loss, expected_lambda, expected_grad = expected_independent(
+        model_pred, ref_pred, target, group_size, **independent
+    )
+    if name.startswith("anti-correlated"):
+        assert (expected_lambda == 1).any(), "the case must reach the lambda = 1 branch"
+    loss, scale, grad, accuracy = run_backend(
+        request, backend, model_pred, ref_pred, target, with_accuracy=True, **kwargs
+    )
+    torch.testing.assert_close(scale, expected_lambda, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss, expected_loss, rtol=2e-5, atol=1e-7)
+    assert_close_grad(grad, expected_grad, 2e-5)
+    assert accuracy == pytest.approx(
+        float(independent_accuracy(model_pred.float(), ref_pred.float(), target.float(),
+                                   kwargs["beta"])), abs=1e-6
+    )  # fmt: skip
 
 
 def expected_independent(model_pred, ref_pred, target, group_size, **kwargs):

@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from formulas import beta_for, make_inputs
+from formulas import (
+    beta_for,
+    independent_accuracy,
+    independent_loss,
+    make_inputs,
+    switch_case_table,
+)
 
 import sdpo
 from sdpo import cuda_backend, ops, reference
@@ -200,6 +206,38 @@ def test_emulated_cuda_kernels_match_torch(
     )
     scale = assert_matches_torch(outputs, model_pred, ref_pred, target, weights, **kwargs)
     assert (scale < 1).any(), "the inputs must exercise the safeguard"
+
+
+SWITCH_CASES = switch_case_table()
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES, ids=[name for name, _, _ in SWITCH_CASES])
+def test_emulated_kernels_where_the_branches_switch(emulated, case):
+    # The case table every backend runs (tests/test_backends_against_formulas.py): lambda = 1
+    # for anti-correlated pairs, ties and u = 0 (accuracy one half), DSPO-SDXL's switch per
+    # group. D = 42 in chunks of 16: three chunks, the last partial.
+    _, (model_pred, ref_pred, target), kwargs = case
+    kwargs = dict(kwargs)
+    kwargs.pop("dmpo_alpha", None)  # the emulated call takes the tests' fixed 0.01
+    inputs = tuple(t.float() for t in (model_pred, ref_pred, target))
+    loss, stats, scale, grad = emulated_loss(
+        emulated, *inputs, weights=None, chunk_elements=16, **kwargs
+    )
+    group_size = sdpo.parse_granularity(kwargs["granularity"])
+    pred = model_pred.clone().requires_grad_(True)
+    expected_loss, expected_lambda = independent_loss(
+        pred, ref_pred, target, group_size=group_size, dmpo_alpha=0.01,
+        **{key: value for key, value in kwargs.items() if key != "granularity"},
+    )  # fmt: skip
+    expected_loss.backward()
+    torch.testing.assert_close(scale.double(), expected_lambda, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double(), expected_loss.detach(), rtol=2e-5, atol=1e-7)
+    error = (grad.double() - pred.grad).abs().max() / pred.grad.abs().max()
+    assert error < 2e-5
+    accuracy = stats[reference.STAT_NAMES.index("implicit_acc")]
+    assert float(accuracy) == pytest.approx(
+        float(independent_accuracy(*inputs, kwargs["beta"])), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize(

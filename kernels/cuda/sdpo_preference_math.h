@@ -213,7 +213,8 @@ SDPO_HD void finalize_pair(int64_t i, const float* pair_sums, const Totals& tota
 
   float* out = per_pair + i * kPerPair;
   out[0] = weight * term;
-  out[1] = margin > 0.0f ? 1.0f : 0.0f;
+  // A tie (u = 0, as at step 1) counts one half, as the official Diffusion-DPO trainer counts it.
+  out[1] = margin > 0.0f ? 1.0f : (margin == 0.0f ? 0.5f : 0.0f);
   out[2] = margin;
   out[3] = mse_w;
   out[4] = mse_l;

@@ -331,7 +331,9 @@ def finalize_kernel(
     tl.store(coefficients_ptr + rows + pairs, coefficient_g, mask=pair_mask)
     tl.store(coefficients_ptr + rows + batch_pairs + pairs, zeros, mask=pair_mask)
 
-    tl.store(stats_ptr + 0, tl.sum(tl.where(margin > 0, valid, 0.0), axis=0) / pairs_f)
+    # A tie (u = 0) counts one half, as the official Diffusion-DPO trainer counts it.
+    won = tl.where(margin > 0, valid, tl.where(margin == 0, 0.5 * valid, 0.0))
+    tl.store(stats_ptr + 0, tl.sum(won, axis=0) / pairs_f)
     tl.store(stats_ptr + 1, tl.sum(margin * valid, axis=0) / pairs_f)
     tl.store(stats_ptr + 2, stat_mse_w)
     tl.store(stats_ptr + 3, stat_mse_l)
