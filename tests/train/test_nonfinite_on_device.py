@@ -195,3 +195,97 @@ def test_fp16_run_whose_every_step_was_skipped_is_an_error(tmp_path, monkeypatch
     output = Path(config.output_dir)
     assert checkpoints.latest_checkpoint(output) is None
     assert not (output / "unet").exists()
+
+
+class _NonFiniteGradient(torch.autograd.Function):
+    """Identity forward; the gradient that flows back through it is NaN (a finite loss)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return torch.full_like(grad_output, float("nan"))
+
+
+def poison_one_input(monkeypatch, where: str, bad_call: int) -> dict:
+    """On call ``bad_call`` of the loss, one element of one input alone is non-finite: the
+    policy's prediction, the reference's, the target, the pair weights, or only the gradient
+    reaching the prediction (the loss stays finite)."""
+    calls = {"count": 0, "loss_finite": None}
+    real_loss = sdpo.preference_loss
+
+    def poisoned(model_pred, ref_pred, target, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == bad_call:
+            if where == "policy prediction":
+                model_pred = model_pred + torch.zeros_like(model_pred).index_fill(
+                    0, torch.tensor([0]), float("inf")
+                )
+            elif where == "reference prediction":
+                ref_pred = ref_pred.clone()
+                ref_pred.view(-1)[-1] = float("inf")
+            elif where == "target":
+                target = target.clone()
+                target.view(-1)[0] = float("nan")
+            elif where == "pair weights":
+                weights = kwargs.get("pair_weights")
+                pairs = model_pred.shape[0] // 2
+                weights = torch.ones(pairs) if weights is None else weights.clone()
+                weights[-1] = float("inf")
+                kwargs["pair_weights"] = weights
+            else:
+                model_pred = _NonFiniteGradient.apply(model_pred)
+        result = real_loss(model_pred, ref_pred, target, **kwargs)
+        if calls["count"] == bad_call:
+            calls["loss_finite"] = bool(torch.isfinite(result.loss))
+        return result
+
+    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
+    return calls
+
+
+POISONED_INPUTS = (
+    "policy prediction",
+    "reference prediction",
+    "target",
+    "pair weights",
+    "gradient only",
+)
+
+
+@pytest.mark.parametrize("where", POISONED_INPUTS)
+def test_one_nonfinite_input_alone_skips_the_step_and_counts_it(tmp_path, monkeypatch, where):
+    # Tiny preset: 2 micro-batches per step; call 3 is step 2's first micro-batch. One skipped
+    # step of 4 is allowed by --max-skipped-fraction 0.5.
+    config = tiny(tmp_path, max_steps=4, log_every=2, on_nonfinite="skip", max_skipped_fraction=0.5)
+    calls = poison_one_input(monkeypatch, where, bad_call=3)
+    summary = train(config)
+    # "gradient only" keeps the loss finite: the skip must come from the gradient's norm; every
+    # other input makes the loss non-finite, whatever its gradient is.
+    assert calls["loss_finite"] is (where == "gradient only")
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 1
+    assert [row["step"] for row in summary["rows"]] == [2, 4]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in summary["rows"])
+    model_state, _ = checkpoints.load_checkpoint(
+        checkpoints.latest_checkpoint(Path(config.output_dir))
+    )
+    assert all(torch.isfinite(tensor).all() for tensor in model_state.values())
+
+
+@pytest.mark.parametrize("where", POISONED_INPUTS)
+def test_one_nonfinite_input_alone_stops_a_run_that_stops(tmp_path, monkeypatch, where):
+    config = tiny(tmp_path, max_steps=4, log_every=1, gradient_accumulation=1)
+    poison_one_input(monkeypatch, where, bad_call=2)
+    with pytest.raises(NonFiniteLoss, match=r"step 2:"):
+        train(config)
+
+
+@pytest.mark.parametrize("where", ("reference prediction", "gradient only"))
+def test_one_nonfinite_input_beyond_the_skip_fraction_stops(tmp_path, monkeypatch, where):
+    # 1 skipped step of 4 is 0.25, above a fraction of 0.2: the run stops at its end.
+    config = tiny(tmp_path, max_steps=4, log_every=2, on_nonfinite="skip", max_skipped_fraction=0.2)
+    poison_one_input(monkeypatch, where, bad_call=3)
+    with pytest.raises(NonFiniteLoss, match="skipped"):
+        train(config)
