@@ -445,3 +445,38 @@ def test_overwrite_removes_the_replaced_runs_exports_and_the_banner_names_them(t
     assert not (output / "transformer_lora").exists()
     assert (output / "transformer.pth").is_file() and (output / "transformer").is_dir()
     assert "checkpoints, transformer/;" in caplog.text
+
+
+def test_flux_dynamic_shift_reads_the_packed_token_count(tmp_path, monkeypatch):
+    # The pipeline shifts by the token count of its packed latents (2 x 2 patches): the trainer
+    # must pass that count, computed here by diffusers' own FluxPipeline._pack_latents.
+    from diffusers import FluxPipeline
+
+    from sdpo.train import flow_matching
+
+    seen: dict[str, list] = {"latents": [], "tokens": []}
+    real_count = families.FluxFamily.image_seq_len
+    real_mu = flow_matching.dynamic_shift_mu
+
+    def count(self, latents):
+        seen["latents"].append(tuple(latents.shape))
+        return real_count(self, latents)
+
+    def mu(scheduler, image_seq_len):
+        seen["tokens"].append(image_seq_len)
+        return real_mu(scheduler, image_seq_len)
+
+    monkeypatch.setattr(families.FluxFamily, "image_seq_len", count)
+    monkeypatch.setattr(flow_matching, "dynamic_shift_mu", mu)
+    for resolution in (16, 32):
+        config = flow_config(
+            tmp_path, f"flux-{resolution}", "--model", "flux", "--max-steps", "1",
+            "--flow-dynamic-shift", resolution=resolution,
+        )  # fmt: skip
+        train(config)
+    assert len(seen["tokens"]) >= 2 and len(seen["latents"]) == len(seen["tokens"])
+    for shape, tokens in zip(seen["latents"], seen["tokens"], strict=True):
+        rows, channels, height, width = shape
+        packed = FluxPipeline._pack_latents(torch.zeros(shape), rows, channels, height, width)
+        assert tokens == packed.shape[1], (shape, tokens)
+    assert len(set(seen["tokens"])) == 2  # 4x the tokens at twice the resolution
