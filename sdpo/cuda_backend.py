@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdpo import ops, reference
+from sdpo import chunking, ops, reference
 from sdpo.kernels import buffers
 from sdpo.settings import LossSettings
 
@@ -159,30 +159,15 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f'backend="cuda": {what} failed ({message})')
 
 
-# Blocks of pair_sums_kernel to aim for: ~4 per SM of an H100 (132 SMs). A constant, not the
-# device's SM count: the reduction order, and so every bit of the result, depends on the shapes
-# alone, so a run resumed on another GPU model continues bit-identically.
-SUMS_PROGRAMS = 512
 # Elements one pass of a pair_sums_kernel block covers (256 threads x 8).
 SUMS_STEP = SUMS_THREADS * VECTOR_ELEMENTS
 
 
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, (value - 1).bit_length())
-
-
 def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
-    """(chunk_elements, num_chunks): a function of the shapes only (see SUMS_PROGRAMS).
-
-    A chunk is a power of two of SUMS_STEPs and there are at most SUMS_PROGRAMS /
-    next_power_of_2(B) chunks per pair, so the finalize kernel loads all partials into one
-    shared (pairs, chunks, 8) tile of <= 4096 floats while B <= 512 (as the Triton plan). The
-    video size (B = 2, 2.1M elements per sample) becomes 2 x 256 blocks of 8192 elements.
-    """
-    steps = -(-elements // SUMS_STEP)
-    max_chunks = max(1, SUMS_PROGRAMS // _next_power_of_2(batch_pairs))
-    chunk_elements = _next_power_of_2(-(-steps // max_chunks)) * SUMS_STEP
-    return chunk_elements, -(-elements // chunk_elements)
+    """(chunk_elements, num_chunks) of the CUDA pair-sums kernel (see sdpo.chunking.plan_chunks):
+    the same plan as Triton's, in passes of SUMS_STEP; the video size (B = 2, 2.1M elements per
+    sample) becomes 2 x 256 blocks of 8192 elements."""
+    return chunking.plan_chunks(batch_pairs, elements, SUMS_STEP)
 
 
 def _launch_context(tensor: Tensor) -> tuple[contextlib.AbstractContextManager, int | None]:

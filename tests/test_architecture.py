@@ -62,6 +62,7 @@ def test_a_lazy_import_inside_a_function_counts(tmp_path):
 def test_part_of_names_each_layer():
     assert import_graph.part_of("sdpo") == "api"
     assert import_graph.part_of("sdpo.reference") == "math"
+    assert import_graph.part_of("sdpo.chunking") == "math"  # the fused backends' one plan
     assert import_graph.part_of("sdpo.ops") == "api"
     assert import_graph.part_of("sdpo.kernels.preference") == "kernels"
     assert import_graph.part_of("sdpo.train.trainer") == "train"

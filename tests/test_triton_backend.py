@@ -11,7 +11,7 @@ import torch
 from formulas import beta_for, make_inputs
 
 import sdpo
-from sdpo import ops
+from sdpo import chunking, ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -388,10 +388,10 @@ def test_chunk_plan_depends_on_shapes_only(monkeypatch, batch_pairs, elements):
     assert blocks_per_chunk & (blocks_per_chunk - 1) == 0
     assert (num_chunks - 1) * chunk_elements < elements <= num_chunks * chunk_elements
     pairs_pow2 = preference.next_power_of_2(batch_pairs)
-    assert num_chunks <= max(1, preference.SUMS_PROGRAMS // pairs_pow2)
+    assert num_chunks <= max(1, chunking.SUMS_PROGRAMS // pairs_pow2)
     assert (cuda_num_chunks - 1) * cuda_chunk_elements < elements
     assert elements <= cuda_num_chunks * cuda_chunk_elements
-    assert cuda_num_chunks <= max(1, cuda_backend.SUMS_PROGRAMS // pairs_pow2)
+    assert cuda_num_chunks <= max(1, chunking.SUMS_PROGRAMS // pairs_pow2)
     if batch_pairs == 2:  # the video size still fills an H100: 2 x 256 programs of 8K elements
         assert (chunk_elements, num_chunks) == (8192, 256)
 

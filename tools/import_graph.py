@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("math", "kernels", "api", "train", "profiling", "demo", "eval")
 SUBPACKAGE_PARTS = ("kernels", "train", "profiling", "demo", "eval")
-MATH_MODULES = ("sdpo.reference", "sdpo.settings", "sdpo.timesteps")
+MATH_MODULES = ("sdpo.reference", "sdpo.settings", "sdpo.timesteps", "sdpo.chunking")
 
 
 def part_of(module: str) -> str | None:

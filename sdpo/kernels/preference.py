@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sdpo import reference
+from sdpo import chunking, reference
+from sdpo.chunking import cdiv, next_power_of_2
 from sdpo.kernels import buffers
 
 # Method codes (compile-time switches in the kernels), shared with the CUDA twin.
@@ -43,6 +44,10 @@ METHOD_DPO = METHOD_CODES["diffusion-dpo"]
 METHOD_DSPO = METHOD_CODES["dspo"]
 METHOD_DSPO_SDXL = METHOD_CODES["dspo-sdxl"]
 METHOD_DMPO = METHOD_CODES["dmpo"]
+# The same codes as the kernels read them: a @triton.jit function may read only constexpr globals.
+KERNEL_DPO = tl.constexpr(METHOD_DPO)
+KERNEL_DSPO = tl.constexpr(METHOD_DSPO)
+KERNEL_DMPO = tl.constexpr(METHOD_DMPO)
 
 NUM_SUMS = 8  # seven sums, padded to eight so each (pair, chunk) row is 32 bytes
 # finalize_kernel writes the reference's statistics, in its order, then the DSPO-SDXL gap mean.
@@ -268,16 +273,16 @@ def finalize_kernel(
     direct_e = zeros
     direct_g = zeros
     gap_mean = 0.0
-    if METHOD == 0:  # Diffusion-DPO: softplus(-u)
+    if METHOD == KERNEL_DPO:  # Diffusion-DPO: softplus(-u)
         term = _softplus(-margin)
         dterm_du = -tl.sigmoid(-margin)
-    elif METHOD == 3:  # DMPO: KL(Bernoulli(p) || Bernoulli(q)), p = sigmoid(u)
+    elif METHOD == KERNEL_DMPO:  # DMPO: KL(Bernoulli(p) || Bernoulli(q)), p = sigmoid(u)
         prob = tl.sigmoid(margin)
         log_p = -_softplus(-margin)
         log_one_minus_p = -_softplus(margin)
         term = prob * (log_p - log_q) + (1.0 - prob) * (log_one_minus_p - log_one_minus_q)
         dterm_du = prob * (1.0 - prob) * (margin - (log_q - log_one_minus_q))
-    elif METHOD == 1:  # DSPO, SD1.5: mean (e_w - beta s g)^2, s = sigmoid(-u)
+    elif METHOD == KERNEL_DSPO:  # DSPO, SD1.5: mean (e_w - beta s g)^2, s = sigmoid(-u)
         s = tl.sigmoid(-margin)
         bs = beta * s
         term = (sum_ww - 2.0 * bs * sum_wg + bs * bs * sum_gg) / elements_f
@@ -389,34 +394,11 @@ def gradient_kernel(
 
 SUMS_BLOCK = 1024  # elements per loop step of pair_sums_kernel: 7 fp32 accumulators x 8 per thread
 GRADIENT_BLOCK = 2048  # elements per program of gradient_kernel
-# Programs of pair_sums_kernel to aim for: ~4 per SM of an H100 (132 SMs). A constant, not the
-# device's SM count, so that the reduction order (and so every bit of the result) depends on the
-# shapes alone and a run resumed on another GPU model continues bit-identically.
-SUMS_PROGRAMS = 512
-
-
-def next_power_of_2(value: int) -> int:
-    return 1 << max(0, (value - 1).bit_length())
-
-
-def cdiv(numerator: int, denominator: int) -> int:
-    # Not triton.cdiv: that is a @triton.jit function, ~20 us per host call through its launcher.
-    return -(-numerator // denominator)
 
 
 def plan_chunks(batch_pairs: int, elements: int) -> tuple[int, int]:
-    """(chunk_elements, num_chunks) of pair_sums_kernel: a function of the shapes only.
-
-    Each chunk is a power of two of SUMS_BLOCKs (a compile-time loop bound) and there are at most
-    SUMS_PROGRAMS / next_power_of_2(B) chunks per pair, so the finalize kernel reads all
-    partials in one (pairs, chunks, 8) tile of <= 4096 fp32 values (B <= 512). The video size
-    (B = 2, 2.1M elements per sample) becomes 2 x 256 programs of 8K elements; SD1.5 (B = 8,
-    16384) 8 x 16 of 1024.
-    """
-    blocks = cdiv(elements, SUMS_BLOCK)
-    max_chunks = max(1, SUMS_PROGRAMS // next_power_of_2(batch_pairs))
-    chunk_elements = next_power_of_2(cdiv(blocks, max_chunks)) * SUMS_BLOCK
-    return chunk_elements, cdiv(elements, chunk_elements)
+    """(chunk_elements, num_chunks) of pair_sums_kernel (see sdpo.chunking.plan_chunks)."""
+    return chunking.plan_chunks(batch_pairs, elements, SUMS_BLOCK)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -661,23 +643,6 @@ def launch_finalize(
         GROUP_BLOCK=plan.group_block,
         num_warps=4,
     )
-
-
-def launch_forward(
-    model_pred: torch.Tensor,
-    ref_pred: torch.Tensor,
-    target: torch.Tensor,
-    pair_weights: torch.Tensor | None,
-    op_arguments: tuple,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs the two forward kernels (``op_arguments`` as :func:`cached_plan`'s). Returns (loss (),
-    stats (9,), lambda (B,), coefficients (2, 2B))."""
-    (launch_sums_, launch_finalize_), outputs = forward_launches(
-        model_pred, ref_pred, target, pair_weights, op_arguments
-    )
-    launch_sums_()
-    launch_finalize_()
-    return outputs
 
 
 def run_forward(
