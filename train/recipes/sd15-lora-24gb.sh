@@ -6,8 +6,9 @@
 # MODEL_DIR: a diffusers SD1.5 folder; DATA: parquet shards, a save_to_disk folder, a JSONL
 # manifest or an sdpo-cache folder; OUTPUT_DIR: metrics, checkpoints, the merged unet/ and the
 # adapters alone in unet_lora/ (diffusers' LoRA format: pipeline.load_lora_weights(DIR)). Any
-# further arguments are sdpo-train flags and override the ones below. PRESET=sd15-dspo or
-# sd15-dmpo picks another method (its beta and mu).
+# further arguments are sdpo-train flags and override the ones below (the length: --max-steps N;
+# --num-epochs would clash with the recipe's --max-steps). PRESET=sd15-dspo or sd15-dmpo picks
+# another method (its beta and mu).
 #
 # Scaling with one process. The sd15-dpo preset's learning rate is per pair and multiplied by the
 # pairs per optimizer step (--scale-lr); that rate was tuned for a full fine-tune, not for
