@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sdpo.train.config import TrainConfig, config_to_json
+from sdpo.train.config import TrainConfig, config_to_json, default_mu
 from sdpo.train.distributed import Distributed, full_model_state, full_optimizer_state
 from sdpo.train.errors import UsageError
 from sdpo.train.models import merged_state_dict
@@ -329,9 +329,19 @@ def check_same_run(state: ResumeState, config: TrainConfig, world_size: int) -> 
         # a resume across world sizes would not be the interrupted run: refused.
         differences.append(f"world size (processes) {state.world_size} -> {world_size}")
     if differences:
+        hint = ""
+        saved = state.config or {}
+        defaulted_on = config.mu is not None and config.mu == default_mu(config)
+        if "mu" in saved and saved["mu"] is None and defaulted_on:
+            # Checkpoints written while --mu defaulted to off store mu null; the default is now
+            # the method's safeguard, so resuming one unchanged would switch the safeguard on.
+            hint = (
+                f" (mu now defaults to {config.mu:g}; this checkpoint trained without the "
+                "safeguard: add --mu off to continue it)"
+            )
         raise UsageError(
             f"resume: {state.path} was written by a different run; these settings differ "
-            f"(checkpoint -> now): {'; '.join(differences)}. Resume with the checkpoint's "
+            f"(checkpoint -> now): {'; '.join(differences)}{hint}. Resume with the checkpoint's "
             "values, or start a new run in another --output-dir"
         )
     if state.step > config.max_steps:

@@ -39,6 +39,9 @@ import yaml
 from sdpo.settings import METHODS, parse_granularity
 from sdpo.train.errors import UsageError
 
+# --mu's default: resolved by TrainConfig.validate to default_mu(config) (below).
+MU_AUTO = "auto"
+
 
 @dataclass
 class TrainConfig:
@@ -54,7 +57,9 @@ class TrainConfig:
     # The objective (see sdpo.preference_loss).
     method: str = "diffusion-dpo"
     beta: float = 5000.0
-    mu: float | None = None
+    # MU_AUTO: validate() sets the reference scripts' mu for the method and model (default_mu);
+    # None: no safeguard (plain method).
+    mu: float | str | None = MU_AUTO
     granularity: str = "batch"
     dmpo_alpha: float = 0.0
     loss_backend: str = "auto"
@@ -137,6 +142,8 @@ class TrainConfig:
         machine; raises UsageError naming the field. Runs before any model or data loads."""
         for name in FIELDS:
             setattr(self, name, check_value(name, getattr(self, name), name))
+        if self.mu == MU_AUTO:
+            self.mu = default_mu(self)
         if self.resume not in (None, "latest") and not Path(self.resume).expanduser().is_dir():
             raise UsageError(
                 f"resume: no checkpoint folder {self.resume}; give latest (the newest checkpoint "
@@ -325,6 +332,55 @@ PRESET_RANDOM_ARCHITECTURES: dict[str, str] = {
     "flux-dpo-lora": "flux.1-dev",
     "wan-dpo-lora": "wan2.1-t2v-1.3b",
 }
+
+
+# --mu's default ("auto"): the reference scripts' mu per method (docs/objectives.md, 'The
+# reference scripts' settings'; the sd15-*/sdxl-* presets). SD1.5: diffusion-dpo 0.9, dspo 0.2,
+# dmpo 0.9; SDXL: 0.6 for each (its DSPO script is the dspo-sdxl form). The tiny UNet runs
+# SD1.5's code path, so it takes SD1.5's values; dspo-sdxl takes the SDXL script's 0.6 on any
+# model. The flow models take SDXL's 0.6, as the flow presets do (our choice, unvalidated).
+REFERENCE_MU: dict[str, dict[str, float]] = {
+    "sd15": {"diffusion-dpo": 0.9, "dspo": 0.2, "dspo-sdxl": 0.6, "dmpo": 0.9},
+    "sdxl": {"diffusion-dpo": 0.6, "dspo": 0.6, "dspo-sdxl": 0.6, "dmpo": 0.6},
+}
+_MU_TABLE_OF_MODEL = {"tiny": "sd15", "sd15": "sd15", "sdxl": "sdxl"}  # the rest (flow): sdxl
+
+
+def mu_refusal(config: TrainConfig) -> str | None:
+    """Why the objective takes no safeguard with these settings (None: it takes one). A weighted
+    flow loss bounds the winners' error only with one lambda per pair (docs/flow_matching.md)."""
+    if config.flow_loss_weighting != "none" and config.granularity != "pair":
+        return (
+            f"--flow-loss-weighting {config.flow_loss_weighting} bounds the winners' error only "
+            f"per pair (got --granularity {config.granularity}; --granularity pair allows it)"
+        )
+    return None
+
+
+def default_mu(config: TrainConfig) -> float | None:
+    """What ``--mu auto`` (the default) means for ``config``: the reference scripts' mu for its
+    method and model (``REFERENCE_MU``), or None where the objective refuses a safeguard."""
+    if mu_refusal(config) is not None:
+        return None
+    return REFERENCE_MU[_MU_TABLE_OF_MODEL.get(config.model, "sdxl")][config.method]
+
+
+def describe_mu(config: TrainConfig) -> str:
+    """The run's mu for its banner: the value, and whether it is the default and why."""
+    default = default_mu(config)
+    if config.mu is None:
+        if default is None:
+            return f"off (the default here: {mu_refusal(config)})"
+        return f"off (plain {config.method}; the default would be {default:g})"
+    if config.mu == default:
+        table = _MU_TABLE_OF_MODEL.get(config.model, "sdxl")
+        source = {"sd15": "SD1.5", "sdxl": "SDXL"}[table]
+        taken = "" if config.model == table else f", taken for {config.model}"
+        return (
+            f"{config.mu:g} (the default: the {source} reference scripts' mu for "
+            f"{config.method}{taken}; --mu off turns the safeguard off)"
+        )
+    return f"{config.mu:g}"
 
 
 def is_random(pretrained: str | None) -> bool:
@@ -551,8 +607,11 @@ FIELDS: dict[str, FieldSpec] = {
     "method": FieldSpec(str, "preference objective", _OBJECTIVE, choices=tuple(METHODS)),
     "beta": FieldSpec(float, "preference strength (the diffusers DPO example's beta_dpo x 2)",
                       _OBJECTIVE, low=0, low_open=True),
-    "mu": FieldSpec(float, "SDPO safeguard strength in [0, 1]; off/none/false/null: no safeguard",
-                    _OBJECTIVE, True, low=0, high=1),
+    "mu": FieldSpec(float, "SDPO safeguard strength in [0, 1]; off/none/false/null: no safeguard "
+                    "(plain method); auto: the reference scripts' mu for the method (SD1.5 and "
+                    "tiny: 0.9 diffusion-dpo and dmpo, 0.2 dspo; SDXL and the flow models: 0.6; "
+                    "dspo-sdxl: 0.6), off where the objective refuses it (--flow-loss-weighting "
+                    "without --granularity pair)", _OBJECTIVE, True, low=0, high=1),
     "granularity": FieldSpec(str, "one safeguard lambda per: batch, pair, or group:N pairs",
                              _OBJECTIVE, check=_granularity),
     "dmpo_alpha": FieldSpec(float, "DMPO's alpha in [0, 1] (method dmpo only)", _OBJECTIVE,
@@ -714,6 +773,8 @@ def check_value(name: str, value: Any, label: str) -> Any:
     never an integer, so ``max_steps: 2.7`` or ``beta: true`` are refused, not coerced."""
     spec = FIELDS[name]
     expected = _describe(spec)
+    if name == "mu":
+        expected = "a finite number in [0, 1], off (no safeguard) or auto (the method's default)"
     if name == "resume" and isinstance(value, bool):
         value = "latest" if value else None  # resume: true (YAML, code) is the newest checkpoint
 
@@ -724,6 +785,8 @@ def check_value(name: str, value: Any, label: str) -> Any:
         if spec.optional:
             return None
         raise refuse("nothing (null)")
+    if name == "mu" and isinstance(value, str) and value.lower() == MU_AUTO:
+        return MU_AUTO  # resolved by TrainConfig.validate (default_mu)
     if spec.kind is bool:
         if not isinstance(value, bool):
             raise refuse(repr(value))
@@ -1004,6 +1067,8 @@ def _command_line_type(name: str, spec: FieldSpec) -> Callable[[str], Any]:
     none_words = _MU_OFF_WORDS if name == "mu" else _NONE_WORDS
 
     def parse_optional(text: str) -> Any:
+        if name == "mu" and text.lower() == MU_AUTO:
+            return MU_AUTO
         return _EXPLICIT_NONE if text.lower() in none_words else parse(text)
 
     return parse_optional

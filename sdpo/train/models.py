@@ -659,16 +659,32 @@ def compile_model(module: nn.Module, cuda_graphs: bool) -> nn.Module:
     return torch.compile(module, mode="reduce-overhead" if cuda_graphs else None)
 
 
-def export_flow_lora(models: Models, output_dir: Path) -> Path:
-    """The LoRA adapters alone, in the diffusers LoRA format of the family's pipeline
-    (``pytorch_lora_weights.safetensors``, keys ``transformer.*``): what
-    ``pipeline.load_lora_weights(DIR)`` applies to the base model."""
+def export_lora(models: Models, output_dir: Path) -> Path:
+    """A LoRA run's adapters alone, in the diffusers LoRA format of the model's pipeline:
+    ``DIR/NAME_lora/pytorch_lora_weights.safetensors`` (NAME ``unet`` or ``transformer``, as the
+    merged export), keys ``unet.*`` / ``transformer.*``: what ``pipeline.load_lora_weights(DIR)``
+    applies to the base model (StableDiffusionPipeline / StableDiffusionXLPipeline for a UNet,
+    the flow family's pipeline for a transformer). The adapters' alpha equals their rank
+    (``add_lora``), which is what the loader assumes when a file stores no alphas (scale 1)."""
     from peft.utils import get_peft_model_state_dict
 
-    folder = Path(output_dir) / "transformer_lora"
+    folder = Path(output_dir) / f"{models.export_name}_lora"
     layers = {
         name: tensor.detach().cpu().contiguous()
         for name, tensor in get_peft_model_state_dict(models.unet).items()
     }
-    type(models.flow.pipeline).save_lora_weights(str(folder), transformer_lora_layers=layers)
+    if models.flow is not None:
+        type(models.flow.pipeline).save_lora_weights(str(folder), transformer_lora_layers=layers)
+        return folder
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    # peft's lora_A / lora_B names to diffusers' own, as diffusers' UNet LoRA training scripts
+    # save them; the loaders read either.
+    pipeline = StableDiffusionXLPipeline if models.text.sdxl else StableDiffusionPipeline
+    pipeline.save_lora_weights(
+        str(folder),
+        unet_lora_layers=convert_state_dict_to_diffusers(layers),
+        safe_serialization=True,
+    )
     return folder

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from sdpo.train.config import FLOW_MODELS
+from sdpo.train.config import FLOW_MODELS, describe_mu
 
 logger = logging.getLogger("sdpo.train")
 
@@ -86,11 +86,11 @@ def banner_lines(
         else "nothing (eager)"
     )
     pairs_per_step = config.train_batch_pairs * config.gradient_accumulation * world_size
-    mu = "off" if config.mu is None else f"{config.mu:g}"
-    # What the run exports (sdpo.train.models.export_*): flow families their transformer.
-    exported = "transformer/" if config.model in FLOW_MODELS else "unet/"
-    if config.model in FLOW_MODELS and config.lora_rank:
-        exported += ", transformer_lora/"
+    mu = describe_mu(config)
+    # What the run exports (sdpo.train.models.export_*): flow families their transformer; a
+    # LoRA run also its adapters alone, in NAME_lora/.
+    name = "transformer" if config.model in FLOW_MODELS else "unet"
+    exported = f"{name}/" + (f", {name}_lora/" if config.lora_rank else "")
     lines = [
         f"sdpo-train: {config.method} beta {config.beta:g} mu {mu} granularity "
         f"{config.granularity}; model {config.model}"

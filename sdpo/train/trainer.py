@@ -47,7 +47,7 @@ from sdpo.train.distributed import (
 )
 from sdpo.train.errors import UsageError
 from sdpo.train.metrics import MetricsWriter, RunningStats
-from sdpo.train.models import build_models, compile_model, export_flow_lora
+from sdpo.train.models import build_models, compile_model, export_lora
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
 from sdpo.train.preemption import Preempted, StopRequests
@@ -92,11 +92,12 @@ class NonFiniteLoss(RuntimeError):
 # bad data, a diverged policy) and its result is not the configured training.
 SKIPPED_STEPS_MINIMUM = 20
 
-# What --overwrite removes from the output folder before a fresh run: what a run writes besides its checkpoints (--overwrite clears them): the UNet or, for a flow
-# model, the transformer export (folder + .pth), and a flow LoRA run's adapters.
+# What --overwrite removes from the output folder before a fresh run: what a run writes besides
+# its checkpoints (--overwrite clears them): the UNet or, for a flow model, the transformer
+# export (folder + .pth), and a LoRA run's adapters (unet_lora/, transformer_lora/).
 RUN_FILES = (
-    "metrics.jsonl", "tensorboard", "unet", "unet.pth", "transformer", "transformer.pth",
-    "transformer_lora",
+    "metrics.jsonl", "tensorboard", "unet", "unet.pth", "unet_lora", "transformer",
+    "transformer.pth", "transformer_lora",
 )  # fmt: skip
 
 
@@ -704,8 +705,8 @@ class Trainer:
             checkpoints.export_unet(
                 self.models.unet, self.output_dir, final_state, self.models.export_name
             )
-            if self.models.flow is not None and self.config.lora_rank > 0:
-                export_flow_lora(self.models, self.output_dir)
+            if self.config.lora_rank > 0:
+                export_lora(self.models, self.output_dir)
         self.environment.barrier()
 
     def _read_finite(self) -> None:
