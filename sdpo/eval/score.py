@@ -17,8 +17,8 @@ from sdpo.eval.scorers import (
     MissingWeights,
     WeightSources,
     build_scorer,
-    file_hash,
 )
+from sdpo.fingerprint import file_hash
 
 
 def _versions() -> dict:

@@ -17,6 +17,7 @@ from sdpo.eval import compare, preprocess, scorers
 from sdpo.eval.cli import main as eval_main
 from sdpo.eval.generate import GenerateSettings, generate
 from sdpo.eval.score import score_manifest
+from sdpo.fingerprint import file_hash
 
 
 @pytest.fixture(autouse=True)
@@ -191,21 +192,21 @@ def test_file_hash_covers_the_whole_file_and_folders(tmp_path, monkeypatch):
         with open(path, "wb") as handle:  # sparse: 65 MiB of zeros, one differing last byte
             handle.seek(65 * 2**20)
             handle.write(last)
-    assert scorers.file_hash(str(first)) != scorers.file_hash(str(second))
+    assert file_hash(str(first)) != file_hash(str(second))
     import hashlib
 
-    assert scorers.file_hash(str(first)) == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert file_hash(str(first)) == hashlib.sha256(first.read_bytes()).hexdigest()
     cache = json.loads((tmp_path / "cache" / "sdpo-eval" / "sha256.json").read_text())
     assert len(cache) == 2  # keyed by path, size and mtime: not re-read while unchanged
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"1")
-    before = scorers.file_hash(str(folder))
+    before = file_hash(str(folder))
     assert before is not None
     (folder / "model.safetensors").write_bytes(b"2")
-    assert scorers.file_hash(str(folder)) != before
-    assert scorers.file_hash(str(tmp_path / "absent")) is None
+    assert file_hash(str(folder)) != before
+    assert file_hash(str(tmp_path / "absent")) is None
 
 
 def test_clip_l_loads_once_for_clip_and_aesthetics(tmp_path, monkeypatch):
