@@ -171,6 +171,11 @@ def _run(arguments: argparse.Namespace) -> int:
     if arguments.command == "fetch-suites":
         from sdpo.eval.fetch import OFFICIAL_BASE_URL, fetch_suites
 
+        scheme = (arguments.base_url or OFFICIAL_BASE_URL).partition("://")[0]
+        if scheme not in ("https", "http", "file"):
+            raise UsageError(
+                f"--base-url {arguments.base_url}: expected an https://, http:// or file:// URL"
+            )
         fetch_suites(
             arguments.output_dir,
             arguments.base_url or OFFICIAL_BASE_URL,

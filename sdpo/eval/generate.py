@@ -86,7 +86,7 @@ def _read_state_dict(path: Path, flag: str) -> dict:
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise UsageError(
-                f"{flag} {path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                f"{flag} {path}: entry {key!r} is of type {type(value).__name__}, not a tensor; "
                 "expected a state dict (parameter name: tensor)"
             )
     return state
@@ -108,7 +108,11 @@ def _check_fits(model: torch.nn.Module, state: dict, what: str) -> None:
     ]
     if missing or unexpected or wrong:
         found = {"missing": missing, "unexpected": unexpected, "shape of": wrong}
-        details = [f"{label} {items[:3]}" for label, items in found.items() if items]
+        details = [
+            f"{label} {', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"
+            for label, items in found.items()
+            if items
+        ]
         raise UsageError(
             f"{what} does not fit the pipeline's {type(model).__name__} ({'; '.join(details)}): "
             "was it trained from this --pretrained model?"
@@ -278,8 +282,8 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    check_flow_settings(settings)  # first: a flag for the other kind of model says so
     check_settings(settings)
-    check_flow_settings(settings)
     flow = settings.model in FLOW_PIPELINES
 
     pretrained = Path(settings.pretrained).expanduser()
@@ -334,7 +338,7 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
             pipeline.load_lora_weights(str(lora))
         except RuntimeError as error:  # peft's load_state_dict: adapters of other shapes
             raise ValueError(
-                f"lora: {lora} does not fit the pipeline's transformer ({_first_line(error)}): "
+                f"--lora {lora} does not fit the pipeline's transformer ({_first_line(error)}): "
                 f"was it trained from this --pretrained model (--model {settings.model})?"
             ) from error
         except (OSError, ValueError, KeyError, TypeError) as error:

@@ -128,7 +128,7 @@ def _source_differences(built: dict, run: dict) -> str | None:
 
 def _describe_source(source: dict) -> str:
     if "built_in_code" in source:
-        return f"{source['built_in_code']} (built in code, seed {source['seed']})"
+        return f"{source['built_in_code']} (built in code, seed {source.get('seed')})"
     return "local weights" if "sha256" in source else str(source.get("name"))
 
 
@@ -310,8 +310,8 @@ def _check_source(
                 "unverified; rebuild it with sdpo-cache to have it checked"
             )
         return
-    if not isinstance(built, dict):
-        raise _refuse(root, INDEX_FILE, f'"source" must be an object, got {built!r:.80}')
+    if not isinstance(built, dict) or not isinstance(built.get("sha256", {}), dict):
+        raise _refuse(root, INDEX_FILE, f'"source" is not what sdpo-cache writes: {built!r:.80}')
     difference = _source_differences(built, identity)
     if difference is not None:
         raise UsageError(
@@ -639,7 +639,13 @@ class CachedPairBatches:
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - a few shards of one cache per process
     def _shard(self, name: str) -> dict[str, Tensor]:
-        return load_file(str(self.root / name))
+        try:
+            return load_file(str(self.root / name))
+        except (SafetensorError, OSError) as error:
+            # Its header was checked when the run opened the cache: it changed since (status 1).
+            raise ValueError(
+                f"data: reading {self.root / name} failed during the run ({error})"
+            ) from error
 
     def next_position(self, epoch: int, batch_index: int) -> tuple[int, int]:
         return self.plan.next_position(epoch, batch_index)

@@ -15,6 +15,7 @@ from tiny_models import save_clip_folder
 
 from sdpo.eval import compare, preprocess, scorers
 from sdpo.eval.cli import main as eval_main
+from sdpo.eval.errors import RunFailure
 from sdpo.eval.generate import GenerateSettings, generate
 from sdpo.eval.score import score_manifest
 from sdpo.fingerprint import file_hash
@@ -51,9 +52,10 @@ def _cli(capsys, arguments: list[str]) -> tuple[int, str]:
     return code, "\n".join(lines)
 
 
-def _one_line_error(capsys, arguments: list[str]) -> str:
+def _one_line_error(capsys, arguments: list[str], status: int = 2) -> str:
+    """The one error line of a refused call (status 2), or of a failure while it ran (1)."""
     code, err = _cli(capsys, arguments)
-    assert code == 2 and len(err.splitlines()) == 1, err
+    assert code == status and len(err.splitlines()) == 1, err
     assert err.startswith("sdpo-eval: error: ") and "Traceback" not in err, err
     return err
 
@@ -344,14 +346,14 @@ def test_fetch_suites_from_a_local_mirror(tmp_path, monkeypatch, capsys):
     # A mirror serving other bytes: an error naming the URL, and nothing kept.
     (tmp_path / "data" / "prompts" / "papv2.json").unlink()
     (mirror / "prompts" / "papv2.json").write_bytes(b"tampered")
-    line = _one_line_error(capsys, arguments)
+    line = _one_line_error(capsys, arguments, status=1)  # a download's failure, not an input's
     assert "papv2.json has sha256" in line and "expected" in line
     assert not (tmp_path / "data" / "prompts" / "papv2.json").exists()
     assert not list((tmp_path / "data").rglob("*.part"))
     # A network failure is one line too.
     assert "downloading" in _one_line_error(
         capsys, ["fetch-suites", "--output-dir", str(tmp_path / "x"), "--base-url",
-                 (tmp_path / "nowhere").as_uri()],
+                 (tmp_path / "nowhere").as_uri()], status=1,
     )  # fmt: skip
 
 
@@ -379,11 +381,11 @@ def test_fetch_suites_official_table(tmp_path):
         requested.append(url)
         return Response()
 
-    with pytest.raises(ValueError, match="has sha256"):
+    with pytest.raises(RunFailure, match="has sha256"):
         fetch.fetch_suites(tmp_path / "a", opener=opener, log=lambda _: None)
     # The head's "+" is percent-encoded in the raw URL.
     head_only = {k: v for k, v in fetch.OFFICIAL_FILES.items() if k.startswith("aesthetics")}
-    with pytest.raises(ValueError):
+    with pytest.raises(RunFailure):
         fetch.fetch_suites(tmp_path / "b", files=head_only, opener=opener, log=print)
     assert requested[-1].endswith("utils/aesthetics_model/sac%2Blogos%2Bava1-l14-linearMSE.pth")
 

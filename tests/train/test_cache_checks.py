@@ -206,3 +206,16 @@ def test_sdpo_cache_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     )
     status = cache_main(["--output-dir", str(tmp_path / "file" / "below")])
     assert status == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_shard_damaged_after_the_checks_is_a_one_line_failure(tmp_path):
+    from sdpo.train.cache import CachedPairBatches
+
+    cache = tiny_cache(tmp_path / "cache")
+    batches = CachedPairBatches(
+        str(cache), batch_pairs=2, caption_dropout=0.0, seed=0, resolution=16
+    )
+    for shard in cache.glob("shard-*.safetensors"):
+        truncate(shard)
+    with pytest.raises(ValueError, match=r"data: reading .*shard-0000\d.safetensors failed during"):
+        batches.batch(0, 0)
