@@ -497,8 +497,8 @@ def build_cache(
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model in FLOW_MODELS:
         if pretrained is None:
-            raise ValueError(
-                f"sdpo-cache: --model {model} needs --pretrained PATH (a local diffusers folder) "
+            raise UsageError(
+                f"--model {model} needs --pretrained PATH (a local diffusers folder) "
                 "or --pretrained tiny"
             )
         # The cache runs only the VAE and the text encoders: no transformer is built or loaded.
@@ -520,8 +520,9 @@ def build_cache(
             else build_tiny(resolution, seed)
         )
     if models.vae is None:
-        raise ValueError(
-            "sdpo-cache: this model has no VAE (a pixel-space model needs no latent cache)"
+        raise UsageError(
+            f"--pretrained {pretrained}: this model has no VAE (a pixel-space model needs no "
+            "latent cache)"
         )
     models.vae.to(target).eval()
     models.text.to(target).eval()

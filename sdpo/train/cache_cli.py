@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         index = build_cache(**vars(arguments))
+    except UsageError as error:  # a refused setting or input: as sdpo-train, status 2
+        print(f"sdpo-cache: error: {error}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as error:
         print(f"sdpo-cache: error: {error}", file=sys.stderr)
         return 1

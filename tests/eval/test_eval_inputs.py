@@ -152,7 +152,7 @@ def test_a_unet_that_does_not_fit_or_cannot_be_read_is_one_line(tmp_path, capsys
         capsys, [*command, str(tmp_path / "not_a_model")]
     )
     with zipfile.ZipFile(tmp_path / "zip.pth", "w") as archive:
-        archive.writestr("a/data.pkl", b"x")  # a zip that is no torch file (was a KeyError)
+        archive.writestr("a/data.pkl", b"x")  # a zip archive that is no torch file
     garbage = {"bytes.pth": b"not a checkpoint", "empty.pth": b"", "zip.pth": None}
     for name, content in garbage.items():
         if content is not None:

@@ -206,6 +206,12 @@ def test_sdpo_cache_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     )
     status = cache_main(["--output-dir", str(tmp_path / "file" / "below")])
     assert status == 2 and "is a file, not a folder" in capsys.readouterr().err
+    # A refused setting found once the command runs is status 2 as well (it was 1).
+    status = cache_main(["--output-dir", str(tmp_path / "cache"), "--model", "sd3"])
+    assert status == 2 and capsys.readouterr().err.strip() == (
+        "sdpo-cache: error: --model sd3 needs --pretrained PATH (a local diffusers folder) or "
+        "--pretrained tiny"
+    )
 
 
 def test_a_shard_damaged_after_the_checks_is_a_one_line_failure(tmp_path):
@@ -219,3 +225,24 @@ def test_a_shard_damaged_after_the_checks_is_a_one_line_failure(tmp_path):
         truncate(shard)
     with pytest.raises(ValueError, match=r"data: reading .*shard-0000\d.safetensors failed during"):
         batches.batch(0, 0)
+
+
+def test_a_model_id_is_fingerprinted_from_the_local_hf_cache(tmp_path, monkeypatch, folders):
+    """A cached model id hashes its snapshot folder's parts, as a local folder does; an id not
+    on local disk yet can only be named, and a cache of files is not taken for it."""
+    from huggingface_hub import constants
+
+    from sdpo.train.cache import _source_differences, source_identity
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--tiny" / "snapshots" / "0123abcd"
+    (hub / "models--org--tiny" / "refs").mkdir(parents=True)
+    (hub / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(folders["first"], snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    from_id = source_identity("sd15", "org/tiny", seed=0)
+    assert from_id == source_identity("sd15", str(folders["first"]), seed=0)
+    assert set(from_id["sha256"]) == {"vae", "text_encoder", "tokenizer"}
+    absent = source_identity("sd15", "org/elsewhere", seed=0)
+    assert absent == {"name": "org/elsewhere"}
+    assert "not on local disk yet" in _source_differences(from_id, absent)
