@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from sdpo.eval.errors import RunFailure
 from sdpo.eval.presets import PRESETS, SCHEDULERS
+
+# The trainer's argparse types and ranges (sdpo.train.config, which imports no torch): a bad
+# number is refused by the flag's name before anything loads.
+from sdpo.train.config import OneLineParser, integer_at_least, setting_argument_type
+from sdpo.train.errors import UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo-eval", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="sdpo-eval", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="images + manifest for a prompt suite")
@@ -44,9 +51,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="sd3/flux: LoRA weights applied to the base (sdpo-train's transformer_lora/)",
     )
-    generate.add_argument("--steps", type=int, default=None, help="default 50")
-    generate.add_argument("--resolution", type=int, default=None)
-    generate.add_argument("--guidance", type=float, default=None, help="default 7.5")
+    generate.add_argument("--steps", type=integer_at_least(1), default=None, help="default 50")
+    generate.add_argument(
+        "--resolution", type=setting_argument_type("resolution"), default=None,
+        help="a multiple of 8 (default: the model's)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--guidance", type=setting_argument_type("validation_guidance"), default=None,
+        help="a finite number >= 0 (default 7.5)",
+    )  # fmt: skip
     generate.add_argument(
         "--cfg-formula",
         choices=("reference", "diffusers"),
@@ -54,9 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         help="reference: eps_c + g (eps_c - eps_u), i.e. diffusers' g + 1 (default diffusers)",
     )
     generate.add_argument("--scheduler", choices=SCHEDULERS, default=None)
-    generate.add_argument("--batch-size", type=int, default=None, help="default 4")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    generate.add_argument("--batch-size", type=integer_at_least(1), default=None, help="default 4")
+    generate.add_argument("--seed", type=setting_argument_type("seed"), default=0)
+    generate.add_argument(
+        "--limit", type=integer_at_least(1), default=None, help="first N prompts only"
+    )
     generate.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16")
     generate.add_argument(
         "--preset",
@@ -99,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         help="default: each metric as its original package scores it; reference: as the official "
         "Diffusion-SDPO evaluation scripts print it (see README)",
     )
-    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--batch-size", type=integer_at_least(1), default=16)
     score.add_argument(
         "--device", default=None, help="torch device for the scorers (default: cuda if available)"
     )
@@ -121,17 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--output", required=True)
     compare.add_argument("--markdown", default=None)
     compare.add_argument("--plot", default=None)
-    compare.add_argument("--resamples", type=int, default=10000)
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--resamples", type=integer_at_least(1), default=10000)
+    compare.add_argument("--seed", type=setting_argument_type("seed"), default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    """0, or one line on stderr and 2 for a refused flag or input, 1 for a failure during the
+    run (sdpo.eval.errors)."""
     try:
+        arguments = _parser().parse_args(argv)
         return _run(arguments)
+    except RunFailure as error:
+        print(f"sdpo-eval: error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, NotImplementedError) as error:
-        # Anticipated failures (bad flags, files, manifests, weights): one line, no traceback.
+        # Refused flags, files, manifests and weights (UsageError is a ValueError): no traceback.
         print(f"sdpo-eval: error: {error}", file=sys.stderr)
         return 2
 
@@ -151,6 +171,11 @@ def _run(arguments: argparse.Namespace) -> int:
     if arguments.command == "fetch-suites":
         from sdpo.eval.fetch import OFFICIAL_BASE_URL, fetch_suites
 
+        scheme = (arguments.base_url or OFFICIAL_BASE_URL).partition("://")[0]
+        if scheme not in ("https", "http", "file"):
+            raise UsageError(
+                f"--base-url {arguments.base_url}: expected an https://, http:// or file:// URL"
+            )
         fetch_suites(
             arguments.output_dir,
             arguments.base_url or OFFICIAL_BASE_URL,
@@ -170,6 +195,8 @@ def _run(arguments: argparse.Namespace) -> int:
             "imagereward": arguments.imagereward,
             "imagereward_tokenizer": arguments.imagereward_tokenizer,
         }
+        if arguments.weights_root and not Path(arguments.weights_root).expanduser().is_dir():
+            raise UsageError(f"--weights-root {arguments.weights_root}: no such folder")
         summary = score_manifest(
             arguments.manifest,
             [metric.strip() for metric in arguments.metrics.split(",") if metric.strip()],
@@ -189,13 +216,16 @@ def _run(arguments: argparse.Namespace) -> int:
         if path:
             comparison.check_output(path, flag)
     result = comparison.compare(arguments.a, arguments.b, arguments.resamples, arguments.seed)
-    comparison.write(result, arguments.output)
     text = comparison.markdown(result)
-    if arguments.markdown:
-        with open(arguments.markdown, "w") as handle:
-            handle.write(text)
-    if arguments.plot:
-        comparison.plot(result, arguments.plot)
+    try:
+        comparison.write(result, arguments.output)
+        if arguments.markdown:
+            with open(arguments.markdown, "w") as handle:
+                handle.write(text)
+        if arguments.plot:
+            comparison.plot(result, arguments.plot)
+    except OSError as error:
+        raise RunFailure(f"compare: writing the results failed ({error})") from error
     print(text)
     return 0
 

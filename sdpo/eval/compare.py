@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdpo.eval.manifest import keyed_by_prompt, load_entries
+from sdpo.train.config import check_output_dir
 
 
 def _checked_scores(entry: dict, side: str) -> dict:
@@ -32,7 +33,11 @@ def _checked_scores(entry: dict, side: str) -> dict:
         if value is None:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not math.isfinite(value):
+        try:
+            finite = number and math.isfinite(float(value))
+        except OverflowError:  # an integer beyond a float's range (about 1.8e308)
+            finite = False
+        if not finite:
             raise ValueError(
                 f"compare: {side}: prompt {entry['prompt']!r}, metric {metric}: score {value!r} "
                 "is not a finite number; rescore that manifest"
@@ -201,9 +206,11 @@ def plot(result: dict, path: str | Path) -> None:
 
 
 def check_output(output: str | Path, flag: str = "--output") -> None:
-    """An output path must name a file (not an existing folder)."""
+    """An output path must name a file (not an existing folder) in a folder that exists and is
+    writable, or can be created."""
     if Path(output).is_dir():
         raise ValueError(f"{flag} {output}: is a folder; give a file path such as {output}/x.json")
+    check_output_dir(str(Path(output).expanduser().parent), flag)
 
 
 def write(result: dict, output: str | Path) -> None:

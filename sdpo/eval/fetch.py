@@ -14,6 +14,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from sdpo.eval.errors import RunFailure
+from sdpo.train.config import check_output_dir
+
 OFFICIAL_COMMIT = "84fb241c1b89705a247da8b0d6047798ca49830d"
 OFFICIAL_BASE_URL = f"https://raw.githubusercontent.com/AIDC-AI/Diffusion-SDPO/{OFFICIAL_COMMIT}/"
 # name on disk -> (path in the repository, sha256, size in bytes)
@@ -57,12 +60,11 @@ def fetch_suites(
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Downloads ``files`` (default: the three suites and the aesthetics head) under
-    ``output_dir``; returns their paths. Raises ValueError on a hash mismatch, OSError on a
-    network failure, naming the file and URL."""
+    ``output_dir``; returns their paths. Raises RunFailure (exit status 1) on a network failure
+    or a hash mismatch, naming the file and URL."""
     files = OFFICIAL_FILES if files is None else files
     output = Path(output_dir).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output-dir {output}: is a file, expected a folder")
+    check_output_dir(str(output), "--output-dir")
     written = []
     for name, (remote, sha256, size) in files.items():
         target = output / name
@@ -79,11 +81,11 @@ def fetch_suites(
                     handle.write(block)
         except OSError as error:
             partial.unlink(missing_ok=True)
-            raise OSError(f"fetch-suites: downloading {url} failed ({error})") from error
+            raise RunFailure(f"fetch-suites: downloading {url} failed ({error})") from error
         got = _sha256(partial)
         if got != sha256:
             partial.unlink()
-            raise ValueError(
+            raise RunFailure(
                 f"fetch-suites: {url} has sha256 {got}, expected {sha256} ({size} bytes); "
                 "nothing kept for it"
             )

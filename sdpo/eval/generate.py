@@ -27,10 +27,13 @@ from pathlib import Path
 
 import torch
 
+from sdpo.eval.errors import RunFailure
 from sdpo.eval.manifest import load_entries, meta_path, save_entries
 
 # The samplers and presets live in sdpo.eval.presets (no torch: `sdpo-eval --help` stays fast).
 from sdpo.eval.presets import PRESET_FIXED, PRESETS, SCHEDULERS
+from sdpo.train.config import check_output_dir, check_value
+from sdpo.train.errors import UsageError
 
 
 @dataclass
@@ -66,36 +69,81 @@ def _first_line(error: BaseException) -> str:
     return detail or (lines[0] if lines else type(error).__name__)
 
 
-def _load_state_dict(model: torch.nn.Module, state: dict, what: str) -> tuple[list, list]:
-    """``load_state_dict(strict=False)``, whose size mismatches (a state dict of another model,
-    e.g. an SD3 export given to FLUX) raise a many-line RuntimeError: one line instead."""
+def _read_state_dict(path: Path, flag: str) -> dict:
+    """A ``.pth`` state dict (what sdpo-train exports): garbage, empty, truncated or non-dict
+    files are one line naming the file and the flag, not torch's pickle / zip errors."""
     try:
-        return model.load_state_dict(state, strict=False)
-    except RuntimeError as error:
-        raise ValueError(
-            f"{what} does not fit the pipeline's {type(model).__name__} ({_first_line(error)}): "
-            "was it trained from this --pretrained model?"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip, EOF and key errors all mean the same: unreadable
+        raise UsageError(
+            f"{flag} {path}: not a readable PyTorch state dict ({_first_line(error)})"
         ) from error
+    if not isinstance(state, dict) or not state:
+        raise UsageError(
+            f"{flag} {path}: expected a state dict (parameter name: tensor), got "
+            f"{type(state).__name__}{' (empty)' if isinstance(state, dict) else ''}"
+        )
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UsageError(
+                f"{flag} {path}: entry {key!r} is of type {type(value).__name__}, not a tensor; "
+                "expected a state dict (parameter name: tensor)"
+            )
+    return state
+
+
+def _check_fits(model: torch.nn.Module, state: dict, what: str) -> None:
+    """``state`` has exactly ``model``'s parameter names and shapes (a state dict of another
+    architecture would load partly, or as a folder replace the pipeline's model whole)."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [
+        f"{key} {list(state[key].shape)} (the pipeline's {list(expected[key])})"
+        for key in expected
+        # torch loads a 1-element tensor into a 0-d parameter (older checkpoints' layout).
+        if key in state
+        and tuple(state[key].shape) != expected[key]
+        and not (expected[key] == () and tuple(state[key].shape) == (1,))
+    ]
+    if missing or unexpected or wrong:
+        found = {"missing": missing, "unexpected": unexpected, "shape of": wrong}
+        details = [
+            f"{label} {', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"
+            for label, items in found.items()
+            if items
+        ]
+        raise UsageError(
+            f"{what} does not fit the pipeline's {type(model).__name__} ({'; '.join(details)}): "
+            "was it trained from this --pretrained model?"
+        )
+
+
+def _load_weights(model: torch.nn.Module, path: Path, flag: str) -> torch.nn.Module:
+    """The model to use: ``model`` with a state dict file's weights, or a diffusers folder's
+    model, refused unless it has ``model``'s architecture (names and shapes)."""
+    what = f"{flag} {path}"
+    if path.is_dir():
+        try:
+            loaded = type(model).from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"{what}: not a diffusers {type(model).__name__} folder ({_first_line(error)})"
+            ) from error
+        _check_fits(model, loaded.state_dict(), what)
+        return loaded.to(model.device, model.dtype)
+    if path.is_file():
+        state = _read_state_dict(path, flag)
+        _check_fits(model, state, what)
+        model.load_state_dict(state)
+        return model
+    raise FileNotFoundError(f"{flag.removeprefix('--')}: no such file or folder {path}")
 
 
 def load_transformer_into(pipeline, transformer_path: str) -> None:
     """A diffusers transformer folder or a ``transformer.pth`` state dict (sdpo-train's export)."""
     path = Path(transformer_path).expanduser()
-    model = pipeline.transformer
-    if path.is_dir():
-        loaded = type(model).from_pretrained(path, local_files_only=True)
-        pipeline.transformer = loaded.to(model.device, model.dtype)
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = _load_state_dict(model, state, f"transformer: {path}")
-        if missing or unexpected:
-            raise ValueError(
-                f"transformer: {path} does not fit the pipeline's transformer (missing "
-                f"{missing[:3]}, unexpected {unexpected[:3]}): was it trained from this "
-                "--pretrained model?"
-            )
-    else:
-        raise FileNotFoundError(f"transformer: no such file or folder {path}")
+    pipeline.transformer = _load_weights(pipeline.transformer, path, "--transformer")
 
 
 def check_flow_settings(settings: GenerateSettings) -> None:
@@ -151,22 +199,35 @@ def diffusers_guidance(guidance: float, cfg_formula: str) -> float:
 
 def load_unet_into(pipeline, unet_path: str) -> None:
     """A diffusers UNet folder or a ``unet.pth`` state dict (as sdpo-train exports both)."""
-    from diffusers import UNet2DConditionModel
-
     path = Path(unet_path).expanduser()
-    if path.is_dir():
-        unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True)
-        pipeline.unet = unet.to(pipeline.unet.device, pipeline.unet.dtype)
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = _load_state_dict(pipeline.unet, state, f"unet: {path}")
-        if missing or unexpected:
-            raise ValueError(
-                f"unet: {path} does not fit the pipeline's UNet (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}): was it trained from this --pretrained model?"
-            )
-    else:
-        raise FileNotFoundError(f"unet: no such file or folder {path}")
+    pipeline.unet = _load_weights(pipeline.unet, path, "--unet")
+
+
+def check_settings(settings: GenerateSettings) -> None:
+    """Every number and name of ``settings`` (flags, or settings built in code) in range, by
+    the trainer's own checks (sdpo.train.config.FIELDS' specs), before anything loads."""
+    # FIELDS entries of the same type and range: max_steps is "an integer >= 1".
+    for flag, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
+        check_value("max_steps", value, flag)
+    if settings.limit is not None:
+        check_value("max_steps", settings.limit, "--limit")
+    if settings.resolution is not None:
+        check_value("resolution", settings.resolution, "--resolution")
+    check_value("validation_guidance", settings.guidance, "--guidance")  # finite, >= 0
+    check_value("seed", settings.seed, "--seed")
+    for flag, value, choices in (
+        ("--model", settings.model, ("sd15", "sdxl", *FLOW_PIPELINES)),
+        ("--dtype", settings.dtype, ("bf16", "fp32")),
+    ):
+        if value not in choices:
+            raise UsageError(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")
+    check_output_dir(settings.output_dir, "--output-dir")
+    for flag, value in (("--unet", settings.unet), ("--transformer", settings.transformer),
+                        ("--lora", settings.lora), ("--vae", settings.vae)):  # fmt: skip
+        if value is not None and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{flag.removeprefix('--')}: no such file or folder {value}")
+    if settings.vae is not None and not Path(settings.vae).expanduser().is_dir():
+        raise UsageError(f"--vae {settings.vae}: expected a diffusers AutoencoderKL folder")
 
 
 def _scheduler(pipeline, name: str):
@@ -221,7 +282,8 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    check_flow_settings(settings)
+    check_flow_settings(settings)  # first: a flag for the other kind of model says so
+    check_settings(settings)
     flow = settings.model in FLOW_PIPELINES
 
     pretrained = Path(settings.pretrained).expanduser()
@@ -239,13 +301,8 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         )
     entries = load_entries(settings.suite, "--suite")
     if settings.limit is not None:
-        if settings.limit < 1:
-            raise ValueError(f"--limit: expected >= 1, got {settings.limit}")
         entries = entries[: settings.limit]
     guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
-    for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
@@ -277,21 +334,28 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         load_transformer_into(pipeline, settings.transformer)
     if settings.lora:
         lora = Path(settings.lora).expanduser()
-        if not lora.exists():
-            raise FileNotFoundError(f"lora: no such file or folder {lora}")
         try:
             pipeline.load_lora_weights(str(lora))
         except RuntimeError as error:  # peft's load_state_dict: adapters of other shapes
             raise ValueError(
-                f"lora: {lora} does not fit the pipeline's transformer ({_first_line(error)}): "
+                f"--lora {lora} does not fit the pipeline's transformer ({_first_line(error)}): "
                 f"was it trained from this --pretrained model (--model {settings.model})?"
+            ) from error
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"--lora {lora}: not LoRA weights diffusers can read ({_first_line(error)})"
             ) from error
     if settings.vae:
         from diffusers import AutoencoderKL
 
-        pipeline.vae = AutoencoderKL.from_pretrained(
-            Path(settings.vae).expanduser(), local_files_only=True
-        )
+        try:
+            pipeline.vae = AutoencoderKL.from_pretrained(
+                Path(settings.vae).expanduser(), local_files_only=True
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"--vae {settings.vae}: not a diffusers AutoencoderKL folder ({_first_line(error)})"
+            ) from error
     pipeline.scheduler = _scheduler(pipeline, settings.scheduler)
     pipeline.to(device)
     if settings.preset:
@@ -309,6 +373,41 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     # Absolute image paths: `score` may run from another directory.
     output = Path(settings.output_dir).expanduser().resolve()
     images_dir = output / "images"
+    try:
+        _render(pipeline, entries, settings, guidance_scale, resolution, images_dir, device)
+    except OSError as error:
+        raise RunFailure(
+            f"generate: writing the images into {images_dir} failed ({error})"
+        ) from error
+    except torch.OutOfMemoryError as error:
+        raise RunFailure(
+            f"generate: out of memory on {device} ({_first_line(error)}); try a smaller "
+            "--batch-size"
+        ) from error
+    manifest = output / "manifest.json"
+    if rank == 0:
+        written = [
+            {**entry, "gen_image_path": str(images_dir / f"{index:05d}.png")}
+            for index, entry in enumerate(entries)
+        ]
+        save_entries(manifest, written)
+        meta = asdict(settings) | {
+            "diffusers_guidance_scale": guidance_scale,
+            "resolution": resolution,
+            "scheduler_class": type(pipeline.scheduler).__name__,
+            "world_size": world_size,
+        }
+        try:
+            meta_path(manifest).write_text(json.dumps(meta, indent=2) + "\n")
+        except OSError as error:
+            raise RunFailure(f"generate: writing {meta_path(manifest)} failed ({error})") from error
+    return manifest
+
+
+def _render(pipeline, entries, settings, guidance_scale, resolution, images_dir, device) -> None:
+    """This rank's images, then (torchrun) a barrier so rank 0 writes the manifest last."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     images_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(entries)) if index % world_size == rank]
     print(
@@ -341,18 +440,3 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         dist.barrier()
-    manifest = output / "manifest.json"
-    if rank == 0:
-        written = [
-            {**entry, "gen_image_path": str(images_dir / f"{index:05d}.png")}
-            for index, entry in enumerate(entries)
-        ]
-        save_entries(manifest, written)
-        meta = asdict(settings) | {
-            "diffusers_guidance_scale": guidance_scale,
-            "resolution": resolution,
-            "scheduler_class": type(pipeline.scheduler).__name__,
-            "world_size": world_size,
-        }
-        meta_path(manifest).write_text(json.dumps(meta, indent=2) + "\n")
-    return manifest

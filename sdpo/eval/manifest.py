@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdpo.eval.errors import RunFailure
+
 
 def load_entries(path: str | Path, what: str = "manifest") -> list[dict]:
     """The entries of a suite or manifest; ``what`` names it in errors (e.g. "--suite")."""
@@ -28,15 +30,21 @@ def load_entries(path: str | Path, what: str = "manifest") -> list[dict]:
             f'{what}: {file} must be a list of objects with a string "prompt" '
             "(the prompt suites' format; `sdpo-eval fetch-suites` downloads them)"
         )
+    if not entries:
+        raise ValueError(f"{what}: {file} holds no entries (an empty list); nothing to do")
     return entries
 
 
 def save_entries(path: str | Path, entries: list[dict]) -> None:
+    """Writes the manifest (aside, then renamed); a failed write is a RunFailure (exit 1)."""
     file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
     temporary = file.with_suffix(file.suffix + ".tmp")
-    temporary.write_text(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
-    temporary.replace(file)  # never a half-written manifest
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
+        temporary.replace(file)  # never a half-written manifest
+    except OSError as error:
+        raise RunFailure(f"writing the manifest {file} failed ({error})") from error
 
 
 def meta_path(path: str | Path) -> Path:

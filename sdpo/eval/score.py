@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sdpo.eval.errors import RunFailure
 from sdpo.eval.manifest import load_entries, save_entries
 from sdpo.eval.scorers import (
     CONVENTIONS,
@@ -17,8 +18,10 @@ from sdpo.eval.scorers import (
     MissingWeights,
     WeightSources,
     build_scorer,
-    file_hash,
 )
+from sdpo.fingerprint import file_hash
+from sdpo.train.config import check_value
+from sdpo.train.errors import UsageError
 
 
 def _versions() -> dict:
@@ -29,6 +32,22 @@ def _versions() -> dict:
         except ImportError:
             info[package] = None
     return info
+
+
+def _check_entry(manifest: str | Path, number: int, entry: dict) -> None:
+    """The fields score reads and writes: a string image path, and scores (if any) an object."""
+    where = f"manifest: {manifest}: entry {number} (prompt {entry['prompt']!r:.60})"
+    path = entry.get("gen_image_path")
+    if path is not None and not isinstance(path, str):
+        raise UsageError(
+            f'{where}: "gen_image_path" must be a string (the image\'s path), got '
+            f"{type(path).__name__} {path!r:.60}"
+        )
+    scores = entry.get("scores")
+    if scores is not None and not isinstance(scores, dict):
+        raise UsageError(
+            f'{where}: "scores" must be an object of metric: number, got {type(scores).__name__}'
+        )
 
 
 def score_manifest(
@@ -57,7 +76,10 @@ def score_manifest(
         )
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing: expected 'error' or 'skip', got {on_missing!r}")
+    check_value("max_steps", batch_size, "--batch-size")  # FIELDS' "an integer >= 1"
     entries = load_entries(manifest)
+    for number, entry in enumerate(entries):
+        _check_entry(manifest, number, entry)
     missing_images = [
         entry["gen_image_path"]
         for entry in entries
@@ -113,10 +135,16 @@ def score_manifest(
                 continue
             raise
         values: list[float] = []
-        for start in range(0, len(scored), batch_size):
-            batch = scored[start : start + batch_size]
-            images = [Image.open(entry["gen_image_path"]) for entry in batch]
-            values += scorer.score(images, [entry["prompt"] for entry in batch])
+        try:
+            for start in range(0, len(scored), batch_size):
+                batch = scored[start : start + batch_size]
+                images = [Image.open(entry["gen_image_path"]) for entry in batch]
+                values += scorer.score(images, [entry["prompt"] for entry in batch])
+        except torch.OutOfMemoryError as error:
+            first = (str(error).strip().splitlines() or ["out of memory"])[0]
+            raise RunFailure(
+                f"{metric}: out of memory on {device} ({first}); try a smaller --batch-size"
+            ) from error
         for entry, value in zip(scored, values, strict=True):
             if not math.isfinite(value):
                 raise ValueError(
@@ -134,7 +162,11 @@ def score_manifest(
     save_entries(manifest, entries)
     summary["versions"] = _versions()
     summary["images"] = len(scored)
-    Path(str(manifest) + ".scores.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_file = Path(str(manifest) + ".scores.json")
+    try:
+        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as error:
+        raise RunFailure(f"writing {summary_file} failed ({error})") from error
     return summary
 
 

@@ -13,6 +13,12 @@ one (fp32 storage).
 Layout: ``cache_index.json`` and ``shard-NNNNN.safetensors`` files of ``--shard-pairs`` pairs with
 ``winner_mean``, ``winner_std``, ``loser_mean``, ``loser_std`` (n, 2, C, h, w; index 1 = flipped),
 ``hidden`` (n, L, D) and, for SDXL, ``pooled`` (n, P); ``empty.safetensors`` for "".
+
+The index also records the weights the cache was built from (``source``: the sha256 of the
+VAE, text-encoder and tokenizer folders, or, for weights built in code, their name and seed).
+Opening a cache (``check_cache``) checks, before any model loads, the index, every shard's
+safetensors header (names, dtypes, shapes; not the data) and that the run's ``--pretrained``
+has the same weights; each problem is one ``UsageError`` line naming the file.
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sdpo.fingerprint import file_hash
 from sdpo.train.cache_cli import ENCODE_DTYPE_NAMES, STORAGE_DTYPE_NAMES
-from sdpo.train.config import FLOW_MODELS
+from sdpo.train.checkpoint import warn
+from sdpo.train.config import FLOW_MODELS, is_random, resolve_random_architecture
 from sdpo.train.data import UnreadableImage, generator_for, load_records, pin_batch, preprocess
+from sdpo.train.errors import UsageError
 from sdpo.train.models import (
     FlowTextConditioner,
     Models,
@@ -40,12 +50,276 @@ from sdpo.train.models import (
 
 INDEX_FILE = "cache_index.json"
 EMPTY_FILE = "empty.safetensors"
+# 2: the index records ``source``, the identity of the weights the cache was built from.
+INDEX_VERSION = 2
+# The parts of a pipeline folder a cache is computed from (those present are fingerprinted):
+# the VAE for the latents, the text encoders and their tokenizers for the embeddings. The
+# UNet / transformer is not: a cache serves any policy trained from the same encoders.
+SOURCE_COMPONENTS = (
+    "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+    "tokenizer_3",
+)  # fmt: skip
+LATENT_KEYS = ("winner_mean", "winner_std", "loser_mean", "loser_std")
+# safetensors' dtype names in a header, by torch dtype name.
+HEADER_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 # The names come from sdpo.train.cache_cli (the command line offers them without importing torch).
 STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
 
 
 def is_cache(path: str | None) -> bool:
     return path is not None and (Path(path).expanduser() / INDEX_FILE).is_file()
+
+
+def _local_folder(pretrained: str) -> Path | None:
+    """A local diffusers folder, or the snapshot folder of a model id in the local HF cache."""
+    folder = Path(pretrained).expanduser()
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(pretrained, "model_index.json")
+    except ValueError:  # not a valid repository id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def source_identity(
+    model: str, pretrained: str | None, seed: int, preset: str | None = None
+) -> dict:
+    """What a cache's latents and embeddings depend on, in a form two runs can compare.
+
+    A local folder (or a cached model id): the sha256 (sdpo.fingerprint.file_hash, as
+    ``sdpo-eval score`` records for its weights) of each of its SOURCE_COMPONENTS, or of the
+    whole folder when it has none of them. Weights built in code (no --pretrained: the tiny
+    model; ``tiny``; ``random[:NAME]``, a flow model's by the architecture it resolves to, with
+    ``preset`` as the trainer resolves it): their name and seed. A model id not on local disk
+    yet: its name only."""
+    if pretrained is None or pretrained == "tiny" or is_random(pretrained):
+        name = pretrained or "tiny"
+        if is_random(pretrained) and model in FLOW_MODELS:
+            name = f"random:{resolve_random_architecture(model, pretrained, preset)}"
+        return {"built_in_code": name, "seed": seed}
+    folder = _local_folder(pretrained)
+    if folder is None:
+        return {"name": pretrained}
+    hashes = {
+        component: file_hash(folder / component)
+        for component in SOURCE_COMPONENTS
+        if (folder / component).is_dir()
+    }
+    return {"sha256": hashes or {".": file_hash(folder)}}
+
+
+def _source_differences(built: dict, run: dict) -> str | None:
+    """None when ``run`` has the weights ``built`` describes, else what differs, in words."""
+    if "sha256" in built and "sha256" in run:
+        names = sorted(built["sha256"].keys() | run["sha256"].keys())
+        differing = [name for name in names if built["sha256"].get(name) != run["sha256"].get(name)]
+        return f"their {', '.join(differing)} differ" if differing else None
+    if built == run:
+        return None
+    if "name" in run:
+        return "the run's model is not on local disk yet, so its weights cannot be compared"
+    return "the weights differ"
+
+
+def _describe_source(source: dict) -> str:
+    if "built_in_code" in source:
+        return f"{source['built_in_code']} (built in code, seed {source.get('seed')})"
+    return "local weights" if "sha256" in source else str(source.get("name"))
+
+
+def _refuse(root: Path, file: str, problem: str) -> UsageError:
+    return UsageError(
+        f"data: {root / file}: {problem}; rebuild the cache with sdpo-cache (same --output-dir)"
+    )
+
+
+def _header(root: Path, name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A safetensors file's tensors as {name: (shape, dtype)}, from its header only (safe_open
+    maps the file and checks the header covers it exactly: a truncated file is refused)."""
+    path = root / name
+    if not path.is_file():
+        raise _refuse(root, name, "missing (the index lists it)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {
+                key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                for key in handle.keys()
+            }
+    except (SafetensorError, OSError) as error:
+        raise _refuse(root, name, f"not a readable safetensors file ({error})") from None
+
+
+def _check_tensors(
+    root: Path, name: str, tensors: dict, expected: dict[str, tuple[tuple[int, ...], str]]
+) -> None:
+    """``tensors`` (a header) holds exactly ``expected``'s names with its shapes and dtypes."""
+    if tensors.keys() != expected.keys():
+        missing = sorted(expected.keys() - tensors.keys())
+        extra = sorted(tensors.keys() - expected.keys())
+        raise _refuse(root, name, f"holds tensors {sorted(tensors)} (missing {missing}, "
+                      f"unexpected {extra})")  # fmt: skip
+    for key, (shape, dtype) in expected.items():
+        if tensors[key] != (shape, dtype):
+            got_shape, got_dtype = tensors[key]
+            raise _refuse(
+                root,
+                name,
+                f"{key} is {got_dtype} {list(got_shape)}, expected {dtype} {list(shape)} (as the "
+                "index and the other shards)",
+            )
+
+
+def _checked_index(root: Path) -> dict:
+    """cache_index.json, read and its fields checked (types, counts, shard names)."""
+    path = root / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(f"data: cannot read {path} ({error.strerror or error})") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _refuse(root, INDEX_FILE, f"not JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise _refuse(root, INDEX_FILE, f"expected an object, got {type(index).__name__}")
+
+    def field(key: str, check, expected: str):
+        if key not in index:
+            raise _refuse(root, INDEX_FILE, f'no "{key}" ({expected})')
+        if not check(index[key]):
+            raise _refuse(root, INDEX_FILE, f'"{key}" must be {expected}, got {index[key]!r:.80}')
+        return index[key]
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    field("resolution", count, "an integer >= 1")
+    field("storage_dtype", lambda value: value in STORAGE_DTYPES, f"one of {list(STORAGE_DTYPES)}")
+    captions = field(
+        "captions",
+        lambda value: isinstance(value, list) and all(isinstance(c, str) for c in value),
+        "a list of strings",
+    )
+    shards = field(
+        "shards",
+        lambda value: isinstance(value, list) and value and all(isinstance(s, dict) for s in value),
+        "a non-empty list of {file, pairs} objects",
+    )
+    for number, shard in enumerate(shards):
+        file, pairs = shard.get("file"), shard.get("pairs")
+        # A plain file name in the cache folder: never a path that leads out of it.
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise _refuse(root, INDEX_FILE, f"shards[{number}].file must be a file name, got "
+                          f"{file!r}")  # fmt: skip
+        if not count(pairs):
+            raise _refuse(root, INDEX_FILE, f"shards[{number}].pairs must be an integer >= 1, "
+                          f"got {pairs!r}")  # fmt: skip
+    listed = sum(shard["pairs"] for shard in shards)
+    if listed != len(captions) or index.get("pairs", listed) != listed:
+        raise _refuse(
+            root,
+            INDEX_FILE,
+            f'its shards hold {listed} pairs, its captions {len(captions)}, its "pairs" '
+            f"{index.get('pairs')!r}: they must agree",
+        )
+    return index
+
+
+def check_cache(
+    path: str,
+    *,
+    model: str | None,
+    resolution: int,
+    pretrained: str | None = None,
+    identity: dict | None = None,
+    warn_here: bool = True,
+) -> dict:
+    """The cache's index, once the index, every shard's header and the weights it was built
+    from fit the run; otherwise a one-line UsageError naming the file. ``identity``: the run's
+    ``source_identity`` of ``pretrained`` (None skips that check). ``warn_here``: this process
+    prints the warning for an index from before ``source`` was recorded (rank 0 under torchrun)."""
+    root = Path(path).expanduser()
+    index = _checked_index(root)
+    built_for = index.get("model")
+    if model is not None and built_for is not None and built_for != model:
+        raise UsageError(
+            f"data: the cache at {path} was built for --model {built_for}, the run trains "
+            f"{model}; rebuild it with sdpo-cache --model {model}"
+        )
+    if index["resolution"] != resolution:
+        raise UsageError(
+            f"data: the cache at {path} was built at resolution {index['resolution']}, "
+            f"the run asks for {resolution}; rebuild it with sdpo-cache --resolution {resolution}"
+        )
+    if identity is not None:
+        _check_source(root, index, pretrained, identity, warn_here)
+    dtype = HEADER_DTYPES[index["storage_dtype"]]
+    empty = _header(root, EMPTY_FILE)
+    hidden = empty.get("hidden", ((), ""))[0]
+    if len(hidden) != 3 or hidden[0] != 1:
+        raise _refuse(root, EMPTY_FILE, f"hidden must have shape [1, L, D], got {empty}")
+    text = {key: shape[1:] for key, (shape, _) in empty.items()}  # (L, D), and SDXL's (P,)
+    # Each view's latent shape, (C, h, w) (Wan: (C, 1, h, w)), as the first shard has it.
+    first = index["shards"][0]
+    shape = _header(root, first["file"]).get("winner_mean", ((), ""))[0]
+    if len(shape) < 5 or shape[:2] != (first["pairs"], 2):
+        raise _refuse(
+            root,
+            first["file"],
+            f"winner_mean must have shape [{first['pairs']}, 2, C, h, w], got {list(shape)}",
+        )
+    latent = shape[2:]
+    for shard in index["shards"]:
+        pairs = shard["pairs"]
+        expected = {key: ((pairs, 2, *latent), dtype) for key in LATENT_KEYS}
+        expected |= {key: ((pairs, *size), dtype) for key, size in text.items()}
+        _check_tensors(root, shard["file"], _header(root, shard["file"]), expected)
+    return index
+
+
+def _same_pretrained(first: str | None, second: str | None) -> bool:
+    if first is None or second is None:
+        return first == second
+    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+
+
+def _check_source(
+    root: Path, index: dict, pretrained: str | None, identity: dict, warn_here: bool
+) -> None:
+    built = index.get("source")
+    if built is None:
+        # An index from before the weights' fingerprint was recorded: only the recorded
+        # --pretrained text can be compared. A different one is the mismatch this check exists
+        # for (refused); the same one is most likely the same weights, and rebuilding costs
+        # hours on Pick-a-Pic, so it is used, with a warning that it cannot be verified.
+        recorded, run = index.get("pretrained"), pretrained
+        if not _same_pretrained(recorded, run):
+            raise _refuse(
+                root,
+                INDEX_FILE,
+                f"built from --pretrained {recorded}, the run uses {run} (an index from before "
+                "the weights' fingerprint was recorded)",
+            )
+        if warn_here:
+            warn(
+                f"{root / INDEX_FILE} records no fingerprint of the weights it was built from "
+                f"(an older sdpo-cache); it is used since it names the same --pretrained {run}, "
+                "unverified; rebuild it with sdpo-cache to have it checked"
+            )
+        return
+    if not isinstance(built, dict) or not isinstance(built.get("sha256", {}), dict):
+        raise _refuse(root, INDEX_FILE, f'"source" is not what sdpo-cache writes: {built!r:.80}')
+    difference = _source_differences(built, identity)
+    if difference is not None:
+        raise UsageError(
+            f"data: the cache at {root} was built from --pretrained {index.get('pretrained')} "
+            f"({_describe_source(built)}), the run uses {pretrained} "
+            f"({_describe_source(identity)}): {difference}; rebuild it with "
+            f"sdpo-cache --pretrained {pretrained}"
+        )
 
 
 ENCODE_DTYPES = {name: getattr(torch, name) for name in ENCODE_DTYPE_NAMES}
@@ -219,11 +493,12 @@ def build_cache(
 ) -> dict:
     """Writes the cache; returns its index. Unreadable pairs are skipped and counted."""
     records = load_records(data, resolution=resolution, synthetic_pairs=synthetic_pairs, seed=seed)
+    identity = source_identity(model, pretrained, seed)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model in FLOW_MODELS:
         if pretrained is None:
-            raise ValueError(
-                f"sdpo-cache: --model {model} needs --pretrained PATH (a local diffusers folder) "
+            raise UsageError(
+                f"--model {model} needs --pretrained PATH (a local diffusers folder) "
                 "or --pretrained tiny"
             )
         # The cache runs only the VAE and the text encoders: no transformer is built or loaded.
@@ -245,8 +520,9 @@ def build_cache(
             else build_tiny(resolution, seed)
         )
     if models.vae is None:
-        raise ValueError(
-            "sdpo-cache: this model has no VAE (a pixel-space model needs no latent cache)"
+        raise UsageError(
+            f"--pretrained {pretrained}: this model has no VAE (a pixel-space model needs no "
+            "latent cache)"
         )
     models.vae.to(target).eval()
     models.text.to(target).eval()
@@ -280,9 +556,10 @@ def build_cache(
     if not captions:
         raise ValueError(f"data: {data} has no pair with two readable images")
     index = {
-        "version": 1,
+        "version": INDEX_VERSION,
         "model": model,
         "pretrained": pretrained,
+        "source": identity,
         "resolution": resolution,
         "storage_dtype": storage_dtype,
         "scaling_factor": getattr(models.vae.config, "scaling_factor", None),
@@ -324,23 +601,22 @@ class CachedPairBatches:
         resolution: int,
         hflip: bool = True,
         model: str | None = None,
+        pretrained: str | None = None,
+        identity: dict | None = None,
     ) -> None:
+        """Checks the cache first (``check_cache``; ``identity`` None: not its weights)."""
         from sdpo.train.data import PairBatches, PairRecord
 
         self.hflip = hflip
         self.root = Path(path).expanduser()
-        self.index = json.loads((self.root / INDEX_FILE).read_text())
-        built_for = self.index.get("model")
-        if model is not None and built_for is not None and built_for != model:
-            raise ValueError(
-                f"data: the cache at {path} was built for --model {built_for}, the run trains "
-                f"{model}; rebuild it with sdpo-cache --model {model}"
-            )
-        if self.index["resolution"] != resolution:
-            raise ValueError(
-                f"data: the cache at {path} was built at resolution {self.index['resolution']}, "
-                f"the run asks for {resolution}; rebuild it with sdpo-cache --resolution {resolution}"
-            )
+        self.index = check_cache(
+            path,
+            model=model,
+            resolution=resolution,
+            pretrained=pretrained,
+            identity=identity,
+            warn_here=rank == 0,
+        )
         self.locations = [
             (shard["file"], row) for shard in self.index["shards"] for row in range(shard["pairs"])
         ]
@@ -364,7 +640,13 @@ class CachedPairBatches:
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - a few shards of one cache per process
     def _shard(self, name: str) -> dict[str, Tensor]:
-        return load_file(str(self.root / name))
+        try:
+            return load_file(str(self.root / name))
+        except (SafetensorError, OSError) as error:
+            # Its header was checked when the run opened the cache: it changed since (status 1).
+            raise ValueError(
+                f"data: reading {self.root / name} failed during the run ({error})"
+            ) from error
 
     def next_position(self, epoch: int, batch_index: int) -> tuple[int, int]:
         return self.plan.next_position(epoch, batch_index)

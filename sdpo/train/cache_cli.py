@@ -13,6 +13,7 @@ import sys
 from sdpo.train.config import (
     FLOW_MODELS,
     check_num_workers,
+    check_output_dir,
     integer_at_least,
     setting_argument_type,
 )
@@ -72,10 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         "--num-workers", type=_worker_count, default=0, help="image-decoding worker processes"
     )
     arguments = parser.parse_args(argv)
+    try:
+        check_output_dir(arguments.output_dir, "--output-dir")
+    except UsageError as error:
+        print(f"sdpo-cache: error: {error}", file=sys.stderr)
+        return 2
     from sdpo.train.cache import build_cache
 
     try:
         index = build_cache(**vars(arguments))
+    except UsageError as error:  # a refused setting or input: as sdpo-train, status 2
+        print(f"sdpo-cache: error: {error}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as error:
         print(f"sdpo-cache: error: {error}", file=sys.stderr)
         return 1

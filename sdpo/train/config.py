@@ -830,22 +830,23 @@ def check_value(name: str, value: Any, label: str) -> Any:
     return value
 
 
-def check_output_dir(text: str) -> None:
-    """The output folder exists and is writable, or can be created (before any model loads)."""
+def check_output_dir(text: str, label: str = "output_dir") -> None:
+    """The output folder exists and is writable, or can be created (before any model loads);
+    ``label`` names it in the message (another command's flag, e.g. ``--output-dir``)."""
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"output_dir: {path} is a file, not a folder; choose another")
+            raise UsageError(f"{label}: {path} is a file, not a folder; choose another")
         if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"output_dir: cannot write into {path} (permission denied)")
+            raise UsageError(f"{label}: cannot write into {path} (permission denied)")
         return
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UsageError(f"output_dir: cannot create {path}: {ancestor} is a file, not a folder")
+        raise UsageError(f"{label}: cannot create {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"output_dir: cannot create {path}: {ancestor} is not writable")
+        raise UsageError(f"{label}: cannot create {path}: {ancestor} is not writable")
 
 
 def check_knobs(config: TrainConfig) -> None:
@@ -1041,7 +1042,10 @@ _MU_OFF_WORDS = ("none", "off", "null", "false", "no")
 _EXPLICIT_NONE = "__none__"
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors raise UsageError (one line: the command prints it and
+    exits 2) instead of printing the usage and exiting; its subcommands' parsers do the same."""
+
     def error(self, message: str):  # one line through UsageError, not usage + exit
         raise UsageError(message)
 
@@ -1154,7 +1158,7 @@ def presets_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="sdpo-train",
         usage="sdpo-train [--preset NAME] [--config FILE.yaml] [--FLAG VALUE ...]",
         description="Preference alignment of diffusion models: Diffusion-DPO, DSPO, DMPO, with "

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sdpo.train import checkpoint as checkpoints
-from sdpo.train.cache import CachedPairBatches, is_cache
+from sdpo.train.cache import CachedPairBatches, is_cache, source_identity
 from sdpo.train.config import (
     TrainConfig,
     check_num_workers,
@@ -114,7 +114,15 @@ def make_batches(config: TrainConfig, environment: Distributed) -> PairBatches |
         hflip=config.hflip,
     )
     if is_cache(config.data):
-        return CachedPairBatches(config.data, model=config.model, **shared)
+        # The weights this run's --pretrained loads, as the cache's index records its own.
+        identity = source_identity(config.model, config.pretrained, config.seed, config.preset)
+        return CachedPairBatches(
+            config.data,
+            model=config.model,
+            pretrained=config.pretrained,
+            identity=identity,
+            **shared,
+        )
     records = load_records(
         config.data,
         resolution=config.resolution,

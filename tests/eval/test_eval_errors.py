@@ -15,8 +15,10 @@ from tiny_models import save_clip_folder
 
 from sdpo.eval import compare, preprocess, scorers
 from sdpo.eval.cli import main as eval_main
+from sdpo.eval.errors import RunFailure
 from sdpo.eval.generate import GenerateSettings, generate
 from sdpo.eval.score import score_manifest
+from sdpo.fingerprint import file_hash
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +52,10 @@ def _cli(capsys, arguments: list[str]) -> tuple[int, str]:
     return code, "\n".join(lines)
 
 
-def _one_line_error(capsys, arguments: list[str]) -> str:
+def _one_line_error(capsys, arguments: list[str], status: int = 2) -> str:
+    """The one error line of a refused call (status 2), or of a failure while it ran (1)."""
     code, err = _cli(capsys, arguments)
-    assert code == 2 and len(err.splitlines()) == 1, err
+    assert code == status and len(err.splitlines()) == 1, err
     assert err.startswith("sdpo-eval: error: ") and "Traceback" not in err, err
     return err
 
@@ -191,21 +194,21 @@ def test_file_hash_covers_the_whole_file_and_folders(tmp_path, monkeypatch):
         with open(path, "wb") as handle:  # sparse: 65 MiB of zeros, one differing last byte
             handle.seek(65 * 2**20)
             handle.write(last)
-    assert scorers.file_hash(str(first)) != scorers.file_hash(str(second))
+    assert file_hash(str(first)) != file_hash(str(second))
     import hashlib
 
-    assert scorers.file_hash(str(first)) == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert file_hash(str(first)) == hashlib.sha256(first.read_bytes()).hexdigest()
     cache = json.loads((tmp_path / "cache" / "sdpo-eval" / "sha256.json").read_text())
     assert len(cache) == 2  # keyed by path, size and mtime: not re-read while unchanged
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"1")
-    before = scorers.file_hash(str(folder))
+    before = file_hash(str(folder))
     assert before is not None
     (folder / "model.safetensors").write_bytes(b"2")
-    assert scorers.file_hash(str(folder)) != before
-    assert scorers.file_hash(str(tmp_path / "absent")) is None
+    assert file_hash(str(folder)) != before
+    assert file_hash(str(tmp_path / "absent")) is None
 
 
 def test_clip_l_loads_once_for_clip_and_aesthetics(tmp_path, monkeypatch):
@@ -343,14 +346,14 @@ def test_fetch_suites_from_a_local_mirror(tmp_path, monkeypatch, capsys):
     # A mirror serving other bytes: an error naming the URL, and nothing kept.
     (tmp_path / "data" / "prompts" / "papv2.json").unlink()
     (mirror / "prompts" / "papv2.json").write_bytes(b"tampered")
-    line = _one_line_error(capsys, arguments)
+    line = _one_line_error(capsys, arguments, status=1)  # a download's failure, not an input's
     assert "papv2.json has sha256" in line and "expected" in line
     assert not (tmp_path / "data" / "prompts" / "papv2.json").exists()
     assert not list((tmp_path / "data").rglob("*.part"))
     # A network failure is one line too.
     assert "downloading" in _one_line_error(
         capsys, ["fetch-suites", "--output-dir", str(tmp_path / "x"), "--base-url",
-                 (tmp_path / "nowhere").as_uri()],
+                 (tmp_path / "nowhere").as_uri()], status=1,
     )  # fmt: skip
 
 
@@ -378,11 +381,11 @@ def test_fetch_suites_official_table(tmp_path):
         requested.append(url)
         return Response()
 
-    with pytest.raises(ValueError, match="has sha256"):
+    with pytest.raises(RunFailure, match="has sha256"):
         fetch.fetch_suites(tmp_path / "a", opener=opener, log=lambda _: None)
     # The head's "+" is percent-encoded in the raw URL.
     head_only = {k: v for k, v in fetch.OFFICIAL_FILES.items() if k.startswith("aesthetics")}
-    with pytest.raises(ValueError):
+    with pytest.raises(RunFailure):
         fetch.fetch_suites(tmp_path / "b", files=head_only, opener=opener, log=print)
     assert requested[-1].endswith("utils/aesthetics_model/sac%2Blogos%2Bava1-l14-linearMSE.pth")
 
