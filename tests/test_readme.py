@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -20,9 +23,24 @@ def test_python_examples_run():
         exec(compile(block, str(README), "exec"), namespace)
 
 
-def test_ci_runs_the_readme_blocks():
-    text = README.read_text()
-    for step in ("install", "test"):
-        assert f"<!-- ci:{step} -->\n```bash\n" in text, step
-    ci_script = (README.parent / ".ci" / "run").read_text()
-    assert "readme_block" in ci_script and "for step in install test" in ci_script
+def readme_block(name: str) -> str:
+    """The fenced block after ``<!-- ci:NAME -->``, read here with a regular expression."""
+    match = re.search(rf"<!-- ci:{name} -->\n```bash\n(.*?)```", README.read_text(), re.DOTALL)
+    assert match, f"README.md has no ci:{name} block"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("name", ["install", "test"])
+def test_ci_reads_exactly_the_readme_blocks(name):
+    # .ci/run's own reader (its readme_block shell function, run as CI runs it) must print the
+    # block the README shows, so CI runs what a user reads.
+    script = README.parent / ".ci" / "run"
+    reader = re.search(r"^readme_block\(\) \{.*?^\}", script.read_text(), re.DOTALL | re.MULTILINE)
+    assert reader, ".ci/run defines no readme_block function"
+    result = subprocess.run(
+        ["bash", "-c", f"{reader.group(0)}\nreadme_block {name}"],
+        cwd=README.parent, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == readme_block(name)
+    assert "for step in install test" in script.read_text()

@@ -6,10 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from formulas import make_inputs
 
-import sdpo
-from sdpo import reference
 from sdpo.settings import LossSettings
 
 
@@ -44,17 +41,6 @@ def test_built_once_from_the_public_arguments_and_frozen():
 def test_invalid_fields_are_rejected_when_built(fields, message):
     with pytest.raises(ValueError, match=message):
         LossSettings(**fields)
-
-
-def test_the_reference_takes_the_settings_the_api_builds():
-    model_pred, ref_pred, target = make_inputs(3, (2, 4))
-    settings = LossSettings("diffusion-dpo", 50.0, 0.6, 2, 0.0)
-    loss, stats = reference.preference_loss_reference(model_pred, ref_pred, target, settings)
-    result = sdpo.preference_loss(
-        model_pred, ref_pred, target, beta=50.0, mu=0.6, granularity="group:2", backend="torch"
-    )
-    torch.testing.assert_close(loss, result.loss, rtol=0, atol=0)
-    torch.testing.assert_close(stats["lambda"], result.stats["lambda"], rtol=0, atol=0)
 
 
 def test_from_arguments_cache_never_changes_what_is_accepted_or_refused(monkeypatch):
