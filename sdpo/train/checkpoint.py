@@ -109,6 +109,7 @@ RESUME_RULES: dict[str, str] = {
     "mode_scale": "same",
     "flow_loss_weighting": "same",
     "flow_dynamic_shift": "same",
+    "flux_guidance": "same",  # the guidance embedding's input: changes every prediction
     "timestep_weighting": "same",
     "timestep_mask_threshold": "same",
     "timestep_clip": "same",

@@ -82,6 +82,10 @@ class TrainConfig:
     # FLUX only: shift the training sigmas by the training resolution's token count, as the
     # pipeline shifts them at inference (off: the diffusers FLUX script's unshifted table).
     flow_dynamic_shift: bool = False
+    # FLUX.1-dev only: the value fed to its guidance embedding in training (it is guidance-
+    # distilled). 3.5: FluxPipeline's default guidance_scale at inference and the diffusers FLUX
+    # DreamBooth script's default; that script's README commands pass 1.
+    flux_guidance: float = 3.5
     # EXPERIMENTAL timestep weighting (sdpo.timesteps; DDPM models only): per-pair weights
     # outside the sigmoid, from arXiv 2505.21893, whose v2 reports an error in its main theorem.
     timestep_weighting: str = "none"
@@ -298,6 +302,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "flux",
         "resolution": 1024,
         "flow_density": "uniform",
+        # FLUX.1-dev is guidance-distilled: its pipeline never evaluates an empty caption (no
+        # classifier-free guidance at inference), so a dropped caption would train a condition
+        # the model is never used with. The diffusers FLUX scripts drop none either.
+        "caption_dropout": 0.0,
     },
     "wan-dpo-lora": {**_FLOW_LORA, "model": "wan", "resolution": 480},
 }
@@ -418,7 +426,7 @@ def resolve_random_architecture(model: str, pretrained: str, preset: str | None 
 
 _FLOW_FIELDS = (
     "flow_density", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting",
-    "flow_dynamic_shift",
+    "flow_dynamic_shift", "flux_guidance",
 )  # fmt: skip
 
 
@@ -497,6 +505,14 @@ def check_flow_settings(config: TrainConfig) -> None:
                 f"sd3, flux or wan); {config.model} takes --pretrained random"
             )
         return
+    if (
+        config.flux_guidance != TrainConfig.__dataclass_fields__["flux_guidance"].default
+        and config.model != "flux"
+    ):
+        raise UsageError(
+            f"flux_guidance: only FLUX.1-dev has a guidance embedding; {config.model} has none, "
+            "drop --flux-guidance"
+        )
     if config.flow_dynamic_shift and config.model != "flux":
         # SD3/SD3.5 schedulers carry a static shift (3.0) already in their table, Wan's too.
         raise UsageError(
@@ -649,6 +665,9 @@ FIELDS: dict[str, FieldSpec] = {
     "flow_dynamic_shift": FieldSpec(bool, "FLUX: shift training sigmas by the resolution's token "
                                     "count as the pipeline does at inference (default: the "
                                     "FLUX script's unshifted table)", _DATA),
+    "flux_guidance": FieldSpec(float, "FLUX.1-dev: the training value of its guidance embedding "
+                               "(default 3.5, FluxPipeline's inference default; diffusers' FLUX "
+                               "README commands train at 1)", _DATA, low=0.0),
     "timestep_weighting": FieldSpec(str, "EXPERIMENTAL per-pair timestep weights (sdpo.timesteps"
                                     "; arXiv 2505.21893, whose v2 states its main theorem has a "
                                     "critical error; our own derivation): dpo-cm masks pairs with"

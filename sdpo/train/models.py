@@ -332,6 +332,8 @@ def load_flow_models(config: TrainConfig, device: torch.device | None = None) ->
             random_architecture=random_flow_architecture(config) if random else None,
         )
     density = FlowDensity.from_config(config)
+    if hasattr(flow, "guidance_scale"):  # FLUX: its guidance embedding's training input
+        flow.guidance_scale = config.flux_guidance
     return Models(
         unet=flow.transformer,
         reference_unet=None,

@@ -43,6 +43,7 @@ KINDS: dict[str, str] = {
     "mode_scale": "float",
     "flow_loss_weighting": "choice",
     "flow_dynamic_shift": "bool",
+    "flux_guidance": "float",
     "timestep_weighting": "choice",
     "timestep_mask_threshold": "float",
     "timestep_clip": "float",
@@ -344,7 +345,7 @@ def test_every_flag_accepts_underscores(tmp_path):
         # The flow settings need a flow model, the timestep knobs their weighting mode.
         if name in ("logit_mean", "logit_std", "mode_scale"):
             argv = ["--model", "sd3", "--pretrained", "tiny", *argv]
-        if name == "flow_dynamic_shift":
+        if name in ("flow_dynamic_shift", "flux_guidance"):
             argv = ["--model", "flux", "--pretrained", "tiny", *argv]
         if name in ("timestep_mask_threshold", "timestep_clip"):
             argv = ["--timestep_weighting", "importance", *argv]

@@ -557,3 +557,21 @@ def test_mode_scale_outside_the_papers_range_is_refused(tmp_path, scale):
     assert "\n" not in str(error.value)
     for inside in (-1.0, 1.29, flow_matching.MODE_SCALE_MAX):  # the bound itself is allowed
         FlowDensity(density="mode", mode_scale=inside)
+
+
+def test_a_positive_logit_mean_draws_less_noise():
+    # diffusers' convention (docs/flow_matching.md): u = sigmoid(N(m, s)) indexes a table that
+    # runs from most to least noise, so m > 0 means smaller sigmas: the SD3 paper's m is -m here.
+    family = families.SD3Family.build_tiny(16, seed=0)
+    means = {}
+    for mean in (-2.0, 2.0):
+        sigmas, _ = flow_matching.sample_pair_sigmas(
+            family.scheduler,
+            512,
+            FlowDensity(logit_mean=mean),
+            torch.Generator().manual_seed(0),
+            CPU,
+        )
+        means[mean] = float(sigmas.mean())
+    # (SD3's shift 3 moves both toward noise: 0.31 and 0.93 here.)
+    assert means[2.0] + 0.4 < means[-2.0], means

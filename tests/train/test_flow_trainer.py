@@ -480,3 +480,30 @@ def test_flux_dynamic_shift_reads_the_packed_token_count(tmp_path, monkeypatch):
         packed = FluxPipeline._pack_latents(torch.zeros(shape), rows, channels, height, width)
         assert tokens == packed.shape[1], (shape, tokens)
     assert len(set(seen["tokens"])) == 2  # 4x the tokens at twice the resolution
+
+
+@pytest.mark.parametrize("guidance", [None, 1.0])
+def test_flux_guidance_reaches_the_guidance_embedding(tmp_path, monkeypatch, guidance):
+    # The transformer's guidance input is --flux-guidance (default 3.5, FluxPipeline's own
+    # inference default); the flux preset drops no caption (a guidance-distilled model).
+    from diffusers import FluxTransformer2DModel
+
+    seen = []
+    real_forward = FluxTransformer2DModel.forward
+
+    def forward(self, *args, guidance=None, **kwargs):
+        seen.append(None if guidance is None else guidance.unique().tolist())
+        return real_forward(self, *args, guidance=guidance, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", forward)
+    flags = ["--model", "flux", "--max-steps", "1"]
+    if guidance is not None:
+        flags += ["--flux-guidance", str(guidance)]
+    train(flow_config(tmp_path, "flux", *flags))
+    assert seen and all(values == [3.5 if guidance is None else guidance] for values in seen)
+    assert PRESETS["flux-dpo-lora"]["caption_dropout"] == 0.0
+
+
+def test_flux_guidance_is_refused_for_other_models(tmp_path):
+    with pytest.raises(UsageError, match=r"flux_guidance: only FLUX\.1-dev"):
+        flow_config(tmp_path, "sd3", "--model", "sd3", "--flux-guidance", "1")
