@@ -466,3 +466,69 @@ def test_declared_ranges_come_from_pyproject_and_flag_an_older_torch(tmp_path):
     )
     assert f"torch 2.11.0+cu130 is below pyproject's torch>={declared['torch']}" in report
     assert "triton" not in report.split("is below")[-1]  # only the one outside is flagged
+
+
+def _profiling_ncu_calls(arguments_per_call: list[list[str]]) -> list[list[str]]:
+    """The ncu calls that launch a program under the profiler (``--import`` only reads one)."""
+    return [arguments for arguments in arguments_per_call if "--import" not in arguments]
+
+
+def _has_clock_control_none(arguments: list[str]) -> bool:
+    return any(
+        arguments[index : index + 2] == ["--clock-control", "none"]
+        for index in range(len(arguments) - 1)
+    )
+
+
+def test_gpu_check_ncu_leaves_the_clocks_alone(tmp_path, monkeypatch):
+    context = gpu_check.PhaseContext(argparse_namespace(tmp_path))
+    calls = []
+
+    def fake_command(command, timeout_s, env=None):
+        calls.append(command[1:])
+        return {"rc": 0}
+
+    def fake_run(command, **kwargs):
+        calls.append(command[1:])
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/opt/nsight/ncu")
+    monkeypatch.setattr(context, "command", fake_command)
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    gpu_check.phase_ncu(context)
+    profiling = _profiling_ncu_calls(calls)
+    assert profiling and all(_has_clock_control_none(call) for call in profiling), calls
+
+
+def test_ncu_script_leaves_the_clocks_alone(tmp_path):
+    """profiling/ncu.sh with a recording ncu (and a python that does nothing) on PATH."""
+    log = tmp_path / "ncu-calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ncu").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\n')
+    (fake / "python").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("ncu", "python"):
+        (fake / name).chmod(0o755)
+    completed = subprocess.run(
+        ["bash", str(REPOSITORY / "profiling" / "ncu.sh"), str(tmp_path / "out" / "loss")],
+        env={"PATH": f"{fake}:/usr/bin:/bin"},
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    calls = [line.split() for line in log.read_text().splitlines()]
+    profiling = _profiling_ncu_calls(calls)
+    assert len(profiling) == 1 and _has_clock_control_none(profiling[0]), calls
+
+
+def test_cmake_ncu_target_leaves_the_clocks_alone():
+    text = (REPOSITORY / "CMakeLists.txt").read_text()
+    # Every ncu command word of the file, up to the end of its CMake call.
+    calls = [
+        match.group(1).split()
+        for match in re.finditer(r"(?m)^\s*(?:COMMAND\s.*?\s)?ncu\s([^)]*)", text)
+    ]
+    assert calls, "no ncu call found in CMakeLists.txt"
+    assert all(_has_clock_control_none(call) for call in _profiling_ncu_calls(calls)), calls

@@ -915,6 +915,13 @@ def phase_overhead(context: PhaseContext) -> None:
         raise SystemExit(f"overhead: sdpo-profile overhead failed for {', '.join(failed)}")
 
 
+# Nsight Compute locks the GPU's clocks to base while it profiles unless told not to; the slot's
+# rules leave the accelerator's settings as they are, so every profiling ncu call (here,
+# profiling/ncu.sh, CMake's ncu-kernels) passes these. Durations are then at the clocks the
+# trainer runs at (boost), not base.
+NCU_CLOCK_FLAGS = ("--clock-control", "none")
+
+
 def phase_ncu(context: PhaseContext) -> None:
     ncu = shutil.which("ncu")
     if ncu is None:
@@ -931,7 +938,8 @@ def phase_ncu(context: PhaseContext) -> None:
         "case.step(); torch.cuda.synchronize()\n"
     )
     profile = context.command(
-        [ncu, "--target-processes", "all", "--kernel-name", "regex:pair_sums|finalize|gradient",
+        [ncu, *NCU_CLOCK_FLAGS, "--target-processes", "all", "--kernel-name",
+         "regex:pair_sums|finalize|gradient",
          "--launch-count", "6", "--section", "SpeedOfLight", "--section",
          "MemoryWorkloadAnalysis", "--export", str(report), "--force-overwrite",
          sys.executable, "-c", script],
