@@ -144,12 +144,20 @@ def test_overhead_phase_runs_the_requested_flow_presets(tmp_path, monkeypatch, d
     if dry_run:
         assert presets == ["tiny", "tiny-flux", "tiny-sd3"]
         return
-    # After sd15's ladder, before sdxl; eager at 2 pairs.
-    assert presets == ["sd15", "flux", "sd35", "sdxl"]
-    for command in commands[1:3]:
+    # sd15's ladder as three processes, cheapest first (its eager variants, then each cold
+    # compile alone), each with its own results file; then the flow presets, eager at 2 pairs,
+    # then sdxl.
+    assert presets == ["sd15", "sd15", "sd15", "flux", "sd35", "sdxl"]
+    variants = [command[command.index("--variants") + 1] for command in commands]
+    assert variants[0].split(",")[0] == "eager"
+    assert not {"compile", "cuda-graphs"} & set(variants[0].split(","))
+    assert variants[1:3] == ["cuda-graphs", "compile"]
+    outputs = [command[command.index("--output") + 1] for command in commands]
+    assert len(set(outputs)) == len(outputs)
+    for command in commands[3:5]:
         assert command[command.index("--variants") + 1] == "eager"
         assert command[command.index("--batch-pairs") + 1] == "2"
-    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[3]
+    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[5]
 
 
 def test_empty_wheel_folder_is_refused(tmp_path):
@@ -254,6 +262,8 @@ def fake_trainer(tmp_path: Path, outcomes: dict, monkeypatch) -> gpu_check.Phase
     import torch
     from safetensors.torch import save_file
 
+    from sdpo.train.checkpoint import MODEL_FILE
+
     arguments = argparse_namespace(tmp_path)
     context = gpu_check.PhaseContext(arguments)
 
@@ -269,10 +279,10 @@ def fake_trainer(tmp_path: Path, outcomes: dict, monkeypatch) -> gpu_check.Phase
             ]
             (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             save_file({"w": torch.full((4,), weight)}, str(output / "unet" / "model.safetensors"))
-            if "--checkpoint-every" in command:
+            if command[command.index("--checkpoint-every") + 1] != "0":
                 folder = output / "checkpoint-2"
                 folder.mkdir()
-                save_file({"w": torch.full((4,), 0.9)}, str(folder / "model.safetensors"))
+                save_file({"w": torch.full((4,), 0.9)}, str(folder / MODEL_FILE))
         return {"command": " ".join(command), "rc": rc}
 
     monkeypatch.setattr(context, "command", command)
@@ -532,3 +542,92 @@ def test_cmake_ncu_target_leaves_the_clocks_alone():
     ]
     assert calls, "no ncu call found in CMakeLists.txt"
     assert all(_has_clock_control_none(call) for call in _profiling_ncu_calls(calls)), calls
+
+
+def test_plan_fits_every_phase_share_the_slot_and_its_disk():
+    """The GPU run's plan at the default budget: each phase's required work within its share,
+    the budget and the required total within the 540 s slot, the peak disk within 40 GB."""
+    planned = gpu_check.plan(gpu_check.DEFAULT_BUDGET_S, flow_overhead=("sd35", "flux", "wan"))
+    assert gpu_check.plan_problems(planned) == []
+    assert planned["budget_s"] + 10 <= gpu_check.SLOT_S  # + the last phase's grace
+    trainer = next(row for row in planned["phases"] if row["phase"] == "trainer")
+    # Runs are deleted after each: the peak is eager's checkpoint-2 (weights + AdamW) + unet/.
+    assert trainer["disk_gb"] == pytest.approx(4 * gpu_check.SD15_WEIGHTS_GB, abs=0.01)
+
+
+def test_plan_names_what_does_not_fit(monkeypatch):
+    short = gpu_check.plan(300)
+    problems = gpu_check.plan_problems(short)
+    assert any(problem.startswith("trainer: required") for problem in problems), problems
+    assert any(problem.startswith("required ~") for problem in problems), problems
+    assert "DOES NOT FIT: trainer" in gpu_check.format_plan(short)
+    assert "budget 600s > the slot's 540s" in gpu_check.plan_problems(gpu_check.plan(600))
+    # A model three times SD1.5's size: eager's checkpoint + export alone pass 40 GB.
+    monkeypatch.setattr(gpu_check, "SD15_WEIGHTS_GB", 3 * gpu_check.SD15_WEIGHTS_GB)
+    monkeypatch.setattr(gpu_check, "SD15_ADAMW_STATE_GB", 2 * gpu_check.SD15_WEIGHTS_GB)
+    problems = gpu_check.plan_problems(gpu_check.plan(gpu_check.DEFAULT_BUDGET_S))
+    assert any(problem.startswith("peak disk ~") for problem in problems), problems
+
+
+def test_trainer_disk_estimate_comes_from_each_runs_flags():
+    weights = gpu_check.SD15_WEIGHTS_GB
+    assert weights == pytest.approx(3.44, abs=0.005)
+    commands = gpu_check.trainer_commands(dry_run=False)
+    disk = {name: gpu_check.trainer_run_disk_gb(flags) for name, (flags, _) in commands.items()}
+    # eager: checkpoint-2 (weights + two AdamW moments) and unet/; compared runs unet/ alone;
+    # fp16 (compared with nothing) writes nothing.
+    assert disk["eager"] == pytest.approx(4 * weights)
+    assert disk["cuda-graphs"] == disk["compile"] == disk["channels-last"] == pytest.approx(weights)
+    assert disk["fp16"] == 0
+    # What the phase wrote before --save-final: every run's end a checkpoint + unet/ + unet.pth,
+    # both baselines a checkpoint-2 as well: ~107 GB.
+    before = [
+        [flag for flag in flags if flag not in ("--save-final", "weights", "none")]
+        for flags, _ in commands.values()
+    ]
+    for flags in before:
+        flags[flags.index("--checkpoint-every") + 1] = "2"
+        flags += ["--save-final", "full"]
+    before[1][before[1].index("--checkpoint-every") + 1] = "0"  # compared runs: no checkpoint
+    before[2][before[2].index("--checkpoint-every") + 1] = "0"
+    before[3][before[3].index("--checkpoint-every") + 1] = "0"
+    total = sum(gpu_check.trainer_run_disk_gb(flags) for flags in before)
+    assert total == pytest.approx(107, abs=1)
+
+
+def test_trainer_phase_deletes_each_run_before_the_next(tmp_path, monkeypatch):
+    context = fake_trainer(tmp_path, dict(ALL_FINE), monkeypatch)
+    recorded = context.command
+    seen = []
+
+    def command(command, timeout_s, env=None):
+        seen.append(sorted(path.name for path in Path(context.scratch).glob("train-*")))
+        return recorded(command, timeout_s, env)
+
+    monkeypatch.setattr(context, "command", command)
+    gpu_check.phase_trainer(context)
+    assert seen == [[]] * len(gpu_check.TRAIN_VARIANTS)
+    assert not list(Path(context.scratch).glob("train-*"))
+    assert list(context.result["runs"]) == [
+        "eager",
+        "cuda-graphs",
+        "compile",
+        "channels-last",
+        "fp16",
+    ]
+    assert context.result["runs"]["cuda-graphs"]["matches_eager"] is True
+
+
+def test_dry_run_prints_the_gpu_plan(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--phases", "ncu"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan for a GPU run, budget 520s" in printed
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [row["phase"] for row in saved["plan"]["phases"]] == ["ncu"]
+    assert "## Plan" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_overhead_ladder_only_list_matches_the_suite():
+    from sdpo.profiling import overhead
+
+    assert gpu_check.OVERHEAD_LADDER_ONLY == overhead.LADDER_ONLY_VARIANTS

@@ -131,7 +131,7 @@ class TrainConfig:
     overwrite: bool = False
     checkpoints_total_limit: int = 0  # keep the N newest complete checkpoints; 0 keeps all
     # What the end of the run writes: "full" (a final checkpoint, the diffusers folder and the
-    # .pth), "weights" (the diffusers folder alone) or "none". An SD1.5 "full" end writes 13.8 GB
+    # .pth), "weights" (the diffusers folder alone) or "none". An SD1.5 "full" end writes 17.2 GB
     # (3.44 GB UNet weights in the checkpoint, 6.9 GB of AdamW moments, the folder and the .pth
     # 3.44 GB each); "weights" 3.44 GB: for throughput and smoke runs nobody resumes.
     save_final: str = "full"
