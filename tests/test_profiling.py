@@ -256,6 +256,9 @@ def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
         batch_pairs=2,
         log=lambda message: None,
     )
+    # First the model-FLOP count's one untimed step, then the warm-ups.
+    assert calls[0] == ("dpo", "eager", False)
+    calls = calls[1:]
     warmups = 6  # ours-online, dpo and sdpo-torch eager and compile, sdpo-torch channels-last
     assert all(not timed for _, _, timed in calls[:warmups])
     one_round = [
@@ -268,8 +271,7 @@ def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
         ("sdpo-torch", "compile", True),
         ("sdpo-torch", "channels-last", True),
     ]
-    # Then the model-FLOP count's one untimed step.
-    assert calls[warmups:] == one_round * 2 + [("dpo", "eager", False)]
+    assert calls[warmups:] == one_round * 2
 
 
 def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
@@ -513,3 +515,34 @@ def test_overhead_presets_are_the_trainers_presets():
             assert getattr(preset, key) == value, (name, key)
     assert overhead.PRESETS["sd15"].granularity == "group:8"
     assert overhead.PRESETS["sd15"].pretrained == "random"
+
+
+class _Killed(Exception):
+    """Stands in for the deadline's SIGKILL in the middle of a round."""
+
+
+def test_overhead_results_are_written_after_every_round(tmp_path, monkeypatch):
+    """A run killed in its second round leaves the first round's results, marked partial."""
+    monkeypatch.setattr(overhead, "fused_available", lambda device: False)
+    monkeypatch.setattr(overhead, "matmul_flops_per_s", lambda device: 1e9)  # times no steps
+    real_measure = overhead._Timer.measure
+    timed = {"steps": 0}
+    modes_per_round = 4  # reference, ours-online, dpo, sdpo-torch (eager)
+
+    def measure(self, function):
+        timed["steps"] += 1
+        if timed["steps"] > modes_per_round + 1:  # one step into the second round
+            raise _Killed
+        return real_measure(self, function)
+
+    monkeypatch.setattr(overhead._Timer, "measure", measure)
+    output = tmp_path / "overhead.json"
+    arguments = ["overhead", "--preset", "tiny", "--device", "cpu", "--rounds", "3"]
+    arguments += ["--steps", "1", "--warmup", "0", "--batch-pairs", "2", "--output", str(output)]
+    with pytest.raises(_Killed):
+        profile_main(arguments)
+    result = json.loads(output.read_text())["overhead"]
+    assert result["complete"] is False and result["rounds_completed"] == 1
+    assert {mode["n"] for mode in result["modes"].values()} == {1}
+    assert len(result["modes"]) == modes_per_round
+    assert "Partial: 1 of 3 rounds" in output.with_suffix(".md").read_text()

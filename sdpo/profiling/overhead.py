@@ -704,10 +704,13 @@ def run_overhead(
     warmup_steps: int,
     batch_pairs: int | None = None,
     log: Callable[[str], None] = print,
+    on_round: Callable[[dict], None] | None = None,
 ) -> dict:
     """Measures every mode (see the module docstring); returns the ``overhead`` JSON object.
     ``variants`` None: :func:`default_variants`, less those the preset's model cannot run (listed
-    under ``not_run`` with the reason); a variant named explicitly that it cannot run is refused."""
+    under ``not_run`` with the reason); a variant named explicitly that it cannot run is refused.
+    ``on_round``: called with the object as it stands after every round (``complete`` False
+    until the last), so a run killed part-way keeps the rounds it finished."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset: unknown {preset_name!r}; expected one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -770,6 +773,74 @@ def run_overhead(
     # a block that reallocated the weights (channels-last converts them there and back: every
     # 4-D weight gets new storage) the next replay re-records, which must not be timed.
     addresses: dict[tuple[str, str], tuple[int, ...]] = {}
+    # Counted before the rounds (one untimed eager step) so each round's results are complete.
+    model_flops = count_model_flops(workload)
+    encoding_flops = count_encoding_flops(workload)
+    matmul_flops = matmul_flops_per_s(device)
+    peak_flops = dense_bf16_peak(device_name(device)) if device.type == "cuda" else None
+
+    def _document(rounds_completed: int) -> dict:
+        modes = {}
+
+        for (mode, variant), result in results.items():
+            encodes = mode in (REFERENCE_MODE, ONLINE_MODE)
+            flops = model_flops + (encoding_flops if encodes else 0.0)
+            modes[f"{mode}/{variant}"] = result.summary(
+                batch_pairs, flops, peak_flops, matmul_flops
+            )
+        ours = "sdpo-fused" if "sdpo-fused" not in not_run else "sdpo-torch"
+        ladder = attribution_ladder(modes, ours)
+        meaningful = device.type == "cuda"
+        headline = None
+        if meaningful:
+            # Our most optimised variant that ran for all three of the safeguard comparison.
+            headline = next(
+                (
+                    variant
+                    for variant in reversed(("eager", "compile", "cuda-graphs"))
+                    if variant in variants
+                    and all(f"{mode}/{variant}" in modes for mode in ("dpo", ours, "sdpo-torch"))
+                ),
+                None,
+            )
+        document = {
+            "preset": preset_name,
+            "batch_pairs": batch_pairs,
+            "resolution": preset.resolution,
+            "headline_variant": headline,
+            "ours": ours,
+            "dpo_step_ms": None,
+            "sdpo_step_ms": None,
+            "sdpo_over_dpo_step_ratio": None,
+            "sdpo_torch_over_dpo_step_ratio": None,
+            "reference_step_ms": modes[f"{REFERENCE_MODE}/eager"]["step_ms"],
+            "speedup_vs_reference": None,
+            "peak_mem_gb": {key: mode["peak_mem_gb"] for key, mode in modes.items()},
+            "mfu": {key: mode["mfu"] for key, mode in modes.items()},
+            "flops_per_step": model_flops,
+            "encoding_flops_per_step": encoding_flops,
+            "matmul_flops_per_s": matmul_flops,
+            "dense_bf16_peak_flops": peak_flops,
+            "rounds": rounds,
+            "rounds_completed": rounds_completed,
+            "complete": rounds_completed == rounds,
+            "steps_per_round": steps_per_round,
+            "modes": modes,
+            "ladder": ladder,
+            "not_run": not_run,
+        }
+        if headline is not None:
+            dpo, sdpo = modes[f"dpo/{headline}"], modes[f"{ours}/{headline}"]
+            document.update(
+                dpo_step_ms=dpo["step_ms"],
+                sdpo_step_ms=sdpo["step_ms"],
+                sdpo_over_dpo_step_ratio=sdpo["step_ms"] / dpo["step_ms"],
+                sdpo_torch_over_dpo_step_ratio=modes[f"sdpo-torch/{headline}"]["step_ms"]
+                / dpo["step_ms"],
+                speedup_vs_reference=document["reference_step_ms"] / sdpo["step_ms"],
+            )
+        return document
+
     for key in list(schedule):  # warm-up (and compilation) outside the timed rounds
         log(f"warm-up {key[0]}/{key[1]}")
         try:
@@ -801,69 +872,11 @@ def run_overhead(
             if peak is not None:
                 results[key].peak_mem_gb = max(results[key].peak_mem_gb or 0.0, peak)
         log(f"round {round_index + 1}/{rounds} done")
+        if on_round is not None and round_index + 1 < rounds:
+            on_round(_document(round_index + 1))
     if not bool(workload.all_finite):
         raise RuntimeError("overhead: one of our timed steps had a non-finite loss or gradient")
-    model_flops = count_model_flops(workload)
-    encoding_flops = count_encoding_flops(workload)
-    matmul_flops = matmul_flops_per_s(device)
-    name = device_name(device)
-    peak_flops = dense_bf16_peak(name) if device.type == "cuda" else None
-
-    modes = {}
-    for (mode, variant), result in results.items():
-        encodes = mode in (REFERENCE_MODE, ONLINE_MODE)
-        flops = model_flops + (encoding_flops if encodes else 0.0)
-        modes[f"{mode}/{variant}"] = result.summary(batch_pairs, flops, peak_flops, matmul_flops)
-    ours = "sdpo-fused" if "sdpo-fused" not in not_run else "sdpo-torch"
-    ladder = attribution_ladder(modes, ours)
-    meaningful = device.type == "cuda"
-    headline = None
-    if meaningful:
-        # Our most optimised variant that ran for all three of the safeguard comparison.
-        headline = next(
-            (
-                variant
-                for variant in reversed(("eager", "compile", "cuda-graphs"))
-                if variant in variants
-                and all(f"{mode}/{variant}" in modes for mode in ("dpo", ours, "sdpo-torch"))
-            ),
-            None,
-        )
-    document = {
-        "preset": preset_name,
-        "batch_pairs": batch_pairs,
-        "resolution": preset.resolution,
-        "headline_variant": headline,
-        "ours": ours,
-        "dpo_step_ms": None,
-        "sdpo_step_ms": None,
-        "sdpo_over_dpo_step_ratio": None,
-        "sdpo_torch_over_dpo_step_ratio": None,
-        "reference_step_ms": modes[f"{REFERENCE_MODE}/eager"]["step_ms"],
-        "speedup_vs_reference": None,
-        "peak_mem_gb": {key: mode["peak_mem_gb"] for key, mode in modes.items()},
-        "mfu": {key: mode["mfu"] for key, mode in modes.items()},
-        "flops_per_step": model_flops,
-        "encoding_flops_per_step": encoding_flops,
-        "matmul_flops_per_s": matmul_flops,
-        "dense_bf16_peak_flops": peak_flops,
-        "rounds": rounds,
-        "steps_per_round": steps_per_round,
-        "modes": modes,
-        "ladder": ladder,
-        "not_run": not_run,
-    }
-    if headline is not None:
-        dpo, sdpo = modes[f"dpo/{headline}"], modes[f"{ours}/{headline}"]
-        document.update(
-            dpo_step_ms=dpo["step_ms"],
-            sdpo_step_ms=sdpo["step_ms"],
-            sdpo_over_dpo_step_ratio=sdpo["step_ms"] / dpo["step_ms"],
-            sdpo_torch_over_dpo_step_ratio=modes[f"sdpo-torch/{headline}"]["step_ms"]
-            / dpo["step_ms"],
-            speedup_vs_reference=document["reference_step_ms"] / sdpo["step_ms"],
-        )
-    return document
+    return _document(rounds)
 
 
 def measure_kernels(device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
@@ -941,6 +954,12 @@ def markdown_report(document: dict) -> str:
         f"{overhead['rounds']} interleaved rounds of {overhead['steps_per_round']} steps.",
         "",
     ]
+    if not overhead.get("complete", True):
+        lines += [
+            f"**Partial: {overhead['rounds_completed']} of {overhead['rounds']} rounds** (the "
+            "run ended before the rest; written after every round).",
+            "",
+        ]
     if not meaningful:
         # Said first, and no headline figure follows: CPU timings only show the suite runs.
         lines += [document["note"], ""]
