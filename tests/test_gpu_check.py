@@ -147,17 +147,20 @@ def test_overhead_phase_runs_the_requested_flow_presets(tmp_path, monkeypatch, d
     # sd15's ladder as three processes, cheapest first (its eager variants, then each cold
     # compile alone), each with its own results file; then the flow presets, eager at 2 pairs,
     # then sdxl.
-    assert presets == ["sd15", "sd15", "sd15", "flux", "sd35", "sdxl"]
+    assert presets == ["sd15", "sd15", "sd15", "sd15", "flux", "sd35", "sdxl"]
     variants = [command[command.index("--variants") + 1] for command in commands]
-    assert variants[0].split(",")[0] == "eager"
-    assert not {"compile", "cuda-graphs"} & set(variants[0].split(","))
-    assert variants[1:3] == ["cuda-graphs", "compile"]
+    assert variants[:3] == ["eager", "cuda-graphs", "compile"]
+    assert variants[3].startswith("eager,channels-last,")
+    # The SDPO/DPO ratio's runs: at least 6 rounds of 4 steps.
+    for command in commands[:3]:
+        assert int(command[command.index("--rounds") + 1]) >= 6
+        assert int(command[command.index("--steps") + 1]) >= 4
     outputs = [command[command.index("--output") + 1] for command in commands]
     assert len(set(outputs)) == len(outputs)
-    for command in commands[3:5]:
+    for command in commands[4:6]:
         assert command[command.index("--variants") + 1] == "eager"
         assert command[command.index("--batch-pairs") + 1] == "2"
-    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[5]
+    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[6]
 
 
 def test_empty_wheel_folder_is_refused(tmp_path):

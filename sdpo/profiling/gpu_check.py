@@ -942,56 +942,83 @@ def parse_flow_overhead(text: str | None) -> tuple[str, ...]:
     return names
 
 
-# The overhead variants a run of the eager group times: every eager variant (the ladder's
-# alternatives to its cached eager rung) in one process; the compiled ones each in their own.
-OVERHEAD_EAGER_GROUP = ",".join(v for v in OVERHEAD_VARIANTS if v not in ("compile", "cuda-graphs"))
+# The overhead variants of the alternatives run: the ladder's alternatives to its cached eager
+# rung, with eager itself so their factors compare within one process.
+OVERHEAD_ALTERNATIVES = ",".join(
+    v for v in OVERHEAD_VARIANTS if v not in ("compile", "cuda-graphs")
+)
 # Variants that time only our SDPO step (sdpo.profiling.overhead.LADDER_ONLY_VARIANTS).
 OVERHEAD_LADDER_ONLY = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
 
 
-def overhead_runs(dry_run: bool, flow_overhead: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(preset, variants) per sdpo-profile overhead process, cheapest first: sd15's eager
-    variants (no compile), then cuda-graphs and compile (one cold SD1.5 compile each, ~75 s),
-    then the flow presets eager-only, then sdxl eager-only. Each writes its own results, so a
-    share that runs out keeps every run before it."""
+@dataclass(frozen=True)
+class OverheadRun:
+    """One sdpo-profile overhead process: preset, variants and its timing settings."""
+
+    preset: str
+    variants: str
+    rounds: int
+    steps: int
+    warmup: int
+    batch_pairs: int | None = None
+    device: str | None = None
+
+    def flags(self) -> list[str]:
+        flags = ["--preset", self.preset, "--variants", self.variants]
+        flags += ["--rounds", str(self.rounds), "--steps", str(self.steps)]
+        flags += ["--warmup", str(self.warmup)]
+        if self.batch_pairs is not None:
+            flags += ["--batch-pairs", str(self.batch_pairs)]
+        return flags + (["--device", self.device] if self.device else [])
+
+
+def overhead_runs(dry_run: bool, flow_overhead: tuple[str, ...]) -> list[OverheadRun]:
+    """The overhead phase's processes, cheapest first. sd15 eager with 6 ABBA rounds of 4 timed
+    steps (each block's first step dropped: the SDPO/DPO ratio's interval needs the rounds),
+    then cuda-graphs and compile (one cold SD1.5 compile each, ~75 s), then the eager
+    alternatives (channels-last, SDPA kernels) at 3 x 3, then the flow presets and sdxl eager.
+    Each writes its own results, after every round, so a share that runs out keeps every run
+    before it and the rounds of the one it stopped."""
     if dry_run:
-        runs = [("tiny", "eager,channels-last,sdpa-flash")]
-        return runs + [(FLOW_OVERHEAD_PRESETS[name], "eager") for name in flow_overhead]
-    runs = [("sd15", OVERHEAD_EAGER_GROUP), ("sd15", "cuda-graphs"), ("sd15", "compile")]
-    runs += [(name, "eager") for name in flow_overhead]
-    return [*runs, ("sdxl", "eager")]
+        runs = [OverheadRun("tiny", "eager,channels-last,sdpa-flash", 1, 1, 1, device="cpu")]
+        runs += [
+            OverheadRun(FLOW_OVERHEAD_PRESETS[name], "eager", 1, 1, 1, device="cpu")
+            for name in flow_overhead
+        ]
+        return runs
+    runs = [
+        OverheadRun("sd15", "eager", 6, 4, 2),
+        OverheadRun("sd15", "cuda-graphs", 6, 4, 2),
+        OverheadRun("sd15", "compile", 6, 4, 2),
+        OverheadRun("sd15", OVERHEAD_ALTERNATIVES, 3, 3, 2),
+    ]
+    runs += [OverheadRun(name, "eager", 2, 2, 1, batch_pairs=2) for name in flow_overhead]
+    return [*runs, OverheadRun("sdxl", "eager", 3, 3, 2)]
 
 
-def overhead_output_name(preset: str, variants: str) -> str:
-    """overhead-sd15-eager.json, overhead-sd15-cuda-graphs.json, ...: one file per run."""
-    group = variants.split(",")[0]
-    return f"overhead-{preset}-{group}.json"
+def overhead_output_name(run: OverheadRun) -> str:
+    """overhead-sd15-eager.json, overhead-sd15-cuda-graphs.json, overhead-sd15-alternatives.json:
+    one file per run."""
+    names = run.variants.split(",")
+    group = names[0] if len(names) == 1 else "alternatives"
+    return f"overhead-{run.preset}-{group}.json"
 
 
 def phase_overhead(context: PhaseContext) -> None:
-    flow_settings: list[str] = []
-    if context.dry_run:
-        settings = ["--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "1"]
-    else:
-        settings = ["--rounds", "3", "--steps", "3", "--warmup", "2"]
-        flow_settings = ["--rounds", "2", "--steps", "2", "--warmup", "1", "--batch-pairs", "2"]
     reports: dict = {}
     context.result["runs"] = reports
     failed = []
-    for preset, variants in overhead_runs(context.dry_run, context.flow_overhead):
-        key = f"{preset}/{variants}"
-        needed_s = 5.0 if context.dry_run else overhead_run_estimate(preset, variants)
+    for run_settings in overhead_runs(context.dry_run, context.flow_overhead):
+        key = f"{run_settings.preset}/{run_settings.variants}"
+        needed_s = 5.0 if context.dry_run else overhead_run_estimate(run_settings)
         first = not reports
         if context.left_s() < needed_s and not first:
             reports[key] = {"skipped": f"{context.left_s():.0f}s left, needs ~{needed_s:.0f}s"}
             context.save()
             continue
-        output = context.scratch / overhead_output_name(preset, variants)
-        command = [sys.executable, "-m", "sdpo.profiling.cli", "overhead", "--preset", preset]
-        run_settings = (
-            flow_settings if preset in FLOW_OVERHEAD_PRESETS and flow_settings else settings
-        )
-        command += ["--variants", variants, *run_settings, "--output", str(output)]
+        output = context.scratch / overhead_output_name(run_settings)
+        command = [sys.executable, "-m", "sdpo.profiling.cli", "overhead", *run_settings.flags()]
+        command += ["--output", str(output)]
         run = context.command(command, context.left_s() - 2)
         # Written after every round: a run killed at its deadline keeps the rounds it finished.
         run["results"] = read_json(output)
@@ -1159,19 +1186,23 @@ def trainer_run_estimate(flags: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "disk_gb": round(disk_gb, 2)}
 
 
-def overhead_run_estimate(preset: str, variants: str) -> float:
-    """Seconds of one sdpo-profile overhead run on the GPU (warm-up 2 and 3 x 3 timed steps per
-    mode, plus the reference and online modes every run has); flow presets and sdxl: their
-    FLOW_OVERHEAD_NEEDED_S / the 60 s sdxl needs to place its weights, plus its steps."""
-    names = variants.split(",")
-    if preset != "sd15":
-        return float(FLOW_OVERHEAD_NEEDED_S.get(preset, 60)) + 30.0
+def overhead_run_estimate(run: OverheadRun) -> float:
+    """Seconds of one sdpo-profile overhead run on the GPU: per mode its warm-up and, per round,
+    one dropped and ``steps`` timed steps (plus the reference and online modes every run has);
+    flow presets and sdxl: FLOW_OVERHEAD_NEEDED_S / the 60 s sdxl needs to place its weights,
+    plus 30 s of steps."""
+    names = run.variants.split(",")
+    if run.preset != "sd15":
+        return float(FLOW_OVERHEAD_NEEDED_S.get(run.preset, 60)) + 30.0
     compiled = names[0] in ("compile", "cuda-graphs")
     available = [name for name in names if name != "xformers"]  # not in the image
-    modes = 2 + sum(1 if name in OVERHEAD_LADDER_ONLY else 3 for name in available)
+    steps_per_mode = run.warmup + run.rounds * (run.steps + 1)
+    eager_modes = 2 + sum(1 if n in OVERHEAD_LADDER_ONLY else 3 for n in available if not compiled)
     step_s = SD15_OVERHEAD_COMPILED_STEP_S if compiled else SD15_OVERHEAD_STEP_S
     seconds = PROCESS_START_S + SD15_BUILD_S + 5.0  # + FLOP counting and the matmul rate
-    seconds += (SD15_COMPILE_S if compiled else 0.0) + modes * (2 + 3 * 3) * step_s
+    seconds += eager_modes * steps_per_mode * SD15_OVERHEAD_STEP_S
+    if compiled:
+        seconds += SD15_COMPILE_S + 3 * steps_per_mode * step_s
     return round(seconds, 1)
 
 
@@ -1219,12 +1250,12 @@ def phase_plan_items(name: str, flow_overhead: tuple[str, ...] = ()) -> list[Pla
     if name == "overhead":
         return [
             PlanItem(
-                f"sdpo-profile overhead {preset} {variants}",
-                overhead_run_estimate(preset, variants),
-                COMPILE_CACHE_GB if variants in ("compile", "cuda-graphs") else 0.0,
+                f"sdpo-profile overhead {run.preset} {run.variants} ({run.rounds}x{run.steps})",
+                overhead_run_estimate(run),
+                COMPILE_CACHE_GB if run.variants in ("compile", "cuda-graphs") else 0.0,
                 required=index == 0,
             )
-            for index, (preset, variants) in enumerate(overhead_runs(False, flow_overhead))
+            for index, run in enumerate(overhead_runs(False, flow_overhead))
         ]
     if name == "ncu":
         return [PlanItem("ncu over the fused kernels (sdxl size)", PROCESS_START_S + NCU_REPLAY_S,

@@ -29,6 +29,12 @@ cannot run here (a kernel this GPU lacks) is recorded under ``not_run``, not fat
 trainer refuses ``--channels-last``) and lists it under ``not_run`` when it comes from the
 default list.
 
+Rounds alternate the mode order (ABBA: reversed every round) and drop each block's first step.
+The safeguard's ratio (ours / dpo at the headline variant) comes with a 95% interval: a paired
+t interval on the log of each round's block-median ratio (``ratio_interval``); the verdict
+against ``SDPO_OVER_DPO_TARGET`` (1.01) says "not resolved" when that interval is wider than the
+target's 1% margin or holds the target (``ratio_verdict``).
+
 The attribution ladder reads the modes in order: reference -> ours-online (eager) -> ours
 cached (eager) -> compiled -> CUDA-graphed, each with its factor against the rung before it and
 against the reference; channels-last, the SDPA kernels and xformers are alternatives to the
@@ -57,6 +63,7 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import platform
 import re
 import statistics
@@ -166,6 +173,64 @@ def dense_bf16_peak(name: str) -> float | None:
     return None
 
 
+# The safeguard's step-time target on a GPU: SDPO's step at most 1% slower than plain DPO's.
+SDPO_OVER_DPO_TARGET = 1.01
+RATIO_CONFIDENCE = 0.95
+# Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom; past 30 the
+# value at 30 (slightly wider than the normal's 1.96: the safe side).
+_T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def ratio_interval(numerator_blocks: list[float], denominator_blocks: list[float]) -> dict | None:
+    """The step-time ratio of two modes timed in the same rounds, with a 95% interval.
+
+    Per round r, the ratio of the two modes' block medians; the estimate is the geometric mean
+    of the per-round ratios, the interval mean(log r) +- t(0.975, n - 1) x sd(log r) / sqrt(n),
+    exponentiated (a paired t interval on the log ratios: each round's pair shares its drift,
+    and ABBA order cancels a linear drift between the two). None with fewer than 2 rounds."""
+    pairs = list(zip(numerator_blocks, denominator_blocks, strict=True))
+    if len(pairs) < 2:
+        return None
+    logs = [math.log(top / bottom) for top, bottom in pairs]
+    mean = statistics.fmean(logs)
+    half = (
+        _T_975[min(len(logs) - 1, len(_T_975)) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
+    )
+    return {
+        "ratio": math.exp(mean),
+        "low": math.exp(mean - half),
+        "high": math.exp(mean + half),
+        "confidence": RATIO_CONFIDENCE,
+        "rounds": len(logs),
+        "method": "paired t interval on the log of each round's block-median ratio",
+    }
+
+
+def ratio_verdict(interval: dict | None, target: float = SDPO_OVER_DPO_TARGET) -> str:
+    """ "meets" when the whole interval is at or below ``target``, "misses" when it is all above;
+    otherwise "not resolved": the interval is wider than the target's margin (target - 1: the
+    noise is larger than what is judged) or it holds the target."""
+    if interval is None:
+        return "not resolved: fewer than 2 rounds"
+    low, high = interval["low"], interval["high"]
+    span = f"[{low:.4f}, {high:.4f}]"
+    margin = target - 1
+    if high - low > margin:
+        return (
+            f"not resolved: the {interval['confidence']:.0%} interval {span} is wider than the "
+            f"target's margin ({margin:.2%}); time more rounds or steps"
+        )
+    if high <= target:
+        return f"meets (<= {target:g}): {span}"
+    if low > target:
+        return f"misses (> {target:g}): {span}"
+    return f"not resolved: the interval {span} holds the target {target:g}"
+
+
 def spread(samples_ms: list[float]) -> dict:
     """Median, quartiles and count of one mode's step times (ms)."""
     ordered = sorted(samples_ms)
@@ -185,6 +250,7 @@ def spread(samples_ms: list[float]) -> dict:
 @dataclass
 class ModeResult:
     samples_ms: list[float] = field(default_factory=list)
+    block_ms: list[float] = field(default_factory=list)  # each round's block median, in order
     peak_mem_gb: float | None = None
     backend: str = ""
 
@@ -353,16 +419,6 @@ def xformers_attention(workload: Workload):
             module.set_processor(processor)
             if backend is not _NO_BACKEND:
                 processor._attention_backend = backend
-
-
-def weight_addresses(workload: Workload) -> tuple[int, ...]:
-    """The storage address of every weight of both UNets (what a CUDA graph records)."""
-    return tuple(
-        parameter.data_ptr()
-        for unet in (workload.models.unet, workload.models.reference_unet)
-        if unet is not None
-        for parameter in unet.parameters()
-    )
 
 
 def fused_available(device: torch.device) -> bool:
@@ -769,10 +825,6 @@ def run_overhead(
             return reference_step(workload, counter["step"])
         return our_step(workload, policies, mode, variant, counter["step"])
 
-    # The weights' addresses each compiled mode last ran with. CUDA graphs record them: after
-    # a block that reallocated the weights (channels-last converts them there and back: every
-    # 4-D weight gets new storage) the next replay re-records, which must not be timed.
-    addresses: dict[tuple[str, str], tuple[int, ...]] = {}
     # Counted before the rounds (one untimed eager step) so each round's results are complete.
     model_flops = count_model_flops(workload)
     encoding_flops = count_encoding_flops(workload)
@@ -815,6 +867,9 @@ def run_overhead(
             "sdpo_torch_over_dpo_step_ratio": None,
             "reference_step_ms": modes[f"{REFERENCE_MODE}/eager"]["step_ms"],
             "speedup_vs_reference": None,
+            "sdpo_over_dpo_interval": None,
+            "sdpo_over_dpo_verdict": None,
+            "sdpo_over_dpo_target": SDPO_OVER_DPO_TARGET,
             "peak_mem_gb": {key: mode["peak_mem_gb"] for key, mode in modes.items()},
             "mfu": {key: mode["mfu"] for key, mode in modes.items()},
             "flops_per_step": model_flops,
@@ -839,6 +894,12 @@ def run_overhead(
                 / dpo["step_ms"],
                 speedup_vs_reference=document["reference_step_ms"] / sdpo["step_ms"],
             )
+            interval = ratio_interval(
+                results[(ours, headline)].block_ms, results[("dpo", headline)].block_ms
+            )
+            document.update(
+                sdpo_over_dpo_interval=interval, sdpo_over_dpo_verdict=ratio_verdict(interval)
+            )
         return document
 
     for key in list(schedule):  # warm-up (and compilation) outside the timed rounds
@@ -847,7 +908,6 @@ def run_overhead(
             with variant_context(workload, key[1]):
                 for _ in range(warmup_steps):
                     results[key].backend = run_one(key)[0]
-                addresses[key] = weight_addresses(workload)
         except RuntimeError as error:
             if key[1] == "eager":
                 raise  # our plain step failing is a bug, not a missing kernel
@@ -858,17 +918,22 @@ def run_overhead(
             del results[key]
             log(f"not run {key[0]}/{key[1]}: {reason[:200]}")
     for round_index in range(rounds):
-        for key in schedule:
+        # ABBA: the order reverses every round, so a drift over the run (clocks, temperature,
+        # the allocator) weighs on every mode alike instead of on whichever runs last.
+        order = schedule if round_index % 2 == 0 else schedule[::-1]
+        for key in order:
             with variant_context(workload, key[1]):
-                if key[1] in COMPILED_VARIANTS and addresses.get(key) != weight_addresses(workload):
-                    run_one(key)  # re-recorded (or re-compiled) here, untimed
+                # Each block's first step is dropped (run untimed): the switch from the previous
+                # mode leaves other kernels' caches and allocations, and a compiled mode whose
+                # weights moved (channels-last converts them there and back) re-records here.
+                run_one(key)
                 _peak_reset(device)
                 samples = [
                     timer.measure(lambda key=key: run_one(key)) for _ in range(steps_per_round)
                 ]
                 peak = _peak_read(device)
-                addresses[key] = weight_addresses(workload)
             results[key].samples_ms.extend(samples)
+            results[key].block_ms.append(statistics.median(samples))
             if peak is not None:
                 results[key].peak_mem_gb = max(results[key].peak_mem_gb or 0.0, peak)
         log(f"round {round_index + 1}/{rounds} done")
@@ -951,7 +1016,8 @@ def markdown_report(document: dict) -> str:
         "",
         f"{document['device']}, torch {document['torch']}, triton {document['triton']}, "
         f"{document['date']}. Median, interquartile range and count of the step times over "
-        f"{overhead['rounds']} interleaved rounds of {overhead['steps_per_round']} steps.",
+        f"{overhead['rounds']} interleaved rounds (order reversed every round) of "
+        f"{overhead['steps_per_round']} steps, each block's first step dropped.",
         "",
     ]
     if not overhead.get("complete", True):
@@ -964,9 +1030,18 @@ def markdown_report(document: dict) -> str:
         # Said first, and no headline figure follows: CPU timings only show the suite runs.
         lines += [document["note"], ""]
     elif overhead["headline_variant"] is not None:
+        interval = overhead.get("sdpo_over_dpo_interval")
+        span = (
+            f", {interval['confidence']:.0%} interval [{interval['low']:.4f}, "
+            f"{interval['high']:.4f}] over {interval['rounds']} rounds ({interval['method']})"
+            if interval
+            else ""
+        )
         lines += [
             f"- safeguard overhead ({overhead['ours']} / dpo, {overhead['headline_variant']}): "
-            f"{overhead['sdpo_over_dpo_step_ratio']:.4f}",
+            f"{overhead['sdpo_over_dpo_step_ratio']:.4f} (median ratio){span}",
+            f"- verdict against <= {overhead.get('sdpo_over_dpo_target', SDPO_OVER_DPO_TARGET):g}"
+            f": {overhead.get('sdpo_over_dpo_verdict')}",
             f"- speed-up against the reference's per-step work: "
             f"{overhead['speedup_vs_reference']:.2f}x",
             "",
