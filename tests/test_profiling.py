@@ -286,12 +286,61 @@ def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
     assert recomputing.models.unet.is_gradient_checkpointing  # switched back on after counting
 
 
-def test_dense_bf16_peaks_by_device_name():
-    assert overhead.dense_bf16_peak("NVIDIA H200") == 989.4e12
-    assert overhead.dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert overhead.dense_bf16_peak("NVIDIA H100 PCIe") == 756e12
-    assert overhead.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
-    assert overhead.dense_bf16_peak("NVIDIA GeForce RTX 4090") is None
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 NVL", 835.5e12),  # not the SXM's 989.4 (a substring match gave it that)
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        # Unknown names: no guess.
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),
+        ("NVIDIA GH200 480GB", None),
+        ("NVIDIA H800", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_dense_bf16_peaks_by_exact_device_name(name, peak):
+    assert overhead.dense_bf16_peak(name) == peak
+    reason = overhead.mfu_unavailable_reason(name, is_cuda=True)
+    if peak is None:
+        assert f"no datasheet dense bf16 peak for {name!r}" in reason
+        assert "not reported rather than guessed" in reason
+    else:
+        assert reason is None
+
+
+def test_unknown_gpu_reports_mfu_unavailable_naming_the_device(monkeypatch):
+    """Without a datasheet peak every mode's MFU is None and the results carry the reason
+    (mfu_unavailable); for a GPU the table lacks, the report names the device."""
+    monkeypatch.setattr(overhead, "device_name", lambda device: "NVIDIA H100 NVL-prototype")
+    result = overhead.run_overhead(
+        "tiny",
+        device=torch.device("cpu"),
+        variants=["eager"],
+        rounds=1,
+        steps_per_round=1,
+        warmup_steps=0,
+        batch_pairs=2,
+        log=lambda message: None,
+    )
+    # The run is on the CPU: its reason is the CPU's; the GPU path is the same function.
+    assert result["mfu_unavailable"].startswith("a CPU has no datasheet bf16 peak")
+    assert all(mode["mfu"] is None for mode in result["modes"].values())
+    document = {
+        "device": "NVIDIA H100 NVL-prototype", "date": "2026-12-08", "torch": "2.11",
+        "triton": "3.6", "timings_meaningful": True, "kernels": [],
+        "overhead": {
+            **result,
+            "mfu_unavailable": overhead.mfu_unavailable_reason("NVIDIA H100 NVL-prototype", True),
+        },
+    }  # fmt: skip
+    report = overhead.markdown_report(document)
+    assert (
+        "MFU (peak) unavailable: no datasheet dense bf16 peak for 'NVIDIA H100 NVL-prototype'"
+        in report
+    )
 
 
 def test_ladder_factors_chain_the_rungs():

@@ -48,9 +48,10 @@ compiled variants (as the trainer does: compiling it would retrace on every swit
 Model FLOPs (``torch.utils.flop_counter``): the policy forward + backward and the reference
 forward, counted with gradient checkpointing off (its recompute is not model work), plus the
 VAE encoder and text encoders in the modes that run them. MFU = those FLOPs / step time /
-the GPU's dense bf16 peak (``DENSE_BF16_PEAK_FLOPS``, from NVIDIA's datasheets; None for an
-unknown device or a CPU); ``mfu_vs_matmul`` divides by the bf16 8192^3 matmul rate measured in
-the same run instead. On a CPU nothing is a headline: the timings only show the suite runs.
+the GPU's dense bf16 peak (``DENSE_BF16_PEAK_FLOPS``, from NVIDIA's datasheets, keyed on the
+exact device name; None, with ``mfu_unavailable`` naming the device, for any other or a CPU);
+``mfu_vs_matmul`` divides by the bf16 8192^3 matmul rate measured in the same run instead. On a
+CPU nothing is a headline: the timings only show the suite runs. On a CPU nothing is a headline: the timings only show the suite runs.
 
 The results JSON is documented in docs/profiling.md.
 """
@@ -122,16 +123,23 @@ COMPILED_VARIANTS = ("compile", "cuda-graphs")
 LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
 GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn", "xformers")
 XFORMERS_MISSING = "xformers is not installed (pip install xformers); not timed"
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets: H100 SXM5 and
-# H200 SXM 989.4 TFLOP/s (H100 datasheet, H200 product brief; "1,979" is with sparsity),
-# H100 PCIe 756 TFLOP/s, A100 312 TFLOP/s (A100 datasheet; 624 with sparsity). Matched on the
-# device name in this order (the first substring found wins).
-DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.4e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989.4e12),
-    ("A100", 312e12),
-)
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, keyed on the
+# exact name torch.cuda.get_device_name reports: H100 SXM5 and H200 SXM 989.4 TFLOP/s ("1,979"
+# is with sparsity), H100 NVL and H200 NVL 835.5 ("1,671" with sparsity), H100 PCIe 756, A100
+# 312 (every form factor; 624 with sparsity). A name not listed gets no peak: the variants of
+# one chip differ by up to 30% (clocks, power), and a substring match would give an H100 NVL
+# the SXM's peak.
+DENSE_BF16_PEAK_FLOPS: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # SXM5
+    "NVIDIA H100 NVL": 835.5e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989.4e12,  # SXM
+    "NVIDIA H200 NVL": 835.5e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+}
 
 
 def trainer_preset(name: str, *flags: str) -> TrainConfig:
@@ -166,11 +174,20 @@ CPU_SMOKE_PRESETS_OF = {"sd35": "tiny-sd3", "flux": "tiny-flux", "wan": "tiny-wa
 
 
 def dense_bf16_peak(name: str) -> float | None:
-    """The datasheet dense bf16 peak of a GPU by its name, or None when not in the table."""
-    for key, flops in DENSE_BF16_PEAK_FLOPS:
-        if key.lower() in name.lower():
-            return flops
-    return None
+    """The datasheet dense bf16 peak of the GPU named exactly ``name``, or None (no guess)."""
+    return DENSE_BF16_PEAK_FLOPS.get(name.strip())
+
+
+def mfu_unavailable_reason(name: str, is_cuda: bool) -> str | None:
+    """Why MFU against a datasheet peak is not reported for this device, or None if it is."""
+    if not is_cuda:
+        return "a CPU has no datasheet bf16 peak here; MFU is not reported"
+    if dense_bf16_peak(name) is not None:
+        return None
+    return (
+        f"no datasheet dense bf16 peak for {name!r} (known: {', '.join(DENSE_BF16_PEAK_FLOPS)}); "
+        "MFU is not reported rather than guessed (mfu_vs_matmul still is)"
+    )
 
 
 # The safeguard's step-time target on a GPU: SDPO's step at most 1% slower than plain DPO's.
@@ -830,6 +847,7 @@ def run_overhead(
     encoding_flops = count_encoding_flops(workload)
     matmul_flops = matmul_flops_per_s(device)
     peak_flops = dense_bf16_peak(device_name(device)) if device.type == "cuda" else None
+    mfu_unavailable = mfu_unavailable_reason(device_name(device), device.type == "cuda")
 
     def _document(rounds_completed: int) -> dict:
         modes = {}
@@ -876,6 +894,7 @@ def run_overhead(
             "encoding_flops_per_step": encoding_flops,
             "matmul_flops_per_s": matmul_flops,
             "dense_bf16_peak_flops": peak_flops,
+            "mfu_unavailable": mfu_unavailable,
             "rounds": rounds,
             "rounds_completed": rounds_completed,
             "complete": rounds_completed == rounds,
@@ -1065,6 +1084,8 @@ def markdown_report(document: dict) -> str:
                 f"| {row['rung']} | {row['mode']} | {row['step_ms']:.2f} | "
                 f"{_format(row['factor'], '{:.2f}x')} | {row['factor_vs_reference']:.2f}x |"
             )
+    if meaningful and overhead.get("mfu_unavailable"):
+        lines.append(f"- MFU (peak) unavailable: {overhead['mfu_unavailable']}")
     for name, reason in overhead["not_run"].items():
         lines.append(f"- not run: {name}: {reason}")
     if document["kernels"]:
