@@ -468,9 +468,54 @@ def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests
     configure = next(command for command in commands if command[:2] == ["cmake", "-S"])
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in configure
     assert "-DSDPO_REQUIRE_CUDA=ON" in configure
-    pytest_command = next(command for command in commands if "pytest" in command)
-    assert pytest_command[pytest_command.index("-m", 3) + 1] == "gpu and not slow"
+    selections = [
+        command[command.index("-m", 3) + 1] for command in commands if "pytest" in command
+    ]
+    # The core GPU tests first, then the others (never the slow trainer-level ones).
+    assert selections == ["gpu and core", "gpu and not core and not slow"]
     assert context.result["cuda_architectures"] == "90"
+
+
+def test_build_phase_runs_the_other_gpu_tests_only_with_time_left(tmp_path, monkeypatch):
+    context = gpu_check.PhaseContext(argparse_namespace(tmp_path))
+    commands = []
+
+    def fake_command(command, timeout_s, env=None):
+        commands.append(command)
+        if "pytest" in command:  # the core tests take the phase's time
+            context.deadline = time.time() + 5
+        return {"rc": 0, "output_tail": "3 passed in 1.0s"}
+
+    monkeypatch.setattr(context, "command", fake_command)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
+    gpu_check.phase_build_and_tests(context)
+    pytest_commands = [command for command in commands if "pytest" in command]
+    assert len(pytest_commands) == 1
+    assert pytest_commands[0][pytest_commands[0].index("-m", 3) + 1] == "gpu and core"
+    assert context.result["gpu_tests_core"]["summary"] == "3 passed in 1.0s"
+    assert context.result["gpu_tests_other"]["skipped"].endswith("s left in the phase")
+
+
+def test_core_gpu_tests_are_the_kernels_capture_and_compile_checks():
+    """Every test marked core is a GPU test; the core set covers the fused Triton kernels and
+    the CUDA twin against the torch backend, CUDA-graph capture and torch.compile."""
+    core = {}
+    for path in (REPOSITORY / "tests").rglob("test_*.py"):
+        text = path.read_text()
+        for match in re.finditer(
+            r"((?:@pytest\.mark\.[^\n]*\n|    [^\n]*\n|\)\n)*)def (test_\w+)", text
+        ):
+            decorators, name = match.group(1), match.group(2)
+            if "@pytest.mark.core" in decorators:
+                assert "@pytest.mark.gpu" in decorators, f"{path.name}::{name} is core, not gpu"
+                core[name] = path.name
+    assert core == {
+        "test_video_size_on_gpu": "test_triton_backend.py",
+        "test_cuda_graph_captures_forward_and_backward": "test_triton_backend.py",
+        "test_gpu_matches_torch": "test_cuda_backend.py",
+        "test_gpu_layouts_weights_compile_and_graph_capture": "test_cuda_backend.py",
+        "test_torch_backend_is_sync_free_under_cuda_graph_capture": "test_objectives.py",
+    }
 
 
 def test_declared_ranges_come_from_pyproject_and_flag_an_older_torch(tmp_path):

@@ -11,8 +11,9 @@ runs; the results are rewritten after every phase.
    copy bandwidth and bf16 matmul rate, and the eager fused op's host time with its launches
    stubbed on this host's CPU (target: <= 20 us per forward + backward beyond an empty
    autograd.Function's, the engine's fixed cost, timed in the same run);
-2. build_and_tests: the CUDA C++ twin (cmake, the image's toolkit, this GPU's architecture) and
-   ``pytest -m "gpu and not slow"``;
+2. build_and_tests: the CUDA C++ twin (cmake, the image's toolkit, this GPU's architecture),
+   ``pytest -m "gpu and core"`` (kernels against the torch backend, CUDA-graph capture,
+   compile), then ``pytest -m "gpu and not core and not slow"`` while time is left;
 3. kernels: fused Triton, CUDA twin, torch eager and compiled, the reference trainer's sequence
    at the SD1.5 / SDXL / video sizes in bf16 and fp32; device time from CUDA-graph replay of a
    captured loop (events around the replay), the host time of one eager call separately;
@@ -563,18 +564,37 @@ def phase_build_and_tests(context: PhaseContext) -> None:
         result["build"]["cuda_library"] = str(library) if library.is_file() else None
     context.save()
     files = gpu_test_files()
-    # "not slow": the trainer-level GPU tests (several compiles of the tiny UNet, minutes) are
-    # left to the trainer phase, which runs the same comparisons on SD1.5.
-    pytest = [sys.executable, "-m", "pytest", "-q", "-m", "gpu and not slow"]
-    test = context.command(
-        [*pytest, "-p", "no:cacheprovider", *files],
-        context.left_s() - 2,
-    )
-    test["summary"] = _pytest_summary(test.get("output_tail", ""))
-    result["gpu_tests"] = test
-    context.save()
-    if result["build"].get("status") == "failed" or test["rc"] not in (0, 5):
-        raise SystemExit("build_and_tests: the build or a GPU test failed (see the log)")
+    # The core GPU tests first (kernels against the torch backend, CUDA-graph capture, compile:
+    # `pytest.mark.core`), the other GPU tests only with the time left. "not slow": the
+    # trainer-level GPU tests (several compiles of the tiny UNet, minutes) are left to the
+    # trainer phase, which runs the same comparisons on SD1.5.
+    failed = []
+    for key, selection in GPU_TEST_SELECTIONS:
+        if key != "gpu_tests_core" and context.left_s() < GPU_OTHER_TESTS_MINIMUM_S:
+            result[key] = {"skipped": f"{context.left_s():.0f}s left in the phase"}
+            context.save()
+            continue
+        pytest = [sys.executable, "-m", "pytest", "-q", "-m", selection, "-p", "no:cacheprovider"]
+        test = context.command([*pytest, *files], context.left_s() - 2)
+        test["summary"] = _pytest_summary(test.get("output_tail", ""))
+        result[key] = test
+        context.save()
+        if test["rc"] is None and key != "gpu_tests_core":
+            test["status"] = "timed out: the phase's share ended (the core tests ran first)"
+        elif test["rc"] not in (0, 5):
+            failed.append(key)
+    problems = ["the build"] if result["build"].get("status") == "failed" else []
+    problems += [f"pytest -m '{dict(GPU_TEST_SELECTIONS)[key]}'" for key in failed]
+    if problems:
+        raise SystemExit(f"build_and_tests: {' and '.join(problems)} failed (see the log)")
+
+
+# (result key, pytest -m expression), in the order they run.
+GPU_TEST_SELECTIONS = (
+    ("gpu_tests_core", "gpu and core"),
+    ("gpu_tests_other", "gpu and not core and not slow"),
+)
+GPU_OTHER_TESTS_MINIMUM_S = 20.0
 
 
 def _pytest_summary(output: str) -> str:
@@ -1418,7 +1438,10 @@ def markdown(results: dict) -> str:
     if build:
         lines += ["", "## Build and GPU tests", ""]
         lines.append(f"- CUDA twin build: {build.get('build', {}).get('status')}")
-        lines.append(f"- pytest -m 'gpu and not slow': {build.get('gpu_tests', {}).get('summary')}")
+        for key, selection in GPU_TEST_SELECTIONS:
+            record = build.get(key, {})
+            summary = record.get("status") or record.get("summary") or record.get("skipped")
+            lines.append(f"- pytest -m '{selection}': {summary}")
     kernels = results["phases"].get("kernels", {})
     if kernels.get("rows"):
         lines += ["", "## Kernels (forward + backward)", "", kernels.get("timing", ""), ""]
