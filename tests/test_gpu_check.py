@@ -709,3 +709,35 @@ def test_overhead_ladder_only_list_matches_the_suite():
     from sdpo.profiling import overhead
 
     assert gpu_check.OVERHEAD_LADDER_ONLY == overhead.LADDER_ONLY_VARIANTS
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_trainer_run_timeouts_keep_time_for_the_required_runs_after(tmp_path, monkeypatch, dry_run):
+    context = fake_trainer(tmp_path, dict(ALL_FINE, **{"eager-again": (0, 1.0, 1.0)}), monkeypatch)
+    context.dry_run = dry_run
+    recorded = context.command
+    timeouts = {}
+
+    def command(command, timeout_s, env=None):
+        name = Path(command[command.index("--output-dir") + 1]).name.removeprefix("train-")
+        timeouts[name] = (timeout_s, context.left_s())
+        return recorded(command, timeout_s, env)
+
+    monkeypatch.setattr(context, "command", command)
+    gpu_check.phase_trainer(context)
+    flags = dict(gpu_check.trainer_commands(dry_run))
+    for name, (timeout_s, left_s) in timeouts.items():
+        later = list(flags)[list(flags).index(name) + 1 :]
+        reserved = (
+            0.0
+            if dry_run
+            else sum(
+                gpu_check.trainer_run_estimate(flags[other][0])["seconds"]
+                for other in later
+                if other in gpu_check.REQUIRED_TRAIN_VARIANTS
+            )
+        )
+        # Not capped at a multiple of an estimate (the dry run's CPU runs take minutes).
+        assert timeout_s == pytest.approx(left_s - 5 - reserved, abs=1), name
+    if not dry_run:
+        assert timeouts["eager"][0] < timeouts["cuda-graphs"][0] - 90

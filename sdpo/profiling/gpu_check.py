@@ -810,8 +810,15 @@ def phase_trainer(context: PhaseContext) -> None:
             context.save()
             continue
         command = [sys.executable, "-m", "sdpo.train", *flags, "--output-dir", str(output)]
-        # Twice the estimate: the estimates are not measurements (see trainer_run_estimate).
-        run = context.command(command, min(context.left_s() - 5, 2 * needed_s))
+        # What is left, less the estimates of the required runs after this one (the estimates
+        # are not measurements: a run slower than its estimate still gets the time to end).
+        later = list(commands)[list(commands).index(name) + 1 :]
+        reserved = sum(
+            estimates[other]["seconds"]
+            for other in later
+            if other in REQUIRED_TRAIN_VARIANTS and not context.dry_run
+        )
+        run = context.command(command, context.left_s() - 5 - reserved)
         run["metrics"] = _metrics(output / "metrics.jsonl")
         run["losses"] = run["metrics"].get("loss", [])
         run["compared_with"] = baseline
