@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU validation in one time-boxed command (sdpo/profiling/gpu_check.py does the phases):
 #
-#   bash profiling/gpu_check.sh --wheels DIR --out OUT [--budget-s 480] [--dry-run]
+#   bash profiling/gpu_check.sh --wheels DIR --out OUT [--budget-s 520] [--dry-run]
 #
 # DIR: the folder `bash profiling/wheelhouse.sh DIR` filled on a connected machine (installed
 # with --no-index --no-deps into DIR/site; the image's torch, triton and CUDA are not touched).

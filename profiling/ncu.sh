@@ -15,7 +15,8 @@ window=${STEPS:-3:4}
 stop=${window#*:}
 command -v ncu >/dev/null || { echo "ncu not found: install Nsight Compute" >&2; exit 1; }
 mkdir -p "$(dirname "$out")"
-ncu --force-overwrite --export "$out" --profile-from-start off \
+# --clock-control none: ncu would lock the clocks to base; the GPU's settings stay as they are.
+ncu --clock-control none --force-overwrite --export "$out" --profile-from-start off \
     --kernel-name "regex:${KERNELS:-pair_sums|finalize|gradient}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis \
     python -m sdpo.train --preset "$preset" --pretrained random --loss-backend triton \

@@ -338,6 +338,7 @@ def _require_gpu_library():
 
 
 @pytest.mark.gpu
+@pytest.mark.core
 @pytest.mark.parametrize("method", sdpo.METHODS)
 @pytest.mark.parametrize("mu", [None, 0.6])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -376,6 +377,7 @@ def test_gpu_odd_shapes_match_torch(batch_pairs, sample_shape, method, granulari
 
 
 @pytest.mark.gpu
+@pytest.mark.core
 def test_gpu_layouts_weights_compile_and_graph_capture(monkeypatch):
     _require_gpu_library()
     weights = torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5], device="cuda")

@@ -144,12 +144,23 @@ def test_overhead_phase_runs_the_requested_flow_presets(tmp_path, monkeypatch, d
     if dry_run:
         assert presets == ["tiny", "tiny-flux", "tiny-sd3"]
         return
-    # After sd15's ladder, before sdxl; eager at 2 pairs.
-    assert presets == ["sd15", "flux", "sd35", "sdxl"]
-    for command in commands[1:3]:
+    # sd15's ladder as three processes, cheapest first (its eager variants, then each cold
+    # compile alone), each with its own results file; then the flow presets, eager at 2 pairs,
+    # then sdxl.
+    assert presets == ["sd15", "sd15", "sd15", "sd15", "flux", "sd35", "sdxl"]
+    variants = [command[command.index("--variants") + 1] for command in commands]
+    assert variants[:3] == ["eager", "cuda-graphs", "compile"]
+    assert variants[3].startswith("eager,channels-last,")
+    # The SDPO/DPO ratio's runs: at least 6 rounds of 4 steps.
+    for command in commands[:3]:
+        assert int(command[command.index("--rounds") + 1]) >= 6
+        assert int(command[command.index("--steps") + 1]) >= 4
+    outputs = [command[command.index("--output") + 1] for command in commands]
+    assert len(set(outputs)) == len(outputs)
+    for command in commands[4:6]:
         assert command[command.index("--variants") + 1] == "eager"
         assert command[command.index("--batch-pairs") + 1] == "2"
-    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[3]
+    assert "--batch-pairs" not in commands[0] and "--batch-pairs" not in commands[6]
 
 
 def test_empty_wheel_folder_is_refused(tmp_path):
@@ -254,6 +265,8 @@ def fake_trainer(tmp_path: Path, outcomes: dict, monkeypatch) -> gpu_check.Phase
     import torch
     from safetensors.torch import save_file
 
+    from sdpo.train.checkpoint import MODEL_FILE
+
     arguments = argparse_namespace(tmp_path)
     context = gpu_check.PhaseContext(arguments)
 
@@ -269,10 +282,10 @@ def fake_trainer(tmp_path: Path, outcomes: dict, monkeypatch) -> gpu_check.Phase
             ]
             (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             save_file({"w": torch.full((4,), weight)}, str(output / "unet" / "model.safetensors"))
-            if "--checkpoint-every" in command:
+            if command[command.index("--checkpoint-every") + 1] != "0":
                 folder = output / "checkpoint-2"
                 folder.mkdir()
-                save_file({"w": torch.full((4,), 0.9)}, str(folder / "model.safetensors"))
+                save_file({"w": torch.full((4,), 0.9)}, str(folder / MODEL_FILE))
         return {"command": " ".join(command), "rc": rc}
 
     monkeypatch.setattr(context, "command", command)
@@ -374,13 +387,13 @@ def test_environment_phase_passes_without_the_optional_nvtx(tmp_path):
     # The host-overhead measurement ran (kernels stubbed) and was judged against the target.
     phase_record = json.loads((tmp_path / "environment.json").read_text())
     overhead = phase_record["host_overhead"]
-    assert overhead["op_layer_median_us"] > 0 and overhead["target_us"] == 30.0
-    assert overhead["op_layer_meets_target"] == (overhead["op_layer_median_us"] <= 30.0)
-    # The engine's fixed cost is measured too, and the op layer's share beyond it is the
-    # difference of the medians (each rounded to 0.1 us).
+    # The verdict: the op layer beyond an empty autograd.Function timed in the same run.
+    assert overhead["op_layer_median_us"] > 0 and overhead["empty_function_median_us"] > 0
+    assert overhead["target_us"] == 20.0
+    beyond = overhead["op_layer_median_us"] - overhead["empty_function_median_us"]
+    assert abs(overhead["op_layer_beyond_engine_us"] - beyond) <= 0.11
+    assert overhead["meets_target"] == (overhead["op_layer_beyond_engine_us"] <= 20.0)
     assert overhead["one_op_loss_backward_median_us"] > 0
-    beyond = overhead["op_layer_median_us"] - overhead["one_op_loss_backward_median_us"]
-    assert abs(overhead["op_layer_beyond_backward_us"] - beyond) <= 0.11
     report = gpu_check.markdown(
         {
             "dry_run": True,
@@ -389,7 +402,37 @@ def test_environment_phase_passes_without_the_optional_nvtx(tmp_path):
             "phases": {"environment": phase_record},
         }
     )
-    assert f"op layer adds {overhead['op_layer_beyond_backward_us']} us beyond" in report
+    assert f"beyond it {overhead['op_layer_beyond_engine_us']} us:" in report
+    assert "Under --cuda-graphs none of this is paid per step" in report
+
+
+def _host_result(op_layer_us: float, empty_us: float) -> dict:
+    summary = {"median_us": 0.0, "n": 2000}
+    return {
+        "op_layer": {**summary, "median_us": op_layer_us},
+        "preference_loss": {**summary, "median_us": op_layer_us + 5},
+        "one_op_loss_backward": {**summary, "median_us": 20.0},
+        "empty_function": {**summary, "median_us": empty_us},
+        "op_layer_beyond_backward_us": op_layer_us - 20.0,
+        "machine": "x86_64",
+    }
+
+
+@pytest.mark.parametrize(
+    ("op_layer_us", "empty_us", "meets", "whole_meets"),
+    [
+        (42.0, 24.0, True, False),  # the dev CPU's case: 18 us of its own, over 30 in all
+        (50.0, 24.0, False, False),  # 26 us beyond the engine's cost
+        (25.0, 10.0, True, True),
+    ],
+)
+def test_host_overhead_verdict_subtracts_the_engines_fixed_cost(
+    op_layer_us, empty_us, meets, whole_meets
+):
+    verdict = gpu_check.host_overhead_verdict(_host_result(op_layer_us, empty_us))
+    assert verdict["op_layer_beyond_engine_us"] == pytest.approx(op_layer_us - empty_us)
+    assert verdict["meets_target"] is meets and verdict["target_us"] == 20.0
+    assert verdict["whole_op_layer_meets_target"] is whole_meets
 
 
 def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests(
@@ -425,9 +468,54 @@ def test_build_phase_compiles_for_the_gpus_own_architecture_and_skips_slow_tests
     configure = next(command for command in commands if command[:2] == ["cmake", "-S"])
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in configure
     assert "-DSDPO_REQUIRE_CUDA=ON" in configure
-    pytest_command = next(command for command in commands if "pytest" in command)
-    assert pytest_command[pytest_command.index("-m", 3) + 1] == "gpu and not slow"
+    selections = [
+        command[command.index("-m", 3) + 1] for command in commands if "pytest" in command
+    ]
+    # The core GPU tests first, then the others (never the slow trainer-level ones).
+    assert selections == ["gpu and core", "gpu and not core and not slow"]
     assert context.result["cuda_architectures"] == "90"
+
+
+def test_build_phase_runs_the_other_gpu_tests_only_with_time_left(tmp_path, monkeypatch):
+    context = gpu_check.PhaseContext(argparse_namespace(tmp_path))
+    commands = []
+
+    def fake_command(command, timeout_s, env=None):
+        commands.append(command)
+        if "pytest" in command:  # the core tests take the phase's time
+            context.deadline = time.time() + 5
+        return {"rc": 0, "output_tail": "3 passed in 1.0s"}
+
+    monkeypatch.setattr(context, "command", fake_command)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
+    gpu_check.phase_build_and_tests(context)
+    pytest_commands = [command for command in commands if "pytest" in command]
+    assert len(pytest_commands) == 1
+    assert pytest_commands[0][pytest_commands[0].index("-m", 3) + 1] == "gpu and core"
+    assert context.result["gpu_tests_core"]["summary"] == "3 passed in 1.0s"
+    assert context.result["gpu_tests_other"]["skipped"].endswith("s left in the phase")
+
+
+def test_core_gpu_tests_are_the_kernels_capture_and_compile_checks():
+    """Every test marked core is a GPU test; the core set covers the fused Triton kernels and
+    the CUDA twin against the torch backend, CUDA-graph capture and torch.compile."""
+    core = {}
+    for path in (REPOSITORY / "tests").rglob("test_*.py"):
+        text = path.read_text()
+        for match in re.finditer(
+            r"((?:@pytest\.mark\.[^\n]*\n|    [^\n]*\n|\)\n)*)def (test_\w+)", text
+        ):
+            decorators, name = match.group(1), match.group(2)
+            if "@pytest.mark.core" in decorators:
+                assert "@pytest.mark.gpu" in decorators, f"{path.name}::{name} is core, not gpu"
+                core[name] = path.name
+    assert core == {
+        "test_video_size_on_gpu": "test_triton_backend.py",
+        "test_cuda_graph_captures_forward_and_backward": "test_triton_backend.py",
+        "test_gpu_matches_torch": "test_cuda_backend.py",
+        "test_gpu_layouts_weights_compile_and_graph_capture": "test_cuda_backend.py",
+        "test_torch_backend_is_sync_free_under_cuda_graph_capture": "test_objectives.py",
+    }
 
 
 def test_declared_ranges_come_from_pyproject_and_flag_an_older_torch(tmp_path):
@@ -466,3 +554,190 @@ def test_declared_ranges_come_from_pyproject_and_flag_an_older_torch(tmp_path):
     )
     assert f"torch 2.11.0+cu130 is below pyproject's torch>={declared['torch']}" in report
     assert "triton" not in report.split("is below")[-1]  # only the one outside is flagged
+
+
+def _profiling_ncu_calls(arguments_per_call: list[list[str]]) -> list[list[str]]:
+    """The ncu calls that launch a program under the profiler (``--import`` only reads one)."""
+    return [arguments for arguments in arguments_per_call if "--import" not in arguments]
+
+
+def _has_clock_control_none(arguments: list[str]) -> bool:
+    return any(
+        arguments[index : index + 2] == ["--clock-control", "none"]
+        for index in range(len(arguments) - 1)
+    )
+
+
+def test_gpu_check_ncu_leaves_the_clocks_alone(tmp_path, monkeypatch):
+    context = gpu_check.PhaseContext(argparse_namespace(tmp_path))
+    calls = []
+
+    def fake_command(command, timeout_s, env=None):
+        calls.append(command[1:])
+        return {"rc": 0}
+
+    def fake_run(command, **kwargs):
+        calls.append(command[1:])
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/opt/nsight/ncu")
+    monkeypatch.setattr(context, "command", fake_command)
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    gpu_check.phase_ncu(context)
+    profiling = _profiling_ncu_calls(calls)
+    assert profiling and all(_has_clock_control_none(call) for call in profiling), calls
+
+
+def test_ncu_script_leaves_the_clocks_alone(tmp_path):
+    """profiling/ncu.sh with a recording ncu (and a python that does nothing) on PATH."""
+    log = tmp_path / "ncu-calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ncu").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\n')
+    (fake / "python").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("ncu", "python"):
+        (fake / name).chmod(0o755)
+    completed = subprocess.run(
+        ["bash", str(REPOSITORY / "profiling" / "ncu.sh"), str(tmp_path / "out" / "loss")],
+        env={"PATH": f"{fake}:/usr/bin:/bin"},
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    calls = [line.split() for line in log.read_text().splitlines()]
+    profiling = _profiling_ncu_calls(calls)
+    assert len(profiling) == 1 and _has_clock_control_none(profiling[0]), calls
+
+
+def test_cmake_ncu_target_leaves_the_clocks_alone():
+    text = (REPOSITORY / "CMakeLists.txt").read_text()
+    # Every ncu command word of the file, up to the end of its CMake call.
+    calls = [
+        match.group(1).split()
+        for match in re.finditer(r"(?m)^\s*(?:COMMAND\s.*?\s)?ncu\s([^)]*)", text)
+    ]
+    assert calls, "no ncu call found in CMakeLists.txt"
+    assert all(_has_clock_control_none(call) for call in _profiling_ncu_calls(calls)), calls
+
+
+def test_plan_fits_every_phase_share_the_slot_and_its_disk():
+    """The GPU run's plan at the default budget: each phase's required work within its share,
+    the budget and the required total within the 540 s slot, the peak disk within 40 GB."""
+    planned = gpu_check.plan(gpu_check.DEFAULT_BUDGET_S, flow_overhead=("sd35", "flux", "wan"))
+    assert gpu_check.plan_problems(planned) == []
+    assert planned["budget_s"] + 10 <= gpu_check.SLOT_S  # + the last phase's grace
+    trainer = next(row for row in planned["phases"] if row["phase"] == "trainer")
+    # Runs are deleted after each: the peak is eager's checkpoint-2 (weights + AdamW) + unet/.
+    assert trainer["disk_gb"] == pytest.approx(4 * gpu_check.SD15_WEIGHTS_GB, abs=0.01)
+
+
+def test_plan_names_what_does_not_fit(monkeypatch):
+    short = gpu_check.plan(300)
+    problems = gpu_check.plan_problems(short)
+    assert any(problem.startswith("trainer: required") for problem in problems), problems
+    assert any(problem.startswith("required ~") for problem in problems), problems
+    assert "DOES NOT FIT: trainer" in gpu_check.format_plan(short)
+    assert "budget 600s > the slot's 540s" in gpu_check.plan_problems(gpu_check.plan(600))
+    # A model three times SD1.5's size: eager's checkpoint + export alone pass 40 GB.
+    monkeypatch.setattr(gpu_check, "SD15_WEIGHTS_GB", 3 * gpu_check.SD15_WEIGHTS_GB)
+    monkeypatch.setattr(gpu_check, "SD15_ADAMW_STATE_GB", 2 * gpu_check.SD15_WEIGHTS_GB)
+    problems = gpu_check.plan_problems(gpu_check.plan(gpu_check.DEFAULT_BUDGET_S))
+    assert any(problem.startswith("peak disk ~") for problem in problems), problems
+
+
+def test_trainer_disk_estimate_comes_from_each_runs_flags():
+    weights = gpu_check.SD15_WEIGHTS_GB
+    assert weights == pytest.approx(3.44, abs=0.005)
+    commands = gpu_check.trainer_commands(dry_run=False)
+    disk = {name: gpu_check.trainer_run_disk_gb(flags) for name, (flags, _) in commands.items()}
+    # eager: checkpoint-2 (weights + two AdamW moments) and unet/; compared runs unet/ alone;
+    # fp16 (compared with nothing) writes nothing.
+    assert disk["eager"] == pytest.approx(4 * weights)
+    assert disk["cuda-graphs"] == disk["compile"] == disk["channels-last"] == pytest.approx(weights)
+    assert disk["fp16"] == 0
+    # What the phase wrote before --save-final: every run's end a checkpoint + unet/ + unet.pth,
+    # both baselines a checkpoint-2 as well: ~107 GB.
+    before = [
+        [flag for flag in flags if flag not in ("--save-final", "weights", "none")]
+        for flags, _ in commands.values()
+    ]
+    for flags in before:
+        flags[flags.index("--checkpoint-every") + 1] = "2"
+        flags += ["--save-final", "full"]
+    before[1][before[1].index("--checkpoint-every") + 1] = "0"  # compared runs: no checkpoint
+    before[2][before[2].index("--checkpoint-every") + 1] = "0"
+    before[3][before[3].index("--checkpoint-every") + 1] = "0"
+    total = sum(gpu_check.trainer_run_disk_gb(flags) for flags in before)
+    assert total == pytest.approx(107, abs=1)
+
+
+def test_trainer_phase_deletes_each_run_before_the_next(tmp_path, monkeypatch):
+    context = fake_trainer(tmp_path, dict(ALL_FINE), monkeypatch)
+    recorded = context.command
+    seen = []
+
+    def command(command, timeout_s, env=None):
+        seen.append(sorted(path.name for path in Path(context.scratch).glob("train-*")))
+        return recorded(command, timeout_s, env)
+
+    monkeypatch.setattr(context, "command", command)
+    gpu_check.phase_trainer(context)
+    assert seen == [[]] * len(gpu_check.TRAIN_VARIANTS)
+    assert not list(Path(context.scratch).glob("train-*"))
+    assert list(context.result["runs"]) == [
+        "eager",
+        "cuda-graphs",
+        "compile",
+        "channels-last",
+        "fp16",
+    ]
+    assert context.result["runs"]["cuda-graphs"]["matches_eager"] is True
+
+
+def test_dry_run_prints_the_gpu_plan(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--phases", "ncu"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan for a GPU run, budget 520s" in printed
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [row["phase"] for row in saved["plan"]["phases"]] == ["ncu"]
+    assert "## Plan" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_overhead_ladder_only_list_matches_the_suite():
+    from sdpo.profiling import overhead
+
+    assert gpu_check.OVERHEAD_LADDER_ONLY == overhead.LADDER_ONLY_VARIANTS
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_trainer_run_timeouts_keep_time_for_the_required_runs_after(tmp_path, monkeypatch, dry_run):
+    context = fake_trainer(tmp_path, dict(ALL_FINE, **{"eager-again": (0, 1.0, 1.0)}), monkeypatch)
+    context.dry_run = dry_run
+    recorded = context.command
+    timeouts = {}
+
+    def command(command, timeout_s, env=None):
+        name = Path(command[command.index("--output-dir") + 1]).name.removeprefix("train-")
+        timeouts[name] = (timeout_s, context.left_s())
+        return recorded(command, timeout_s, env)
+
+    monkeypatch.setattr(context, "command", command)
+    gpu_check.phase_trainer(context)
+    flags = dict(gpu_check.trainer_commands(dry_run))
+    for name, (timeout_s, left_s) in timeouts.items():
+        later = list(flags)[list(flags).index(name) + 1 :]
+        reserved = (
+            0.0
+            if dry_run
+            else sum(
+                gpu_check.trainer_run_estimate(flags[other][0])["seconds"]
+                for other in later
+                if other in gpu_check.REQUIRED_TRAIN_VARIANTS
+            )
+        )
+        # Not capped at a multiple of an estimate (the dry run's CPU runs take minutes).
+        assert timeout_s == pytest.approx(left_s - 5 - reserved, abs=1), name
+    if not dry_run:
+        assert timeouts["eager"][0] < timeouts["cuda-graphs"][0] - 90

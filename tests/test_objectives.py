@@ -271,6 +271,7 @@ def test_safeguarded_gradient_matches_finite_differences_of_the_surrogate():
 
 
 @pytest.mark.gpu
+@pytest.mark.core
 @pytest.mark.parametrize("method", sdpo.METHODS)
 def test_torch_backend_is_sync_free_under_cuda_graph_capture(method):
     # Capture fails on any host sync (.item(), a Python `if` on a device value): the torch

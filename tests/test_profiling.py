@@ -220,11 +220,10 @@ def test_xformers_variant_puts_a_flow_transformers_attention_backend_back(monkey
     assert all(p._attention_backend is None for p in processors)
 
 
-def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
-    """channels-last converts the weights there and back, so every 4-D weight has new storage
-    after its block; a CUDA graph recorded the old addresses and re-records on its next replay.
-    Each compiled mode's next block starts with one untimed step (the re-record), and only
-    then; the compile here is stood in for by the plain module (no inductor on a CPU)."""
+def test_rounds_alternate_their_order_and_drop_each_blocks_first_step(monkeypatch):
+    """ABBA: the mode order reverses every round. Every block starts with one untimed step
+    (dropped: after another mode's block; a compiled mode whose weights channels-last moved
+    re-records there); the compile here is stood in for by the plain module."""
     monkeypatch.setattr(overhead, "compile_model", lambda module, cuda_graphs: module)
     # The modes below are the ones without the fused kernels, with or without Triton's
     # interpreter (CI sets it; the fused mode would then run too).
@@ -246,7 +245,7 @@ def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
 
     monkeypatch.setattr(overhead._Timer, "measure", measure)
     monkeypatch.setattr(overhead, "our_step", step)
-    overhead.run_overhead(
+    result = overhead.run_overhead(
         "tiny",
         device=torch.device("cpu"),
         variants=["eager", "compile", "channels-last"],
@@ -256,20 +255,26 @@ def test_compiled_modes_rerun_untimed_after_the_weights_moved(monkeypatch):
         batch_pairs=2,
         log=lambda message: None,
     )
+    # First the model-FLOP count's one untimed step, then the warm-ups.
+    assert calls[0] == ("dpo", "eager", False)
+    calls = calls[1:]
     warmups = 6  # ours-online, dpo and sdpo-torch eager and compile, sdpo-torch channels-last
     assert all(not timed for _, _, timed in calls[:warmups])
-    one_round = [
-        ("ours-online", "eager", True),
-        ("dpo", "eager", True),
-        ("sdpo-torch", "eager", True),
-        ("dpo", "compile", False),  # the weights moved since its last block: re-recorded here
-        ("dpo", "compile", True),
-        ("sdpo-torch", "compile", False),
-        ("sdpo-torch", "compile", True),
-        ("sdpo-torch", "channels-last", True),
+    order = [
+        ("ours-online", "eager"),
+        ("dpo", "eager"),
+        ("sdpo-torch", "eager"),
+        ("dpo", "compile"),
+        ("sdpo-torch", "compile"),
+        ("sdpo-torch", "channels-last"),
     ]
-    # Then the model-FLOP count's one untimed step.
-    assert calls[warmups:] == one_round * 2 + [("dpo", "eager", False)]
+
+    def blocks(modes):
+        return [call for mode in modes for call in ((*mode, False), (*mode, True))]
+
+    assert calls[warmups:] == blocks(order) + blocks(order[::-1])
+    for mode in result["modes"].values():
+        assert mode["n"] == 2  # the dropped steps are not counted
 
 
 def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
@@ -281,12 +286,61 @@ def test_model_flops_leave_out_the_gradient_checkpointing_recompute():
     assert recomputing.models.unet.is_gradient_checkpointing  # switched back on after counting
 
 
-def test_dense_bf16_peaks_by_device_name():
-    assert overhead.dense_bf16_peak("NVIDIA H200") == 989.4e12
-    assert overhead.dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert overhead.dense_bf16_peak("NVIDIA H100 PCIe") == 756e12
-    assert overhead.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
-    assert overhead.dense_bf16_peak("NVIDIA GeForce RTX 4090") is None
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 NVL", 835.5e12),  # not the SXM's 989.4 (a substring match gave it that)
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        # Unknown names: no guess.
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),
+        ("NVIDIA GH200 480GB", None),
+        ("NVIDIA H800", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_dense_bf16_peaks_by_exact_device_name(name, peak):
+    assert overhead.dense_bf16_peak(name) == peak
+    reason = overhead.mfu_unavailable_reason(name, is_cuda=True)
+    if peak is None:
+        assert f"no datasheet dense bf16 peak for {name!r}" in reason
+        assert "not reported rather than guessed" in reason
+    else:
+        assert reason is None
+
+
+def test_unknown_gpu_reports_mfu_unavailable_naming_the_device(monkeypatch):
+    """Without a datasheet peak every mode's MFU is None and the results carry the reason
+    (mfu_unavailable); for a GPU the table lacks, the report names the device."""
+    monkeypatch.setattr(overhead, "device_name", lambda device: "NVIDIA H100 NVL-prototype")
+    result = overhead.run_overhead(
+        "tiny",
+        device=torch.device("cpu"),
+        variants=["eager"],
+        rounds=1,
+        steps_per_round=1,
+        warmup_steps=0,
+        batch_pairs=2,
+        log=lambda message: None,
+    )
+    # The run is on the CPU: its reason is the CPU's; the GPU path is the same function.
+    assert result["mfu_unavailable"].startswith("a CPU has no datasheet bf16 peak")
+    assert all(mode["mfu"] is None for mode in result["modes"].values())
+    document = {
+        "device": "NVIDIA H100 NVL-prototype", "date": "2026-12-08", "torch": "2.11",
+        "triton": "3.6", "timings_meaningful": True, "kernels": [],
+        "overhead": {
+            **result,
+            "mfu_unavailable": overhead.mfu_unavailable_reason("NVIDIA H100 NVL-prototype", True),
+        },
+    }  # fmt: skip
+    report = overhead.markdown_report(document)
+    assert (
+        "MFU (peak) unavailable: no datasheet dense bf16 peak for 'NVIDIA H100 NVL-prototype'"
+        in report
+    )
 
 
 def test_ladder_factors_chain_the_rungs():
@@ -513,3 +567,94 @@ def test_overhead_presets_are_the_trainers_presets():
             assert getattr(preset, key) == value, (name, key)
     assert overhead.PRESETS["sd15"].granularity == "group:8"
     assert overhead.PRESETS["sd15"].pretrained == "random"
+
+
+class _Killed(Exception):
+    """Stands in for the deadline's SIGKILL in the middle of a round."""
+
+
+def test_overhead_results_are_written_after_every_round(tmp_path, monkeypatch):
+    """A run killed in its second round leaves the first round's results, marked partial."""
+    monkeypatch.setattr(overhead, "fused_available", lambda device: False)
+    monkeypatch.setattr(overhead, "matmul_flops_per_s", lambda device: 1e9)  # times no steps
+    real_measure = overhead._Timer.measure
+    timed = {"steps": 0}
+    modes_per_round = 4  # reference, ours-online, dpo, sdpo-torch (eager)
+
+    def measure(self, function):
+        timed["steps"] += 1
+        if timed["steps"] > modes_per_round + 1:  # one step into the second round
+            raise _Killed
+        return real_measure(self, function)
+
+    monkeypatch.setattr(overhead._Timer, "measure", measure)
+    output = tmp_path / "overhead.json"
+    arguments = ["overhead", "--preset", "tiny", "--device", "cpu", "--rounds", "3"]
+    arguments += ["--steps", "1", "--warmup", "0", "--batch-pairs", "2", "--output", str(output)]
+    with pytest.raises(_Killed):
+        profile_main(arguments)
+    result = json.loads(output.read_text())["overhead"]
+    assert result["complete"] is False and result["rounds_completed"] == 1
+    assert {mode["n"] for mode in result["modes"].values()} == {1}
+    assert len(result["modes"]) == modes_per_round
+    assert "Partial: 1 of 3 rounds" in output.with_suffix(".md").read_text()
+
+
+def test_ratio_interval_is_a_paired_t_interval_on_log_ratios():
+    import math
+    import statistics
+
+    dpo = [100.0, 110.0, 105.0, 120.0, 100.0, 95.0]
+    ratios = [1.004, 1.006, 1.002, 1.008, 1.005, 1.003]
+    sdpo = [d * r for d, r in zip(dpo, ratios, strict=True)]
+    interval = overhead.ratio_interval(sdpo, dpo)
+    logs = [math.log(r) for r in ratios]
+    half = 2.571 * statistics.stdev(logs) / math.sqrt(6)  # t(0.975, 5 degrees of freedom)
+    assert interval["ratio"] == pytest.approx(math.exp(statistics.fmean(logs)))
+    assert interval["low"] == pytest.approx(math.exp(statistics.fmean(logs) - half))
+    assert interval["high"] == pytest.approx(math.exp(statistics.fmean(logs) + half))
+    assert interval["rounds"] == 6 and interval["confidence"] == 0.95
+    # The rounds' drift (dpo from 95 to 120 ms) is paired out: only the ratios' spread counts.
+    assert interval["high"] - interval["low"] < 0.005
+    assert overhead.ratio_interval([1.0], [1.0]) is None
+
+
+@pytest.mark.parametrize(
+    ("ratios", "expected"),
+    [
+        ([1.004, 1.006, 1.002, 1.008, 1.005, 1.003], "meets"),
+        ([1.030, 1.032, 1.028, 1.031, 1.029, 1.030], "misses"),
+        # Noise of a few % per round: the interval is wider than the 1% margin.
+        ([0.97, 1.04, 1.00, 1.06, 0.95, 1.02], "not resolved: the 95% interval"),
+        # Narrow, but it holds 1.01.
+        ([1.008, 1.012, 1.009, 1.011, 1.010, 1.010], "not resolved: the interval"),
+    ],
+)
+def test_ratio_verdict_on_synthetic_timings(ratios, expected):
+    dpo = [100.0 + 3 * index for index in range(len(ratios))]
+    sdpo = [d * r for d, r in zip(dpo, ratios, strict=True)]
+    verdict = overhead.ratio_verdict(overhead.ratio_interval(sdpo, dpo))
+    assert verdict.startswith(expected), verdict
+    assert overhead.ratio_verdict(None) == "not resolved: fewer than 2 rounds"
+
+
+def test_report_gives_the_ratio_with_its_interval_and_verdict():
+    dpo = [100.0, 101.0, 99.0, 100.0, 102.0, 98.0]
+    sdpo = [d * ratio for d, ratio in zip(dpo, [1.03, 1.031] * 3, strict=True)]
+    interval = overhead.ratio_interval(sdpo, dpo)
+    result = {
+        "preset": "sd15", "batch_pairs": 8, "resolution": 512, "rounds": 6,
+        "steps_per_round": 4, "headline_variant": "eager", "ours": "sdpo-fused",
+        "sdpo_over_dpo_step_ratio": 1.03, "speedup_vs_reference": 2.5, "modes": {},
+        "ladder": [], "not_run": {}, "sdpo_over_dpo_interval": interval,
+        "sdpo_over_dpo_verdict": overhead.ratio_verdict(interval),
+        "sdpo_over_dpo_target": 1.01,
+    }  # fmt: skip
+    document = {
+        "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-08", "torch": "2.11",
+        "triton": "3.6", "timings_meaningful": True, "overhead": result, "kernels": [],
+    }  # fmt: skip
+    report = overhead.markdown_report(document)
+    assert f"95% interval [{interval['low']:.4f}, {interval['high']:.4f}] over 6 rounds" in report
+    assert "paired t interval on the log" in report
+    assert "- verdict against <= 1.01: misses (> 1.01)" in report

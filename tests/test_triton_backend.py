@@ -303,6 +303,7 @@ def test_fullgraph_compile(method):
 
 
 @pytest.mark.gpu
+@pytest.mark.core
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_video_size_on_gpu(dtype):
     # Wan2.1-sized latents: 2 pairs of 16 x 21 x 60 x 104 (8.4M elements across the 4 rows).
@@ -322,6 +323,7 @@ def test_video_size_on_gpu(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.core
 def test_cuda_graph_captures_forward_and_backward():
     model_pred, ref_pred, target = (
         t.cuda() for t in make_inputs(8, (4, 64, 64), dtype=torch.bfloat16)

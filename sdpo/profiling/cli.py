@@ -134,6 +134,12 @@ def _run(arguments: argparse.Namespace) -> int:
             "output: a CPU run is a smoke test and is not filed under profiling/results/; "
             "pass --output PATH"
         )
+    output = (
+        Path(arguments.output)
+        if arguments.output
+        else RESULTS_DIR
+        / f"{overhead.device_slug(device)}-{arguments.preset}-{datetime.date.today().isoformat()}.json"
+    )
     result = overhead.run_overhead(
         arguments.preset,
         device=device,
@@ -143,15 +149,13 @@ def _run(arguments: argparse.Namespace) -> int:
         warmup_steps=arguments.warmup,
         batch_pairs=arguments.batch_pairs,
         log=lambda message: print(message, file=sys.stderr, flush=True),
+        # The results so far after every round: a run killed at a deadline keeps them.
+        on_round=lambda partial: overhead.write_results(
+            overhead.results_document(partial, [], device), output
+        ),
     )
     kernels = overhead.measure_kernels(device) if arguments.kernels else []
     document = overhead.results_document(result, kernels, device)
-    output = (
-        Path(arguments.output)
-        if arguments.output
-        else RESULTS_DIR
-        / f"{overhead.device_slug(device)}-{arguments.preset}-{datetime.date.today().isoformat()}.json"
-    )
     json_path, markdown_path = overhead.write_results(document, output)
     print(overhead.markdown_report(document))
     print(f"results: {json_path} and {markdown_path}")

@@ -41,6 +41,20 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+class EmptyFunction(torch.autograd.Function):
+    """The least any autograd op costs: one input, one output, nothing computed. Its forward +
+    backward() is the autograd engine's fixed cost (node creation, the engine's thread hand-off),
+    which the op layer pays as any custom op does (~24 us on the 2-core development CPU)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
     """{"median_us", "q1_us", "q3_us", "iqr_us", "p10_us", "n"} of microsecond samples."""
     ordered = sorted(samples)
@@ -70,7 +84,8 @@ def measure(
     batch_pairs: int, sample_shape: tuple[int, ...], repeats: int, layers: bool = False
 ) -> dict[str, dict]:
     """{"op_layer": summary, "preference_loss": summary, "one_op_loss_backward": summary,
-    "op_layer_beyond_backward_us": float} per forward + backward (us); with ``layers``, also
+    "empty_function": summary, "op_layer_beyond_backward_us": float,
+    "op_layer_beyond_engine_us": float} per forward + backward (us); with ``layers``, also
     {"layers": {part: summary}}, the parts of a call timed one by one."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("kernel_host_overhead: set TRITON_INTERPRET=1 (CPU tensors, no GPU)")
@@ -113,14 +128,24 @@ def measure(
         leaf.grad = None
         (leaf * 1.0).backward()
 
+    def empty_function() -> None:
+        model_pred.grad = None
+        EmptyFunction.apply(model_pred).backward()
+
     torch.set_num_threads(1)
     result = {
         "op_layer": _time(op_layer, repeats),
         "preference_loss": _time(public, repeats),
         "one_op_loss_backward": _time(one_op_loss, repeats),
+        "empty_function": _time(empty_function, repeats),
     }
     result["op_layer_beyond_backward_us"] = (
         result["op_layer"]["median_us"] - result["one_op_loss_backward"]["median_us"]
+    )
+    # The op layer's own host time: beyond what an empty autograd.Function on the same input
+    # costs in the same run (the engine's fixed cost, which no op layer can avoid).
+    result["op_layer_beyond_engine_us"] = (
+        result["op_layer"]["median_us"] - result["empty_function"]["median_us"]
     )
     if layers:
         result["layers"] = {
@@ -137,24 +162,9 @@ def _layer_steps(model_pred, ref_pred, target, settings) -> dict[str, Callable[[
 
     keywords = dict(method="diffusion-dpo", beta=5000.0, mu=0.5, granularity="batch")
 
-    class _Floor(torch.autograd.Function):
-        # The least any autograd path costs: one input, one output, nothing computed.
-        @staticmethod
-        def forward(ctx, tensor):
-            return tensor.new_empty(())
-
-        @staticmethod
-        def backward(ctx, grad):
-            return None
-
-    def floor() -> None:
-        model_pred.grad = None
-        _Floor.apply(model_pred).backward()
-
     scalar = torch.zeros(())
     steps = {
         "one tensor op (x + 0.0)": lambda: scalar + 0.0,
-        "autograd.Function floor, forward + backward": floor,
         "validate_inputs (with LossSettings)": lambda: objectives.validate_inputs(
             model_pred,
             ref_pred,
@@ -216,8 +226,12 @@ def main(argv: list[str] | None = None) -> None:
         + _line("sdpo.preference_loss:", result["preference_loss"])
         + "\n"
         + _line("a one-op loss, forward + backward():", result["one_op_loss_backward"])
+        + "\n"
+        + _line("an empty autograd.Function, fwd + bwd:", result["empty_function"])
         + f"\n  op layer beyond the backward() every step pays: "
         f"{result['op_layer_beyond_backward_us']:.1f} us (difference of the medians)"
+        + f"\n  op layer beyond the autograd engine's fixed cost: "
+        f"{result['op_layer_beyond_engine_us']:.1f} us (difference of the medians)"
     )
     for name, summary in result.get("layers", {}).items():
         print(_line(name, summary))

@@ -29,6 +29,12 @@ cannot run here (a kernel this GPU lacks) is recorded under ``not_run``, not fat
 trainer refuses ``--channels-last``) and lists it under ``not_run`` when it comes from the
 default list.
 
+Rounds alternate the mode order (ABBA: reversed every round) and drop each block's first step.
+The safeguard's ratio (ours / dpo at the headline variant) comes with a 95% interval: a paired
+t interval on the log of each round's block-median ratio (``ratio_interval``); the verdict
+against ``SDPO_OVER_DPO_TARGET`` (1.01) says "not resolved" when that interval is wider than the
+target's 1% margin or holds the target (``ratio_verdict``).
+
 The attribution ladder reads the modes in order: reference -> ours-online (eager) -> ours
 cached (eager) -> compiled -> CUDA-graphed, each with its factor against the rung before it and
 against the reference; channels-last, the SDPA kernels and xformers are alternatives to the
@@ -42,9 +48,10 @@ compiled variants (as the trainer does: compiling it would retrace on every swit
 Model FLOPs (``torch.utils.flop_counter``): the policy forward + backward and the reference
 forward, counted with gradient checkpointing off (its recompute is not model work), plus the
 VAE encoder and text encoders in the modes that run them. MFU = those FLOPs / step time /
-the GPU's dense bf16 peak (``DENSE_BF16_PEAK_FLOPS``, from NVIDIA's datasheets; None for an
-unknown device or a CPU); ``mfu_vs_matmul`` divides by the bf16 8192^3 matmul rate measured in
-the same run instead. On a CPU nothing is a headline: the timings only show the suite runs.
+the GPU's dense bf16 peak (``DENSE_BF16_PEAK_FLOPS``, from NVIDIA's datasheets, keyed on the
+exact device name; None, with ``mfu_unavailable`` naming the device, for any other or a CPU);
+``mfu_vs_matmul`` divides by the bf16 8192^3 matmul rate measured in the same run instead. On a
+CPU nothing is a headline: the timings only show the suite runs. On a CPU nothing is a headline: the timings only show the suite runs.
 
 The results JSON is documented in docs/profiling.md.
 """
@@ -57,6 +64,7 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import platform
 import re
 import statistics
@@ -115,16 +123,23 @@ COMPILED_VARIANTS = ("compile", "cuda-graphs")
 LADDER_ONLY_VARIANTS = ("channels-last", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
 GPU_ONLY_VARIANTS = ("cuda-graphs", "sdpa-efficient", "sdpa-cudnn", "xformers")
 XFORMERS_MISSING = "xformers is not installed (pip install xformers); not timed"
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets: H100 SXM5 and
-# H200 SXM 989.4 TFLOP/s (H100 datasheet, H200 product brief; "1,979" is with sparsity),
-# H100 PCIe 756 TFLOP/s, A100 312 TFLOP/s (A100 datasheet; 624 with sparsity). Matched on the
-# device name in this order (the first substring found wins).
-DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.4e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989.4e12),
-    ("A100", 312e12),
-)
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, keyed on the
+# exact name torch.cuda.get_device_name reports: H100 SXM5 and H200 SXM 989.4 TFLOP/s ("1,979"
+# is with sparsity), H100 NVL and H200 NVL 835.5 ("1,671" with sparsity), H100 PCIe 756, A100
+# 312 (every form factor; 624 with sparsity). A name not listed gets no peak: the variants of
+# one chip differ by up to 30% (clocks, power), and a substring match would give an H100 NVL
+# the SXM's peak.
+DENSE_BF16_PEAK_FLOPS: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # SXM5
+    "NVIDIA H100 NVL": 835.5e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989.4e12,  # SXM
+    "NVIDIA H200 NVL": 835.5e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+}
 
 
 def trainer_preset(name: str, *flags: str) -> TrainConfig:
@@ -159,11 +174,78 @@ CPU_SMOKE_PRESETS_OF = {"sd35": "tiny-sd3", "flux": "tiny-flux", "wan": "tiny-wa
 
 
 def dense_bf16_peak(name: str) -> float | None:
-    """The datasheet dense bf16 peak of a GPU by its name, or None when not in the table."""
-    for key, flops in DENSE_BF16_PEAK_FLOPS:
-        if key.lower() in name.lower():
-            return flops
-    return None
+    """The datasheet dense bf16 peak of the GPU named exactly ``name``, or None (no guess)."""
+    return DENSE_BF16_PEAK_FLOPS.get(name.strip())
+
+
+def mfu_unavailable_reason(name: str, is_cuda: bool) -> str | None:
+    """Why MFU against a datasheet peak is not reported for this device, or None if it is."""
+    if not is_cuda:
+        return "a CPU has no datasheet bf16 peak here; MFU is not reported"
+    if dense_bf16_peak(name) is not None:
+        return None
+    return (
+        f"no datasheet dense bf16 peak for {name!r} (known: {', '.join(DENSE_BF16_PEAK_FLOPS)}); "
+        "MFU is not reported rather than guessed (mfu_vs_matmul still is)"
+    )
+
+
+# The safeguard's step-time target on a GPU: SDPO's step at most 1% slower than plain DPO's.
+SDPO_OVER_DPO_TARGET = 1.01
+RATIO_CONFIDENCE = 0.95
+# Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom; past 30 the
+# value at 30 (slightly wider than the normal's 1.96: the safe side).
+_T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def ratio_interval(numerator_blocks: list[float], denominator_blocks: list[float]) -> dict | None:
+    """The step-time ratio of two modes timed in the same rounds, with a 95% interval.
+
+    Per round r, the ratio of the two modes' block medians; the estimate is the geometric mean
+    of the per-round ratios, the interval mean(log r) +- t(0.975, n - 1) x sd(log r) / sqrt(n),
+    exponentiated (a paired t interval on the log ratios: each round's pair shares its drift,
+    and ABBA order cancels a linear drift between the two). None with fewer than 2 rounds."""
+    pairs = list(zip(numerator_blocks, denominator_blocks, strict=True))
+    if len(pairs) < 2:
+        return None
+    logs = [math.log(top / bottom) for top, bottom in pairs]
+    mean = statistics.fmean(logs)
+    half = (
+        _T_975[min(len(logs) - 1, len(_T_975)) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
+    )
+    return {
+        "ratio": math.exp(mean),
+        "low": math.exp(mean - half),
+        "high": math.exp(mean + half),
+        "confidence": RATIO_CONFIDENCE,
+        "rounds": len(logs),
+        "method": "paired t interval on the log of each round's block-median ratio",
+    }
+
+
+def ratio_verdict(interval: dict | None, target: float = SDPO_OVER_DPO_TARGET) -> str:
+    """ "meets" when the whole interval is at or below ``target``, "misses" when it is all above;
+    otherwise "not resolved": the interval is wider than the target's margin (target - 1: the
+    noise is larger than what is judged) or it holds the target."""
+    if interval is None:
+        return "not resolved: fewer than 2 rounds"
+    low, high = interval["low"], interval["high"]
+    span = f"[{low:.4f}, {high:.4f}]"
+    margin = target - 1
+    if high - low > margin:
+        return (
+            f"not resolved: the {interval['confidence']:.0%} interval {span} is wider than the "
+            f"target's margin ({margin:.2%}); time more rounds or steps"
+        )
+    if high <= target:
+        return f"meets (<= {target:g}): {span}"
+    if low > target:
+        return f"misses (> {target:g}): {span}"
+    return f"not resolved: the interval {span} holds the target {target:g}"
 
 
 def spread(samples_ms: list[float]) -> dict:
@@ -185,6 +267,7 @@ def spread(samples_ms: list[float]) -> dict:
 @dataclass
 class ModeResult:
     samples_ms: list[float] = field(default_factory=list)
+    block_ms: list[float] = field(default_factory=list)  # each round's block median, in order
     peak_mem_gb: float | None = None
     backend: str = ""
 
@@ -353,16 +436,6 @@ def xformers_attention(workload: Workload):
             module.set_processor(processor)
             if backend is not _NO_BACKEND:
                 processor._attention_backend = backend
-
-
-def weight_addresses(workload: Workload) -> tuple[int, ...]:
-    """The storage address of every weight of both UNets (what a CUDA graph records)."""
-    return tuple(
-        parameter.data_ptr()
-        for unet in (workload.models.unet, workload.models.reference_unet)
-        if unet is not None
-        for parameter in unet.parameters()
-    )
 
 
 def fused_available(device: torch.device) -> bool:
@@ -704,10 +777,13 @@ def run_overhead(
     warmup_steps: int,
     batch_pairs: int | None = None,
     log: Callable[[str], None] = print,
+    on_round: Callable[[dict], None] | None = None,
 ) -> dict:
     """Measures every mode (see the module docstring); returns the ``overhead`` JSON object.
     ``variants`` None: :func:`default_variants`, less those the preset's model cannot run (listed
-    under ``not_run`` with the reason); a variant named explicitly that it cannot run is refused."""
+    under ``not_run`` with the reason); a variant named explicitly that it cannot run is refused.
+    ``on_round``: called with the object as it stands after every round (``complete`` False
+    until the last), so a run killed part-way keeps the rounds it finished."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset: unknown {preset_name!r}; expected one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -766,17 +842,91 @@ def run_overhead(
             return reference_step(workload, counter["step"])
         return our_step(workload, policies, mode, variant, counter["step"])
 
-    # The weights' addresses each compiled mode last ran with. CUDA graphs record them: after
-    # a block that reallocated the weights (channels-last converts them there and back: every
-    # 4-D weight gets new storage) the next replay re-records, which must not be timed.
-    addresses: dict[tuple[str, str], tuple[int, ...]] = {}
+    # Counted before the rounds (one untimed eager step) so each round's results are complete.
+    model_flops = count_model_flops(workload)
+    encoding_flops = count_encoding_flops(workload)
+    matmul_flops = matmul_flops_per_s(device)
+    peak_flops = dense_bf16_peak(device_name(device)) if device.type == "cuda" else None
+    mfu_unavailable = mfu_unavailable_reason(device_name(device), device.type == "cuda")
+
+    def _document(rounds_completed: int) -> dict:
+        modes = {}
+
+        for (mode, variant), result in results.items():
+            encodes = mode in (REFERENCE_MODE, ONLINE_MODE)
+            flops = model_flops + (encoding_flops if encodes else 0.0)
+            modes[f"{mode}/{variant}"] = result.summary(
+                batch_pairs, flops, peak_flops, matmul_flops
+            )
+        ours = "sdpo-fused" if "sdpo-fused" not in not_run else "sdpo-torch"
+        ladder = attribution_ladder(modes, ours)
+        meaningful = device.type == "cuda"
+        headline = None
+        if meaningful:
+            # Our most optimised variant that ran for all three of the safeguard comparison.
+            headline = next(
+                (
+                    variant
+                    for variant in reversed(("eager", "compile", "cuda-graphs"))
+                    if variant in variants
+                    and all(f"{mode}/{variant}" in modes for mode in ("dpo", ours, "sdpo-torch"))
+                ),
+                None,
+            )
+        document = {
+            "preset": preset_name,
+            "batch_pairs": batch_pairs,
+            "resolution": preset.resolution,
+            "headline_variant": headline,
+            "ours": ours,
+            "dpo_step_ms": None,
+            "sdpo_step_ms": None,
+            "sdpo_over_dpo_step_ratio": None,
+            "sdpo_torch_over_dpo_step_ratio": None,
+            "reference_step_ms": modes[f"{REFERENCE_MODE}/eager"]["step_ms"],
+            "speedup_vs_reference": None,
+            "sdpo_over_dpo_interval": None,
+            "sdpo_over_dpo_verdict": None,
+            "sdpo_over_dpo_target": SDPO_OVER_DPO_TARGET,
+            "peak_mem_gb": {key: mode["peak_mem_gb"] for key, mode in modes.items()},
+            "mfu": {key: mode["mfu"] for key, mode in modes.items()},
+            "flops_per_step": model_flops,
+            "encoding_flops_per_step": encoding_flops,
+            "matmul_flops_per_s": matmul_flops,
+            "dense_bf16_peak_flops": peak_flops,
+            "mfu_unavailable": mfu_unavailable,
+            "rounds": rounds,
+            "rounds_completed": rounds_completed,
+            "complete": rounds_completed == rounds,
+            "steps_per_round": steps_per_round,
+            "modes": modes,
+            "ladder": ladder,
+            "not_run": not_run,
+        }
+        if headline is not None:
+            dpo, sdpo = modes[f"dpo/{headline}"], modes[f"{ours}/{headline}"]
+            document.update(
+                dpo_step_ms=dpo["step_ms"],
+                sdpo_step_ms=sdpo["step_ms"],
+                sdpo_over_dpo_step_ratio=sdpo["step_ms"] / dpo["step_ms"],
+                sdpo_torch_over_dpo_step_ratio=modes[f"sdpo-torch/{headline}"]["step_ms"]
+                / dpo["step_ms"],
+                speedup_vs_reference=document["reference_step_ms"] / sdpo["step_ms"],
+            )
+            interval = ratio_interval(
+                results[(ours, headline)].block_ms, results[("dpo", headline)].block_ms
+            )
+            document.update(
+                sdpo_over_dpo_interval=interval, sdpo_over_dpo_verdict=ratio_verdict(interval)
+            )
+        return document
+
     for key in list(schedule):  # warm-up (and compilation) outside the timed rounds
         log(f"warm-up {key[0]}/{key[1]}")
         try:
             with variant_context(workload, key[1]):
                 for _ in range(warmup_steps):
                     results[key].backend = run_one(key)[0]
-                addresses[key] = weight_addresses(workload)
         except RuntimeError as error:
             if key[1] == "eager":
                 raise  # our plain step failing is a bug, not a missing kernel
@@ -787,83 +937,30 @@ def run_overhead(
             del results[key]
             log(f"not run {key[0]}/{key[1]}: {reason[:200]}")
     for round_index in range(rounds):
-        for key in schedule:
+        # ABBA: the order reverses every round, so a drift over the run (clocks, temperature,
+        # the allocator) weighs on every mode alike instead of on whichever runs last.
+        order = schedule if round_index % 2 == 0 else schedule[::-1]
+        for key in order:
             with variant_context(workload, key[1]):
-                if key[1] in COMPILED_VARIANTS and addresses.get(key) != weight_addresses(workload):
-                    run_one(key)  # re-recorded (or re-compiled) here, untimed
+                # Each block's first step is dropped (run untimed): the switch from the previous
+                # mode leaves other kernels' caches and allocations, and a compiled mode whose
+                # weights moved (channels-last converts them there and back) re-records here.
+                run_one(key)
                 _peak_reset(device)
                 samples = [
                     timer.measure(lambda key=key: run_one(key)) for _ in range(steps_per_round)
                 ]
                 peak = _peak_read(device)
-                addresses[key] = weight_addresses(workload)
             results[key].samples_ms.extend(samples)
+            results[key].block_ms.append(statistics.median(samples))
             if peak is not None:
                 results[key].peak_mem_gb = max(results[key].peak_mem_gb or 0.0, peak)
         log(f"round {round_index + 1}/{rounds} done")
+        if on_round is not None and round_index + 1 < rounds:
+            on_round(_document(round_index + 1))
     if not bool(workload.all_finite):
         raise RuntimeError("overhead: one of our timed steps had a non-finite loss or gradient")
-    model_flops = count_model_flops(workload)
-    encoding_flops = count_encoding_flops(workload)
-    matmul_flops = matmul_flops_per_s(device)
-    name = device_name(device)
-    peak_flops = dense_bf16_peak(name) if device.type == "cuda" else None
-
-    modes = {}
-    for (mode, variant), result in results.items():
-        encodes = mode in (REFERENCE_MODE, ONLINE_MODE)
-        flops = model_flops + (encoding_flops if encodes else 0.0)
-        modes[f"{mode}/{variant}"] = result.summary(batch_pairs, flops, peak_flops, matmul_flops)
-    ours = "sdpo-fused" if "sdpo-fused" not in not_run else "sdpo-torch"
-    ladder = attribution_ladder(modes, ours)
-    meaningful = device.type == "cuda"
-    headline = None
-    if meaningful:
-        # Our most optimised variant that ran for all three of the safeguard comparison.
-        headline = next(
-            (
-                variant
-                for variant in reversed(("eager", "compile", "cuda-graphs"))
-                if variant in variants
-                and all(f"{mode}/{variant}" in modes for mode in ("dpo", ours, "sdpo-torch"))
-            ),
-            None,
-        )
-    document = {
-        "preset": preset_name,
-        "batch_pairs": batch_pairs,
-        "resolution": preset.resolution,
-        "headline_variant": headline,
-        "ours": ours,
-        "dpo_step_ms": None,
-        "sdpo_step_ms": None,
-        "sdpo_over_dpo_step_ratio": None,
-        "sdpo_torch_over_dpo_step_ratio": None,
-        "reference_step_ms": modes[f"{REFERENCE_MODE}/eager"]["step_ms"],
-        "speedup_vs_reference": None,
-        "peak_mem_gb": {key: mode["peak_mem_gb"] for key, mode in modes.items()},
-        "mfu": {key: mode["mfu"] for key, mode in modes.items()},
-        "flops_per_step": model_flops,
-        "encoding_flops_per_step": encoding_flops,
-        "matmul_flops_per_s": matmul_flops,
-        "dense_bf16_peak_flops": peak_flops,
-        "rounds": rounds,
-        "steps_per_round": steps_per_round,
-        "modes": modes,
-        "ladder": ladder,
-        "not_run": not_run,
-    }
-    if headline is not None:
-        dpo, sdpo = modes[f"dpo/{headline}"], modes[f"{ours}/{headline}"]
-        document.update(
-            dpo_step_ms=dpo["step_ms"],
-            sdpo_step_ms=sdpo["step_ms"],
-            sdpo_over_dpo_step_ratio=sdpo["step_ms"] / dpo["step_ms"],
-            sdpo_torch_over_dpo_step_ratio=modes[f"sdpo-torch/{headline}"]["step_ms"]
-            / dpo["step_ms"],
-            speedup_vs_reference=document["reference_step_ms"] / sdpo["step_ms"],
-        )
-    return document
+    return _document(rounds)
 
 
 def measure_kernels(device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
@@ -938,16 +1035,32 @@ def markdown_report(document: dict) -> str:
         "",
         f"{document['device']}, torch {document['torch']}, triton {document['triton']}, "
         f"{document['date']}. Median, interquartile range and count of the step times over "
-        f"{overhead['rounds']} interleaved rounds of {overhead['steps_per_round']} steps.",
+        f"{overhead['rounds']} interleaved rounds (order reversed every round) of "
+        f"{overhead['steps_per_round']} steps, each block's first step dropped.",
         "",
     ]
+    if not overhead.get("complete", True):
+        lines += [
+            f"**Partial: {overhead['rounds_completed']} of {overhead['rounds']} rounds** (the "
+            "run ended before the rest; written after every round).",
+            "",
+        ]
     if not meaningful:
         # Said first, and no headline figure follows: CPU timings only show the suite runs.
         lines += [document["note"], ""]
     elif overhead["headline_variant"] is not None:
+        interval = overhead.get("sdpo_over_dpo_interval")
+        span = (
+            f", {interval['confidence']:.0%} interval [{interval['low']:.4f}, "
+            f"{interval['high']:.4f}] over {interval['rounds']} rounds ({interval['method']})"
+            if interval
+            else ""
+        )
         lines += [
             f"- safeguard overhead ({overhead['ours']} / dpo, {overhead['headline_variant']}): "
-            f"{overhead['sdpo_over_dpo_step_ratio']:.4f}",
+            f"{overhead['sdpo_over_dpo_step_ratio']:.4f} (median ratio){span}",
+            f"- verdict against <= {overhead.get('sdpo_over_dpo_target', SDPO_OVER_DPO_TARGET):g}"
+            f": {overhead.get('sdpo_over_dpo_verdict')}",
             f"- speed-up against the reference's per-step work: "
             f"{overhead['speedup_vs_reference']:.2f}x",
             "",
@@ -971,6 +1084,8 @@ def markdown_report(document: dict) -> str:
                 f"| {row['rung']} | {row['mode']} | {row['step_ms']:.2f} | "
                 f"{_format(row['factor'], '{:.2f}x')} | {row['factor_vs_reference']:.2f}x |"
             )
+    if meaningful and overhead.get("mfu_unavailable"):
+        lines.append(f"- MFU (peak) unavailable: {overhead['mfu_unavailable']}")
     for name, reason in overhead["not_run"].items():
         lines.append(f"- not run: {name}: {reason}")
     if document["kernels"]:

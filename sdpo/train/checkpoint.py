@@ -89,6 +89,7 @@ RESUME_RULES: dict[str, str] = {
     "progress": "free",
     "overwrite": "free",
     "checkpoints_total_limit": "free",
+    "save_final": "free",  # what the end writes, not what is trained
     "max_skipped_fraction": "free",
     "lr_scheduler": "same",
     "lr_num_cycles": "same",
@@ -436,13 +437,16 @@ def export_unet(
     output_dir: Path,
     state: dict[str, Tensor] | None = None,
     name: str = "unet",
+    plain_state_dict: bool = True,
 ) -> None:
     """DIR/NAME/ (diffusers, safetensors) and DIR/NAME.pth (a plain state dict); LoRA adapters
     are merged into the weights first, so both load into a plain model. ``state``: the full
-    weights when the model is sharded. ``name``: "unet", or "transformer" for a flow model."""
+    weights when the model is sharded. ``name``: "unet", or "transformer" for a flow model.
+    ``plain_state_dict`` False: the folder alone (``--save-final weights``)."""
     if state is None:
         state = merged_state_dict(unet)
     plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state)
     plain.save_pretrained(output_dir / name, safe_serialization=True)
-    torch.save(state, output_dir / f"{name}.pth")
+    if plain_state_dict:
+        torch.save(state, output_dir / f"{name}.pth")

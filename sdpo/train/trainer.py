@@ -703,15 +703,24 @@ class Trainer:
 
     def _finish(self, stats: RunningStats) -> None:
         """The last checkpoint, then (rank 0) the exported UNet; all ranks wait for it. Neither
-        is written from non-finite weights."""
+        is written from non-finite weights. ``--save-final weights``: the export's folder alone;
+        ``none``: nothing (the weights are still checked)."""
         self._read_finite()
-        if self.saved_step != self.step:
+        save_final = self.config.save_final
+        if save_final == "full" and self.saved_step != self.step:
             self.save(stats)
         self._check_weights()
+        if save_final == "none":
+            self.environment.barrier()
+            return
         final_state = full_model_state(self.models.unet) if self.sharded else None
         if self.environment.is_main:
             checkpoints.export_unet(
-                self.models.unet, self.output_dir, final_state, self.models.export_name
+                self.models.unet,
+                self.output_dir,
+                final_state,
+                self.models.export_name,
+                plain_state_dict=save_final == "full",
             )
             if self.config.lora_rank > 0:
                 export_lora(self.models, self.output_dir)

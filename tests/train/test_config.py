@@ -88,6 +88,7 @@ KINDS: dict[str, str] = {
     "overwrite": "bool",
     "checkpoints_total_limit": "int",
     "max_skipped_fraction": "float",
+    "save_final": "choice",
 }
 OUT_OF_RANGE: dict[str, list[str]] = {
     "preset": ["sd99"],
@@ -140,6 +141,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "validation_guidance": ["-1", "-0.5"],
     "checkpoints_total_limit": ["-1"],
     "max_skipped_fraction": ["-0.01", "1.5"],
+    "save_final": ["optimizer", "yes"],
 }
 # Wrong types, as YAML text: a bool is never a number, a float never an integer, a quoted number
 # is a string.
