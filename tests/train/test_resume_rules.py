@@ -108,6 +108,7 @@ FREE_NOT_RUN_HERE = {
     "cuda_graphs": "needs a CUDA device",
     "nvtx": "needs the nvtx package and a CUDA device",
     "profile_steps": "the torch profiler's trace; compared on the GPU check",
+    "save_final": "what the run's end writes, after the last step (test_run_safety.py)",
 }
 
 
