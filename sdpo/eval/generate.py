@@ -217,13 +217,8 @@ def _reference_images(pipeline, prompts, settings, guidance_scale, resolution) -
     return [Image.fromarray(image) for image in (pixels * 255).round().astype("uint8")]
 
 
-def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
-    import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    check_flow_settings(settings)
-    flow = settings.model in FLOW_PIPELINES
-
+def check_pretrained(settings: GenerateSettings) -> Path:
+    """``--pretrained`` is a local diffusers pipeline folder; its path, or a one-line error."""
     pretrained = Path(settings.pretrained).expanduser()
     layout = "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
     if not pretrained.is_dir():
@@ -237,17 +232,47 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
             f"--pretrained {pretrained}: not a diffusers pipeline folder (no model_index.json); "
             f"expected {layout}"
         )
-    entries = load_entries(settings.suite, "--suite")
-    if settings.limit is not None:
-        if settings.limit < 1:
-            raise ValueError(f"--limit: expected >= 1, got {settings.limit}")
-        entries = entries[: settings.limit]
+    return pretrained
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline loaded as ``settings`` say (trained weights applied, on its device), with the
+    sampling settings resolved: what ``generate`` and ``sdpo-pairs`` draw images from."""
+
+    pipeline: object
+    settings: GenerateSettings
+    guidance_scale: float  # what diffusers is given (see diffusers_guidance)
+    resolution: int
+    device: torch.device
+
+    def images(self, prompts: list[str], seeds: list[int]) -> list:
+        """One PIL image per prompt, each from its own CPU generator seeded ``seeds[i]`` (so an
+        image's noise does not depend on the other prompts of the call)."""
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        return self.pipeline(
+            prompt=prompts,
+            num_inference_steps=self.settings.steps,
+            guidance_scale=self.guidance_scale,
+            height=self.resolution,
+            width=self.resolution,
+            generator=generators,
+        ).images
+
+
+def load_pipeline(settings: GenerateSettings, device: torch.device | None = None) -> LoadedPipeline:
+    """The pipeline of ``settings`` (``--pretrained`` with ``--unet`` / ``--transformer`` /
+    ``--lora`` / ``--vae`` applied, its scheduler, on ``device``); every flag checked first."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    check_flow_settings(settings)
+    flow = settings.model in FLOW_PIPELINES
+    pretrained = check_pretrained(settings)
     guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
     for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
         if value < 1:
             raise ValueError(f"{name}: expected >= 1, got {value}")
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -305,6 +330,22 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         resolution = (
             settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         )
+    return LoadedPipeline(pipeline, settings, guidance_scale, resolution, device)
+
+
+def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
+    check_flow_settings(settings)
+    check_pretrained(settings)
+    entries = load_entries(settings.suite, "--suite")
+    if settings.limit is not None:
+        if settings.limit < 1:
+            raise ValueError(f"--limit: expected >= 1, got {settings.limit}")
+        entries = entries[: settings.limit]
+    loaded = load_pipeline(settings, device)
+    device = loaded.device
+    pipeline, guidance_scale, resolution = loaded.pipeline, loaded.guidance_scale, loaded.resolution
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     # Absolute image paths: `score` may run from another directory.
     output = Path(settings.output_dir).expanduser().resolve()
@@ -321,18 +362,7 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         if settings.preset:
             images = _reference_images(pipeline, prompts, settings, guidance_scale, resolution)
         else:
-            generators = [
-                torch.Generator(device="cpu").manual_seed(settings.seed + index)
-                for index in indices
-            ]
-            images = pipeline(
-                prompt=prompts,
-                num_inference_steps=settings.steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-            ).images
+            images = loaded.images(prompts, [settings.seed + index for index in indices])
         for index, image in zip(indices, images, strict=True):
             image.save(images_dir / f"{index:05d}.png")
     if world_size > 1:
