@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdpo.pairs.rewards import Reward
-from sdpo.pairs.rules import PairRule, select_pairs
+from sdpo.pairs.rules import PairRule, all_tied, select_pairs
 from sdpo.pairs.samplers import ImageSampler
 
 PAIRS_FILE = "pairs.jsonl"
@@ -117,6 +117,8 @@ def make_pairs(
     final = output / PAIRS_FILE
     if final.exists():
         final.unlink()  # overwrite: the old pairs must not outlive a failed run
+        for old in images_dir.glob("p*_s*.png"):  # nor its images (a larger K left more)
+            old.unlink()
 
     jobs = [(p, k) for p in range(len(prompts)) for k in range(samples_per_prompt)]
     seeds = {job: image_seed(seed, *job) for job in jobs}
@@ -141,7 +143,7 @@ def make_pairs(
     for p, prompt_scores in enumerate(scores):
         chosen = select_pairs(prompt_scores, rule)
         if not chosen:
-            (tied if all(s == prompt_scores[0] for s in prompt_scores) else unpaired).append(p)
+            (tied if all_tied(prompt_scores) else unpaired).append(p)
         for winner, loser in chosen:
             pairs.append(
                 Pair(

@@ -44,7 +44,7 @@ def select_pairs(scores: list[float], rule: PairRule) -> list[tuple[int, int]]:
     """(winner, loser) sample indices of one prompt's images under ``rule``; [] when all tie."""
     if len(scores) < 2:
         raise ValueError(f"scores: need at least 2 images to pair, got {len(scores)}")
-    if all(score == scores[0] for score in scores):
+    if all_tied(scores):
         return []
     if rule.kind == "best-worst":
         best = max(range(len(scores)), key=lambda index: (scores[index], -index))
@@ -62,4 +62,5 @@ def select_pairs(scores: list[float], rule: PairRule) -> list[tuple[int, int]]:
 
 
 def all_tied(scores: list[float]) -> bool:
+    """Every image of the prompt scored exactly the same: it carries no preference."""
     return all(score == scores[0] for score in scores)

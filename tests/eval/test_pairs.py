@@ -151,6 +151,22 @@ def test_make_pairs_writes_fixture_pairs_counts_ties_and_the_trainer_reads_them(
     )  # fmt: skip
     assert len(gap.pairs) == 5 and gap.tied_prompts == [1] and gap.unpaired_prompts == [2]
 
+    # --overwrite replaces the dataset and its images: none of a larger K's are left.
+    again = make_pairs(
+        SeedImages(), ["red circle"], Reward([callable_term(f"{module}:score")]),
+        tmp_path / "out", samples_per_prompt=2, rule=parse_rule("best-worst"), overwrite=True,
+    )  # fmt: skip
+    assert len(again.pairs) == 1
+    assert sorted(path.name for path in (tmp_path / "out" / "images").iterdir()) == [
+        "p00000_s00.png",
+        "p00000_s01.png",
+    ]
+    with pytest.raises(ValueError, match=r"already holds pairs\.jsonl; pass --overwrite"):
+        make_pairs(
+            SeedImages(), ["red circle"], reward, tmp_path / "out", samples_per_prompt=2,
+            rule=parse_rule("best-worst"),
+        )  # fmt: skip
+
 
 def test_image_seeds_depend_on_seed_prompt_and_sample_only():
     seeds = {image_seed(seed, p, k) for seed in range(3) for p in range(20) for k in range(8)}
