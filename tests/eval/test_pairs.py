@@ -318,6 +318,16 @@ def test_cli_on_a_tiny_pipeline_is_reproducible_and_trains(tmp_path, capsys, tin
     meta = json.loads((outputs[0] / "pairs.jsonl.meta.json").read_text())
     assert meta["model"]["pretrained"] == str(tiny_pipeline) and meta["tied_prompts"] == [1]
 
+    # Each recorded seed is its image's: drawn alone from it, the winner comes out bit for bit.
+    from sdpo.eval.generate import GenerateSettings, load_pipeline
+
+    loaded = load_pipeline(
+        GenerateSettings(str(tiny_pipeline), "", "", steps=2, dtype="fp32"), torch.device("cpu")
+    )
+    row = json.loads((outputs[0] / "pairs.jsonl").read_text().splitlines()[0])
+    alone = loaded.images([row["caption"]], [row["winner_seed"]])[0]
+    assert alone.tobytes() == Image.open(outputs[0] / row["winner"]).convert("RGB").tobytes()
+
     # The trainer trains on the written file, unchanged.
     config = config_from_args(
         ["--preset", "tiny", "--data", str(outputs[0] / "pairs.jsonl"), "--max-steps", "2",
@@ -381,4 +391,44 @@ def test_toy_model_and_reward_end_to_end(tmp_path, capsys):
          "--gradient-accumulation", "1", "--output-dir", str(tmp_path / "run"), "--no-progress"]
     )  # fmt: skip
     train(config)
-    assert (tmp_path / "run" / "unet.pth").is_file()
+    # The run's export samples the next round: --unet puts its weights into the toy model.
+    state = torch.load(tmp_path / "run" / "unet.pth", weights_only=True)
+    trained = load_toy_sampler("demo", str(tmp_path / "run" / "unet.pth"), steps=3)
+    for name, value in trained.unet.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert any(
+        not torch.equal(value, sampler.unet.state_dict()[name]) for name, value in state.items()
+    )
+    with pytest.raises(FileNotFoundError, match="unet: no such file or folder"):
+        load_toy_sampler("demo", str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("model", ["sd3", "toy-flow"])
+def test_flow_models_make_pairs(tmp_path, capsys, model):
+    """The flow families: a tiny SD3 pipeline as sdpo-eval generate loads it, and the demo's
+    flow-matching toy base."""
+    captions = ["a red circle on a white background", "a blue square on a black background"]
+    (tmp_path / "prompts.txt").write_text("\n".join(captions) + "\n")
+    if model == "sd3":
+        from sdpo.train import families
+
+        base = tmp_path / "sd3"
+        families.SD3Family.build_tiny(16, 0).pipeline.save_pretrained(base)
+        flags = ["--model", "sd3", "--pretrained", base, "--resolution", 16, "--dtype", "fp32"]
+    else:
+        flags = ["--model", "toy", "--pretrained", "demo-flow"]
+    module = fixture_reward_file(tmp_path)
+    code, _, err = run_cli(
+        [*flags, "--prompts", tmp_path / "prompts.txt", "-k", 3, "--steps", 2, "--device", "cpu",
+         "--reward", f"{module}:brightness", "--pairs", "gap:0", "--output-dir", tmp_path / "out"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()
+    ]
+    assert rows and all(row["winner_score"] > row["loser_score"] for row in rows)
+    for row in rows:  # the scores recorded are the reward of the saved images
+        for side in ("winner", "loser"):
+            image = Image.open(tmp_path / "out" / row[side])
+            assert row[f"{side}_score"] == sum(image.convert("L").tobytes()) / 256.0
