@@ -136,6 +136,16 @@ def _check_flags(arguments: argparse.Namespace) -> None:
     if arguments.guidance is not None and not math.isfinite(arguments.guidance):
         raise ValueError(f"--guidance: expected a finite number, got {arguments.guidance}")
     check_output_dir(arguments.output_dir, arguments.overwrite)
+    for flag in ("unet", "transformer", "lora", "vae"):  # before any model loads
+        value = getattr(arguments, flag)
+        if value is not None and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"--{flag}: no such file or folder {value}")
+    if arguments.model == "toy" and arguments.pretrained not in ("demo", "demo-flow"):
+        if not Path(arguments.pretrained).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"--pretrained {arguments.pretrained}: no such folder; for --model toy give demo, "
+                "demo-flow or a toy model folder (sdpo/demo/base_model's layout)"
+            )
     if arguments.model != "toy":
         from sdpo.eval.generate import GenerateSettings, check_flow_settings, check_pretrained
 

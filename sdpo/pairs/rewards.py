@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,9 +98,12 @@ def checked_scores(term: RewardTerm, images: list, prompts: list[str]) -> list[f
         )
     result = []
     for value, prompt in zip(values, prompts, strict=True):
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            value = value.item()  # a 0-d tensor or array in a list
+        # numbers.Real: Python and NumPy ints and floats; a bool is a mistake, not a score.
         number = (
             float(value)
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool)
             else math.nan
         )
         if not math.isfinite(number):
@@ -238,11 +242,16 @@ def build_reward(
         if name in METRICS:
             import torch
 
-            from sdpo.eval.scorers import WeightSources, build_scorer
+            from sdpo.eval.scorers import MissingWeights, WeightSources, build_scorer
 
             sources = weight_sources or WeightSources({})
             device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            scorer = build_scorer(name, sources, device, conventions, loaded)
+            try:
+                scorer = build_scorer(name, sources, device, conventions, loaded)
+            except MissingWeights as error:  # its advice names sdpo-eval's --on-missing
+                raise MissingWeights(
+                    str(error).replace(", or use --on-missing skip", "")
+                ) from error
             terms.append(builtin_term(name, weight, scorer))
     order = [name for name, _ in parsed]
     return Reward(sorted(terms, key=lambda term: order.index(term.name)))

@@ -76,6 +76,12 @@ def fixture_reward_file(folder: Path, fixture: dict = FIXTURE) -> Path:
         "    return 'high'\n"
         "def flags(images, prompts):\n"
         "    return [True] * len(images)\n"
+        "def as_tensor(images, prompts):\n"
+        "    import torch\n"
+        "    return torch.arange(len(images), dtype=torch.float32)\n"
+        "def as_numpy_list(images, prompts):\n"
+        "    import numpy\n"
+        "    return [numpy.float32(index) for index in range(len(images))]\n"
         "def brightness(images, prompts):\n"
         "    return [sum(image.convert('L').tobytes()) / 256.0 for image in images]\n"
         "def darkness(images, prompts):\n"
@@ -190,6 +196,25 @@ def test_weighted_sum_of_terms(tmp_path):
     assert parse_terms("pickscore=1,clip=0.5") == [("pickscore", 1.0), ("clip", 0.5)]
 
 
+def test_tensor_and_numpy_scores_are_accepted(tmp_path):
+    module = fixture_reward_file(tmp_path)
+    images = SeedImages().images(["a", "b", "c"], [1, 2, 3])
+    for function in ("as_tensor", "as_numpy_list"):
+        totals, _ = Reward([callable_term(f"{module}:{function}")]).scores(images, ["a"] * 3)
+        assert totals == [0.0, 1.0, 2.0] and all(type(total) is float for total in totals)
+
+
+def test_missing_scorer_weights_are_a_usage_error(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("red circle\n")
+    code, _, err = run_cli(
+        ["--model", "toy", "--pretrained", "demo", "--prompts", tmp_path / "prompts.txt",
+         "--reward", "clip", "--clip", tmp_path / "no-clip", "--output-dir", tmp_path / "out"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert f"clip: {tmp_path / 'no-clip'} does not exist (flag --clip)" in err
+
+
 def test_builtin_scorer_term_matches_sdpo_eval_scores(tmp_path):
     from sdpo.eval.scorers import WeightSources, build_scorer
 
@@ -258,6 +283,10 @@ def run_cli(argv, capsys):
         (["--prompts", "missing.txt"], "--prompts: no such file"),
         (["--guidance", "nan"], "--guidance: expected a finite number"),
         (["--pretrained", "no/such/folder"], "--pretrained: no such folder"),
+        (["--unet", "no/unet.pth"], "--unet: no such file or folder no/unet.pth"),
+        (["--model", "toy", "--pretrained", "nowhere"], "--pretrained nowhere: no such folder"),
+        (["--model", "toy", "--pretrained", "demo", "--vae", "."], "--vae: not for --model toy"),
+        (["--model", "sd3", "--unet", "."], "--unet: not for --model sd3"),
     ],
 )
 def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, extra, message):
