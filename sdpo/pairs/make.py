@@ -31,7 +31,9 @@ PAIRS_FILE = "pairs.jsonl"
 
 
 def image_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The seed of one image: SplitMix64 steps over (seed, prompt, sample), top 63 bits."""
+    """The seed of one image: SplitMix64 steps over (seed, prompt, sample), top 63 bits. The
+    trainer's data order mixes its seeds the same way (sdpo/train/data.py ``_mix``); this copy
+    is separate so that a change there cannot change how written datasets' seeds are derived."""
     state = 0x9E3779B97F4A7C15
     for value in (seed, prompt_index, sample_index):
         state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
