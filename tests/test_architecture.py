@@ -1,4 +1,4 @@
-"""The parts import one way: math <- kernels <- api <- train <- profiling / demo / eval."""
+"""The parts import one way: math <- kernels <- api <- train <- profiling / demo / eval <- pairs."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ ALLOWED = {
     "profiling": {"math", "kernels", "api", "train"},
     "demo": {"math", "api", "train"},
     "eval": {"math", "api", "train"},
+    "pairs": {"math", "api", "train", "demo", "eval"},
 }
 
 
@@ -107,6 +108,8 @@ SCRIPTS = dict(
         ("sdpo-eval", ["generate", "--help"], 0),
         ("sdpo-eval", ["score", "--help"], 0),
         ("sdpo-eval", ["no-such-command"], 2),
+        ("sdpo-pairs", ["--help"], 0),
+        ("sdpo-pairs", ["--no-such-flag"], 2),
         ("sdpo-demo", ["--help"], 0),
         ("sdpo-demo", ["--no-such-flag"], 2),
         ("sdpo-demo", ["--steps", "7"], 2),

@@ -4,7 +4,7 @@ Parts, lowest layer first: ``math`` (sdpo/reference.py, sdpo/settings.py, sdpo/t
 statement of the objectives), ``kernels`` (the Triton kernels, which read the method codes from
 the math), ``api`` (sdpo/__init__.py, objectives.py, ops.py, cuda_backend.py: the public
 ``preference_loss`` and the op layer that dispatches to the kernels), ``train``, then ``profiling``,
-``demo`` and ``eval``. ``math`` and ``api`` together are the core in sdpo/. Every import counts, also one inside a function (a lazy
+``demo`` and ``eval``, and ``pairs`` (which samples with demo's and eval's code). ``math`` and ``api`` together are the core in sdpo/. Every import counts, also one inside a function (a lazy
 import is still a dependency). ``python tools/import_graph.py`` prints one ``part -> part`` line
 per edge with the modules that make it; ``--check`` exits 1 when the parts form a cycle.
 """
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("math", "kernels", "api", "train", "profiling", "demo", "eval")
-SUBPACKAGE_PARTS = ("kernels", "train", "profiling", "demo", "eval")
+PARTS = ("math", "kernels", "api", "train", "profiling", "demo", "eval", "pairs")
+SUBPACKAGE_PARTS = ("kernels", "train", "profiling", "demo", "eval", "pairs")
 MATH_MODULES = ("sdpo.reference", "sdpo.settings", "sdpo.timesteps", "sdpo.chunking")
 
 

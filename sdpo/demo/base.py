@@ -160,17 +160,27 @@ def load_base(path: str | Path = PACKAGED_BASE) -> Models:
 
 
 def guided_start(
-    models: Models, unet: torch.nn.Module, captions: list[str], seed: int
+    models: Models,
+    unet: torch.nn.Module,
+    captions: list[str],
+    seed: int,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """What both demo samplers (DDIM here, flow-match Euler in flow.py) start from, on
     ``unet``'s device: the hidden states of the empty then the given captions (2N rows, for
     classifier-free guidance) and the starting noise (N, 3, S, S), drawn from ``seed`` on the
-    CPU so a seed gives the same noise on any device and to either sampler."""
+    CPU so a seed gives the same noise on any device and to either sampler. ``noise``: that
+    starting noise given instead (``sdpo-pairs`` draws each image's from its own seed)."""
     device = next(unet.parameters()).device
     conditional, _ = models.text(captions, device)
     unconditional, _ = models.text([""] * len(captions), device)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(captions), 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
+    if noise is None:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(captions), 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
+    elif noise.shape != (len(captions), 3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(
+            f"noise: expected {(len(captions), 3, IMAGE_SIZE, IMAGE_SIZE)}, got {tuple(noise.shape)}"
+        )
     return torch.cat([unconditional, conditional]), noise.to(device)
 
 
@@ -183,14 +193,16 @@ def sample(
     seed: int,
     steps: int = 25,
     guidance: float = 3.0,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Images (N, 3, S, S) in [-1, 1] by DDIM with classifier-free guidance (diffusers form:
-    eps_u + guidance (eps_c - eps_u)); the same seed gives the same starting noise."""
+    eps_u + guidance (eps_c - eps_u)); the same seed gives the same starting noise (``noise``:
+    the starting noise itself, see guided_start)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(models.scheduler.config)
     scheduler.set_timesteps(steps)
-    hidden, images = guided_start(models, unet, captions, seed)
+    hidden, images = guided_start(models, unet, captions, seed, noise)
     for timestep in scheduler.timesteps:
         prediction = unet(torch.cat([images, images]), timestep, hidden).sample
         uncond, cond = prediction.chunk(2)

@@ -146,10 +146,12 @@ def sample(
     seed: int,
     steps: int = 25,
     guidance: float = 3.0,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Images (N, 3, S, S) in [-1, 1] by the flow-match Euler sampler with classifier-free
-    guidance (v_u + guidance (v_c - v_u)); the same seed gives the same starting noise."""
-    hidden, images = guided_start(models, unet, captions, seed)
+    guidance (v_u + guidance (v_c - v_u)); the same seed gives the same starting noise
+    (``noise``: the starting noise itself, see guided_start)."""
+    hidden, images = guided_start(models, unet, captions, seed, noise)
     sigmas = sampling_sigmas(models, steps).to(images.device)
     for sigma, sigma_next in itertools.pairwise(sigmas):
         sigma_rows = sigma.expand(2 * len(captions))

@@ -278,14 +278,8 @@ def _reference_images(pipeline, prompts, settings, guidance_scale, resolution) -
     return [Image.fromarray(image) for image in (pixels * 255).round().astype("uint8")]
 
 
-def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
-    import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    check_flow_settings(settings)  # first: a flag for the other kind of model says so
-    check_settings(settings)
-    flow = settings.model in FLOW_PIPELINES
-
+def check_pretrained(settings: GenerateSettings) -> Path:
+    """``--pretrained`` is a local diffusers pipeline folder; its path, or a one-line error."""
     pretrained = Path(settings.pretrained).expanduser()
     layout = "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
     if not pretrained.is_dir():
@@ -299,12 +293,45 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
             f"--pretrained {pretrained}: not a diffusers pipeline folder (no model_index.json); "
             f"expected {layout}"
         )
-    entries = load_entries(settings.suite, "--suite")
-    if settings.limit is not None:
-        entries = entries[: settings.limit]
+    return pretrained
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline loaded as ``settings`` say (trained weights applied, on its device), with the
+    sampling settings resolved: what ``generate`` and ``sdpo-pairs`` draw images from."""
+
+    pipeline: object
+    settings: GenerateSettings
+    guidance_scale: float  # what diffusers is given (see diffusers_guidance)
+    resolution: int
+    device: torch.device
+
+    def images(self, prompts: list[str], seeds: list[int]) -> list:
+        """One PIL image per prompt, each from its own CPU generator seeded ``seeds[i]`` (so an
+        image's noise does not depend on the other prompts of the call)."""
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        return self.pipeline(
+            prompt=prompts,
+            num_inference_steps=self.settings.steps,
+            guidance_scale=self.guidance_scale,
+            height=self.resolution,
+            width=self.resolution,
+            generator=generators,
+        ).images
+
+
+def load_pipeline(settings: GenerateSettings, device: torch.device | None = None) -> LoadedPipeline:
+    """The pipeline of ``settings`` (``--pretrained`` with ``--unet`` / ``--transformer`` /
+    ``--lora`` / ``--vae`` applied, its scheduler, on ``device``); every flag checked first."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    check_flow_settings(settings)  # first: a flag for the other kind of model says so
+    check_settings(settings)
+    flow = settings.model in FLOW_PIPELINES
+    pretrained = check_pretrained(settings)
     guidance_scale = diffusers_guidance(settings.guidance, settings.cfg_formula)
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -369,12 +396,27 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
         resolution = (
             settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         )
+    return LoadedPipeline(pipeline, settings, guidance_scale, resolution, device)
+
+
+def generate(settings: GenerateSettings, device: torch.device | None = None) -> Path:
+    check_flow_settings(settings)  # first: a flag for the other kind of model says so
+    check_settings(settings)
+    check_pretrained(settings)
+    entries = load_entries(settings.suite, "--suite")
+    if settings.limit is not None:
+        entries = entries[: settings.limit]
+    loaded = load_pipeline(settings, device)
+    device = loaded.device
+    pipeline, guidance_scale, resolution = loaded.pipeline, loaded.guidance_scale, loaded.resolution
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     # Absolute image paths: `score` may run from another directory.
     output = Path(settings.output_dir).expanduser().resolve()
     images_dir = output / "images"
     try:
-        _render(pipeline, entries, settings, guidance_scale, resolution, images_dir, device)
+        _render(loaded, entries, images_dir)
     except OSError as error:
         raise RunFailure(
             f"generate: writing the images into {images_dir} failed ({error})"
@@ -404,8 +446,9 @@ def generate(settings: GenerateSettings, device: torch.device | None = None) -> 
     return manifest
 
 
-def _render(pipeline, entries, settings, guidance_scale, resolution, images_dir, device) -> None:
+def _render(loaded: LoadedPipeline, entries: list[dict], images_dir: Path) -> None:
     """This rank's images, then (torchrun) a barrier so rank 0 writes the manifest last."""
+    settings = loaded.settings
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -418,25 +461,16 @@ def _render(pipeline, entries, settings, guidance_scale, resolution, images_dir,
         indices = mine[start : start + settings.batch_size]
         prompts = [entries[index]["prompt"] for index in indices]
         if settings.preset:
-            images = _reference_images(pipeline, prompts, settings, guidance_scale, resolution)
+            images = _reference_images(
+                loaded.pipeline, prompts, settings, loaded.guidance_scale, loaded.resolution
+            )
         else:
-            generators = [
-                torch.Generator(device="cpu").manual_seed(settings.seed + index)
-                for index in indices
-            ]
-            images = pipeline(
-                prompt=prompts,
-                num_inference_steps=settings.steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-            ).images
+            images = loaded.images(prompts, [settings.seed + index for index in indices])
         for index, image in zip(indices, images, strict=True):
             image.save(images_dir / f"{index:05d}.png")
     if world_size > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if loaded.device.type == "cuda" else "gloo")
         dist.barrier()

@@ -1,0 +1,3 @@
+from sdpo.pairs.cli import main
+
+raise SystemExit(main())
