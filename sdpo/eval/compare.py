@@ -178,6 +178,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def side_names(a: str | Path, b: str | Path) -> tuple[str, str]:
+    """Short names for the two manifests on a plot: their file names without the suffix, or,
+    when those are the same (two ``manifest.json``), the folders that hold them; else the
+    paths as given."""
+    first, second = Path(a), Path(b)
+    for names in ((first.stem, second.stem), (first.parent.name, second.parent.name)):
+        if names[0] and names[1] and names[0] != names[1]:
+            return names
+    return str(a), str(b)
+
+
 def plot(result: dict, path: str | Path) -> None:
     import matplotlib
 
@@ -199,7 +210,12 @@ def plot(result: dict, path: str | Path) -> None:
     figure, axis = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
     axis.bar(names, rates, yerr=errors, capsize=4, color="#4C72B0")
     axis.axhline(0.5, color="gray", linestyle="--", linewidth=1)
-    axis.set(ylim=(0, 1), ylabel="win rate of A (95% CI)", title="A vs B, paired by prompt")
+    name_a, name_b = side_names(result["a"], result["b"])
+    axis.set(
+        ylim=(0, 1),
+        ylabel=f"win rate of {name_a} (95% CI)",
+        title=f"{name_a} vs {name_b}, paired by prompt",
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -53,6 +53,19 @@ def progress_bar_wanted(progress: bool, is_main: bool, stream=None) -> bool:
     return progress and is_main and bool(getattr(stream, "isatty", lambda: False)())
 
 
+def library_progress_bars(enabled: bool) -> None:
+    """transformers', diffusers' and huggingface_hub's own bars (the "Loading weights" bars
+    of from_pretrained, downloads) follow the trainer's: off under --no-progress and on ranks
+    other than 0. Process-wide: these libraries keep the switch in module state."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    for module in (transformers_logging, diffusers_logging):
+        (module.enable_progress_bar if enabled else module.disable_progress_bar)()
+    (hub_utils.enable_progress_bars if enabled else hub_utils.disable_progress_bars)()
+
+
 def steps_for_epochs(num_epochs: int, batches_per_epoch: int, gradient_accumulation: int) -> int:
     """Optimizer steps for ``num_epochs`` passes: each rank reads ``batches_per_epoch``
     micro-batches per epoch (its share after dropping the remainder), ``gradient_accumulation``

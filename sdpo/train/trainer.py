@@ -53,6 +53,7 @@ from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_r
 from sdpo.train.preemption import Preempted, StopRequests
 from sdpo.train.runlog import (
     banner_lines,
+    library_progress_bars,
     logger,
     progress_bar_wanted,
     progress_line,
@@ -756,6 +757,7 @@ def train(config: TrainConfig) -> dict:
     """Runs the configured training; returns a summary (steps, logged rows, output folder)."""
     config.validate()
     environment = Distributed()
+    library_progress_bars(config.progress and environment.is_main)
     try:
         return Trainer(config, environment).fit()
     finally:

@@ -562,3 +562,28 @@ def test_bootstrap_interval_covers_the_true_rate_about_95_percent_of_the_time():
         low, high = compare.win_rate(pairs, resamples=1000, seed=data_set)["ci95"]
         covered += low <= 0.6 <= high
     assert 0.90 <= covered / 300 <= 0.99
+
+
+def test_the_compare_plot_names_both_sides(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    titles = []
+    real_set = matplotlib.axes.Axes.set
+
+    def record(self, **kwargs):
+        if "title" in kwargs:
+            titles.append((kwargs["title"], kwargs["ylabel"]))
+        return real_set(self, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", record)
+    result = {
+        "a": "runs/eval-base/manifest.json",
+        "b": "runs/eval-sdpo/manifest.json",
+        "metrics": {"pickscore": {"win_rate_a": 0.4, "ci95": [0.3, 0.5]}},
+    }
+    compare.plot(result, tmp_path / "plot.png")
+    assert titles == [
+        ("eval-base vs eval-sdpo, paired by prompt", "win rate of eval-base (95% CI)")
+    ]
+    assert compare.side_names("base.json", "tuned.json") == ("base", "tuned")
+    assert compare.side_names("x/m.json", "x/m.json") == ("x/m.json", "x/m.json")

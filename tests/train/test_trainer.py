@@ -576,3 +576,21 @@ def test_compile_traces_both_unets_and_changes_no_loss(tmp_path, monkeypatch):
         assert [row[key] for row in fast["rows"]] == pytest.approx(
             [row[key] for row in eager["rows"]], rel=1e-5
         ), key
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_library_progress_bars_follow_no_progress(tmp_path, progress):
+    # transformers' "Loading weights" bars (and diffusers', huggingface_hub's) are off under
+    # --no-progress; on with --progress on rank 0.
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    config = config_from_args(
+        ["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+         *([] if progress else ["--no-progress"])]
+    )  # fmt: skip
+    train(config)
+    assert transformers_logging.is_progress_bar_enabled() is progress
+    assert diffusers_logging.is_progress_bar_enabled() is progress
+    assert hub_utils.are_progress_bars_disabled() is not progress
