@@ -44,3 +44,27 @@ def test_ci_reads_exactly_the_readme_blocks(name):
     assert result.returncode == 0, result.stderr
     assert result.stdout == readme_block(name)
     assert "for step in install test" in script.read_text()
+
+
+@pytest.mark.slow  # ~25 s on 2 busy cores
+def test_the_readme_cpu_smoke_run_of_the_overhead_suite_runs_as_written(tmp_path):
+    # The README's `sdpo-profile overhead --preset tiny-flux --device cpu ...` line, run as
+    # written but for its --output path: it must finish (CPU defaults: 2 rounds x 2 steps).
+    import json
+    import shlex
+    import sys
+
+    lines = [
+        line.split("#")[0].strip()
+        for line in README.read_text().splitlines()
+        if line.startswith("sdpo-profile overhead --preset tiny-flux --device cpu")
+    ]
+    assert lines, "README.md shows no CPU smoke run of the overhead suite"
+    words = shlex.split(lines[0])
+    words[words.index("--output") + 1] = str(tmp_path / "tf.json")
+    command = [sys.executable, "-m", "sdpo.profiling.cli", *words[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((tmp_path / "tf.json").read_text())
+    assert written["overhead"]["preset"] == "tiny-flux"
+    assert written["overhead"]["complete"] and written["overhead"]["reference_step_ms"] > 0
