@@ -68,3 +68,14 @@ def test_the_readme_cpu_smoke_run_of_the_overhead_suite_runs_as_written(tmp_path
     written = json.loads((tmp_path / "tf.json").read_text())
     assert written["overhead"]["preset"] == "tiny-flux"
     assert written["overhead"]["complete"] and written["overhead"]["reference_step_ms"] > 0
+
+
+def test_the_readme_suite_example_is_a_suite_generate_reads(tmp_path):
+    from sdpo.eval.manifest import load_entries
+
+    match = re.search(r"<!-- suite-example -->\n```json\n(.*?)```", README.read_text(), re.DOTALL)
+    assert match, "README.md shows no example suite"
+    suite = tmp_path / "suite.json"
+    suite.write_text(match.group(1))
+    entries = load_entries(suite, "--suite")
+    assert len(entries) == 2 and entries[0]["prompt"].startswith("a red fox")
