@@ -22,14 +22,8 @@ from sdpo.fingerprint import file_hash
 
 
 @pytest.fixture(autouse=True)
-def _quiet_transformers():
-    """transformers' warnings (torchvision missing) would land in the captured stderr."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    yield
-    logging.set_verbosity(verbosity)
+def _quiet(quiet_transformers):
+    """Every test here reads stderr: transformers' warnings stay out of it."""
 
 
 def _write_manifest(path, rows):

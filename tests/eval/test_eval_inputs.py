@@ -22,13 +22,8 @@ from sdpo.train.errors import UsageError
 
 
 @pytest.fixture(autouse=True)
-def _quiet_transformers():
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    yield
-    logging.set_verbosity(verbosity)
+def _quiet(quiet_transformers):
+    """Every test here reads stderr: transformers' warnings stay out of it."""
 
 
 def error_line(capsys, arguments: list[str], status: int = 2) -> str:
