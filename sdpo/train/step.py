@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import sdpo
+from sdpo.train import torch_hooks
 from sdpo.train.cache import CachedBatch
 from sdpo.train.config import TrainConfig
 from sdpo.train.data import Batch, host_to_device
@@ -373,11 +374,8 @@ def apply_optimizer_step(
             (), dtype=torch.bool, device=optimizer.param_groups[0]["params"][0].device
         )
     if skips_on_device(optimizer):
-        optimizer.found_inf = (~finite).float()
-        try:
+        with torch_hooks.skip_flag(optimizer, (~finite).float()):
             optimizer.step()
-        finally:
-            del optimizer.found_inf
     elif bool(finite):
         optimizer.step()
     lr_schedule.step()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sdpo.train import checkpoint as checkpoints
+from sdpo.train import torch_hooks
 from sdpo.train.cache import CachedPairBatches, is_cache, source_identity
 from sdpo.train.config import (
     TrainConfig,
@@ -525,7 +526,7 @@ class Trainer:
                         finite
                         if self.scaler is None
                         else torch.isfinite(stats.loss_sum)
-                        & (finite | (self.scaler._get_scale_async() > 1.0).reshape(()))
+                        & (finite | (torch_hooks.scale_on_device(self.scaler) > 1.0).reshape(()))
                     )
                     finite = apply_optimizer_step(
                         self.optimizer, self.lr_schedule, finite, self.persistent_gradients
