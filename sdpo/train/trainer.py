@@ -586,6 +586,7 @@ class Trainer:
         Preempted (the command line prints where and exits 128 + the signal)."""
         self._read_finite()
         path = self.last_checkpoint if self.saved_step == self.step else self.save(stats)
+        self.stop_requests.checkpoint = path
         name = signal.Signals(signal_number).name
         raise Preempted(
             signal_number,
