@@ -50,6 +50,7 @@ from sdpo.train.metrics import MetricsWriter, RunningStats
 from sdpo.train.models import build_models, compile_model, export_flow_lora
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
+from sdpo.train.paths import check_run_paths
 from sdpo.train.preemption import Preempted, StopRequests
 from sdpo.train.runlog import (
     banner_lines,
@@ -738,6 +739,7 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """Runs the configured training; returns a summary (steps, logged rows, output folder)."""
     config.validate()
+    check_run_paths(config)  # before the process group, the data and the models
     environment = Distributed()
     try:
         return Trainer(config, environment).fit()
