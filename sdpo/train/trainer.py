@@ -34,6 +34,7 @@ from sdpo.train.config import (
 )
 from sdpo.train.data import (
     PairBatches,
+    SkipReporter,
     batch_stream,
     default_num_workers,
     generator_for,
@@ -219,6 +220,10 @@ class Trainer:
             if resume.path.resolve().parent == self.output_dir.resolve():
                 self.saved_step = resume.step
         self.policy, self.ddp = self._wrap_policy()
+        # Unreadable images named as they are met (each rank its own: they read different rows).
+        self.skip_reporter = SkipReporter(
+            logger.warning, f"rank {environment.rank}: " if environment.world_size > 1 else ""
+        )
         self.ranges = PhaseRanges(config.nvtx)
         window = parse_profile_steps(config.profile_steps) if config.profile_steps else None
         self.profile_window = window if device.type == "cuda" else None
@@ -332,6 +337,8 @@ class Trainer:
         with ranges("data to device"):
             batch_epoch, batch_number, batch = next(stream)
             self.position = self.batches.next_position(batch_epoch, batch_number)
+        if batch.skipped:
+            self.skip_reporter.report(batch.skipped, getattr(batch, "skip_notes", []))
         micro_index = self.step * config.gradient_accumulation + micro
         generator = generator_for(
             config.seed, 3, self.environment.rank, micro_index, device=self.device
@@ -635,6 +642,7 @@ class Trainer:
                 acc=f"{row['implicit_acc']:.2f}",
                 lam=f"{row['lambda']:.3f}",
                 pairs_s=f"{row['pairs_per_s']:.1f}",
+                skipped=row["skipped_images"],
             )
         if not self.bar_shown:
             logger.info(progress_line(row, self.config.max_steps))
