@@ -2,18 +2,20 @@
 
 Sources (``--data PATH``):
 - Pick-a-Pic-format parquet: a ``.parquet`` file or a folder of shards with columns ``jpg_0``,
-  ``jpg_1`` (encoded image bytes), ``label_0`` and ``caption``. Ties (``label_0 == 0.5``) are
-  dropped; the preferred image goes first.
+  ``jpg_1`` (encoded image bytes, or a path: relative ones resolve against the parquet file's
+  folder, as in a save_to_disk shard), ``label_0`` and ``caption``. Ties (``label_0 == 0.5``)
+  are dropped; the preferred image goes first.
 - A ``datasets.save_to_disk`` folder with the same columns (needs the ``datasets`` package).
-- A JSONL manifest: one ``{"caption", "winner", "loser"}`` object per line, image paths
+- A UTF-8 JSONL manifest: one ``{"caption", "winner", "loser"}`` object per line, image paths
   relative to the manifest's folder.
 - None with the tiny model: synthetic pairs from the demo's toy world, built in code.
 
 Every random choice (epoch order, flips, caption dropout) is a function of (seed, epoch,
 batch index), so a resumed run sees exactly the batches an uninterrupted one would.
 Bad rows never crash a run mid-way. An image that cannot be decoded, for any reason (missing
-file, empty cell, corrupt bytes, a decompression bomb) is skipped: its pair is replaced by the next
-readable one and counted in ``skipped_images``. A structural problem (a caption that is not a
+file, empty cell, corrupt bytes, a decompression bomb, not a regular file: a FIFO would block the
+reader) is skipped: its pair is replaced by the next readable one, counted in ``skipped_images``
+and, for the first few, described in the batch (``Batch.skip_notes``) for the trainer's log. A structural problem (a caption that is not a
 string, a label outside {0, 0.5, 1}, an image reference that is not a path) is a ``UsageError``
 naming the file and row, raised by ``load_records`` before any model loads; so is a source in
 which no pair has two readable images.
@@ -21,12 +23,14 @@ which no pair has two readable images.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
 import math
 import os
 import signal
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,16 +56,40 @@ class PairRecord:
     where: str = ""  # "FILE line N" / "FILE row N", for error messages
 
 
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; UnreadableImage otherwise. Opened without
+    blocking and checked on the open descriptor (no window between the check and the open): a
+    FIFO, a socket or a device would block the reader (a FIFO's open waits for a writer) or
+    stream without end, so they are unreadable images, not data."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as error:
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from error
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else None
+            raise UnreadableImage(f"{path} is {kind or 'not a regular file'}, not an image file")
+        with os.fdopen(descriptor, "rb") as file:
+            descriptor = -1  # the file object closes it
+            return file.read()
+    except OSError as error:
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from error
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)
+
+
 def _open_image(source: object):
     from PIL import Image, UnidentifiedImageError
 
     try:
         if isinstance(source, (ParquetCell, ArrowCell)):
             source = source.read()
+        if isinstance(source, (str, Path)):
+            source = read_regular_file(source)
         if isinstance(source, (bytes, bytearray)):
             image = Image.open(io.BytesIO(source))
-        elif isinstance(source, (str, Path)):
-            image = Image.open(source)
         else:
             raise UnreadableImage(f"expected image bytes or a path, got {type(source).__name__}")
         image.load()
@@ -122,9 +150,29 @@ def _check_caption(caption: object, where: str) -> str:
     return caption
 
 
+def _manifest_lines(path: Path):
+    """(line number, text) of a UTF-8 manifest; a line that is not UTF-8 is a UsageError naming
+    the file, the line and the byte. Split on b"\\n" only: str.splitlines would also split
+    inside a JSON string holding U+2028 or U+0085."""
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"data: cannot read {path} ({error})") from None
+    for line_number, raw in enumerate(content.split(b"\n"), start=1):
+        if line_number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+        try:
+            yield line_number, raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(
+                f"data: {path} line {line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                f"at column {error.start + 1}); save the manifest as UTF-8"
+            ) from None
+
+
 def _records_from_jsonl(path: Path) -> list[PairRecord]:
     records = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_number, line in _manifest_lines(path):
         if not line.strip():
             continue
         where = f"{path} line {line_number}"
@@ -169,6 +217,22 @@ def _ordered_pair(row: dict, where: str) -> PairRecord | None:
     return PairRecord(caption, winner, loser, where)
 
 
+def _cell_image(value: object, file: str, where: str) -> bytes | Path:
+    """An image cell's bytes, or the file it names: a string cell, or datasets' Image feature
+    ``{"bytes": None, "path": ...}``. A relative path is resolved against the folder of the
+    file holding the cell (never the current folder, which would train on whatever files are
+    found wherever the run was started); an absolute one is used as it is."""
+    if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, str):
+        if not value.strip():
+            raise UnreadableImage(f"{file} {where}: empty path")
+        return Path(file).parent / Path(value).expanduser()
+    if value is None:
+        raise UnreadableImage(f"{file} {where}: empty")
+    return value
+
+
 @functools.lru_cache(maxsize=2)
 def _parquet_row_group(path: str, row_group: int):
     import pyarrow.parquet as pq
@@ -185,13 +249,9 @@ class ParquetCell:
     row: int
     column: str
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | Path:
         value = _parquet_row_group(self.path, self.row_group).column(self.column)[self.row].as_py()
-        if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-            value = value.get("bytes")
-        if value is None:
-            raise UnreadableImage(f"{self.path} row group {self.row_group} row {self.row}: empty")
-        return value
+        return _cell_image(value, self.path, f"row group {self.row_group} row {self.row}")
 
 
 def _records_from_parquet(paths: list[Path]) -> list[PairRecord]:
@@ -237,20 +297,9 @@ class ArrowCell:
     row: int
     column: str
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | Path:
         value = _arrow_shard(self.path).column(self.column)[self.row].as_py()
-        if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-            if value.get("bytes") is not None:
-                return value["bytes"]
-            if value.get("path") is None:
-                raise UnreadableImage(f"{self.path} row {self.row}: empty")
-            try:
-                return Path(value["path"]).read_bytes()
-            except OSError as error:
-                raise UnreadableImage(str(error)) from error
-        if value is None:
-            raise UnreadableImage(f"{self.path} row {self.row}: empty")
-        return value
+        return _cell_image(value, self.path, f"row {self.row}")
 
 
 def _saved_dataset_folder(path: Path) -> Path:
@@ -390,12 +439,41 @@ def generator_for(*values: int, device: torch.device | str = "cpu") -> torch.Gen
     return torch.Generator(device=device).manual_seed(_mix(*values))
 
 
+# Unreadable images named in the log as they are met: the first SKIP_LOG_FIRST of a process,
+# then one line saying that further ones are only counted (skipped_images, in every progress
+# line and metrics row). A batch carries at most SKIP_NOTES_PER_BATCH descriptions: a corrupt
+# shard must not make every batch pickle thousands of lines back from its worker.
+SKIP_LOG_FIRST = 5
+SKIP_NOTES_PER_BATCH = SKIP_LOG_FIRST
+
+
+class SkipReporter:
+    """Logs the unreadable images of the batches this process trains on, rate-limited."""
+
+    def __init__(self, log, prefix: str = "", first: int = SKIP_LOG_FIRST) -> None:
+        self.log, self.prefix, self.first = log, prefix, first
+        self.seen = 0  # unreadable images met by this process this run
+
+    def report(self, skipped: int, notes: list[str]) -> None:
+        for note in notes[: max(0, self.first - self.seen)]:
+            self.log(f"{self.prefix}skipped an unreadable image, its pair replaced: {note}")
+        before, self.seen = self.seen, self.seen + skipped
+        if before <= self.first < self.seen:  # once, at the first skip past the listed ones
+            self.log(
+                f"{self.prefix}more than {self.first} unreadable images: further ones are "
+                "only counted (skipped_images in the progress lines and metrics.jsonl)"
+            )
+
+
 @dataclass
 class Batch:
     winners: Tensor  # (B, 3, H, W) in [-1, 1]
     losers: Tensor
     captions: list[str]
     skipped: int  # pairs replaced because an image could not be read
+    # What was unreadable and why ("FILE line N (winner): reason"), the first few of the batch:
+    # built where the batch is (a worker, maybe), logged by the trainer (SkipReporter).
+    skip_notes: list[str] = dataclasses.field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         """Page-locked copy (the DataLoader's pin thread calls this): host->device copies from
@@ -405,8 +483,6 @@ class Batch:
 
 def pin_batch(batch):
     """The batch (a dataclass) with every tensor field in page-locked memory."""
-    import dataclasses
-
     return dataclasses.replace(
         batch,
         **{
@@ -487,15 +563,22 @@ class PairBatches:
         flip_winner: bool,
         flip_loser: bool,
         crops: tuple[tuple[float, float], tuple[float, float]] | None = None,
+        notes: list[str] | None = None,
     ) -> tuple[Tensor, Tensor, str, int]:
-        """The pair at ``index`` or, if one of its images is unreadable, the next readable pair."""
+        """The pair at ``index`` or, if one of its images is unreadable, the next readable pair.
+        Each unreadable image is described in ``notes`` (up to SKIP_NOTES_PER_BATCH of them)."""
         winner_crop, loser_crop = crops if crops is not None else (None, None)
         for offset in range(len(self.records)):
             record = self.records[(index + offset) % len(self.records)]
+            role, image = "winner", record.winner
             try:
-                winner = preprocess(record.winner, self.resolution, flip_winner, winner_crop)
-                loser = preprocess(record.loser, self.resolution, flip_loser, loser_crop)
-            except UnreadableImage:
+                winner = preprocess(image, self.resolution, flip_winner, winner_crop)
+                role, image = "loser", record.loser
+                loser = preprocess(image, self.resolution, flip_loser, loser_crop)
+            except UnreadableImage as error:
+                if notes is not None and len(notes) < SKIP_NOTES_PER_BATCH:
+                    where = record.where or f"pair {(index + offset) % len(self.records)}"
+                    notes.append(f"{where} ({role}): {_describe_unreadable(image, error)}")
                 continue
             return winner, loser, record.caption, offset
         raise UsageError("data: no pair has two readable images")
@@ -512,7 +595,7 @@ class PairBatches:
             if self.random_crop
             else None
         )
-        winners, losers, captions, skipped = [], [], [], 0
+        winners, losers, captions, skipped, notes = [], [], [], 0, []
         for row, index in enumerate(self.indices(epoch, batch_index)):
             # Independent flips for winner and loser (unless --no-hflip); one caption (and its
             # dropout) per pair.
@@ -522,13 +605,13 @@ class PairBatches:
                 x0, y0, x1, y1 = crop_draws[row].tolist()
                 crops = ((x0, y0), (x1, y1))
             winner, loser, caption, offset = self.load_pair(
-                index, bool(flips[0]), bool(flips[1]), crops
+                index, bool(flips[0]), bool(flips[1]), crops, notes
             )
             skipped += offset
             winners.append(winner)
             losers.append(loser)
             captions.append("" if draws[row, 2] < self.caption_dropout else caption)
-        return Batch(torch.stack(winners), torch.stack(losers), captions, skipped)
+        return Batch(torch.stack(winners), torch.stack(losers), captions, skipped, notes)
 
     def next_position(self, epoch: int, batch_index: int) -> tuple[int, int]:
         """The (epoch, batch index) after this one: epochs roll over, accumulation does not care."""

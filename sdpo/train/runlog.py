@@ -140,7 +140,8 @@ def progress_line(row: dict, max_steps: int) -> str:
     if row.get("loss") is None:  # every step since the last row was skipped (non-finite)
         return (
             f"step {row['step']}/{max_steps}: every step since the last row was skipped "
-            f"(skipped_steps {row.get('skipped_steps')})"
+            f"(skipped_steps {row.get('skipped_steps')}, skipped_images "
+            f"{row.get('skipped_images')})"
         )
 
     def shown(key: str, spec: str) -> str:  # null (e.g. no finite step's norm yet): "n/a"
@@ -149,7 +150,8 @@ def progress_line(row: dict, max_steps: int) -> str:
     return (
         f"step {row['step']}/{max_steps}: loss {shown('loss', '.4f')} acc "
         f"{shown('implicit_acc', '.2f')} lambda {shown('lambda', '.3f')} lr {shown('lr', '.3g')} "
-        f"grad_norm {shown('grad_norm', '.3g')} {shown('pairs_per_s', '.1f')} pairs/s"
+        f"grad_norm {shown('grad_norm', '.3g')} {shown('pairs_per_s', '.1f')} pairs/s "
+        f"skipped_images {row.get('skipped_images', 0)}"
     )
 
 

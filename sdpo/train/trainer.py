@@ -35,6 +35,7 @@ from sdpo.train.config import (
 )
 from sdpo.train.data import (
     PairBatches,
+    SkipReporter,
     batch_stream,
     default_num_workers,
     generator_for,
@@ -51,6 +52,7 @@ from sdpo.train.metrics import MetricsWriter, RunningStats
 from sdpo.train.models import build_models, compile_model, export_lora
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
+from sdpo.train.paths import check_run_paths
 from sdpo.train.preemption import Preempted, StopRequests
 from sdpo.train.runlog import (
     banner_lines,
@@ -229,6 +231,10 @@ class Trainer:
             if resume.path.resolve().parent == self.output_dir.resolve():
                 self.saved_step = resume.step
         self.policy, self.ddp = self._wrap_policy()
+        # Unreadable images named as they are met (each rank its own: they read different rows).
+        self.skip_reporter = SkipReporter(
+            logger.warning, f"rank {environment.rank}: " if environment.world_size > 1 else ""
+        )
         self.ranges = PhaseRanges(config.nvtx)
         window = parse_profile_steps(config.profile_steps) if config.profile_steps else None
         self.profile_window = window if device.type == "cuda" else None
@@ -342,6 +348,8 @@ class Trainer:
         with ranges("data to device"):
             batch_epoch, batch_number, batch = next(stream)
             self.position = self.batches.next_position(batch_epoch, batch_number)
+        if batch.skipped:
+            self.skip_reporter.report(batch.skipped, getattr(batch, "skip_notes", []))
         micro_index = self.step * config.gradient_accumulation + micro
         generator = generator_for(
             config.seed, 3, self.environment.rank, micro_index, device=self.device
@@ -597,6 +605,7 @@ class Trainer:
         Preempted (the command line prints where and exits 128 + the signal)."""
         self._read_finite()
         path = self.last_checkpoint if self.saved_step == self.step else self.save(stats)
+        self.stop_requests.checkpoint = path
         name = signal.Signals(signal_number).name
         raise Preempted(
             signal_number,
@@ -644,6 +653,7 @@ class Trainer:
                 acc=f"{row['implicit_acc']:.2f}",
                 lam=f"{row['lambda']:.3f}",
                 pairs_s=f"{row['pairs_per_s']:.1f}",
+                skipped=row["skipped_images"],
             )
         if not self.bar_shown:
             logger.info(progress_line(row, self.config.max_steps))
@@ -757,6 +767,7 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """Runs the configured training; returns a summary (steps, logged rows, output folder)."""
     config.validate()
+    check_run_paths(config)  # before the process group, the data and the models
     environment = Distributed()
     library_progress_bars(config.progress and environment.is_main)
     try:

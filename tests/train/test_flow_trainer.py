@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import read_rows
+from trainer_helpers import assert_same_up_to_reordering, read_rows
 
 import sdpo
 from sdpo.train import families
@@ -233,10 +233,13 @@ def test_two_process_torchrun_fsdp_shards_each_transformer_block(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = read_rows(output)
         assert (output / "transformer.pth").is_file()
-    for key in ("loss", "grad_norm", "model_mse_w"):
-        assert [row[key] for row in outputs["fsdp"]] == pytest.approx(
-            [row[key] for row in outputs["ddp"]], rel=1e-4
-        ), key
+    assert [row["model_mse_w"] for row in outputs["fsdp"]] == pytest.approx(
+        [row["model_mse_w"] for row in outputs["ddp"]], rel=1e-4
+    )
+    # The loss and the gradient norm: within the margin's amplification of fp32 reordering
+    # (trainer_helpers.reordering_bound, with the derivation; the same preference_loss).
+    beta = config_from_args(["--model", "sd3", *SMALL]).beta
+    assert_same_up_to_reordering(outputs["fsdp"], outputs["ddp"], beta)
     ddp = torch.load(tmp_path / "ddp" / "transformer.pth")
     sharded = torch.load(tmp_path / "fsdp" / "transformer.pth")
     for name, tensor in ddp.items():

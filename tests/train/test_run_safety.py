@@ -558,23 +558,45 @@ def test_a_data_worker_ignores_stop_signals_but_not_its_main_processs_sigterm():
             worker.join()
 
 
-def test_a_second_signal_exits_at_once(tmp_path):
+SIGNAL_MOMENTS = [sys.executable, str(Path(__file__).parent / "signal_moments_main.py")]
+# 4 micro-batches per step: the first SIGTERM comes in the second, so step 1 is in flight.
+MOMENT_FLAGS = ["--preset", "tiny", "--no-progress", "--gradient-accumulation", "4"]
+MOMENT_FLAGS += ["--max-steps", "1000", "--log-every", "1", "--synthetic-pairs", "8"]
+
+
+def run_with_a_second_signal(moment: str, output: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SIGNAL_MOMENTS, moment, *MOMENT_FLAGS, "--output-dir", str(output)],
+        capture_output=True, text=True, env=child_environment(), timeout=300,
+    )  # fmt: skip
+
+
+def test_a_second_signal_in_the_step_exits_at_once_without_a_checkpoint(tmp_path):
+    result = run_with_a_second_signal("in-the-step", tmp_path / "twice")
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "second SIGTERM: exiting now, no checkpoint" in result.stderr, result.stderr[-3000:]
+    assert "stopped by SIGTERM" not in result.stderr
+    assert checkpoints.latest_checkpoint(tmp_path / "twice") is None
+
+
+@pytest.mark.parametrize("moment", ["after-the-loop", "after-the-line", "at-exit"])
+def test_a_second_signal_after_the_checkpoint_still_exits_143(tmp_path, moment):
+    """The stop's checkpoint is complete; a second SIGTERM at each later moment of the way out
+    leaves the status at 143 (the default action there would end the process by the signal)."""
     output = tmp_path / "twice"
-    # Long optimizer steps (32 micro-batches), so the second signal lands in the step in flight.
-    slow = ["--gradient-accumulation", "32", "--max-steps", "1000", "--log-every", "1"]
-    process = start_training([*TRAIN, "--output-dir", str(output), *slow], output)
-    wait_for_rows(process, output, 1)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)  # two signals at once would reach the Python handler as one
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=240)
-    # Either the second signal came in time (exit at once, no checkpoint), or the first had
-    # already finished its checkpoint and the run had stopped: both exit 143 with one line.
-    assert process.returncode == 143, err[-3000:]
-    if "second SIGTERM: exiting now, no checkpoint" not in err:
-        assert "stopped by SIGTERM" in err, err[-3000:]
-        pytest.fail("the run stopped before the second signal; the test must send it sooner")
-    assert checkpoints.latest_checkpoint(output) is None
+    result = run_with_a_second_signal(moment, output)
+    assert result.returncode == 143, (result.returncode, result.stderr[-3000:])
+    assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(output)) == 1
+    second = "second SIGTERM: exiting now, checkpoint"
+    if moment == "after-the-loop":  # before the stop line: this line names the checkpoint
+        assert f"{second} {output / 'checkpoint-1'} is complete" in result.stderr
+    else:
+        assert "stopped by SIGTERM after step 1" in result.stderr, result.stderr[-3000:]
+    if moment == "at-exit":
+        # Ignored, not handled in Python: SIG_IGN is what survives CPython's reset of the
+        # handlers to the default action at the end of the shutdown.
+        assert "SIGTERM handler <Handlers.SIG_IGN: 1>" in result.stderr, result.stderr[-3000:]
+        assert second not in result.stderr
 
 
 def test_torchrun_sigterm_stops_every_rank_at_the_same_step(tmp_path):

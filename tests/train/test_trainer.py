@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import read_rows, tiny
+from trainer_helpers import assert_same_up_to_reordering, read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.config import config_from_args
 from sdpo.train.data import PairBatches, generator_for, load_records
+from sdpo.train.errors import UsageError
 from sdpo.train.models import build_models
 from sdpo.train.step import encode_images
 from sdpo.train.trainer import NonFiniteLoss, train
@@ -318,9 +319,7 @@ def test_empty_data_and_missing_weights_are_clear_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="has no usable pairs"):
         train(tiny(tmp_path, data=str(empty)))
-    with pytest.raises(
-        FileNotFoundError, match=r"pretrained: cannot load '/nonexistent/sd15'.*--allow-download"
-    ):
+    with pytest.raises(UsageError, match=r"pretrained: no such folder /nonexistent/sd15; pass"):
         train(tiny(tmp_path, pretrained="/nonexistent/sd15"))
 
 
@@ -365,14 +364,16 @@ def test_two_process_torchrun(tmp_path):
     assert (output / "unet.pth").is_file()
 
     # FSDP2: the same run with the UNet sharded over the 2 processes; gradients are
-    # reduce-scattered instead of all-reduced, so the sums differ by rounding only.
+    # reduce-scattered instead of all-reduced, so the sums differ by rounding only: the model
+    # errors to a few ulps, the loss and the gradient norm within the margin's amplification
+    # of those (trainer_helpers.reordering_bound, with the derivation).
     sharded = tmp_path / "fsdp"
     torchrun(tmp_path, sharded, "--max-steps", "2", "--checkpoint-every", "1", "--fsdp")
     sharded_rows = read_rows(sharded)
-    for key in ("loss", "grad_norm", "model_mse_w"):
-        assert [row[key] for row in sharded_rows] == pytest.approx(
-            [row[key] for row in rows], rel=1e-4
-        ), key
+    assert [row["model_mse_w"] for row in sharded_rows] == pytest.approx(
+        [row["model_mse_w"] for row in rows], rel=1e-5
+    )
+    assert_same_up_to_reordering(sharded_rows, rows, config_from_args(["--preset", "tiny"]).beta)
     ddp_weights = torch.load(output / "unet.pth")
     sharded_weights = torch.load(sharded / "unet.pth")
     assert set(sharded_weights) == set(ddp_weights)
@@ -455,6 +456,8 @@ def save_tiny_sdxl(folder: Path) -> None:
     second.save_pretrained(folder / "text_encoder_2")
     for name in ("tokenizer", "tokenizer_2"):
         tiny_models.build_tiny_tokenizer().save_pretrained(folder / name)
+    index = {"_class_name": "StableDiffusionXLPipeline"}  # a diffusers folder has one
+    (folder / "model_index.json").write_text(json.dumps(index))
 
 
 def test_sdxl_conditioning_path_trains(tmp_path):
