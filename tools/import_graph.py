@@ -1,6 +1,6 @@
 """Prints the import graph between the project's parts, from the source (ast, nothing imported).
 
-Parts, lowest layer first: ``math`` (sdpo/reference.py, sdpo/settings.py, sdpo/timesteps.py: the plain-PyTorch
+Parts, lowest layer first: ``math`` (sdpo/reference.py, settings.py, timesteps.py, chunking.py: the plain-PyTorch
 statement of the objectives), ``kernels`` (the Triton kernels, which read the method codes from
 the math), ``api`` (sdpo/__init__.py, objectives.py, ops.py, cuda_backend.py: the public
 ``preference_loss`` and the op layer that dispatches to the kernels), ``train``, then ``profiling``,
