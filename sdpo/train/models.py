@@ -24,6 +24,7 @@ from sdpo.train.config import (
     resolve_random_architecture,
 )
 from sdpo.train.data import host_to_device
+from sdpo.train.outputs import replacing, writing
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -670,5 +671,6 @@ def export_flow_lora(models: Models, output_dir: Path) -> Path:
         name: tensor.detach().cpu().contiguous()
         for name, tensor in get_peft_model_state_dict(models.unet).items()
     }
-    type(models.flow.pipeline).save_lora_weights(str(folder), transformer_lora_layers=layers)
+    with writing("export", folder), replacing(folder) as temporary:
+        type(models.flow.pipeline).save_lora_weights(str(temporary), transformer_lora_layers=layers)
     return folder
