@@ -133,7 +133,7 @@ class _RecordingFile:
 
     def __init__(self, handle) -> None:
         self.handle = handle
-        self.name = handle.name  # as a file object's: the path written
+        self.name = getattr(handle, "name", None)  # as a file object's: the path written
         self.error: OSError | None = None
 
     def write(self, data) -> int:
