@@ -54,6 +54,11 @@ _OS_ERROR_NUMBER = re.compile(r"os error (\d+)|Errno (\d+)|code: (\d+)")
 
 LOCK_FILE = ".sdpo-train.lock"
 
+# The descriptors of the locks this process holds: a forked child (a DataLoader worker) closes its
+# copies (close_inherited_locks), else a worker that outlives a killed trainer (up to 5 s, its
+# watchdog's period) would keep the folder locked.
+_HELD_LOCKS: set[int] = set()
+
 
 class WriteError(RuntimeError):
     """A file of the run could not be written (full disk, read-only, quota, permission): one
@@ -202,7 +207,17 @@ class OutputLock:
             with contextlib.suppress(OSError):
                 fcntl.flock(self.descriptor, fcntl.LOCK_UN)
             os.close(self.descriptor)
+            _HELD_LOCKS.discard(self.descriptor)
             self.descriptor = None
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: closes its copies of the parent's lock descriptors. The parent's lock
+    stays (it is released only when every copy is closed, or by an explicit unlock)."""
+    for descriptor in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD_LOCKS.clear()
 
 
 def lock_output_dir(output_dir: str | Path) -> OutputLock:
@@ -234,6 +249,7 @@ def lock_output_dir(output_dir: str | Path) -> OutputLock:
         )
         return OutputLock(None, path)
     lock = OutputLock(descriptor, path)
+    _HELD_LOCKS.add(descriptor)
     try:
         with writing("output_dir", path):
             os.ftruncate(descriptor, 0)

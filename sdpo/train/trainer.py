@@ -155,7 +155,18 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.stop_requests = StopRequests(environment)
-        resume = self._prepare_output()
+        # After the checks and the data (a refusal there leaves no folder behind), before the
+        # folder is touched or any model loads. fit() releases it; so does a failure below.
+        self.output_lock = hold_output_dir(config, environment)
+        try:
+            self._set_up(self._prepare_output())
+        except BaseException:
+            self.output_lock.release()
+            raise
+
+    def _set_up(self, resume: checkpoints.ResumeState | None) -> None:
+        """The models, optimizer, schedule and the resumed state; then the wrapped policy."""
+        config, environment, device = self.config, self.environment, self.device
         self.models = build_models(config, device)
         if config.channels_last:  # before the optimizer exists: its state follows the weights
             to_channels_last(self.models.unet)
@@ -573,6 +584,7 @@ class Trainer:
             progress.close()
             if writer is not None:
                 writer.close(quiet=not completed)
+            self.output_lock.release()
         self._summary(first_step, time.perf_counter() - started, rows)
         return {
             "steps": self.step,
@@ -755,18 +767,14 @@ def train(config: TrainConfig) -> dict:
     config.validate()
     environment = Distributed()
     try:
-        lock = hold_output_dir(config, environment)
-        try:
-            return Trainer(config, environment).fit()
-        finally:
-            lock.release()
+        return Trainer(config, environment).fit()  # holds the output folder's lock throughout
     finally:
         environment.close()
 
 
 def hold_output_dir(config: TrainConfig, environment: Distributed) -> OutputLock:
     """One run per output folder: rank 0 takes its lock (sdpo.train.outputs.lock_output_dir)
-    before any data or model loads; the other ranks learn the outcome from one all-reduce, so a
+    before any model loads; the other ranks learn the outcome from one all-reduce, so a
     refused rank 0 never leaves them waiting at a collective, and they never take it themselves
     (they would be refused by their own rank 0)."""
     lock, failure = OutputLock(None, Path(config.output_dir)), None

@@ -970,3 +970,30 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, capsys):
     assert main([*argv, "--max-steps", "1", "--resume", "--overwrite"]) == 0
     assert [row["step"] for row in read_rows(output)] == [1]
     assert [path.name for path in checkpoints.checkpoint_entries(output)] == ["checkpoint-1"]
+
+
+def _data_worker_after_fork(ready) -> None:
+    ignore_stop_signals(0, main_process=os.getppid())  # the workers' init: drops the lock's copy
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_forked_data_worker_does_not_keep_the_folder_locked(tmp_path):
+    # A killed trainer's DataLoader worker lives on up to 5 s (its watchdog): it must not hold
+    # the lock meanwhile. The trainer's death is its descriptor closing without an unlock.
+    folder = tmp_path / "run"
+    lock = lock_output_dir(folder)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_data_worker_after_fork, args=(ready,))
+    worker.start()
+    try:
+        assert ready.wait(60)
+        os.close(lock.descriptor)  # as kill -9 of the trainer does
+        outputs._HELD_LOCKS.discard(lock.descriptor)  # its number may be reused from here on
+        lock.descriptor = None
+        lock_output_dir(folder).release()  # free at once, with the worker still alive
+        assert worker.is_alive()
+    finally:
+        worker.kill()
+        worker.join()
