@@ -5,7 +5,8 @@ marker listing each file's size, then renamed. A kill during a save leaves at mo
 folder, which ``--resume`` ignores and the next run removes. A checkpoint whose files do not
 match its marker or do not load (a damaged disk, a copy cut short) is passed over, with a
 warning, for the previous complete one. A failed write (a full disk) removes the temporary
-folder and keeps every earlier checkpoint.
+folder and keeps every earlier checkpoint. Only when every checkpoint of the folder is damaged
+is ``--resume`` refused (``NoUsableCheckpoint``): starting afresh there would cut metrics.jsonl.
 
 A checkpoint stores the run's settings and world size: ``--resume`` refuses a run whose settings
 change the math or the data order (``RESUME_RULES``), so a resumed run is the same run.
@@ -13,7 +14,6 @@ change the math or the data order (``RESUME_RULES``), so a resumed run is the sa
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -30,10 +30,16 @@ from sdpo.train.config import TrainConfig, config_to_json, default_mu
 from sdpo.train.distributed import Distributed, full_model_state, full_optimizer_state
 from sdpo.train.errors import UsageError
 from sdpo.train.models import merged_state_dict
+from sdpo.train.outputs import WriteError, replacing, save_torch, write_failure, writing
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TEMPORARY_PATTERN = re.compile(r"^checkpoint-\d+\.tmp-\d+$")
+# What an interrupted save leaves: a checkpoint's temporary folder, or the temporary name of an
+# export or of metrics.jsonl (sdpo.train.outputs.replacing).
+TEMPORARY_PATTERN = re.compile(
+    r"^(checkpoint-\d+|unet|unet\.pth|transformer|transformer\.pth|transformer_lora|"
+    r"metrics\.jsonl)\.tmp-\d+$"
+)
 MODEL_FILE = "unet_state.safetensors"
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -119,8 +125,12 @@ RESUME_RULES: dict[str, str] = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WriteError):
     """A checkpoint could not be written (a full disk, no permission); earlier ones are kept."""
+
+
+class NoUsableCheckpoint(UsageError):
+    """``--resume`` found checkpoints in the folder, and every one is damaged."""
 
 
 def warn(message: str) -> None:
@@ -149,6 +159,17 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_entries(output_dir: str | Path) -> list[Path]:
+    """Everything named ``checkpoint-N`` in the folder (complete or not, folder or file), newest
+    step first: what ``--resume latest`` tries, in order."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(child), child) for child in root.iterdir()]
+    found = sorted((step, path) for step, path in found if step is not None)
+    return [path for _, path in reversed(found)]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     found = complete_checkpoints(output_dir)
@@ -156,14 +177,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def remove_temporary_folders(output_dir: str | Path) -> list[Path]:
-    """Removes the ``checkpoint-N.tmp-PID`` folders an interrupted save left; returns them."""
+    """Removes the ``NAME.tmp-PID`` folders and files an interrupted save left; returns them."""
     root = Path(output_dir)
     removed = []
     if root.is_dir():
         for child in root.iterdir():
-            if TEMPORARY_PATTERN.match(child.name) and child.is_dir():
+            if not TEMPORARY_PATTERN.match(child.name):
+                continue
+            if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
     return removed
 
 
@@ -184,37 +209,43 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _write_error(error: OSError, final: Path) -> CheckpointError:
-    if error.errno == errno.ENOSPC:
-        reason = "no space left on device"
-    else:
-        reason = error.strerror or str(error)
-    return CheckpointError(f"checkpoint: {reason} while writing {final}")
-
-
 def save_checkpoint(
     output_dir: str | Path, step: int, model_state: dict, training_state: dict
 ) -> Path:
     """Writes checkpoint-STEP atomically and returns its path (rank 0 only). On a failed write
-    the temporary folder is removed and CheckpointError names the reason and the path."""
+    the temporary folder is removed and CheckpointError names the cause and the file (a full
+    disk, a read-only file system, torch's zip writer failing: see sdpo.train.outputs)."""
     final = checkpoint_path(output_dir, step)
     temporary = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    current = temporary
     try:
         if temporary.exists():
             shutil.rmtree(temporary)
         temporary.mkdir(parents=True)
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model_state.items()}
-        save_file(tensors, str(temporary / MODEL_FILE))
-        torch.save(training_state, temporary / STATE_FILE)
+        current = temporary / MODEL_FILE
+        save_file(tensors, str(current))
+        current = temporary / STATE_FILE
+        save_torch(training_state, current)
         sizes = {name: (temporary / name).stat().st_size for name in (MODEL_FILE, STATE_FILE)}
-        (temporary / COMPLETE_MARKER).write_text(json.dumps({"step": step, "sizes": sizes}))
+        current = temporary / COMPLETE_MARKER
+        current.write_text(json.dumps({"step": step, "sizes": sizes}))
         _fsync_tree(temporary)
-    except OSError as error:
+        current = final
+        # A checkpoint of the same step from an earlier, interrupted run, or a damaged entry of
+        # that name (a file where a folder belongs).
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(temporary, final)
+    except Exception as error:
+        reason = write_failure(error, current)
         shutil.rmtree(temporary, ignore_errors=True)
-        raise _write_error(error, final) from error
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+        if reason is None:
+            raise
+        file = final / current.relative_to(temporary) if current != final else final
+        raise CheckpointError(f"checkpoint: {reason} while writing {file}") from error
     return final
 
 
@@ -237,6 +268,8 @@ def _check_sizes(folder: Path) -> None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"resume: {folder} is a file, not a checkpoint folder")
     if not (folder / COMPLETE_MARKER).is_file():
         raise ValueError(
             f"resume: {folder} is not a complete checkpoint (no {COMPLETE_MARKER} marker)"
@@ -293,21 +326,34 @@ def read_checkpoint(path: Path) -> ResumeState:
 
 
 def find_resume_state(config: TrainConfig, warn_here: bool) -> ResumeState | None:
-    """The checkpoint ``--resume`` names, loaded: a given folder, or (latest) the newest complete
-    one in --output-dir that loads, passing over damaged ones with a warning; None when latest
-    finds none. A given folder that does not load is a UsageError."""
+    """The checkpoint ``--resume`` names, loaded: a given folder, or (latest) the newest one in
+    --output-dir that loads, passing over damaged ones (no marker, wrong sizes, not loadable, a
+    file where the folder belongs) with a warning; None when latest finds no checkpoint at all.
+    A given folder that does not load is a UsageError; a folder whose every checkpoint is
+    damaged is NoUsableCheckpoint (a fresh run there would cut the history in metrics.jsonl)."""
     if config.resume not in (None, "latest"):
         path = Path(config.resume).expanduser()
         try:
             return read_checkpoint(path)
         except Exception as error:
             raise UsageError(f"resume: cannot load checkpoint {path}: {error}") from None
-    for path in reversed(complete_checkpoints(config.output_dir)):
+    damaged: list[tuple[Path, Exception]] = []
+    for path in checkpoint_entries(config.output_dir):
         try:
-            return read_checkpoint(path)
+            state = read_checkpoint(path)
         except Exception as error:
-            if warn_here:
-                warn(f"checkpoint {path} is damaged ({error}); trying the previous one")
+            damaged.append((path, error))
+            continue
+        if warn_here:  # only once one loads: a refusal below stays one line
+            for passed_over, error in damaged:
+                warn(f"checkpoint {passed_over} is damaged ({error}); resuming from {path}")
+        return state
+    if damaged:
+        listed = "; ".join(f"{path.name}: {error}" for path, error in damaged)
+        raise NoUsableCheckpoint(
+            f"resume: every checkpoint in {config.output_dir} is damaged ({listed}); nothing to resume from. Restore one, or give --overwrite "
+            "to start a new run there (it removes them and metrics.jsonl)"
+        )
     return None
 
 
@@ -442,11 +488,19 @@ def export_unet(
     """DIR/NAME/ (diffusers, safetensors) and DIR/NAME.pth (a plain state dict); LoRA adapters
     are merged into the weights first, so both load into a plain model. ``state``: the full
     weights when the model is sharded. ``name``: "unet", or "transformer" for a flow model.
-    ``plain_state_dict`` False: the folder alone (``--save-final weights``)."""
+    ``plain_state_dict`` False: the folder alone (``--save-final weights``). Each is written
+    under a temporary name and renamed, so a failed write (WriteError, one line) never leaves a
+    half-written export."""
     if state is None:
         state = merged_state_dict(unet)
     plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state)
-    plain.save_pretrained(output_dir / name, safe_serialization=True)
-    if plain_state_dict:
-        torch.save(state, output_dir / f"{name}.pth")
+    with writing("export", output_dir / name), replacing(output_dir / name) as folder:
+        plain.save_pretrained(folder, safe_serialization=True)
+    if not plain_state_dict:
+        return
+    with (
+        writing("export", output_dir / f"{name}.pth"),
+        replacing(output_dir / f"{name}.pth") as file,
+    ):
+        save_torch(state, file)

@@ -2,8 +2,10 @@
 
 A ``UsageError`` (a bad flag, YAML key, path or data row) is one line, ``sdpo-train: error: ...``,
 and exit status 2; a run that stops on a non-finite loss is one line and status 1; anything else
-is a bug and keeps its traceback. A failed checkpoint write is one line and status 1; a run
-stopped by SIGTERM or SIGINT (after its checkpoint) is one line and status 143 or 130.
+is a bug and keeps its traceback. A failed write of any output (a full disk, a read-only file
+system: sdpo.train.outputs) is one line naming the file and status 1; a run stopped by SIGTERM or
+SIGINT (after its checkpoint) is one line and status 143 or 130. A second run on an output folder
+in use is refused (one line, status 2) before any model loads.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 2
-    from sdpo.train.checkpoint import CheckpointError
+    from sdpo.train.outputs import WriteError, as_write_error
     from sdpo.train.preemption import Preempted
     from sdpo.train.runlog import configure_logging
     from sdpo.train.trainer import NonFiniteLoss, summary_json, train
@@ -57,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NonFiniteLoss, CheckpointError) as error:
+    except (ValueError, FileNotFoundError, NonFiniteLoss, WriteError) as error:
         print(f"sdpo-train: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        failure = as_write_error(error)  # a full disk outside every writer's own handling
+        if failure is None:
+            raise
+        print(f"sdpo-train: error: {failure}", file=sys.stderr)
         return 1
     except Preempted as stop:
         if main_process:  # one line per run, not per torchrun rank

@@ -42,6 +42,7 @@ from torch import Tensor
 from sdpo.train import toy
 from sdpo.train.config import available_cpus
 from sdpo.train.errors import UsageError
+from sdpo.train.outputs import close_inherited_locks
 
 
 class UnreadableImage(Exception):
@@ -657,7 +658,9 @@ def ignore_stop_signals(worker_id: int, main_process: int) -> None:
     SIGINT is ignored. SIGTERM is blocked and taken by a thread that ends the worker when
     ``main_process`` (the DataLoader's, which may not be the parent under forkserver) sent it: DataLoader's last resort for a worker that does not stop
     (``terminate()``) keeps working. Without ``sigwaitinfo`` (not Linux) SIGTERM is ignored.
-    A worker whose main process died exits on its own (DataLoader's watchdog, within 5 s)."""
+    A worker whose main process died exits on its own (DataLoader's watchdog, within 5 s); it
+    holds no copy of the output folder's lock meanwhile (a forked worker inherits one)."""
+    close_inherited_locks()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

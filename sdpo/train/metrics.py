@@ -17,6 +17,7 @@ from torch import Tensor
 import sdpo
 from sdpo import reference
 from sdpo.train.distributed import Distributed
+from sdpo.train.outputs import WriteError, replacing, writing
 from sdpo.train.trackers import Tracker, open_tracker
 
 # One row of metrics.jsonl per optimizer step: the loss, the mean lambda and the loss statistics.
@@ -137,18 +138,21 @@ class MetricsWriter:
 
     On a resume the file keeps the rows up to the resumed step, so it reads as one
     uninterrupted run; a torn last line (a kill in the middle of a write) is dropped with a
-    warning, a damaged row elsewhere is an error naming the file and line."""
+    warning, a damaged row elsewhere is an error naming the file and line. The rows are rewritten
+    under a temporary name and renamed, so a failed write leaves the old file whole; a failed
+    append is a WriteError naming the file (at worst a torn last row, which a resume removes)."""
 
     def __init__(self, output_dir: Path, resume_step: int, tracker: Tracker | None = None) -> None:
         self.path = output_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [row for row in read_metrics(self.path, repair=True) if row[1] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line, _ in kept))
+            with writing("metrics", self.path), replacing(self.path) as temporary:
+                temporary.write_text("".join(line + "\n" for line, _ in kept))
         # TensorBoard, wandb or nothing (--report-to): see trackers.py.
         self.tracker = open_tracker("tensorboard", output_dir) if tracker is None else tracker
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a") as handle:
+        with writing("metrics", self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
         scalars = {
@@ -158,8 +162,13 @@ class MetricsWriter:
         }
         self.tracker.log_scalars(scalars, row["step"])
 
-    def close(self) -> None:
-        self.tracker.close()
+    def close(self, quiet: bool = False) -> None:
+        """``quiet``: another error is already on its way out; a failed flush here would hide it."""
+        try:
+            self.tracker.close()
+        except WriteError:
+            if not quiet:
+                raise
 
 
 def read_metrics(path: Path, repair: bool = False) -> list[tuple[str, int]]:

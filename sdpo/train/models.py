@@ -24,6 +24,7 @@ from sdpo.train.config import (
     resolve_random_architecture,
 )
 from sdpo.train.data import host_to_device
+from sdpo.train.outputs import replacing, writing
 
 # The tiny preset's vocabulary: the toy world's caption words plus the empty caption.
 TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -675,18 +676,21 @@ def export_lora(models: Models, output_dir: Path) -> Path:
         name: tensor.detach().cpu().contiguous()
         for name, tensor in get_peft_model_state_dict(models.unet).items()
     }
-    if models.flow is not None:
-        type(models.flow.pipeline).save_lora_weights(str(folder), transformer_lora_layers=layers)
-        return folder
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    with writing("export", folder), replacing(folder) as temporary:
+        if models.flow is not None:
+            type(models.flow.pipeline).save_lora_weights(
+                str(temporary), transformer_lora_layers=layers
+            )
+            return folder
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
 
-    # peft's lora_A / lora_B names to diffusers' own, as diffusers' UNet LoRA training scripts
-    # save them; the loaders read either.
-    pipeline = StableDiffusionXLPipeline if models.text.sdxl else StableDiffusionPipeline
-    pipeline.save_lora_weights(
-        str(folder),
-        unet_lora_layers=convert_state_dict_to_diffusers(layers),
-        safe_serialization=True,
-    )
+        # peft's lora_A / lora_B names to diffusers' own, as diffusers' UNet LoRA training
+        # scripts save them; the loaders read either.
+        pipeline = StableDiffusionXLPipeline if models.text.sdxl else StableDiffusionPipeline
+        pipeline.save_lora_weights(
+            str(temporary),
+            unet_lora_layers=convert_state_dict_to_diffusers(layers),
+            safe_serialization=True,
+        )
     return folder

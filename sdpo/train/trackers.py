@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sdpo.train.errors import UsageError
+from sdpo.train.outputs import writing
 
 logger = logging.getLogger("sdpo.train")
 
@@ -40,17 +41,23 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = folder
-        self.writer = SummaryWriter(str(folder))
+        # Its event files are written by a thread; a failed write there surfaces at the next
+        # call from here, which each ``writing`` block turns into the one-line WriteError.
+        with writing("tensorboard", folder):
+            self.writer = SummaryWriter(str(folder))
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+        with writing("tensorboard", self.folder):
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
 
     def log_image(self, tag: str, image: np.ndarray, step: int, caption: str = "") -> None:
-        self.writer.add_image(tag, image, step, dataformats="HWC")
+        with writing("tensorboard", self.folder):
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.writer.close()
+        with writing("tensorboard", self.folder):
+            self.writer.close()
 
 
 class WandbTracker(Tracker):

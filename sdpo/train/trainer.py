@@ -52,6 +52,7 @@ from sdpo.train.metrics import MetricsWriter, RunningStats
 from sdpo.train.models import build_models, compile_model, export_lora
 from sdpo.train.nvtx_ranges import PhaseRanges
 from sdpo.train.optim import make_lr_schedule, make_optimizer, scaled_learning_rate
+from sdpo.train.outputs import OutputLock, WriteError, lock_output_dir, writing
 from sdpo.train.paths import check_run_paths
 from sdpo.train.preemption import Preempted, StopRequests
 from sdpo.train.runlog import (
@@ -167,7 +168,18 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.stop_requests = StopRequests(environment)
-        resume = self._prepare_output()
+        # After the checks and the data (a refusal there leaves no folder behind), before the
+        # folder is touched or any model loads. fit() releases it; so does a failure below.
+        self.output_lock = hold_output_dir(config, environment)
+        try:
+            self._set_up(self._prepare_output())
+        except BaseException:
+            self.output_lock.release()
+            raise
+
+    def _set_up(self, resume: checkpoints.ResumeState | None) -> None:
+        """The models, optimizer, schedule and the resumed state; then the wrapped policy."""
+        config, environment, device = self.config, self.environment, self.device
         self.models = build_models(config, device)
         if config.channels_last:  # before the optimizer exists: its state follows the weights
             to_channels_last(self.models.unet)
@@ -259,10 +271,21 @@ class Trainer:
         say = environment.is_main
         resume = None
         remove: list[Path] = []
+        replace_old_run = config.overwrite and config.resume is None
         if config.resume is not None:
-            resume = checkpoints.find_resume_state(config, warn_here=say)
-            if resume is None:
+            try:
+                resume = checkpoints.find_resume_state(config, warn_here=say)
+            except checkpoints.NoUsableCheckpoint:
+                if not config.overwrite:
+                    raise  # metrics.jsonl and the checkpoints stay as they are
+                replace_old_run = True
                 if say:
+                    checkpoints.warn(
+                        f"every checkpoint in {output} is damaged; --overwrite: removing them and "
+                        "starting a new run"
+                    )
+            if resume is None:
+                if say and not replace_old_run:
                     print(
                         f"sdpo-train: --resume: no complete checkpoint in {output}; starting a "
                         "fresh run",
@@ -304,22 +327,24 @@ class Trainer:
                     f"{', ...' if len(existing) > 4 else ''}); give --resume to continue it, "
                     "--overwrite to replace it, or another --output-dir"
                 )
-            if config.overwrite:
-                remove += [
-                    child
-                    for child in output.iterdir()
-                    if checkpoints.checkpoint_step(child) is not None or child.name in RUN_FILES
-                ]
+        if replace_old_run and output.is_dir():
+            remove += [
+                child
+                for child in output.iterdir()
+                if checkpoints.checkpoint_step(child) is not None or child.name in RUN_FILES
+            ]
         if say:
             for path in remove:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+                with writing("output_dir", path, "removing"):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
             for path in checkpoints.remove_temporary_folders(output):
-                checkpoints.warn(f"removed {path}, left by an interrupted checkpoint save")
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "config.json").write_text(config_to_json(config))
+                checkpoints.warn(f"removed {path}, left by an interrupted save")
+            with writing("output_dir", output / "config.json"):
+                output.mkdir(parents=True, exist_ok=True)
+                (output / "config.json").write_text(config_to_json(config))
         environment.barrier()
         return resume
 
@@ -510,6 +535,7 @@ class Trainer:
         # Optimizer steps of this run that updated the weights (fp16 overflow skips included
         # in what did not), on the device; read once at the end.
         applied = torch.zeros((), dtype=torch.int64, device=self.device)
+        completed = False
         try:
             while self.step < config.max_steps:
                 self._profiler(0, start=True)
@@ -571,11 +597,13 @@ class Trainer:
             if self.validator is not None and self.validated_step != self.step:
                 self._validate(writer)  # the trained policy's grid, always
             self._finish(stats)
+            completed = True
         finally:
             self.stop_requests.restore()
             progress.close()
             if writer is not None:
-                writer.close()
+                writer.close(quiet=not completed)
+            self.output_lock.release()
         self._summary(first_step, time.perf_counter() - started, rows)
         return {
             "steps": self.step,
@@ -771,9 +799,33 @@ def train(config: TrainConfig) -> dict:
     environment = Distributed()
     library_progress_bars(config.progress and environment.is_main)
     try:
-        return Trainer(config, environment).fit()
+        return Trainer(config, environment).fit()  # holds the output folder's lock throughout
     finally:
         environment.close()
+
+
+def hold_output_dir(config: TrainConfig, environment: Distributed) -> OutputLock:
+    """One run per output folder: rank 0 takes its lock (sdpo.train.outputs.lock_output_dir)
+    before any model loads; the other ranks learn the outcome from one all-reduce, so a
+    refused rank 0 never leaves them waiting at a collective, and they never take it themselves
+    (they would be refused by their own rank 0)."""
+    lock, failure = OutputLock(None, Path(config.output_dir)), None
+    if environment.is_main:
+        try:
+            lock = lock_output_dir(config.output_dir)
+        except (UsageError, WriteError) as error:
+            failure = error
+    refused = environment.all_reduce_sum(
+        torch.tensor([float(failure is not None)], device=environment.device)
+    )
+    if failure is not None:
+        raise failure
+    if float(refused) > 0:
+        raise UsageError(
+            f"output_dir: rank 0 could not take {config.output_dir} for this run (its line says "
+            "why)"
+        )
+    return lock
 
 
 def summary_json(summary: dict) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sdpo.train.errors import UsageError
+from sdpo.train.outputs import replacing, writing
 
 logger = logging.getLogger("sdpo.train")
 
@@ -183,12 +184,14 @@ class Validator:
             return None
         columns = min(len(images), 4)
         grid = image_grid(images, columns)
-        self.folder.mkdir(parents=True, exist_ok=True)
         prompts_file = self.folder / "prompts.txt"
-        if not prompts_file.exists():
-            prompts_file.write_text("".join(prompt + "\n" for prompt in self.prompts))
+        with writing("validation", prompts_file):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not prompts_file.exists():
+                prompts_file.write_text("".join(prompt + "\n" for prompt in self.prompts))
         path = self.folder / f"step-{step:06d}.png"
-        Image.fromarray(grid).save(path)
+        with writing("validation", path), replacing(path) as temporary:
+            Image.fromarray(grid).save(temporary, format="PNG")
         if tracker is not None:
             tracker.log_image("validation", grid, step, caption=" | ".join(self.prompts))
         logger.info("validation: step %d: %d images -> %s", step, len(images), path)

@@ -342,7 +342,9 @@ def inject_fault(monkeypatch, marker: str, fail_at: int, truncate: bool) -> dict
 
     import safetensors.torch
 
-    monkeypatch.setattr(torch, "save", guarded(torch.save, lambda obj, f, *a, **k: f))
+    # The trainer hands torch.save an open file (sdpo.train.outputs.save_torch): its name.
+    torch_save_target = lambda obj, f, *a, **k: getattr(f, "name", f)  # noqa: E731
+    monkeypatch.setattr(torch, "save", guarded(torch.save, torch_save_target))
     save_file = guarded(safetensors.torch.save_file, lambda tensors, filename, *a, **k: filename)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(checkpoints, "save_file", save_file, raising=False)

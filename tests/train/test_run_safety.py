@@ -21,10 +21,13 @@ from trainer_helpers import read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
+from sdpo.train import metrics as metrics_module
+from sdpo.train import outputs
 from sdpo.train import trainer as trainer_module
 from sdpo.train.config import TrainConfig, config_from_args
 from sdpo.train.data import ignore_stop_signals
 from sdpo.train.errors import UsageError
+from sdpo.train.outputs import LOCK_FILE, lock_output_dir
 from sdpo.train.trainer import NonFiniteLoss, train
 
 TIMING_KEYS = ("pairs_per_s",)
@@ -375,7 +378,7 @@ def test_temporary_folders_of_an_interrupted_save_are_removed(two_step_run, tmp_
     assert not list(output.glob("*.tmp-*"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "file"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, damage):
     full = tiny(tmp_path, "full", max_steps=3, checkpoint_every=1, synthetic_pairs=6)
     train(full)
@@ -390,8 +393,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, 
     elif damage == "garbage":
         size = damaged.stat().st_size
         damaged.write_bytes(b"x" * size)  # same size: caught by loading, not the marker
-    else:
+    elif damage == "delete":
         damaged.unlink()
+    else:  # a file where the checkpoint's folder belongs
+        shutil.rmtree(output / "checkpoint-3")
+        (output / "checkpoint-3").write_bytes(b"x" * 100)
     rows_before = read_rows(output)
     resumed = tiny(tmp_path, "full", max_steps=3, synthetic_pairs=6, resume="latest")
     train(resumed)
@@ -413,7 +419,8 @@ def test_disk_full_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkey
     monkeypatch.setattr(checkpoints, "save_file", save_until_full)
     with pytest.raises(
         checkpoints.CheckpointError,
-        match=r"no space left on device while writing .*checkpoint-3; the last good checkpoint "
+        match=r"no space left on device while writing .*checkpoint-3/unet_state.safetensors; the "
+        r"last good checkpoint "
         r"\(.*checkpoint-2\) is kept",
     ):
         train(config)
@@ -639,8 +646,399 @@ def test_save_final_writes_only_what_it_names(tmp_path, save_final, expected):
     config = tiny(tmp_path, max_steps=2, save_final=save_final)
     train(config)
     written = {path.name for path in Path(config.output_dir).iterdir()}
-    assert written - {"metrics.jsonl", "tensorboard", "config.json"} == expected, written
+    assert (
+        written - {"metrics.jsonl", "tensorboard", "config.json", ".sdpo-train.lock"} == expected
+    ), written
     if "unet" in expected:
         from diffusers import UNet2DConditionModel
 
         UNet2DConditionModel.from_pretrained(Path(config.output_dir) / "unet")
+
+
+# --- One output folder, one run --------------------------------------------------------------
+
+
+def test_a_run_on_a_folder_in_use_is_refused_in_one_line_before_the_models_load(
+    tmp_path, monkeypatch, capsys
+):
+    from sdpo.train.cli import main
+
+    folder = tmp_path / "busy"
+    holder = lock_output_dir(folder)  # another open of the lock file: flock sees two holders
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models loaded for a run that is refused")
+
+    monkeypatch.setattr(trainer_module, "build_models", no_models)
+    argv = ["--preset", "tiny", "--output-dir", str(folder), "--max-steps", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"is in use by another sdpo-train run (pid {os.getpid()} on " in err[0]
+    assert sorted(path.name for path in folder.iterdir()) == [LOCK_FILE]  # nothing else written
+    holder.release()
+    monkeypatch.undo()
+    assert main(argv) == 0  # released: the folder is free again
+
+
+def test_two_runs_started_at_once_on_one_folder_one_is_refused(tmp_path):
+    output = tmp_path / "shared"
+    command = [*TRAIN, "--output-dir", str(output), "--max-steps", "3", *RUN_FLAGS]
+    runs = [start_training(command, output) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.communicate()[1]) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], [err[-2000:] for _, err in results]
+    refused = next(err for code, err in results if code == 2)
+    # Refused by the lock, or (had the first run ended first) by its finished run: one line.
+    assert len(refused.strip().splitlines()) == 1, refused
+    assert "in use by another sdpo-train run" in refused or "already holds a run" in refused
+    assert [row["step"] for row in read_rows(output)] == [2, 3]  # --log-every 2: one run's rows
+
+
+def test_a_second_run_names_the_holder_and_kill_9_leaves_no_stale_lock(tmp_path):
+    output = tmp_path / "held"
+    flags = [*RUN_FLAGS, "--checkpoint-every", "1"]
+    first = start_training(
+        [*TRAIN, "--output-dir", str(output), "--max-steps", "1000", *flags], output
+    )
+    try:
+        wait_for_rows(first, output, 1)
+        # --resume would continue the folder's run: only the lock stops it.
+        second = subprocess.run(
+            [*TRAIN, "--output-dir", str(output), "--max-steps", "1000", *flags, "--resume"],
+            capture_output=True, text=True, env=child_environment(), timeout=300,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"(pid {first.pid} on " in lines[0], lines
+    finally:
+        first.kill()  # SIGKILL: no handler, no cleanup
+        first.wait(timeout=60)
+    assert (output / LOCK_FILE).read_text().split()[0] == str(first.pid)  # the file stays
+    latest = checkpoints.checkpoint_step(checkpoints.latest_checkpoint(output))
+    resumed = subprocess.run(
+        [*TRAIN, "--output-dir", str(output), "--max-steps", str(latest + 1), *flags, "--resume"],
+        capture_output=True, text=True, env=child_environment(), timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [row["step"] for row in read_rows(output)][-1] == latest + 1
+
+
+def test_torchrun_ranks_on_a_folder_in_use_all_stop_without_waiting(tmp_path):
+    folder = tmp_path / "busy"
+    holder = lock_output_dir(folder)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    try:
+        result = subprocess.run(
+            [*torchrun, "-m", "sdpo.train", "--preset", "tiny", "--no-progress",
+             "--output-dir", str(folder), "--max-steps", "1"],
+            capture_output=True, text=True, env=child_environment(), timeout=240,
+        )  # fmt: skip
+    finally:
+        holder.release()
+    assert result.returncode != 0
+    assert f"is in use by another sdpo-train run (pid {os.getpid()} on " in result.stderr
+    assert "rank 0 could not take" in result.stderr  # rank 1 heard it and stopped too
+
+
+# --- Full and read-only disks ----------------------------------------------------------------
+
+TORCH_ZIP_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+class FillsUp:
+    """A binary file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, path: Path, room: int) -> None:
+        self.handle, self.room = open(path, "wb"), room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def test_torch_save_on_a_full_disk_raises_the_oserror_not_the_zip_writers(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_open_for_writing", lambda path: FillsUp(path, 5000))
+    with pytest.raises(OSError) as raised:
+        outputs.save_torch({"weights": torch.zeros(100_000)}, tmp_path / "state.pt")
+    assert raised.value.errno == errno.ENOSPC
+    # What torch says without the recording file, and that it still counts as a failed write.
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert "unexpected pos" in str(raised.value.__cause__)
+    assert outputs.write_failure(raised.value.__cause__, tmp_path) is not None
+
+
+def fail_state_file_on_save(monkeypatch, save: int, error: Exception) -> None:
+    """The ``save``-th checkpoint's training_state.pt fails to write with ``error``."""
+    real = checkpoints.save_torch
+    calls = {"count": 0}
+
+    def failing(obj, path):
+        calls["count"] += 1
+        if calls["count"] == save:
+            if isinstance(error, OSError):  # through torch's zip writer, as a full disk does
+                monkeypatch.setattr(outputs, "_open_for_writing", lambda p: FillsUp(p, 5000))
+                try:
+                    return real(obj, path)
+                finally:
+                    monkeypatch.setattr(outputs, "_open_for_writing", lambda p: open(p, "wb"))
+            raise error
+        return real(obj, path)
+
+    monkeypatch.setattr(checkpoints, "save_torch", failing)
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+        (RuntimeError(TORCH_ZIP_FAILURE), "the write failed"),
+    ],
+)
+def test_a_failed_state_file_keeps_the_last_checkpoint_resumable(
+    tmp_path, monkeypatch, error, cause
+):
+    config = tiny(tmp_path, max_steps=4, checkpoint_every=1, synthetic_pairs=6)
+    fail_state_file_on_save(monkeypatch, 3, error)
+    with pytest.raises(
+        outputs.WriteError, match=rf"checkpoint: {cause}.* while writing .*checkpoint-3/"
+        rf"{checkpoints.STATE_FILE}; the last good checkpoint \(.*checkpoint-2\) is kept",
+    ):  # fmt: skip
+        train(config)
+    output = Path(config.output_dir)
+    assert [path.name for path in checkpoints.checkpoint_entries(output)] == [
+        "checkpoint-2", "checkpoint-1"
+    ]  # fmt: skip
+    monkeypatch.undo()
+    train(tiny(tmp_path, max_steps=4, checkpoint_every=1, synthetic_pairs=6, resume="latest"))
+    assert [row["step"] for row in read_rows(output)] == [1, 2, 3, 4]
+
+
+def test_a_full_disk_during_the_export_leaves_no_half_export_and_the_checkpoint(
+    tmp_path, monkeypatch
+):
+    from diffusers.models import modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(modeling_utils.safetensors.torch, "save_file", full)
+    config = tiny(tmp_path, max_steps=2, synthetic_pairs=6)
+    with pytest.raises(
+        outputs.WriteError, match=r"export: no space left on device while writing .*run/unet$"
+    ):
+        train(config)
+    output = Path(config.output_dir)
+    assert not (output / "unet").exists() and not list(output.glob("*.tmp-*"))
+    checkpoints.load_checkpoint(output / "checkpoint-2")
+    monkeypatch.undo()
+    train(tiny(tmp_path, max_steps=2, synthetic_pairs=6, resume="latest"))  # exports it again
+    assert (output / "unet").is_dir() and (output / "unet.pth").is_file()
+
+
+def test_a_read_only_metrics_file_mid_run_is_one_write_error(tmp_path, monkeypatch):
+    real_open = open
+    appends = {"count": 0}
+
+    def read_only_after_two_rows(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            appends["count"] += 1
+            if appends["count"] == 3:
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "open", read_only_after_two_rows, raising=False)
+    config = tiny(tmp_path, max_steps=4, checkpoint_every=2, synthetic_pairs=6)
+    with pytest.raises(
+        outputs.WriteError, match=r"metrics: read-only file system while writing .*metrics.jsonl$"
+    ):
+        train(config)
+    output = Path(config.output_dir)
+    assert [row["step"] for row in read_rows(output)] == [1, 2]
+    assert checkpoints.latest_checkpoint(output).name == "checkpoint-2"
+
+
+def test_a_full_disk_at_start_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    from sdpo.train.cli import main
+
+    real_open = os.open
+
+    def full(path, flags, *args):
+        if str(path).endswith(LOCK_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(outputs.os, "open", full)
+    argv = ["--preset", "tiny", "--output-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device while writing" in err[0], err
+    assert LOCK_FILE in err[0]
+
+
+def test_a_tracker_write_failure_is_a_write_error(tmp_path, monkeypatch):
+    from sdpo.train.trackers import open_tracker
+
+    tracker = open_tracker("tensorboard", tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracker.writer, "add_scalar", full)
+    with pytest.raises(outputs.WriteError, match=r"tensorboard: no space left on device"):
+        tracker.log_scalars({"loss": 1.0}, 1)
+    tracker.close()
+
+
+def test_a_full_disk_in_torchs_zip_writer_is_one_line_and_status_1_in_a_subprocess(tmp_path):
+    # The real zip writer fails on the third checkpoint's training_state.pt; its RuntimeError
+    # must come out as the one line naming the file and the cause.
+    output = tmp_path / "run"
+    script = (
+        "import sys\n"
+        "from sdpo.train import outputs\n"
+        "calls = []\n"
+        "class Full:\n"
+        "    def __init__(self, path): self.handle = open(path, 'wb')\n"
+        "    def write(self, data):\n"
+        "        if len(calls) == 3 and len(data) > 1000:\n"
+        "            raise OSError(28, 'No space left on device')\n"
+        "        return self.handle.write(data)\n"
+        "    def flush(self): self.handle.flush()\n"
+        "    def __enter__(self): return self\n"
+        "    def __exit__(self, *exc): self.handle.close()\n"
+        "def opener(path):\n"
+        "    calls.append(path)\n"
+        "    return Full(path)\n"
+        "outputs._open_for_writing = opener\n"
+        "from sdpo.train.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--preset", "tiny", "--no-progress", "--output-dir",
+         str(output), "--max-steps", "4", "--checkpoint-every", "1", "--synthetic-pairs", "6"],
+        capture_output=True, text=True, env=child_environment(), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if not line[:2].isdigit()]
+    assert len(lines) == 1 and not any("Traceback" in line for line in lines), lines
+    assert lines[0].startswith("sdpo-train: error: checkpoint: no space left on device while ")
+    assert f"checkpoint-3/{checkpoints.STATE_FILE}" in lines[0]
+    assert checkpoints.latest_checkpoint(output).name == "checkpoint-2"
+    checkpoints.load_checkpoint(output / "checkpoint-2")
+
+
+def can_mount_tmpfs(folder: Path) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    folder.mkdir(exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        return False
+    subprocess.run(["umount", str(folder)], check=True)
+    return True
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "failed_file"),
+    # The tiny preset's checkpoint is 3.2 MB, its export 1.0 + 1.1 MB: a 5 MiB disk holds one
+    # checkpoint and unet/, not a second checkpoint or unet.pth.
+    [(3, f"checkpoint-2/{checkpoints.STATE_FILE}"), (1, "unet.pth")],
+)
+def test_a_really_full_disk_is_one_line_and_status_1(tmp_path, max_steps, failed_file):
+    disk = tmp_path / "disk"
+    if not can_mount_tmpfs(disk):
+        pytest.skip("needs root and tmpfs to fill a real disk")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], check=True)
+    try:
+        output = disk / "run"
+        result = subprocess.run(
+            [*TRAIN, "--output-dir", str(output), "--max-steps", str(max_steps),
+             "--checkpoint-every", "1", "--synthetic-pairs", "6"],
+            capture_output=True, text=True, env=child_environment(), timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if not line[:2].isdigit()]
+        assert len(lines) == 1 and "no space left on device while writing" in lines[0], lines
+        assert lines[0].endswith(failed_file) or f"{failed_file};" in lines[0], lines
+        assert checkpoints.latest_checkpoint(output).name == "checkpoint-1"
+        assert not list(output.glob("*.tmp-*"))
+        shutil.copytree(output, tmp_path / "moved")  # a disk with room: the run resumes
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    resumed = subprocess.run(
+        [*TRAIN, "--output-dir", str(tmp_path / "moved"), "--max-steps", str(max_steps),
+         "--checkpoint-every", "1", "--synthetic-pairs", "6", "--resume"],
+        capture_output=True, text=True, env=child_environment(), timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "moved" / "unet.pth").is_file()
+
+
+# --- History is never cut --------------------------------------------------------------------
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, capsys):
+    from sdpo.train.cli import main
+
+    output = tmp_path / "run"
+    argv = ["--preset", "tiny", "--no-progress", "--output-dir", str(output),
+            "--synthetic-pairs", "6", "--checkpoint-every", "1"]  # fmt: skip
+    assert main([*argv, "--max-steps", "2"]) == 0
+    (output / "checkpoint-2" / checkpoints.MODEL_FILE).write_bytes(b"cut short")
+    shutil.rmtree(output / "checkpoint-1")
+    (output / "checkpoint-1").write_text("a file where the folder was")
+    metrics_before = (output / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "every checkpoint in" in err[0] and "--overwrite" in err[0]
+    assert "checkpoint-2: " in err[0] and "checkpoint-1: " in err[0]
+    assert (output / "metrics.jsonl").read_bytes() == metrics_before
+    # --overwrite: a new run from step 1 in their place.
+    assert main([*argv, "--max-steps", "1", "--resume", "--overwrite"]) == 0
+    assert [row["step"] for row in read_rows(output)] == [1]
+    assert [path.name for path in checkpoints.checkpoint_entries(output)] == ["checkpoint-1"]
+
+
+def _data_worker_after_fork(ready) -> None:
+    ignore_stop_signals(0, main_process=os.getppid())  # the workers' init: drops the lock's copy
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_forked_data_worker_does_not_keep_the_folder_locked(tmp_path):
+    # A killed trainer's DataLoader worker lives on up to 5 s (its watchdog): it must not hold
+    # the lock meanwhile. The trainer's death is its descriptor closing without an unlock.
+    folder = tmp_path / "run"
+    lock = lock_output_dir(folder)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_data_worker_after_fork, args=(ready,))
+    worker.start()
+    try:
+        assert ready.wait(60)
+        os.close(lock.descriptor)  # as kill -9 of the trainer does
+        outputs._HELD_LOCKS.discard(lock.descriptor)  # its number may be reused from here on
+        lock.descriptor = None
+        lock_output_dir(folder).release()  # free at once, with the worker still alive
+        assert worker.is_alive()
+    finally:
+        worker.kill()
+        worker.join()
