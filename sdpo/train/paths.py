@@ -125,20 +125,17 @@ def check_data(config: TrainConfig) -> None:
     path = Path(config.data).expanduser()
     if not path.exists():
         raise UsageError(f"data: no such file or folder {config.data}")
-    index_path = path / CACHE_INDEX
-    if not index_path.is_file():
+    if not (path / CACHE_INDEX).is_file():
         return  # images: load_records checks the kind, the rows and one readable pair
-    try:
-        shards = [shard["file"] for shard in json.loads(index_path.read_text())["shards"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UsageError(f"data: cannot read the cache index {index_path} ({error})") from None
-    missing = [shard for shard in shards if not (path / shard).is_file()]
-    if missing:
-        raise UsageError(
-            f"data: the cache {path} lacks {len(missing)} of its {len(shards)} shards "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); rebuild it with "
-            "sdpo-cache"
-        )
+    # An sdpo-cache folder: its index and every shard's header and shapes, by the cache's own
+    # check (sdpo.train.cache.check_cache; header reads only). The weights' fingerprint is
+    # compared later, when the trainer opens the cache with the run's weights.
+    from sdpo.train.cache import check_cache
+
+    check_cache(
+        str(path), model=config.model, resolution=config.resolution, identity=None,
+        warn_here=False,
+    )  # fmt: skip
 
 
 def check_resume(config: TrainConfig) -> None:
