@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import read_rows, tiny
+from trainer_helpers import poison_losses, read_rows, tiny
 
 import sdpo
 from sdpo.train import checkpoint as checkpoints
@@ -161,16 +161,7 @@ def test_skipped_steps_continue_across_a_resume(tmp_path, monkeypatch):
     # Step 2 is skipped (its loss non-finite); the run resumed from checkpoint-3 must go on
     # counting from 1, not restart at 0, and log what the uninterrupted run logs.
     real = sdpo.preference_loss
-    calls = {"count": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["count"] += 1
-        result = real(*args, **kwargs)
-        if calls["count"] == 2:  # accumulation 1: the second call is step 2
-            return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
-        return result
-
-    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
+    poison_losses(monkeypatch, lambda call: call == 2)  # accumulation 1: call 2 is step 2
     settings = dict(
         max_steps=5, log_every=1, checkpoint_every=3, gradient_accumulation=1,
         on_nonfinite="skip", max_skipped_fraction=0.5,

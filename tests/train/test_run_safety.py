@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import read_rows, tiny
+from trainer_helpers import poison_losses, read_rows, tiny
 
-import sdpo
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train import metrics as metrics_module
 from sdpo.train import outputs
@@ -41,21 +40,6 @@ def assert_same_weights(first: Path, second: Path) -> None:
     a, b = torch.load(first / "unet.pth"), torch.load(second / "unet.pth")
     assert set(a) == set(b)
     assert all(torch.equal(a[name], b[name]) for name in a)
-
-
-def poison_losses(monkeypatch, calls_to_poison) -> None:
-    """preference_loss returns a NaN loss on the given (1-based) calls."""
-    real = sdpo.preference_loss
-    calls = {"count": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["count"] += 1
-        result = real(*args, **kwargs)
-        if calls_to_poison(calls["count"]):
-            return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
-        return result
-
-    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
 
 
 # --- Non-finite weights and skipped steps ---------------------------------------------------

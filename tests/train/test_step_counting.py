@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
-from trainer_helpers import read_rows, tiny
+from trainer_helpers import poison_losses, read_rows, tiny
 
-import sdpo
 from sdpo.train import checkpoint as checkpoints
 from sdpo.train.config import LR_SCHEDULERS, config_from_args
 from sdpo.train.trainer import NonFiniteLoss, train
@@ -63,23 +62,6 @@ def test_epochs_checkpoints_and_rows_count_optimizer_steps(tmp_path):
     assert saved == ["checkpoint-2", "checkpoint-3"]
 
 
-def poison_steps(monkeypatch, steps: set[int], accumulation: int) -> None:
-    """A NaN loss on the first micro-batch of each optimizer step in ``steps``."""
-    real = sdpo.preference_loss
-    calls = {"count": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["count"] += 1
-        result = real(*args, **kwargs)
-        if (calls["count"] - 1) // accumulation + 1 in steps and (
-            calls["count"] - 1
-        ) % accumulation == 0:
-            return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
-        return result
-
-    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
-
-
 @pytest.mark.parametrize(("fraction", "stops"), [(0.25, False), (0.2499, True)])
 def test_the_skipped_fraction_at_its_bound(tmp_path, monkeypatch, fraction, stops):
     # 2 skipped of 8 optimizer steps (2 micro-batches each) is exactly 0.25: "more than the
@@ -88,7 +70,8 @@ def test_the_skipped_fraction_at_its_bound(tmp_path, monkeypatch, fraction, stop
         tmp_path, max_steps=8, gradient_accumulation=2, log_every=4, on_nonfinite="skip",
         max_skipped_fraction=fraction,
     )  # fmt: skip
-    poison_steps(monkeypatch, {3, 6}, accumulation=2)
+    # The first micro-batch of steps 3 and 6 (2 micro-batches each): calls 5 and 11.
+    poison_losses(monkeypatch, lambda call: call in (5, 11))
     if stops:
         with pytest.raises(NonFiniteLoss, match=r"2 of 8 optimizer steps \(25.0%\)"):
             train(config)

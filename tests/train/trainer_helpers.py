@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import sdpo
 from sdpo.train.config import TrainConfig, config_from_args
 
 
@@ -68,3 +69,19 @@ def assert_same_up_to_reordering(rows: list[dict], baseline: list[dict], beta: f
         assert abs(row["loss"] - expected["loss"]) <= bound, (row["step"], "loss", bound)
         change = abs(row["grad_norm"] - expected["grad_norm"]) / expected["grad_norm"]
         assert change <= bound, (row["step"], "grad_norm", change, bound)
+
+
+def poison_losses(monkeypatch, calls_to_poison) -> None:
+    """sdpo.preference_loss returns a NaN loss on the (1-based) calls ``calls_to_poison``
+    accepts; the real loss otherwise."""
+    real = sdpo.preference_loss
+    calls = {"count": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        result = real(*args, **kwargs)
+        if calls_to_poison(calls["count"]):
+            return sdpo.PreferenceLoss(result.loss * float("nan"), result.stats)
+        return result
+
+    monkeypatch.setattr(sdpo, "preference_loss", poisoned)
